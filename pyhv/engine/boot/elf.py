@@ -1,0 +1,148 @@
+"""Loading an uncompressed ELF kernel (vmlinux) and finding its PVH entry."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
+from elftools.elf.elffile import ELFFile
+
+from pyhv.engine.boot.errors import KernelError, size_text
+from pyhv.engine.memory import GuestMemory
+
+ELF_MAGIC = b"\x7fELF"
+XEN_NOTE_NAME = b"Xen"
+#: XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit physical PVH entry point
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+_NOTE_HEADER = struct.Struct("<III")
+
+
+@dataclass(frozen=True)
+class ElfKernel:
+    """What loading an ELF kernel found."""
+
+    #: physical address of ``e_entry`` (the 64-bit entry of a vmlinux)
+    entry: int
+    #: the PVH 32-bit entry from the Xen note, None when there is none
+    pvh_entry: int | None
+    load_start: int
+    load_end: int
+
+
+def is_elf(data: bytes) -> bool:
+    return data[:4] == ELF_MAGIC
+
+
+def iter_notes(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """``(name, type, desc)`` of each ELF note in a note segment or section."""
+    off = 0
+    while off + _NOTE_HEADER.size <= len(data):
+        namesz, descsz, ntype = _NOTE_HEADER.unpack_from(data, off)
+        off += _NOTE_HEADER.size
+        name_end = off + namesz
+        desc_off = off + (namesz + 3 & ~3)
+        desc_end = desc_off + descsz
+        if desc_end > len(data):
+            return
+        yield bytes(data[off:name_end]).rstrip(b"\0"), ntype, bytes(data[desc_off:desc_end])
+        off = desc_off + (descsz + 3 & ~3)
+
+
+def pvh_entry_from_notes(blobs: list[bytes]) -> int | None:
+    """The XEN_ELFNOTE_PHYS32_ENTRY value in any of the note blobs."""
+    for blob in blobs:
+        for name, ntype, desc in iter_notes(blob):
+            if name == XEN_NOTE_NAME and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                if len(desc) == 4:
+                    return int(struct.unpack("<I", desc)[0])
+                if len(desc) == 8:
+                    return int(struct.unpack("<Q", desc)[0])
+    return None
+
+
+def _read_exact(f: BinaryIO, offset: int, size: int, path: str) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise KernelError(f"{path}: truncated ELF (needs {size} bytes at offset 0x{offset:x})")
+    return data
+
+
+def _read_into(f: BinaryIO, offset: int, buf: memoryview) -> bool:
+    """Fill ``buf`` from ``offset`` of ``f``; False when the file ends first."""
+    f.seek(offset)
+    done = 0
+    while done < len(buf):
+        chunk = f.read(min(len(buf) - done, 1 << 24))
+        if not chunk:
+            return False
+        buf[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    return True
+
+
+def _note_blobs(elf: ELFFile, f: BinaryIO, path: str) -> list[bytes]:
+    blobs = [_read_exact(f, seg["p_offset"], seg["p_filesz"], path)
+             for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
+    if not blobs:
+        blobs = [_read_exact(f, sec["sh_offset"], sec["sh_size"], path)
+                 for sec in elf.iter_sections() if sec["sh_type"] == "SHT_NOTE"]
+    return blobs
+
+
+def _physical_entry(e_entry: int, loads: list[dict[str, int]], path: str) -> int:
+    """``e_entry`` as a physical address (it may be a virtual one)."""
+    for seg in loads:
+        if seg["p_paddr"] <= e_entry < seg["p_paddr"] + seg["p_memsz"]:
+            return e_entry
+    for seg in loads:
+        if seg["p_vaddr"] <= e_entry < seg["p_vaddr"] + seg["p_memsz"]:
+            return e_entry - seg["p_vaddr"] + seg["p_paddr"]
+    raise KernelError(f"{path}: ELF entry point 0x{e_entry:x} is in no loadable segment")
+
+
+def load_elf(memory: GuestMemory, f: BinaryIO, path: str) -> ElfKernel:
+    """Copy the PT_LOAD segments of an x86_64 ELF kernel to their physical addresses."""
+    try:
+        elf = ELFFile(f)
+        if elf.elfclass != 64:
+            raise KernelError(f"{path}: {elf.elfclass}-bit ELF, need a 64-bit x86_64 kernel")
+        if not elf.little_endian or elf["e_machine"] != "EM_X86_64":
+            raise KernelError(f"{path}: ELF for {elf['e_machine']}, need x86_64")
+        loads = [{k: int(seg[k]) for k in ("p_offset", "p_filesz", "p_memsz",
+                                           "p_vaddr", "p_paddr")}
+                 for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
+        loads = [s for s in loads if s["p_memsz"]]
+        if not loads:
+            raise KernelError(f"{path}: ELF has no loadable segments")
+        entry = _physical_entry(int(elf["e_entry"]), loads, path)
+        pvh = pvh_entry_from_notes(_note_blobs(elf, f, path))
+        for seg in loads:
+            paddr, filesz, memsz = seg["p_paddr"], seg["p_filesz"], seg["p_memsz"]
+            if filesz > memsz:
+                raise KernelError(f"{path}: ELF segment at 0x{paddr:x} has "
+                                  f"p_filesz > p_memsz")
+            if not memory.contains(paddr, memsz):
+                raise KernelError(
+                    f"{path}: ELF segment 0x{paddr:x}-0x{paddr + memsz - 1:x} "
+                    f"does not fit in {size_text(memory.size)} of RAM")
+            if filesz and not _read_into(f, seg["p_offset"], memory.view(paddr, filesz)):
+                raise KernelError(f"{path}: truncated ELF (segment at 0x{paddr:x} "
+                                  f"needs {filesz} bytes at offset 0x{seg['p_offset']:x})")
+            if memsz > filesz:
+                memory.fill(paddr + filesz, memsz - filesz)
+    except (ELFError, ConstructError, struct.error) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KernelError(f"{path}: truncated or corrupt ELF ({detail})") from e
+    except OSError as e:
+        raise KernelError(f"{path}: cannot read ELF: {e.strerror or e}") from e
+    return ElfKernel(
+        entry=entry,
+        pvh_entry=pvh,
+        load_start=min(s["p_paddr"] for s in loads),
+        load_end=max(s["p_paddr"] + s["p_memsz"] for s in loads),
+    )
