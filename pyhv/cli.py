@@ -1,0 +1,221 @@
+"""The ``pyhv`` command: run a machine without a daemon, and small tools.
+
+``pyhv run DOMAIN.xml`` or ``pyhv run --kernel K ...`` builds a machine and
+runs it in the foreground with COM1 on the terminal (or where ``--serial``
+says).  Exit status: 0 when the guest powers off, 2 for bad input, 3 when the
+guest triple-faults, 4 when KVM cannot go on (internal error, failed entry, an
+exit pyhv does not handle), 128+N when stopped by signal N.  Imports are lazy:
+start-up time is part of what a VMM is judged on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_TRIPLE_FAULT = 3
+EXIT_INTERNAL_ERROR = 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def _fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    print(f"pyhv: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyhv", description="A KVM hypervisor that libvirt manages like QEMU.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run a machine in the foreground")
+    run.add_argument("domain", nargs="?", metavar="DOMAIN.xml",
+                     help="a libvirt domain definition (options below override nothing: "
+                          "use either a domain or --kernel)")
+    run.add_argument("--kernel", help="bzImage, vmlinux ELF or PVH ELF kernel")
+    run.add_argument("--initrd", help="initial ramdisk")
+    run.add_argument("--append", default="", help="kernel command line")
+    run.add_argument("--memory", "-m", default="256M", help="guest RAM (e.g. 256M, 1G)")
+    run.add_argument("--cpus", "--smp", type=int, default=1, help="number of vCPUs")
+    run.add_argument("--serial", default="stdio",
+                     help="COM1 backend: stdio, file:PATH, pty or null (default stdio)")
+    run.add_argument("--boot-protocol", choices=("auto", "linux", "pvh"), default="auto",
+                     help="auto (PVH when the ELF has the PVH note), linux (64-bit), pvh")
+    run.add_argument("--no-reboot", action="store_true",
+                     help="end the machine when the guest resets instead of rebooting it")
+    run.add_argument("--trace-io", action="store_true",
+                     help="print unclaimed port and MMIO accesses to stderr")
+
+    ex = sub.add_parser("extract-vmlinux", help="extract the ELF vmlinux from a bzImage")
+    ex.add_argument("bzimage")
+    ex.add_argument("output")
+    return p
+
+
+def _serial_config(spec: str) -> "object":
+    from pyhv.config import ConfigError, SerialConfig
+
+    if spec in ("stdio", "pty", "null"):
+        return SerialConfig(spec)  # type: ignore[arg-type]
+    if spec.startswith("file:") and len(spec) > 5:
+        return SerialConfig("file", spec[5:])
+    raise ConfigError(f"--serial {spec}: expected stdio, file:PATH, pty or null")
+
+
+def config_from_args(args: argparse.Namespace) -> "object":
+    from pyhv.config import ConfigError, KernelBoot, VmConfig, parse_size
+
+    if args.domain:
+        if args.kernel:
+            raise ConfigError("give either DOMAIN.xml or --kernel, not both")
+        from pyhv.domxml import load_domain
+
+        cfg = load_domain(args.domain)
+        if args.trace_io or args.no_reboot:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, trace_io=args.trace_io or cfg.trace_io,
+                                      on_reboot="destroy" if args.no_reboot else cfg.on_reboot)
+        return cfg
+    if not args.kernel:
+        raise ConfigError("run: give a DOMAIN.xml or --kernel")
+    return VmConfig(
+        boot=KernelBoot(args.kernel, args.initrd, args.append, args.boot_protocol),
+        memory=parse_size(args.memory, "M", "--memory"),
+        vcpus=args.cpus,
+        serial=_serial_config(args.serial),  # type: ignore[arg-type]
+        on_reboot="destroy" if args.no_reboot else "restart",
+        trace_io=args.trace_io,
+    )
+
+
+def run_machine(config: "object") -> int:
+    """Run a machine in the foreground until it ends; its exit status."""
+    import signal
+
+    from pyhv.engine.eventloop import EventLoop
+    from pyhv.engine.machine import Machine, MachineEvent
+
+    machine = Machine(config)  # type: ignore[arg-type]
+    loop = EventLoop()
+    status = {"code": EXIT_OK}
+    pending = bytearray()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_signal.append(signum)
+
+    old_handlers = {s: signal.signal(s, on_signal)
+                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def on_wakeup(fd: int) -> None:
+        try:
+            os.read(fd, 512)
+        except BlockingIOError:
+            pass
+        if stop_signal:
+            status["code"] = 128 + stop_signal[0]
+            print(f"pyhv: terminating on signal {stop_signal[0]}", file=sys.stderr)
+            machine.power_off("host")
+            loop.stop()
+
+    def on_event(ev: MachineEvent) -> None:
+        if ev.kind == "crashed":
+            status["code"] = EXIT_TRIPLE_FAULT if ev.detail == "triple-fault" \
+                else EXIT_INTERNAL_ERROR
+            print(f"pyhv: guest crashed ({ev.detail}): {ev.message}", file=sys.stderr)
+            if ev.registers:
+                print(f"pyhv: {ev.registers}", file=sys.stderr)
+        if machine.finished:
+            loop.stop()
+
+    def feed_serial() -> None:
+        if pending:
+            n = machine.serial_input(bytes(pending))
+            del pending[:n]
+        if not pending and input_fd is not None and input_fd not in reading:
+            loop.add_reader(input_fd, on_input)
+            reading.add(input_fd)
+
+    def on_input(fd: int) -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            reading.discard(fd)
+            return
+        pending.extend(data)
+        n = machine.serial_input(bytes(pending))
+        del pending[:n]
+        if pending:  # the UART's FIFO is full: wait until the guest drains it
+            loop.remove_reader(fd)
+            reading.discard(fd)
+
+    reading: set[int] = set()
+    input_fd: Optional[int] = None
+    try:
+        machine.subscribe(on_event)
+        machine.on_serial_space = feed_serial
+        machine.start()
+        hs = machine.host_serial
+        assert hs is not None
+        if hs.pty_path:
+            print(f"pyhv: char device redirected to {hs.pty_path} (label serial0)",
+                  file=sys.stderr)
+        input_fd = hs.input_fd
+        if input_fd is not None:
+            try:
+                loop.add_reader(input_fd, on_input)
+                reading.add(input_fd)
+            except (OSError, PermissionError):
+                input_fd = None  # e.g. stdin is a regular file: epoll refuses it
+        loop.add_reader(machine.event_fd, lambda fd: machine.process_events())
+        loop.add_reader(wake_r, on_wakeup)
+        if not machine.finished:
+            loop.run()
+    finally:
+        machine.close()
+        loop.close()
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        os.close(wake_r)
+        os.close(wake_w)
+    return status["code"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pyhv.errors import PyhvError
+
+    try:
+        if args.command == "extract-vmlinux":
+            from pyhv.engine.boot import extract_vmlinux_file
+
+            extract_vmlinux_file(args.bzimage, args.output)
+            return EXIT_OK
+        if args.command == "run":
+            return run_machine(config_from_args(args))
+    except PyhvError as e:
+        _fail(str(e), e.exit_status)
+    except KeyboardInterrupt:
+        return 128 + 2
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

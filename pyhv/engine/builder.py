@@ -1,0 +1,207 @@
+"""Building one boot of a machine: a recipe of independent ``attach_*`` steps.
+
+A :class:`Platform` is everything that lives for one boot: the KVM VM and its
+vCPUs, the buses and the device register models.  Guest RAM and the host end
+of the console outlive it (they belong to :class:`pyhv.engine.machine.Machine`),
+so a reset builds a fresh platform over the same memory, as Cloud Hypervisor
+does on reboot.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from pyhv.config import VmConfig
+from pyhv.engine import layout
+from pyhv.engine.acpi import MPTABLE_MAX_CPUS, AcpiPlatform, write_acpi, write_mptable
+from pyhv.engine.boot import (
+    EntryState, KernelImage, configure_boot, load_initrd, load_kernel,
+)
+from pyhv.engine.bus import Bus, Sink
+from pyhv.engine.console import HostSerial
+from pyhv.engine.cpuid import BOOT_MSRS, flat_topology, vcpu_cpuid
+from pyhv.engine.devices.acpi_pm import AcpiPm
+from pyhv.engine.devices.i8042 import I8042
+from pyhv.engine.devices.rtc import CmosRtc
+from pyhv.engine.devices.serial import Serial16550
+from pyhv.engine.kvm import Kvm, KvmError, VmFd
+from pyhv.engine.kvm._ffi import ffi
+from pyhv.engine.kvm.vm import default_routes
+from pyhv.engine.memory import GuestMemory
+from pyhv.engine.vcpu import (
+    Vcpu, VcpuEvent, apply_entry_state, init_fpu, init_lapic_lints,
+)
+
+#: KVM needs three pages for the TSS and one for the identity map (VMX only),
+#: placed in the MMIO hole just below the BIOS area as QEMU does
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class IrqLine:
+    """An ISA interrupt line of the in-kernel PIC/IOAPIC (KVM_IRQ_LINE)."""
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self.vm = vm
+        self.gsi = gsi
+        self.level = False
+        self._lock = threading.Lock()
+
+    def set_level(self, asserted: bool) -> None:
+        with self._lock:
+            if asserted != self.level:
+                self.level = asserted
+                self.vm.irq_line(self.gsi, asserted)
+
+    def pulse(self) -> None:
+        with self._lock:
+            self.vm.irq_line(self.gsi, True)
+            self.vm.irq_line(self.gsi, False)
+            self.level = False
+
+
+@dataclass
+class Hooks:
+    """What the devices tell the machine (called from vCPU threads)."""
+
+    on_sleep: Callable[[int], None]
+    on_reset: Callable[[], None]
+    on_vcpu_event: Callable[[VcpuEvent], None]
+    on_serial_space: Callable[[], None]
+
+
+@dataclass
+class Platform:
+    vm: VmFd
+    pio: Bus
+    mmio: Bus
+    serial: Serial16550
+    pm: AcpiPm
+    kernel: Optional[KernelImage] = None
+    entry: Optional[EntryState] = None
+    rsdp_addr: int = 0
+    vcpus: list[Vcpu] = field(default_factory=list)
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.stop()
+        for v in self.vcpus:
+            v.fd.close()
+        self.vcpus = []
+        self.vm.close()
+
+
+def create_vm(kvm: Kvm) -> VmFd:
+    vm = kvm.create_vm()
+    vm.set_tss_addr(TSS_ADDR)
+    try:
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+    except KvmError:
+        pass  # only VMX needs it
+    return vm
+
+
+def attach_memory(vm: VmFd, memory: GuestMemory, host_addrs: list[int]) -> None:
+    for slot, (region, host) in enumerate(zip(memory.regions, host_addrs)):
+        vm.set_user_memory_region(slot, region.guest_addr, region.size, host)
+
+
+def host_addresses(memory: GuestMemory) -> tuple[list[int], list[object]]:
+    """Host addresses of each region, and the cdata objects that pin them."""
+    pins = [ffi.from_buffer(r.buffer) for r in memory.regions]
+    return [int(ffi.cast("uintptr_t", p)) for p in pins], pins
+
+
+def attach_irqchip(vm: VmFd) -> None:
+    vm.create_irqchip()
+    vm.create_pit2()
+    vm.set_gsi_routing(default_routes(layout.IOAPIC_PINS))
+
+
+def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSerial,
+                          hooks: Hooks) -> tuple[Serial16550, AcpiPm]:
+    serial = Serial16550(IrqLine(vm, layout.COM1_IRQ), host_serial.writer,
+                         on_input_space=hooks.on_serial_space)
+    pio.insert(layout.COM1_PORT, 8, serial, "serial0")
+    i8042 = I8042(IrqLine(vm, 1), reset=hooks.on_reset)
+    pio.insert(layout.I8042_DATA_PORT, 5, i8042, "i8042")
+    pio.insert(layout.RTC_PORT, 2, CmosRtc(ram_size=cfg.memory), "rtc")
+    pm = AcpiPm(IrqLine(vm, layout.SCI_IRQ), on_sleep=hooks.on_sleep)
+    pio.insert(layout.PM1A_EVT_PORT, layout.PM_TMR_PORT + layout.PM_TMR_LEN
+               - layout.PM1A_EVT_PORT, pm, "acpi-pm")
+    pio.insert(layout.POST_PORT, 1, Sink(), "post")
+    return serial, pm
+
+
+def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig) -> int:
+    """ACPI tables (and an MP table for ``acpi=off`` guests); returns the RSDP."""
+    rsdp = write_acpi(memory, AcpiPlatform(cpus=cfg.vcpus))
+    if cfg.vcpus <= MPTABLE_MAX_CPUS:
+        write_mptable(memory, cfg.vcpus)
+    return rsdp
+
+
+def load_guest(memory: GuestMemory, cfg: VmConfig, rsdp: int) -> tuple[KernelImage, EntryState]:
+    kernel = load_kernel(memory, cfg.boot.kernel, cfg.boot.protocol)
+    initrd = load_initrd(memory, cfg.boot.initrd, kernel) if cfg.boot.initrd else None
+    entry = configure_boot(memory, kernel, cfg.boot.cmdline, initrd,
+                           layout.e820_map(cfg.memory), rsdp, cfg.memory)
+    return kernel, entry
+
+
+def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, entry: EntryState, pio: Bus,
+                 mmio: Bus, hooks: Hooks, supported_cpuid: list) -> list[Vcpu]:
+    topo = flat_topology(cfg.vcpus)
+    vcpus = []
+    for i in range(cfg.vcpus):
+        fd = vm.create_vcpu(i)
+        fd.set_cpuid2(vcpu_cpuid(supported_cpuid, i, topo))
+        set_boot_msrs(fd)
+        init_fpu(fd)
+        init_lapic_lints(fd)
+        if i == 0:
+            apply_entry_state(fd, entry)
+        vcpus.append(Vcpu(fd, pio, mmio, hooks.on_vcpu_event))
+    return vcpus
+
+
+def set_boot_msrs(fd: object) -> None:
+    """Write :data:`BOOT_MSRS`, skipping any this KVM refuses."""
+    pending = dict(BOOT_MSRS)
+    while pending:
+        n = fd.set_msrs(pending)  # type: ignore[attr-defined]
+        keys = list(pending)
+        if n >= len(keys):
+            return
+        pending = {k: pending[k] for k in keys[n + 1:]}
+
+
+def trace_to_stderr(bus_name: str) -> Callable[[str, int, int, int], None]:
+    def trace(op: str, addr: int, size: int, value: int) -> None:
+        val = "" if op == "read" else f" = {value:#x}"
+        print(f"pyhv: unclaimed {bus_name} {op} {addr:#x}/{size}{val}", file=sys.stderr)
+    return trace
+
+
+def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
+                   host_serial: HostSerial, hooks: Hooks,
+                   supported_cpuid: list) -> Platform:
+    vm = create_vm(kvm)
+    try:
+        attach_memory(vm, memory, host_addrs)
+        attach_irqchip(vm)
+        pio, mmio = Bus("port I/O"), Bus("MMIO")
+        if cfg.trace_io:
+            pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
+        serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks)
+        rsdp = attach_firmware_tables(memory, cfg)
+        kernel, entry = load_guest(memory, cfg, rsdp)
+        plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp)
+        plat.vcpus = attach_vcpus(kvm, vm, cfg, entry, pio, mmio, hooks, supported_cpuid)
+        return plat
+    except BaseException:
+        vm.close()
+        raise

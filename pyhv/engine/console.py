@@ -1,0 +1,113 @@
+"""The host end of the guest's serial port: where output goes, where input comes from.
+
+The UART register model knows nothing of files; this module opens what the
+configuration names (stdout/stdin, a file, a pseudo-terminal, nothing, or an
+inherited descriptor) and hands the model a writer.  A pty whose reader has
+gone away, or is too slow, loses output rather than stalling a vCPU, as with
+QEMU; stdout and files take every byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import termios
+import tty
+from typing import Optional
+
+from pyhv.config import SerialConfig
+from pyhv.engine.errors import EngineError
+
+
+class ConsoleError(EngineError):
+    """The serial backend could not be opened."""
+
+
+class FdWriter:
+    """Writes guest output to a file descriptor."""
+
+    def __init__(self, fd: int, drop_when_full: bool = False) -> None:
+        self.fd = fd
+        self.drop_when_full = drop_when_full
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                if self.drop_when_full:
+                    return
+                raise
+            except OSError as e:
+                if e.errno in (errno.EIO, errno.EPIPE):
+                    return  # reader gone: output is lost, the guest keeps running
+                raise
+            view = view[n:]
+
+    def flush(self) -> None:
+        return None
+
+
+class NullWriter:
+    def write(self, data: bytes) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+
+class HostSerial:
+    """An opened serial backend."""
+
+    def __init__(self, writer: "FdWriter | NullWriter", input_fd: Optional[int] = None,
+                 pty_path: Optional[str] = None, owned: tuple[int, ...] = ()) -> None:
+        self.writer = writer
+        self.input_fd = input_fd
+        self.pty_path = pty_path
+        self._owned = owned
+
+    def close(self) -> None:
+        for fd in self._owned:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._owned = ()
+
+
+def open_serial(cfg: SerialConfig) -> HostSerial:
+    if cfg.kind == "stdio":
+        try:
+            stdin_ok = os.isatty(0) or os.fstat(0) is not None
+        except OSError:
+            stdin_ok = False
+        return HostSerial(FdWriter(1), 0 if stdin_ok else None)
+    if cfg.kind == "null":
+        return HostSerial(NullWriter())
+    if cfg.kind == "file":
+        assert cfg.path is not None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if cfg.append else os.O_TRUNC)
+        try:
+            fd = os.open(cfg.path, flags, 0o644)
+        except OSError as e:
+            raise ConsoleError(f"{cfg.path}: cannot open serial output: {e.strerror}") from e
+        return HostSerial(FdWriter(fd), owned=(fd,))
+    if cfg.kind == "fd":
+        assert cfg.fd is not None
+        try:
+            os.fstat(cfg.fd)
+        except OSError as e:
+            raise ConsoleError(f"serial fd {cfg.fd}: {e.strerror}") from e
+        return HostSerial(FdWriter(cfg.fd), owned=(cfg.fd,))
+    if cfg.kind == "pty":
+        master, slave = os.openpty()
+        tty.setraw(slave, termios.TCSANOW)
+        os.set_blocking(master, False)
+        os.set_inheritable(master, False)
+        os.set_inheritable(slave, False)
+        path = os.ttyname(slave)
+        # keeping the slave open means the master never sees a hang-up
+        return HostSerial(FdWriter(master, drop_when_full=True), master, path,
+                          owned=(master, slave))
+    raise ConsoleError(f"serial: unknown backend {cfg.kind!r}")

@@ -1,0 +1,276 @@
+"""The VM control API: start, pause, resume, reset, power button, power off.
+
+:class:`Machine` owns what lives as long as the VM (guest RAM, the host end of
+the console, the open ``/dev/kvm``) and one :class:`Platform` per boot.  vCPU
+threads never act on the machine themselves: they post what they saw (the
+guest powered off through ACPI, asked for a reset, triple-faulted...) and the
+thread that owns the machine applies it in :meth:`Machine.process_events`,
+which also tells every subscriber.  ``event_fd`` becomes readable whenever
+something is posted, so a front end's epoll loop can wait on it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from pyhv.config import VmConfig
+from pyhv.engine import layout
+from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
+from pyhv.engine.console import HostSerial, open_serial
+from pyhv.engine.errors import EngineError
+from pyhv.engine.kvm import Kvm
+from pyhv.engine.memory import GuestMemory
+from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"   # powered off (by the guest or the host)
+    CRASHED = "crashed"     # triple fault, internal error, ...
+
+
+@dataclass(frozen=True)
+class MachineEvent:
+    """What happened to the machine, as subscribers see it.
+
+    ``kind`` is one of: ``powered-off`` (detail: ``guest``, ``host`` or
+    ``guest-reset`` when a reset ends the machine), ``reset`` (detail: ``guest``
+    or ``host``), ``crashed`` (detail: the exit kind, e.g. ``triple-fault``;
+    ``message`` and ``registers`` say more), ``paused``, ``resumed``,
+    ``power-button``.
+    """
+
+    kind: str
+    detail: str = ""
+    message: str = ""
+    registers: str = ""
+    timestamp: float = 0.0
+
+
+Subscriber = Callable[[MachineEvent], None]
+
+
+class Machine:
+    """A virtual machine built from a :class:`VmConfig`."""
+
+    def __init__(self, config: VmConfig, *, kvm: Optional[Kvm] = None,
+                 host_serial: Optional[HostSerial] = None) -> None:
+        self.config = config
+        self.state = MachineState.CREATED
+        self._posted: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
+        self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._subscribers: list[Subscriber] = []
+        self._terminal = threading.Event()
+        self.last_event: Optional[MachineEvent] = None
+        self.boots = 0
+        self.platform: Optional[Platform] = None
+        self._kvm = kvm
+        self.memory: Optional[GuestMemory] = None
+        self.host_serial = host_serial
+        self._own_serial = host_serial is None
+        self._pins: list[object] = []
+        self._host_addrs: list[int] = []
+        self._cpuid: list = []
+        self._pending_input = b""
+        self.on_serial_space: Optional[Callable[[], None]] = None
+
+    # ---- lifecycle ------------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        """Build the machine and start its vCPUs (held paused if asked)."""
+        if self.state is not MachineState.CREATED:
+            raise EngineError(f"machine {self.config.name} was already started")
+        install_kick_handler()
+        if self._kvm is None:
+            self._kvm = Kvm()
+        self._kvm.require()
+        if self.config.vcpus > self._kvm.max_vcpus():
+            raise EngineError(f"vcpus {self.config.vcpus}: this KVM allows at most "
+                              f"{self._kvm.max_vcpus()}")
+        ranges = layout.ram_ranges(self.config.memory)
+        if self.config.shared_memory:
+            self.memory = GuestMemory.shared_fd(ranges)
+        else:
+            self.memory = GuestMemory.anonymous(ranges)
+        self._host_addrs, self._pins = host_addresses(self.memory)
+        self._cpuid = self._kvm.get_supported_cpuid()
+        if self.host_serial is None:
+            self.host_serial = open_serial(self.config.serial)
+        self._boot(paused)
+
+    def _hooks(self) -> Hooks:
+        return Hooks(on_sleep=lambda typ: self._post("sleep", typ),
+                     on_reset=lambda: self._post("reset", "guest"),
+                     on_vcpu_event=lambda ev: self._post("vcpu", ev),
+                     on_serial_space=lambda: self._post("serial-space", None))
+
+    def _boot(self, paused: bool) -> None:
+        assert self._kvm is not None and self.memory is not None and self.host_serial
+        self.platform = build_platform(self._kvm, self.memory, self._host_addrs,
+                                       self.config, self.host_serial, self._hooks(),
+                                       self._cpuid)
+        self.boots += 1
+        for v in self.platform.vcpus:
+            v.start(paused=paused)
+        self.state = MachineState.PAUSED if paused else MachineState.RUNNING
+
+    def _teardown_platform(self) -> None:
+        if self.platform is not None:
+            self.platform.close()
+            self.platform = None
+
+    def close(self) -> None:
+        """Stop everything and release host resources."""
+        self._teardown_platform()
+        if self.state in (MachineState.RUNNING, MachineState.PAUSED, MachineState.CREATED):
+            self.state = MachineState.SHUTDOWN
+        if self.host_serial is not None and self._own_serial:
+            self.host_serial.close()
+        self._pins = []
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.event_fd >= 0:
+            os.close(self.event_fd)
+            self.event_fd = -1
+
+    # ---- control (the owning thread) ------------------------------------------
+    def pause(self) -> None:
+        if self.state is MachineState.RUNNING and self.platform:
+            for v in self.platform.vcpus:
+                v.pause(wait=False)
+            for v in self.platform.vcpus:
+                v.pause(wait=True)
+            self.state = MachineState.PAUSED
+            self._emit(MachineEvent("paused"))
+
+    def resume(self) -> None:
+        if self.state is MachineState.PAUSED and self.platform:
+            self.state = MachineState.RUNNING
+            for v in self.platform.vcpus:
+                v.resume()
+            self._emit(MachineEvent("resumed"))
+
+    def reset(self, source: str = "host") -> None:
+        """Reboot: a fresh platform over the same RAM, the kernel loaded anew."""
+        if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
+            raise EngineError(f"machine {self.config.name} is not running")
+        paused = self.state is MachineState.PAUSED
+        self._teardown_platform()
+        self._boot(paused)
+        self._emit(MachineEvent("reset", source))
+
+    def power_button(self) -> None:
+        """Press the ACPI power button (the guest decides what to do)."""
+        if self.platform is not None and self.state in (MachineState.RUNNING,
+                                                        MachineState.PAUSED):
+            self.platform.pm.press_power_button()
+            self._emit(MachineEvent("power-button"))
+
+    def power_off(self, source: str = "host") -> None:
+        """Pull the plug."""
+        if self.state in (MachineState.RUNNING, MachineState.PAUSED):
+            self._teardown_platform()
+            self._finish(MachineState.SHUTDOWN, MachineEvent("powered-off", source))
+
+    # ---- console input ----------------------------------------------------------
+    def serial_input(self, data: bytes) -> int:
+        """Offer host input to COM1; returns how many bytes it took."""
+        if self.platform is None:
+            return 0
+        return self.platform.serial.enqueue_input(data)
+
+    # ---- events -----------------------------------------------------------------
+    def subscribe(self, callback: Subscriber) -> None:
+        self._subscribers.append(callback)
+
+    def _post(self, kind: str, payload: object) -> None:
+        """From any thread (vCPUs): queue something for :meth:`process_events`."""
+        self._posted.put((kind, payload))
+        if self.event_fd >= 0:
+            os.eventfd_write(self.event_fd, 1)
+
+    def _emit(self, event: MachineEvent) -> None:
+        event = MachineEvent(event.kind, event.detail, event.message, event.registers,
+                             time.time())
+        self.last_event = event
+        for cb in list(self._subscribers):
+            cb(event)
+
+    def _finish(self, state: MachineState, event: MachineEvent) -> None:
+        self.state = state
+        self._terminal.set()
+        self._emit(event)
+
+    @property
+    def finished(self) -> bool:
+        return self._terminal.is_set()
+
+    def process_events(self) -> None:
+        """Apply everything vCPU threads posted (call from the owning thread)."""
+        if self.event_fd >= 0:
+            try:
+                os.eventfd_read(self.event_fd)
+            except BlockingIOError:
+                pass
+        while True:
+            try:
+                kind, payload = self._posted.get_nowait()
+            except queue.Empty:
+                return
+            if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
+                continue  # the machine already ended: late reports from other vCPUs
+            if kind == "sleep":
+                if payload == layout.S5_SLP_TYP:
+                    self.power_off("guest")
+            elif kind == "reset":
+                self._guest_reset(str(payload))
+            elif kind == "serial-space":
+                if self.on_serial_space is not None:
+                    self.on_serial_space()
+            elif kind == "vcpu":
+                assert isinstance(payload, VcpuEvent)
+                self._vcpu_event(payload)
+
+    def _guest_reset(self, source: str) -> None:
+        if self.config.on_reboot == "restart":
+            self.reset(source)
+        else:
+            self._teardown_platform()
+            self._finish(MachineState.SHUTDOWN, MachineEvent("powered-off", "guest-reset"))
+
+    def _vcpu_event(self, ev: VcpuEvent) -> None:
+        if ev.kind == "shutdown":
+            self.power_off("guest")
+        elif ev.kind == "reset":
+            self._guest_reset("guest")
+        else:
+            self._teardown_platform()
+            self._finish(MachineState.CRASHED,
+                         MachineEvent("crashed", ev.kind, f"vcpu{ev.vcpu}: {ev.detail}",
+                                      ev.registers))
+
+    def run(self, timeout: Optional[float] = None) -> MachineEvent:
+        """Process events until the machine powers off or crashes; the final event.
+
+        For callers without an event loop of their own (tests, benchmarks).
+        """
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise EngineError(f"machine {self.config.name} still running after "
+                                  f"{timeout} s")
+            select.select([self.event_fd], [], [], wait)
+            self.process_events()
+        assert self.last_event is not None
+        return self.last_event

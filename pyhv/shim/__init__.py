@@ -1,0 +1,1 @@
+"""pyhv-qemu: QEMU's command line and QMP in front of the engine (to come)."""

@@ -1,0 +1,1002 @@
+/*
+ * pyhv test guest: reports what the VMM told it (boot protocol, command line,
+ * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
+ * the APs, then powers off through ACPI.  The grammar is in README.md.
+ *
+ * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
+ * here is written for a slow (emulated) CPU: few instructions, few port I/O.
+ */
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+#define PROTO_PVH     1
+#define PROTO_LINUX64 2
+#define PROTO_LINUX32 3
+
+#define MAPPED_LIMIT  0x100000000UL	/* what entry.S identity-maps */
+#define AP_TRAMPOLINE 0x10000UL		/* free RAM in pyhv's and QEMU's maps */
+#define SCI_VECTOR    0x40
+#define DEBUG_EXIT_PORT 0xf4
+#define DEBUG_EXIT_VALUE 0x10		/* QEMU exit status (0x10 << 1) | 1 = 33 */
+
+/* ---- low-level helpers --------------------------------------------------- */
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
+static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
+static inline u64 rd64(u64 a) { return *(volatile u64 *)a; }
+static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return ((u64)hi << 32) | lo;
+}
+
+static inline void wrmsr(u32 msr, u64 v)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
+}
+
+static inline void pause(void) { __asm__ volatile("pause" ::: "memory"); }
+
+static void __attribute__((noreturn)) halt_forever(void)
+{
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+/* gcc may emit calls to these even when freestanding */
+void *memset(void *d, int c, u64 n)
+{
+	u8 *p = d;
+	while (n--)
+		*p++ = (u8)c;
+	return d;
+}
+
+void *memcpy(void *d, const void *s, u64 n)
+{
+	u8 *p = d;
+	const u8 *q = s;
+	while (n--)
+		*p++ = *q++;
+	return d;
+}
+
+int memcmp(const void *a, const void *b, u64 n)
+{
+	const u8 *p = a, *q = b;
+	for (; n; n--, p++, q++)
+		if (*p != *q)
+			return *p - *q;
+	return 0;
+}
+
+static int mapped(u64 addr, u64 len)
+{
+	return addr < MAPPED_LIMIT && len <= MAPPED_LIMIT - addr;
+}
+
+/* Wait about `ticks` TSC ticks, but never more than `max_iter` rounds. */
+static void delay(u64 ticks, u64 max_iter)
+{
+	u64 start = rdtsc();
+	while (max_iter-- && rdtsc() - start < ticks)
+		pause();
+}
+
+/* ---- COM1 output -------------------------------------------------------- */
+
+/*
+ * The FIFOs are enabled once (FCR), then LSR.THRE (transmit FIFO empty) is
+ * polled only before every 16th byte: about one port access per byte.  If
+ * THRE never shows up the UART is not polled any more.
+ */
+static int uart_poll = 1, uart_room;
+
+static void putc_(char c)
+{
+	if (uart_poll && !uart_room) {
+		if (uart_poll == 1) {
+			outb(0x3fa, 0x07);	/* FCR: enable and clear FIFOs */
+			uart_poll = 2;
+		}
+		int n = 2000;
+		while (!(inb(0x3fd) & 0x20)) {
+			if (!--n) {
+				uart_poll = 0;	/* THRE never comes: stop asking */
+				break;
+			}
+		}
+		uart_room = 16;
+	}
+	if (uart_room)
+		uart_room--;
+	outb(0x3f8, (u8)c);
+}
+
+static void puts_(const char *s)
+{
+	while (*s)
+		putc_(*s++);
+}
+
+static void put_hex(u64 v)
+{
+	char buf[16];
+	int n = 0;
+	puts_("0x");
+	do {
+		buf[n++] = "0123456789abcdef"[v & 15];
+		v >>= 4;
+	} while (v);
+	while (n)
+		putc_(buf[--n]);
+}
+
+static void put_dec(u64 v)
+{
+	char buf[20];
+	int n = 0;
+	do {
+		buf[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (n)
+		putc_(buf[--n]);
+}
+
+static void put_dec2(u32 v)
+{
+	putc_((char)('0' + v / 10 % 10));
+	putc_((char)('0' + v % 10));
+}
+
+/* Bytes 0x21..0x7e are printed as they are (and space when allowed), all
+ * others and the backslash as \xHH. */
+static void put_escaped(const u8 *s, u64 n, int allow_space)
+{
+	for (u64 i = 0; i < n; i++) {
+		u8 c = s[i];
+		if ((c > 0x20 && c < 0x7f && c != '\\') || (c == ' ' && allow_space)) {
+			putc_((char)c);
+		} else {
+			putc_('\\');
+			putc_('x');
+			putc_("0123456789abcdef"[c >> 4]);
+			putc_("0123456789abcdef"[c & 15]);
+		}
+	}
+}
+
+static void line(const char *tag) { putc_('@'); puts_(tag); }
+static void eol(void) { putc_('\n'); }
+static void key(const char *k) { putc_(' '); puts_(k); putc_('='); }
+static void kv_hex(const char *k, u64 v) { key(k); put_hex(v); }
+static void kv_dec(const char *k, u64 v) { key(k); put_dec(v); }
+static void kv_str(const char *k, const char *v) { key(k); puts_(v); }
+static void kv_sig(const char *k, u64 addr) { key(k); put_escaped((const u8 *)addr, 4, 0); }
+
+static void error(const char *what, const char *k, u64 v)
+{
+	line("error");
+	kv_str("what", what);
+	if (k)
+		kv_hex(k, v);
+	eol();
+}
+
+/* ---- state gathered while reporting ------------------------------------- */
+
+static struct {
+	u32 proto;
+	u64 info;
+	u64 cmdline;
+	u64 rsdp_hint;
+	char switches[4096];	/* first part of the command line, NUL-terminated */
+} boot;
+
+static struct {
+	u64 fadt, madt, dsdt;
+	u32 fadt_len, dsdt_len;
+	u32 fadt_flags;
+	u16 sci_int;
+	u32 smi_cmd;
+	u8 acpi_enable;
+	u32 pm1a_evt, pm1a_cnt;
+	u8 pm1_evt_len;
+	u8 century;
+	u8 sleep_space;		/* 0 memory, 1 I/O */
+	u64 sleep_ctl;
+	u32 slp_typ;
+	int have_s5;
+	u32 lapic;
+	u32 madt_flags;
+	u32 ioapic;
+	u32 ioapic_gsi_base;
+	int have_ioapic;
+	u32 sci_gsi;
+	u16 sci_flags;
+	u32 cpu_ids[256];
+	u32 ncpus;
+} acpi;
+
+static int in_poweroff;
+
+/* ---- boot information ---------------------------------------------------- */
+
+/* Fletcher-style sum over little-endian 32-bit words (last one zero-padded):
+ * a = sum of words, b = sum of the running a, both mod 2^32; (b << 32) | a. */
+static u64 checksum(u64 addr, u64 n)
+{
+	const u32 *w = (const u32 *)addr;
+	u32 a = 0, b = 0;
+	u64 words = n / 4, i;
+	for (i = 0; i < words; i++) {
+		a += w[i];
+		b += a;
+	}
+	if (n & 3) {
+		u32 last = 0;
+		const u8 *p = (const u8 *)(addr + words * 4);
+		for (u64 j = 0; j < (n & 3); j++)
+			last |= (u32)p[j] << (8 * j);
+		a += last;
+		b += a;
+	}
+	return ((u64)b << 32) | a;
+}
+
+static void report_blob(const char *tag, long index, u64 addr, u64 size)
+{
+	line(tag);
+	if (index >= 0)
+		kv_dec("index", (u64)index);
+	kv_hex("addr", addr);
+	kv_hex("size", size);
+	if (mapped(addr, size))
+		kv_hex("csum", checksum(addr, size));
+	else
+		kv_str("csum", "unmapped");
+	eol();
+}
+
+static void report_cmdline(void)
+{
+	u64 p = boot.cmdline, n = 0;
+	line("cmdline");
+	if (p && mapped(p, 0x10000)) {
+		while (n < 0x10000 && rd8(p + n))
+			n++;
+		putc_(' ');
+		put_escaped((const u8 *)p, n, 1);
+		for (u64 i = 0; i < n && i < sizeof(boot.switches) - 1; i++)
+			boot.switches[i] = (char)rd8(p + i);
+	}
+	eol();
+	if (p && !mapped(p, 0x10000))
+		error("cmdline-unmapped", "addr", p);
+}
+
+static void report_e820(u64 addr, u64 size, u32 type)
+{
+	line("e820");
+	kv_hex("addr", addr);
+	kv_hex("size", size);
+	kv_dec("type", type);
+	eol();
+}
+
+static void report_pvh(u64 si)
+{
+	u32 magic = rd32(si), version = rd32(si + 4), nmods = rd32(si + 12);
+	line("bootinfo");
+	kv_hex("magic", magic);
+	kv_dec("version", version);
+	kv_hex("flags", rd32(si + 8));
+	kv_dec("nr_modules", nmods);
+	eol();
+	if (magic != 0x336ec578) {
+		error("bad-start-info-magic", "magic", magic);
+		return;
+	}
+	boot.cmdline = rd64(si + 24);
+	boot.rsdp_hint = rd64(si + 32);
+	report_cmdline();
+
+	u64 memmap = version >= 1 ? rd64(si + 40) : 0;
+	u32 entries = version >= 1 ? rd32(si + 48) : 0;
+	line("memmap");
+	kv_str("source", "pvh");
+	kv_dec("count", entries);
+	eol();
+	if (memmap && mapped(memmap, (u64)entries * 24))
+		for (u32 i = 0; i < entries; i++)
+			report_e820(rd64(memmap + i * 24), rd64(memmap + i * 24 + 8), rd32(memmap + i * 24 + 16));
+
+	u64 mods = rd64(si + 16);
+	if (nmods && mapped(mods, (u64)nmods * 32)) {
+		report_blob("initrd", -1, rd64(mods), rd64(mods + 8));
+		for (u32 i = 0; i < nmods && i < 64; i++) {
+			u64 m = mods + i * 32;
+			report_blob("module", i, rd64(m), rd64(m + 8));
+		}
+	} else {
+		line("initrd");
+		kv_str("addr", "none");
+		eol();
+	}
+}
+
+static void report_linux(u64 bp)
+{
+	line("bootinfo");
+	kv_hex("header", rd32(bp + 0x202));
+	kv_hex("version", rd16(bp + 0x206));
+	kv_hex("type_of_loader", rd8(bp + 0x210));
+	kv_hex("loadflags", rd8(bp + 0x211));
+	kv_hex("boot_flag", rd16(bp + 0x1fe));
+	kv_hex("cmdline_size", rd32(bp + 0x238));
+	kv_hex("code32_start", rd32(bp + 0x214));
+	eol();
+
+	boot.cmdline = rd32(bp + 0x228) | ((u64)rd32(bp + 0x0c8) << 32);
+	boot.rsdp_hint = rd64(bp + 0x070);
+	report_cmdline();
+
+	u32 entries = rd8(bp + 0x1e8);
+	if (entries > 128)
+		entries = 128;
+	line("memmap");
+	kv_str("source", "e820");
+	kv_dec("count", entries);
+	eol();
+	for (u32 i = 0; i < entries; i++) {
+		u64 e = bp + 0x2d0 + i * 20;
+		report_e820(rd64(e), rd64(e + 8), rd32(e + 16));
+	}
+
+	u64 rd = rd32(bp + 0x218) | ((u64)rd32(bp + 0x0c0) << 32);
+	u64 rs = rd32(bp + 0x21c) | ((u64)rd32(bp + 0x0c4) << 32);
+	if (rd && rs) {
+		report_blob("initrd", -1, rd, rs);
+	} else {
+		line("initrd");
+		kv_str("addr", "none");
+		eol();
+	}
+}
+
+static int has_switch(const char *sw)
+{
+	const char *s = boot.switches;
+	u64 n = 0;
+	while (sw[n])
+		n++;
+	while (*s) {
+		while (*s == ' ')
+			s++;
+		const char *t = s;
+		while (*t && *t != ' ')
+			t++;
+		if ((u64)(t - s) == n && !memcmp(s, sw, n))
+			return 1;
+		s = t;
+	}
+	return 0;
+}
+
+/* ---- ACPI ---------------------------------------------------------------- */
+
+static int sum_ok(u64 addr, u64 len)
+{
+	u8 s = 0;
+	const u8 *p = (const u8 *)addr;
+	for (u64 i = 0; i < len; i++)
+		s += p[i];
+	return s == 0;
+}
+
+static u64 rsdp_at(u64 a)
+{
+	/* "RSD PTR " */
+	if (rd64(a) == 0x2052545020445352UL && sum_ok(a, 20))
+		return a;
+	return 0;
+}
+
+static u64 scan_rsdp(void)
+{
+	u64 ebda = (u64)rd16(0x40e) << 4, a, r;
+	if (ebda >= 0x80000 && ebda < 0xa0000)
+		for (a = ebda; a < ebda + 1024; a += 16)
+			if ((r = rsdp_at(a)))
+				return r;
+	for (a = 0xe0000; a < 0x100000; a += 16)
+		if ((r = rsdp_at(a)))
+			return r;
+	return 0;
+}
+
+/* Print one table; returns its length, or 0 when it cannot be read. */
+static u32 report_table(u64 addr, const char *parent)
+{
+	line("acpi-table");
+	if (!addr || !mapped(addr, 36)) {
+		kv_hex("addr", addr);
+		kv_str("parent", parent);
+		kv_str("error", "unmapped");
+		eol();
+		return 0;
+	}
+	u32 len = rd32(addr + 4);
+	kv_sig("sig", addr);
+	kv_hex("addr", addr);
+	kv_hex("len", len);
+	kv_dec("revision", rd8(addr + 8));
+	if (len < 36 || len > (64u << 20) || !mapped(addr, len))
+		kv_str("checksum", "skipped");
+	else
+		kv_str("checksum", sum_ok(addr, len) ? "ok" : "bad");
+	kv_str("parent", parent);
+	eol();
+	return len < 36 || !mapped(addr, len) ? 0 : len;
+}
+
+static u64 pkg_len_skip(u64 p)
+{
+	u8 lead = rd8(p);
+	return p + 1 + (lead >> 6);
+}
+
+static void find_s5(void)
+{
+	u64 d = acpi.dsdt, end = acpi.dsdt + acpi.dsdt_len;
+	for (u64 p = d + 36; p + 8 < end; p++) {
+		if (rd32(p) != 0x5f35535f)	/* "_S5_" */
+			continue;
+		if (rd8(p + 4) != 0x12)		/* PackageOp */
+			continue;
+		u64 q = pkg_len_skip(p + 5) + 1;	/* skip PkgLength, NumElements */
+		u8 op = rd8(q);
+		if (op == 0x0a)
+			acpi.slp_typ = rd8(q + 1);
+		else if (op == 0x0b)
+			acpi.slp_typ = rd16(q + 1);
+		else if (op == 0x0c)
+			acpi.slp_typ = rd32(q + 1);
+		else if (op == 0x00 || op == 0x01)
+			acpi.slp_typ = op;
+		else
+			continue;
+		acpi.have_s5 = 1;
+		return;
+	}
+}
+
+static void parse_fadt(u64 f, u32 len)
+{
+	acpi.fadt = f;
+	acpi.fadt_len = len;
+#define FHAS(off, size) (len >= (u32)((off) + (size)))
+	acpi.sci_int = rd16(f + 46);
+	acpi.smi_cmd = rd32(f + 48);
+	acpi.acpi_enable = rd8(f + 52);
+	acpi.pm1a_evt = rd32(f + 56);
+	acpi.pm1a_cnt = rd32(f + 64);
+	acpi.pm1_evt_len = rd8(f + 88);
+	acpi.century = FHAS(108, 1) ? rd8(f + 108) : 0;
+	acpi.fadt_flags = FHAS(112, 4) ? rd32(f + 112) : 0;
+	acpi.dsdt = rd32(f + 40);
+	if (FHAS(140, 8) && rd64(f + 140))
+		acpi.dsdt = rd64(f + 140);
+	if (FHAS(160, 0) && rd8(f + 148) == 1 && rd64(f + 152))
+		acpi.pm1a_evt = (u32)rd64(f + 152);
+	if (FHAS(184, 0) && rd8(f + 172) == 1 && rd64(f + 176))
+		acpi.pm1a_cnt = (u32)rd64(f + 176);
+	if (FHAS(256, 0) && rd64(f + 248) && rd8(f + 244) <= 1) {
+		acpi.sleep_space = rd8(f + 244);
+		acpi.sleep_ctl = rd64(f + 248);
+	}
+#undef FHAS
+}
+
+static void parse_madt(u64 m, u32 len)
+{
+	acpi.madt = m;
+	acpi.lapic = rd32(m + 36);
+	acpi.madt_flags = rd32(m + 40);
+	for (u64 p = m + 44; p + 2 <= m + len;) {
+		u8 type = rd8(p), l = rd8(p + 1);
+		if (l < 2)
+			break;
+		if (type == 0 || type == 9) {
+			u32 id = type == 0 ? rd8(p + 3) : rd32(p + 4);
+			u32 uid = type == 0 ? rd8(p + 2) : rd32(p + 12);
+			u32 fl = type == 0 ? rd32(p + 4) : rd32(p + 8);
+			line("cpu");
+			kv_str("type", type == 0 ? "lapic" : "x2apic");
+			kv_dec("uid", uid);
+			kv_dec("apic_id", id);
+			kv_hex("flags", fl);
+			eol();
+			if ((fl & 1) && acpi.ncpus < 256)
+				acpi.cpu_ids[acpi.ncpus++] = id;
+		} else if (type == 1) {
+			line("ioapic");
+			kv_dec("id", rd8(p + 2));
+			kv_hex("addr", rd32(p + 4));
+			kv_dec("gsi_base", rd32(p + 8));
+			eol();
+			if (!acpi.have_ioapic) {
+				acpi.have_ioapic = 1;
+				acpi.ioapic = rd32(p + 4);
+				acpi.ioapic_gsi_base = rd32(p + 8);
+			}
+		} else if (type == 2) {
+			line("irq-override");
+			kv_dec("bus", rd8(p + 2));
+			kv_dec("source", rd8(p + 3));
+			kv_dec("gsi", rd32(p + 4));
+			kv_hex("flags", rd16(p + 8));
+			eol();
+		} else if (type == 5 && l >= 12) {
+			acpi.lapic = (u32)rd64(p + 4);
+		}
+		p += l;
+	}
+	line("cpus");
+	kv_dec("count", acpi.ncpus);
+	key("apic_ids");
+	for (u32 i = 0; i < acpi.ncpus; i++) {
+		if (i)
+			putc_(',');
+		put_dec(acpi.cpu_ids[i]);
+	}
+	kv_hex("lapic", acpi.lapic);
+	kv_hex("flags", acpi.madt_flags);
+	eol();
+}
+
+/* SCI GSI and polarity/trigger flags, after the MADT interrupt overrides */
+static void sci_routing(void)
+{
+	acpi.sci_gsi = acpi.sci_int;
+	acpi.sci_flags = 0;
+	if (!acpi.madt)
+		return;
+	u64 m = acpi.madt, end = m + rd32(m + 4);
+	for (u64 p = m + 44; p + 2 <= end;) {
+		u8 l = rd8(p + 1);
+		if (l < 2)
+			break;
+		if (rd8(p) == 2 && rd8(p + 3) == acpi.sci_int) {
+			acpi.sci_gsi = rd32(p + 4);
+			acpi.sci_flags = rd16(p + 8);
+		}
+		p += l;
+	}
+}
+
+static void report_acpi(void)
+{
+	u64 rsdp = 0;
+	const char *source = "none";
+	if (boot.rsdp_hint && mapped(boot.rsdp_hint, 36)) {
+		rsdp = boot.rsdp_hint;
+		source = "bootinfo";
+	} else if ((rsdp = scan_rsdp())) {
+		source = "scan";
+	}
+	line("acpi-rsdp");
+	kv_str("source", source);
+	if (!rsdp) {
+		eol();
+		return;
+	}
+	u8 rev = rd8(rsdp + 15);
+	u64 rsdt = rd32(rsdp + 16), xsdt = rev >= 2 ? rd64(rsdp + 24) : 0;
+	kv_hex("addr", rsdp);
+	kv_dec("revision", rev);
+	key("oem");
+	put_escaped((const u8 *)(rsdp + 9), 6, 0);
+	kv_hex("rsdt", rsdt);
+	kv_hex("xsdt", xsdt);
+	kv_str("checksum", rd64(rsdp) == 0x2052545020445352UL && sum_ok(rsdp, 20) ? "ok" : "bad");
+	if (rev >= 2)
+		kv_str("xchecksum", sum_ok(rsdp, rd32(rsdp + 20) < 36 ? 36 : rd32(rsdp + 20)) ? "ok" : "bad");
+	eol();
+
+	int x = xsdt && mapped(xsdt, 36);
+	u64 sdt = x ? xsdt : rsdt;
+	u32 len = report_table(sdt, "RSDP");
+	if (!len)
+		return;
+	u32 esz = x ? 8 : 4;
+	const char *parent = x ? "XSDT" : "RSDT";
+	for (u64 p = sdt + 36; p + esz <= sdt + len; p += esz) {
+		u64 t = x ? rd64(p) : rd32(p);
+		u32 tl = report_table(t, parent);
+		if (!tl)
+			continue;
+		u32 sig = rd32(t);
+		if (sig == 0x50434146 && !acpi.fadt)		/* "FACP" */
+			parse_fadt(t, tl);
+		else if (sig == 0x43495041 && !acpi.madt)	/* "APIC" */
+			acpi.madt = t;
+	}
+	if (acpi.fadt) {
+		acpi.dsdt_len = report_table(acpi.dsdt, "FACP");
+		if (acpi.dsdt_len)
+			find_s5();
+		line("acpi-fadt");
+		kv_hex("flags", acpi.fadt_flags);
+		kv_dec("hw_reduced", (acpi.fadt_flags >> 20) & 1);
+		kv_dec("sci_int", acpi.sci_int);
+		kv_hex("smi_cmd", acpi.smi_cmd);
+		kv_hex("pm1a_evt", acpi.pm1a_evt);
+		kv_hex("pm1a_cnt", acpi.pm1a_cnt);
+		kv_hex("sleep_control", acpi.sleep_ctl);
+		kv_dec("sleep_control_space", acpi.sleep_space);
+		kv_hex("century", acpi.century);
+		eol();
+		line("acpi-s5");
+		kv_dec("found", acpi.have_s5);
+		kv_dec("slp_typ", acpi.slp_typ);
+		eol();
+	}
+	if (acpi.madt)
+		parse_madt(acpi.madt, rd32(acpi.madt + 4));
+	sci_routing();
+}
+
+/* ---- local APIC, APs ---------------------------------------------------- */
+
+static int x2apic;
+
+static u32 lapic_read(u32 reg)
+{
+	if (x2apic)
+		return (u32)rdmsr(0x800 + (reg >> 4));
+	return rd32((u64)acpi.lapic + reg);
+}
+
+static void lapic_write(u32 reg, u32 v)
+{
+	if (x2apic)
+		wrmsr(0x800 + (reg >> 4), v);
+	else
+		wr32((u64)acpi.lapic + reg, v);
+}
+
+static u32 lapic_id(void)
+{
+	return x2apic ? lapic_read(0x20) : lapic_read(0x20) >> 24;
+}
+
+static void send_ipi(u32 dest, u32 low)
+{
+	if (x2apic) {
+		wrmsr(0x830, ((u64)dest << 32) | low);
+		return;
+	}
+	lapic_write(0x310, dest << 24);
+	lapic_write(0x300, low);
+	for (int i = 0; i < 1000 && (lapic_read(0x300) & (1 << 12)); i++)
+		pause();
+}
+
+static void lapic_setup(void)
+{
+	u64 base = rdmsr(0x1b);
+	x2apic = (base & (3 << 10)) == (3 << 10);
+	if (!acpi.lapic)
+		acpi.lapic = 0xfee00000;
+}
+
+extern const u8 ap_tramp_start[], ap_tramp_end[], ap_tramp_counter[];
+
+static void start_aps(void)
+{
+	u32 expected = 0, bsp;
+	u64 counter = AP_TRAMPOLINE + (u64)(ap_tramp_counter - ap_tramp_start);
+	line("ap");
+	if (acpi.ncpus < 2) {
+		kv_dec("expected", 0);
+		kv_dec("started", 0);
+		eol();
+		return;
+	}
+	lapic_setup();
+	bsp = lapic_id();
+	memcpy((void *)AP_TRAMPOLINE, ap_tramp_start, (u64)(ap_tramp_end - ap_tramp_start));
+	wr32(counter, 0);
+	for (u32 i = 0; i < acpi.ncpus; i++) {
+		u32 id = acpi.cpu_ids[i];
+		if (id == bsp || (!x2apic && id > 254))
+			continue;
+		expected++;
+		send_ipi(id, 0x4500);				/* INIT, assert */
+		send_ipi(id, 0x4600 | (AP_TRAMPOLINE >> 12));	/* STARTUP */
+		send_ipi(id, 0x4600 | (AP_TRAMPOLINE >> 12));
+	}
+	/* about 2 s at 1-3 GHz TSC, and a cap in case the TSC does not move */
+	u64 start = rdtsc();
+	for (u64 n = 0; n < 2000000 && rd32(counter) < expected; n++) {
+		if (rdtsc() - start > 4000000000UL)
+			break;
+		pause();
+	}
+	kv_dec("expected", expected);
+	kv_dec("started", rd32(counter));
+	kv_dec("bsp_apic_id", bsp);
+	kv_str("mode", x2apic ? "x2apic" : "xapic");
+	eol();
+}
+
+/* ---- RTC --------------------------------------------------------------- */
+
+static u8 cmos(u8 reg)
+{
+	outb(0x70, reg);
+	return inb(0x71);
+}
+
+static u32 bcd(u32 v) { return (v >> 4) * 10 + (v & 15); }
+
+static void report_rtc(void)
+{
+	if (cmos(0x0b) == 0xff) {	/* floating bus: no RTC */
+		line("rtc none");
+		eol();
+		return;
+	}
+	for (int i = 0; i < 1000 && (cmos(0x0a) & 0x80); i++)
+		pause();
+	u32 sec = cmos(0), min = cmos(2), hour = cmos(4), day = cmos(7), mon = cmos(8), year = cmos(9);
+	u8 b = cmos(0x0b);
+	u32 cent = acpi.century ? cmos(acpi.century) : 0;
+	u32 pm = hour & 0x80;
+	hour &= 0x7f;
+	if (!(b & 4)) {
+		sec = bcd(sec);
+		min = bcd(min);
+		hour = bcd(hour);
+		day = bcd(day);
+		mon = bcd(mon);
+		year = bcd(year);
+		cent = bcd(cent);
+	}
+	if (!(b & 2)) {
+		if (hour == 12)
+			hour = 0;
+		if (pm)
+			hour += 12;
+	}
+	year += (cent >= 19 && cent <= 99) ? cent * 100 : 2000;
+	line("rtc ");
+	put_dec(year);
+	putc_('-');
+	put_dec2(mon);
+	putc_('-');
+	put_dec2(day);
+	putc_(' ');
+	put_dec2(hour);
+	putc_(':');
+	put_dec2(min);
+	putc_(':');
+	put_dec2(sec);
+	eol();
+}
+
+/* ---- power off, reset --------------------------------------------------- */
+
+static void __attribute__((noreturn)) poweroff(void)
+{
+	in_poweroff = 1;
+	if (acpi.sleep_ctl && ((acpi.fadt_flags & (1 << 20)) || !acpi.pm1a_cnt)) {
+		line("poweroff");
+		kv_str("method", "sleep-control");
+		kv_dec("slp_typ", acpi.slp_typ);
+		eol();
+		u8 v = (u8)(((acpi.slp_typ & 7) << 2) | (1 << 5));
+		if (acpi.sleep_space == 1)
+			outb((u16)acpi.sleep_ctl, v);
+		else if (mapped(acpi.sleep_ctl, 1))
+			wr8(acpi.sleep_ctl, v);
+		delay(2000000000UL, 200000);
+	}
+	if (acpi.pm1a_cnt) {
+		line("poweroff");
+		kv_str("method", "pm1a");
+		kv_dec("slp_typ", acpi.slp_typ);
+		eol();
+		outw((u16)acpi.pm1a_cnt, (u16)(((acpi.slp_typ & 7) << 10) | (1 << 13)));
+		delay(2000000000UL, 200000);
+	}
+	line("poweroff");
+	kv_str("method", "debug-exit");
+	eol();
+	outb(DEBUG_EXIT_PORT, DEBUG_EXIT_VALUE);
+	delay(1000000000UL, 100000);
+	line("poweroff-failed");
+	eol();
+	halt_forever();
+}
+
+static void __attribute__((noreturn)) reset(void)
+{
+	line("reset");
+	kv_str("method", "i8042");
+	eol();
+	outb(0x64, 0xfe);
+	delay(2000000000UL, 200000);
+	line("reset-failed");
+	eol();
+	poweroff();
+}
+
+/* ---- interrupts ---------------------------------------------------------- */
+
+struct idt_entry {
+	u16 off_lo, sel;
+	u8 ist, attr;
+	u16 off_mid;
+	u32 off_hi, zero;
+};
+
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+extern const u64 exc_stub_table[32];
+extern void irq_stub(void), spurious_stub(void);
+
+static void set_gate(int v, u64 h)
+{
+	idt[v].off_lo = (u16)h;
+	idt[v].sel = 0x18;
+	idt[v].ist = 0;
+	idt[v].attr = 0x8e;
+	idt[v].off_mid = (u16)(h >> 16);
+	idt[v].off_hi = (u32)(h >> 32);
+	idt[v].zero = 0;
+}
+
+static void idt_init(void)
+{
+	struct __attribute__((packed)) { u16 limit; u64 base; } d;
+	for (int i = 0; i < 32; i++)
+		set_gate(i, exc_stub_table[i]);
+	set_gate(SCI_VECTOR, (u64)irq_stub);
+	set_gate(0xff, (u64)spurious_stub);
+	d.limit = sizeof(idt) - 1;
+	d.base = (u64)idt;
+	__asm__ volatile("lidt %0" : : "m"(d));
+}
+
+struct exc_frame { u64 vector, error, rip, cs, rflags, rsp, ss; };
+
+void guest_exception(struct exc_frame *f)
+{
+	u64 cr2;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	line("exception");
+	kv_dec("vector", f->vector);
+	kv_hex("error", f->error);
+	kv_hex("rip", f->rip);
+	kv_hex("rsp", f->rsp);
+	kv_hex("cr2", cr2);
+	eol();
+	if (!in_poweroff)
+		poweroff();
+	halt_forever();
+}
+
+static volatile int pwrbtn_pressed;
+
+void guest_irq(void)
+{
+	u16 sts = inw((u16)acpi.pm1a_evt);
+	if (sts & 0x100) {
+		outw((u16)acpi.pm1a_evt, 0x100);
+		pwrbtn_pressed = 1;
+	}
+	lapic_write(0xb0, 0);
+}
+
+static void ioapic_write(u32 reg, u32 v)
+{
+	wr32(acpi.ioapic, reg);
+	wr32(acpi.ioapic + 0x10, v);
+}
+
+static void wait_powerbutton(void)
+{
+	if ((acpi.fadt_flags & (1 << 20)) || !acpi.pm1a_evt || !acpi.have_ioapic) {
+		error("powerbutton-unsupported", "fadt_flags", acpi.fadt_flags);
+		return;
+	}
+	lapic_setup();
+	u16 evt = (u16)acpi.pm1a_evt;
+	u16 en = (u16)(evt + (acpi.pm1_evt_len ? acpi.pm1_evt_len / 2 : 2));
+	/* ACPI mode: SCI_EN set by SMI_CMD/ACPI_ENABLE when firmware left it off */
+	if (acpi.pm1a_cnt && acpi.smi_cmd && acpi.acpi_enable && !(inw((u16)acpi.pm1a_cnt) & 1)) {
+		outb((u16)acpi.smi_cmd, acpi.acpi_enable);
+		for (int i = 0; i < 1000 && !(inw((u16)acpi.pm1a_cnt) & 1); i++)
+			pause();
+	}
+	if (acpi.madt_flags & 1) {	/* PCAT_COMPAT: mask the 8259s */
+		outb(0x21, 0xff);
+		outb(0xa1, 0xff);
+	}
+	/* polarity: flags bits 0-1 (3 = active low); trigger: bits 2-3 (1 = edge) */
+	int low = (acpi.sci_flags & 3) == 3;
+	int edge = ((acpi.sci_flags >> 2) & 3) == 1;
+	u32 pin = acpi.sci_gsi - acpi.ioapic_gsi_base;
+	u32 bsp = lapic_id();
+	lapic_write(0x80, 0);		/* TPR */
+	lapic_write(0xf0, 0x1ff);	/* SVR: enable, spurious vector 0xff */
+	ioapic_write(0x11 + 2 * pin, bsp << 24);
+	ioapic_write(0x10 + 2 * pin, SCI_VECTOR | (edge ? 0 : 1 << 15) | (low ? 1 << 13 : 0));
+	outw(evt, 0x100);		/* clear PWRBTN_STS */
+	outw(en, 0x100);		/* PWRBTN_EN */
+	line("waiting");
+	kv_str("event", "powerbutton");
+	kv_dec("gsi", acpi.sci_gsi);
+	kv_str("trigger", edge ? "edge" : "level");
+	kv_str("polarity", low ? "low" : "high");
+	eol();
+	for (;;) {
+		__asm__ volatile("cli" ::: "memory");
+		if (pwrbtn_pressed)
+			break;
+		__asm__ volatile("sti; hlt" ::: "memory");
+	}
+	line("powerbutton");
+	eol();
+}
+
+/* ---- main ---------------------------------------------------------------- */
+
+void guest_main(u32 proto, u64 info)
+{
+	idt_init();
+	boot.proto = proto;
+	boot.info = info;
+	line("begin");
+	kv_str("protocol", proto == PROTO_PVH ? "pvh" : proto == PROTO_LINUX64 ? "linux64" : "linux32");
+	kv_hex("info", info);
+	eol();
+	if (!info || !mapped(info, 0x1000))
+		error("no-boot-info", "info", info);
+	else if (proto == PROTO_PVH)
+		report_pvh(info);
+	else
+		report_linux(info);
+	report_acpi();
+	start_aps();
+	report_rtc();
+	line("end");
+	eol();
+	if (has_switch("pyhv.wait=powerbutton"))
+		wait_powerbutton();
+	else if (has_switch("pyhv.wait=reset"))
+		reset();
+	poweroff();
+}

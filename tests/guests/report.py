@@ -1,0 +1,262 @@
+"""Parse the test guest's COM1 report (grammar in tests/guests/README.md).
+
+report = parse_report(serial_text)
+assert report.complete
+assert report.cmdline == "console=ttyS0 hello"
+assert report.initrd.csum == initrd_checksum(initrd_bytes)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import re
+import struct
+from dataclasses import dataclass, field
+
+# tags whose line is the tag and one free-text field (the rest of the line)
+RAW_TAGS = {"cmdline", "rtc"}
+
+_ESC = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+def unescape(text: str) -> str:
+    r"""Undo the guest's escaping: ``\xHH`` stands for byte HH."""
+    raw = bytearray()
+    pos = 0
+    for m in _ESC.finditer(text):
+        raw += text[pos : m.start()].encode("latin-1")
+        raw.append(int(m.group(1), 16))
+        pos = m.end()
+    raw += text[pos:].encode("latin-1")
+    return raw.decode("latin-1")
+
+
+def _value(text: str) -> int | str:
+    if re.fullmatch(r"0x[0-9a-fA-F]+", text):
+        return int(text, 16)
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    return unescape(text)
+
+
+def initrd_checksum(data: bytes) -> int:
+    """The guest's initrd/module checksum: over little-endian 32-bit words
+    (the last one zero-padded) a = sum of words, b = sum of the running a
+    after each word, both mod 2**32; the checksum is (b << 32) | a."""
+    data = bytes(data) + b"\0" * (-len(data) % 4)
+    words = struct.unpack(f"<{len(data) // 4}I", data)
+    mask = 0xFFFFFFFF
+    a = sum(words) & mask
+    b = sum(itertools.accumulate(words)) & mask
+    return (b << 32) | a
+
+
+def _int(f: dict[str, int | str], key: str, default: int | None = None) -> int:
+    v = f.get(key, default)
+    if not isinstance(v, int):
+        raise TypeError(f"report field {key}={v!r} is not a number")
+    return v
+
+
+def _opt_int(f: dict[str, int | str], key: str) -> int | None:
+    v = f.get(key)
+    return v if isinstance(v, int) else None
+
+
+def _opt_str(f: dict[str, int | str], key: str) -> str | None:
+    v = f.get(key)
+    return None if v is None else str(v)
+
+
+@dataclass
+class Line:
+    tag: str
+    fields: dict[str, int | str]
+    text: str  # the text after the tag (free text for RAW_TAGS)
+
+
+@dataclass
+class E820:
+    addr: int
+    size: int
+    type: int
+
+
+@dataclass
+class Blob:
+    addr: int
+    size: int
+    csum: int | None  # None when the guest could not read it
+
+
+@dataclass
+class AcpiTable:
+    sig: str
+    addr: int
+    len: int
+    revision: int
+    checksum_ok: bool | None  # None: not checked (unmapped / absurd length)
+    parent: str
+
+
+@dataclass
+class Report:
+    lines: list[Line] = field(default_factory=list)
+    begun: bool = False
+    complete: bool = False  # @end seen
+    protocol: str | None = None  # pvh | linux64 | linux32
+    info_addr: int | None = None
+    bootinfo: dict[str, int | str] = field(default_factory=dict)
+    cmdline: str | None = None
+    memmap_source: str | None = None
+    e820: list[E820] = field(default_factory=list)
+    initrd: Blob | None = None
+    modules: list[Blob] = field(default_factory=list)
+    rsdp: dict[str, int | str] = field(default_factory=dict)
+    acpi_tables: list[AcpiTable] = field(default_factory=list)
+    fadt: dict[str, int | str] = field(default_factory=dict)
+    s5: dict[str, int | str] = field(default_factory=dict)
+    cpu_entries: list[dict[str, int | str]] = field(default_factory=list)
+    cpu_count: int | None = None
+    apic_ids: list[int] = field(default_factory=list)
+    lapic_addr: int | None = None
+    ioapics: list[dict[str, int | str]] = field(default_factory=list)
+    irq_overrides: list[dict[str, int | str]] = field(default_factory=list)
+    ap_expected: int | None = None
+    ap_started: int | None = None
+    rtc: _dt.datetime | None = None
+    rtc_text: str | None = None
+    waiting: dict[str, int | str] | None = None
+    powerbutton: bool = False
+    poweroff_methods: list[str] = field(default_factory=list)
+    poweroff_failed: bool = False
+    reset_method: str | None = None
+    reset_failed: bool = False
+    errors: list[dict[str, int | str]] = field(default_factory=list)
+    exceptions: list[dict[str, int | str]] = field(default_factory=list)
+
+    def table(self, sig: str) -> AcpiTable | None:
+        """The first ACPI table with that signature."""
+        return next((t for t in self.acpi_tables if t.sig == sig), None)
+
+    def tagged(self, tag: str) -> list[Line]:
+        return [ln for ln in self.lines if ln.tag == tag]
+
+
+def parse_line(text: str) -> Line | None:
+    """One report line (leading/trailing noise allowed) or None."""
+    text = text.lstrip("\r\0 \t").rstrip("\r\n")
+    if not text.startswith("@"):
+        return None
+    text = text[1:]
+    tag, _, rest = text.partition(" ")
+    if not tag:
+        return None
+    fields: dict[str, int | str] = {}
+    if tag not in RAW_TAGS:
+        for tok in rest.split():
+            k, eq, v = tok.partition("=")
+            if eq:
+                fields[k] = _value(v)
+    return Line(tag, fields, rest)
+
+
+def parse_report(text: str | bytes) -> Report:
+    """Parse the guest's serial output (other text in it is ignored)."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    rep = Report()
+    for raw in text.splitlines():
+        # a line belongs to the report when '@' starts it (leading carriage
+        # returns, NULs and blanks aside); everything else is noise
+        ln = parse_line(raw)
+        if ln is None:
+            continue
+        rep.lines.append(ln)
+        f = ln.fields
+        t = ln.tag
+        if t == "begin":
+            rep.begun = True
+            rep.protocol = _opt_str(f, "protocol")
+            rep.info_addr = _opt_int(f, "info")
+        elif t == "bootinfo":
+            rep.bootinfo = f
+        elif t == "cmdline":
+            rep.cmdline = unescape(ln.text)
+        elif t == "memmap":
+            rep.memmap_source = _opt_str(f, "source")
+        elif t == "e820":
+            rep.e820.append(E820(_int(f, "addr"), _int(f, "size"), _int(f, "type")))
+        elif t == "initrd":
+            if f.get("addr") != "none":
+                rep.initrd = _blob(f)
+        elif t == "module":
+            rep.modules.append(_blob(f))
+        elif t == "acpi-rsdp":
+            rep.rsdp = f
+        elif t == "acpi-table":
+            if "sig" in f:
+                ck = f.get("checksum")
+                rep.acpi_tables.append(
+                    AcpiTable(
+                        sig=str(f["sig"]),
+                        addr=_int(f, "addr"),
+                        len=_int(f, "len"),
+                        revision=_int(f, "revision", 0),
+                        checksum_ok=None if ck == "skipped" else ck == "ok",
+                        parent=str(f.get("parent")),
+                    )
+                )
+            else:
+                rep.errors.append({"what": "acpi-table-unreadable", **f})
+        elif t == "acpi-fadt":
+            rep.fadt = f
+        elif t == "acpi-s5":
+            rep.s5 = f
+        elif t == "cpu":
+            rep.cpu_entries.append(f)
+        elif t == "cpus":
+            rep.cpu_count = _opt_int(f, "count")
+            ids = f.get("apic_ids", "")
+            rep.apic_ids = [int(x) for x in str(ids).split(",") if x != ""]
+            rep.lapic_addr = _opt_int(f, "lapic")
+        elif t == "ioapic":
+            rep.ioapics.append(f)
+        elif t == "irq-override":
+            rep.irq_overrides.append(f)
+        elif t == "ap":
+            rep.ap_expected = _opt_int(f, "expected")
+            rep.ap_started = _opt_int(f, "started")
+        elif t == "rtc":
+            rep.rtc_text = ln.text.strip()
+            try:
+                rep.rtc = _dt.datetime.strptime(rep.rtc_text, "%Y-%m-%d %H:%M:%S")
+            except ValueError:
+                rep.rtc = None
+        elif t == "end":
+            rep.complete = True
+        elif t == "waiting":
+            rep.waiting = f
+        elif t == "powerbutton":
+            rep.powerbutton = True
+        elif t == "poweroff":
+            rep.poweroff_methods.append(str(f.get("method")))
+        elif t == "poweroff-failed":
+            rep.poweroff_failed = True
+        elif t == "reset":
+            rep.reset_method = str(f.get("method"))
+        elif t == "reset-failed":
+            rep.reset_failed = True
+        elif t == "error":
+            rep.errors.append(f)
+        elif t == "exception":
+            rep.exceptions.append(f)
+    return rep
+
+
+def _blob(f: dict[str, int | str]) -> Blob:
+    csum = f.get("csum")
+    return Blob(
+        _int(f, "addr"), _int(f, "size"), csum if isinstance(csum, int) else None
+    )
