@@ -1,0 +1,216 @@
+"""The pyhv command: exit statuses, one-line errors for bad input, signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYHV = [sys.executable, "-m", "pyhv"]
+
+
+def pyhv(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*PYHV, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, **kw)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def asm_guest(tmp: Path, name: str, body: str) -> Path:
+    """A tiny 64-bit ELF (no PVH note) from assembly, linked at 1 MiB."""
+    src = tmp / f"{name}.S"
+    src.write_text(".code64\n.globl _start\n_start:\n" + body + "\n")
+    out = tmp / f"{name}.elf"
+    subprocess.run(["gcc", "-nostdlib", "-static", "-Wl,-Ttext=0x100000", "-Wl,--build-id=none",
+                    "-Wl,-e,_start", "-o", str(out), str(src)], check=True)
+    return out
+
+
+# ---- bad input (pure: fails before /dev/kvm is touched) ----------------------------
+
+def test_missing_kernel():
+    assert_one_line_error(pyhv("run", "--kernel", "/nonexistent/vmlinuz"),
+                          "/nonexistent/vmlinuz", "No such file")
+
+
+def test_not_a_kernel(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello\n" * 100)
+    assert_one_line_error(pyhv("run", "--kernel", str(f)), str(f), "not a Linux kernel")
+
+
+def test_truncated_bzimage(guests, tmp_path):
+    f = tmp_path / "bzImage.trunc"
+    f.write_bytes(guests.bzimage.read_bytes()[:1500])
+    assert_one_line_error(pyhv("run", "--kernel", str(f)), str(f))
+
+
+def test_bzimage_protocol_too_old(guests, tmp_path):
+    data = bytearray(guests.bzimage.read_bytes())
+    struct.pack_into("<H", data, 0x206, 0x0202)
+    f = tmp_path / "bzImage.old"
+    f.write_bytes(bytes(data))
+    assert_one_line_error(pyhv("run", "--kernel", str(f)), str(f), "2.02")
+
+
+def test_elf_without_loadable_segments(tmp_path):
+    f = tmp_path / "empty.elf"
+    hdr = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    hdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x100000, 0, 0, 0, 64, 56, 0, 64, 0, 0)
+    f.write_bytes(hdr)
+    assert_one_line_error(pyhv("run", "--kernel", str(f)), str(f), "loadable")
+
+
+def test_cmdline_too_long(guests):
+    p = pyhv("run", "--kernel", str(guests.bzimage), "--append", "x" * 3000)
+    assert_one_line_error(p, "command line", "2047")
+
+
+def test_initrd_does_not_fit(guests, tmp_path):
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(48 << 20)
+    p = pyhv("run", "--kernel", str(guests.pvh_elf), "--initrd", str(big), "--memory", "32M")
+    assert_one_line_error(p, str(big))
+
+
+@pytest.mark.parametrize("mem,needle", [("1M", "too small"), ("4T", "too large"),
+                                        ("lots", "not a size")])
+def test_memory_bounds(guests, mem, needle):
+    assert_one_line_error(pyhv("run", "--kernel", str(guests.pvh_elf), "--memory", mem),
+                          "memory", needle)
+
+
+def test_bad_option_and_serial(guests):
+    assert_one_line_error(pyhv("run", "--frobnicate"), "--frobnicate")
+    assert_one_line_error(pyhv("run", "--kernel", str(guests.pvh_elf), "--serial", "tcp:x"),
+                          "--serial")
+
+
+def test_domain_xml_errors(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<domain><name>x</name><memory>65536</memory")
+    assert_one_line_error(pyhv("run", str(bad)), str(bad), "malformed")
+    nokernel = tmp_path / "nokernel.xml"
+    nokernel.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
+                        "<os><type>hvm</type></os></domain>")
+    assert_one_line_error(pyhv("run", str(nokernel)), "/domain/os/kernel")
+    disk = tmp_path / "disk.xml"
+    disk.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
+                    "<os><type>hvm</type><kernel>/k</kernel></os><devices>"
+                    "<disk type='file' device='disk'><source file='/x.img'/>"
+                    "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    assert_one_line_error(pyhv("run", str(disk)), "/domain/devices/disk",
+                          "not built by this engine yet")
+
+
+def test_extract_vmlinux_cli(guests, tmp_path):
+    out = tmp_path / "vmlinux"
+    p = pyhv("extract-vmlinux", str(guests.bzimage_payloads["xz"]), str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == guests.vmlinux_elf.read_bytes()
+    assert_one_line_error(pyhv("extract-vmlinux", str(guests.pvh_elf) + ".nope", str(out)))
+
+
+# ---- running (tier kvm) --------------------------------------------------------------
+
+@pytest.mark.kvm
+def test_run_domain_xml(guests, tmp_path):
+    out = tmp_path / "serial.log"
+    xml = tmp_path / "guest.xml"
+    xml.write_text(f"""<domain type="kvm"><name>t</name><memory unit="MiB">64</memory>
+      <vcpu>2</vcpu><os><type>hvm</type><kernel>{guests.pvh_elf}</kernel>
+      <cmdline>from domain xml</cmdline></os>
+      <devices><serial type="file"><source path="{out}"/><target port="0"/></serial>
+      </devices></domain>""")
+    p = pyhv("run", str(xml))
+    assert p.returncode == 0, p.stderr
+    text = out.read_text()
+    assert "@cmdline from domain xml" in text and "@cpus count=2" in text
+
+
+@pytest.mark.kvm
+def test_run_serial_stdio(guests):
+    p = pyhv("run", "--kernel", str(guests.pvh_elf), "--append", "to stdout", "-m", "32M")
+    assert p.returncode == 0, p.stderr
+    assert "@cmdline to stdout" in p.stdout and "@end" in p.stdout
+
+
+@pytest.mark.kvm
+def test_triple_fault_exit_status(tmp_path):
+    # an empty IDT, then an exception: #UD → #DF → triple fault (ud2 rather than
+    # int3: PVM's instruction emulator cannot emulate int3 at all)
+    elf = asm_guest(tmp_path, "tf", "lidt idt(%rip)\nud2\nidt: .word 0\n.quad 0")
+    p = pyhv("run", "--kernel", str(elf), "--serial", "null", "-m", "16M")
+    assert p.returncode == 3, p.stderr
+    assert "triple-fault" in p.stderr and "rip=" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.kvm
+def test_internal_error_exit_status(tmp_path):
+    # execute from an address with no RAM and no device (the MMIO hole): KVM cannot
+    # fetch instructions there and reports an emulation failure
+    elf = asm_guest(tmp_path, "ie", "movabs $0xd0000000, %rax\njmp *%rax")
+    p = pyhv("run", "--kernel", str(elf), "--serial", "null", "-m", "16M")
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert "internal-error" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.kvm
+def test_sigint_stops_cleanly(guests, tmp_path):
+    out = tmp_path / "serial.log"
+    proc = subprocess.Popen([*PYHV, "run", "--kernel", str(guests.pvh_elf), "--append",
+                             "pyhv.wait=powerbutton", "--serial", f"file:{out}", "--cpus", "2"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "@waiting" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "terminating on signal 2" in err and "Traceback" not in err
+
+
+def test_dev_kvm_absent(guests):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to hide /dev/kvm in a private mount namespace")
+    script = (f"mount -t tmpfs none /dev && exec {sys.executable} -m pyhv run "
+              f"--kernel {guests.pvh_elf} --serial null")
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert_one_line_error(p, "/dev/kvm")
+
+
+def test_dev_kvm_not_permitted(guests, tmp_path):
+    if os.geteuid() != 0 or not shutil.which("runuser") or not os.path.exists("/dev/kvm"):
+        pytest.skip("needs root, runuser(1) and /dev/kvm to run as an unprivileged user")
+    if os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is world-accessible here")
+    pub = Path("/tmp") / f"pyhv-test-{os.getpid()}.elf"
+    shutil.copy(guests.pvh_elf, pub)
+    pub.chmod(0o644)
+    try:
+        p = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "pyhv", "run",
+                            "--kernel", str(pub), "--serial", "null"],
+                           capture_output=True, text=True, cwd="/", timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        pub.unlink()
+    assert_one_line_error(p, "/dev/kvm")
