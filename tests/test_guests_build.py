@@ -11,14 +11,9 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-_TESTS = Path(__file__).resolve().parent
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-
+from conftest import TESTS
 from guests.build import (
     ENTRY64,
     LOAD_ADDR,
@@ -199,7 +194,7 @@ def test_build_is_cached(images):
 
 def test_cli_builds(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(_TESTS / "guests" / "build.py"), str(tmp_path)],
+        [sys.executable, str(TESTS / "guests" / "build.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -18,7 +18,11 @@ from pyhv.config import VmConfig
 from pyhv.engine import layout
 from pyhv.engine.acpi import MPTABLE_MAX_CPUS, AcpiPlatform, write_acpi, write_mptable
 from pyhv.engine.boot import (
-    EntryState, KernelImage, configure_boot, load_initrd, load_kernel,
+    EntryState,
+    KernelImage,
+    configure_boot,
+    load_initrd,
+    load_kernel,
 )
 from pyhv.engine.bus import Bus, Sink
 from pyhv.engine.console import HostSerial
@@ -32,7 +36,11 @@ from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.vcpu import (
-    Vcpu, VcpuEvent, apply_entry_state, init_fpu, init_lapic_lints,
+    Vcpu,
+    VcpuEvent,
+    apply_entry_state,
+    init_fpu,
+    init_lapic_lints,
 )
 
 #: KVM needs three pages for the TSS and one for the identity map (VMX only),

@@ -87,7 +87,8 @@ def open_serial(cfg: SerialConfig) -> HostSerial:
         return HostSerial(NullWriter())
     if cfg.kind == "file":
         assert cfg.path is not None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if cfg.append else os.O_TRUNC)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_APPEND if cfg.append else os.O_TRUNC
         try:
             fd = os.open(cfg.path, flags, 0o644)
         except OSError as e:

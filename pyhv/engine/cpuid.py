@@ -55,7 +55,15 @@ def vcpu_cpuid(supported: list[CpuidEntry], index: int, topo: Topology,
     apic = topo.apic_id(index)
     per_pkg = topo.cores * topo.threads
     out: list[CpuidEntry] = []
+    max_basic = next((e[3] for e in supported if e[0] == 0), 0)
+    rebuilt: set[int] = set()
     for fn, idx, flags, a, b, c, d in supported:
+        if fn in (0xB, 0x1F):
+            # rebuilt from the guest topology, in place, whatever subleaves the host lists
+            if fn not in rebuilt:
+                rebuilt.add(fn)
+                out.extend(topology_leaf(fn, topo, apic))
+            continue
         if fn == 1:
             b = (b & 0x0000FFFF) | (min(per_pkg, 255) << 16) | ((apic & 0xFF) << 24)
             c |= 1 << 31  # hypervisor present
@@ -68,24 +76,32 @@ def vcpu_cpuid(supported: list[CpuidEntry], index: int, topo: Topology,
             a &= ~(1 << 0)  # no digital thermal sensor, no turbo reporting
         elif fn == 0xA and not pmu:
             a = b = c = d = 0
-        elif fn in (0xB, 0x1F):
-            if idx == 0:
-                a, b, c = topo.thread_bits, topo.threads, (1 << 8) | idx
-            elif idx == 1:
-                a, b, c = topo.thread_bits + topo.core_bits, per_pkg, (2 << 8) | idx
-            else:
-                a, b, c = 0, 0, idx
-            d = apic
         elif fn == 0x40000000:
             a = max(a, 0x40000001)
             b, c, d = KVM_SIGNATURE
         elif fn == 0x80000008:
-            c = (c & ~0xFF) | min(per_pkg - 1, 0xFF)
+            # NC (cores - 1) and ApicIdCoreIdSize (the package shift of the APIC ID)
+            c = (c & ~0xF0FF) | ((topo.core_bits + topo.thread_bits) << 12) \
+                | min(per_pkg - 1, 0xFF)
         out.append((fn, idx, flags, a & 0xFFFFFFFF, b & 0xFFFFFFFF, c & 0xFFFFFFFF,
                     d & 0xFFFFFFFF))
+    for leaf in (0xB, 0x1F):
+        if max_basic >= leaf and leaf not in rebuilt:
+            out.extend(topology_leaf(leaf, topo, apic))
     if not any(e[0] == 0x40000000 for e in out):
         out.append((0x40000000, 0, 0, 0x40000001, *KVM_SIGNATURE))
     return out
+
+
+def topology_leaf(leaf: int, topo: Topology, apic: int) -> list[CpuidEntry]:
+    """Extended topology (0xB or 0x1F): SMT level, core level, end marker."""
+    sig = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    per_pkg = topo.cores * topo.threads
+    return [
+        (leaf, 0, sig, topo.thread_bits, topo.threads, (1 << 8) | 0, apic),
+        (leaf, 1, sig, topo.thread_bits + topo.core_bits, per_pkg, (2 << 8) | 1, apic),
+        (leaf, 2, sig, 0, 0, 2, apic),
+    ]
 
 
 # MSRs a vCPU starts with (what firmware or a VMM leaves for the kernel)

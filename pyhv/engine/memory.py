@@ -162,8 +162,8 @@ class GuestMemory:
         return bytes(self.view(addr, size))
 
     def write(self, addr: int, data: Buffer) -> None:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        self.view(addr, n)[:] = data
+        src = memoryview(data).cast("B")
+        self.view(addr, src.nbytes)[:] = src
 
     def fill(self, addr: int, size: int, byte: int = 0) -> None:
         v = self.view(addr, size)
@@ -216,12 +216,15 @@ class GuestMemory:
         for v in self._views:
             v.release()
         self._views = []
-        fds = set()
-        for r in self.regions:
-            if isinstance(r.buffer, mmap.mmap):
-                r.buffer.close()
-            if r.fd >= 0:
-                fds.add(r.fd)
-        for fd in fds:
+        regions, self.regions = self.regions, ()
+        busy = None
+        for fd in {r.fd for r in regions if r.fd >= 0}:
             os.close(fd)
-        self.regions = ()
+        for r in regions:
+            if isinstance(r.buffer, mmap.mmap):
+                try:
+                    r.buffer.close()
+                except BufferError as e:  # someone still holds a view: unmapped when freed
+                    busy = e
+        if busy is not None:
+            raise GuestMemoryError(f"guest memory still in use: {busy}") from busy

@@ -22,8 +22,17 @@ from pyhv.engine.bus import Bus
 from pyhv.engine.kvm import KvmError, VcpuFd, abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.exits import (
-    FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
-    Shutdown, SystemEvent, Unsupported,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unsupported,
 )
 
 KICK_SIGNAL = signal.SIGUSR1

@@ -375,7 +375,8 @@ def _compile(outdir: Path, work: Path) -> GuestImages:
     shim_elf = work / "shim.elf"
     _run(["ld", "-m", "elf_i386", "-nostdlib", "-static", "-z", "noexecstack",
           "--no-warn-rwx-segments", "-Ttext", hex(SHIM_ADDR), "-e", "shim_entry",
-          "--defsym", f"guest_pml4={syms['pml4']:#x}", "-o", str(shim_elf), str(shim_o)])  # fmt: skip
+          "--defsym", f"guest_pml4={syms['pml4']:#x}",
+          "-o", str(shim_elf), str(shim_o)])
     shim_bin = work / "shim.bin"
     _run(["objcopy", "-O", "binary", "--only-section=.text", "--only-section=.rodata",
           "--only-section=.data", str(shim_elf), str(shim_bin)])  # fmt: skip

@@ -167,7 +167,10 @@ def parse_report(text: str | bytes) -> Report:
     if isinstance(text, bytes):
         text = text.decode("latin-1")
     rep = Report()
-    for raw in text.splitlines():
+    lines = text.splitlines()
+    if lines and not text.endswith(("\n", "\r")):
+        lines.pop()  # a line still being written (the machine was stopped mid-line)
+    for raw in lines:
         # a line belongs to the report when '@' starts it (leading carriage
         # returns, NULs and blanks aside); everything else is noise
         ln = parse_line(raw)

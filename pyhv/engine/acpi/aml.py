@@ -11,7 +11,6 @@ Language Specification"); resource descriptors follow section 6.4.
 from __future__ import annotations
 
 import struct
-import uuid
 
 from pyhv.engine.errors import EngineError
 
@@ -169,6 +168,8 @@ def eisa_id(text: str) -> int:
 
 def uuid_buffer(text: str) -> bytes:
     """A 16-byte Buffer holding a UUID in ACPI (``ToUUID``) byte order."""
+    import uuid  # only the PCI root's _OSC needs it
+
     return buffer(uuid.UUID(text).bytes_le)
 
 

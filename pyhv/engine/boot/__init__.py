@@ -18,7 +18,6 @@ from pyhv.engine.boot.errors import (
     InitrdError,
     KernelError,
 )
-from pyhv.engine.boot.extract import extract_vmlinux, extract_vmlinux_file
 from pyhv.engine.boot.image import Initrd, KernelImage
 from pyhv.engine.boot.initrd import load_initrd
 from pyhv.engine.boot.kernel import load_kernel
@@ -40,3 +39,13 @@ __all__ = [
     "load_initrd",
     "load_kernel",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the extractor pulls in every decompressor: import it only when asked,
+    # so starting a VM does not pay for it
+    if name in ("extract_vmlinux", "extract_vmlinux_file"):
+        from pyhv.engine.boot import extract
+
+        return getattr(extract, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

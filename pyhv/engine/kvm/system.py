@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.ioctl import KvmError, KvmUnavailable, ioctl
+
+if TYPE_CHECKING:
+    from pyhv.engine.kvm.vm import VmFd
 
 #: capabilities the engine cannot run without, with what each is for
 REQUIRED_CAPS = {
@@ -62,7 +66,8 @@ class Kvm:
         return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
 
     def max_vcpus(self) -> int:
-        return self.check_extension(abi.CAP_MAX_VCPUS) or self.check_extension(abi.CAP_NR_VCPUS) or 4
+        return (self.check_extension(abi.CAP_MAX_VCPUS)
+                or self.check_extension(abi.CAP_NR_VCPUS) or 4)
 
     def get_supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """Entries as (function, index, flags, eax, ebx, ecx, edx)."""

@@ -10,10 +10,20 @@ from typing import TYPE_CHECKING, Iterable
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.exits import (
-    FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
-    Shutdown, SystemEvent, Unsupported, VcpuExit,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unsupported,
+    VcpuExit,
 )
-from pyhv.engine.kvm.ioctl import KvmError, NUMBERS, libc
+from pyhv.engine.kvm.ioctl import NUMBERS, KvmError, libc
 
 if TYPE_CHECKING:
     from pyhv.engine.kvm.vm import VmFd
