@@ -214,3 +214,31 @@ def test_dev_kvm_not_permitted(guests, tmp_path):
     finally:
         pub.unlink()
     assert_one_line_error(p, "/dev/kvm")
+
+
+@pytest.mark.kvm
+def test_serial_pty(guests):
+    """--serial pty: the pty's path is announced as QEMU does, and the guest's output
+    is readable from it."""
+    import re
+    import select as sel
+
+    proc = subprocess.Popen([*PYHV, "run", "--kernel", str(guests.pvh_elf), "--append",
+                             "pyhv.wait=powerbutton over-pty", "--serial", "pty"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"char device redirected to (/dev/pts/\d+) \(label serial0\)", line)
+        assert m, line
+        fd = os.open(m.group(1), os.O_RDONLY | os.O_NOCTTY)
+        got = b""
+        deadline = time.monotonic() + 30
+        while b"@waiting" not in got and time.monotonic() < deadline:
+            if sel.select([fd], [], [], 0.5)[0]:
+                got += os.read(fd, 4096)
+        os.close(fd)
+        assert b"@cmdline pyhv.wait=powerbutton over-pty" in got, got
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
