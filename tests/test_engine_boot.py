@@ -160,3 +160,29 @@ def test_pause_resume(guests, tmp_path):
     b = boot(guests.pvh_elf, out, cmdline="pyhv.wait=powerbutton", cpus=2,
              control=pause_resume)
     assert b.report.powerbutton and b.event.kind == "powered-off"
+
+
+def test_reset_after_power_off_boots_again_when_resumed(guests, tmp_path):
+    """QEMU's -no-shutdown reboot: the guest powers off, a reset rebuilds the
+    machine held paused, resume runs the guest a second time."""
+    from pyhv.config import KernelBoot, SerialConfig, VmConfig
+    from pyhv.engine.machine import Machine
+
+    out = tmp_path / "out.txt"
+    m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="again"), memory=64 * MiB,
+                         vcpus=2, serial=SerialConfig("file", str(out))))
+    try:
+        m.start()
+        assert m.run(timeout=60).kind == "powered-off"
+        assert m.state.value == "shutdown" and m.platform is None
+        m.reset()
+        assert m.state.value == "paused" and not m.finished
+        assert all(t > 0 for t in m.vcpu_thread_ids())
+        assert len(m.vcpu_thread_ids()) == 2 and len(set(m.vcpu_thread_ids())) == 2
+        m.resume()
+        assert m.run(timeout=60).kind == "powered-off"
+        assert m.boots == 2
+    finally:
+        m.close()
+    # the host end of the console outlives the reset: both boots' reports are there
+    assert out.read_text().count("@end") == 2

@@ -92,6 +92,8 @@ class Platform:
     entry: Optional[EntryState] = None
     rsdp_addr: int = 0
     vcpus: list[Vcpu] = field(default_factory=list)
+    #: the CPUID table vCPU 0 was given
+    cpuid0: list = field(default_factory=list)
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -209,6 +211,7 @@ def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: Vm
         kernel, entry = load_guest(memory, cfg, rsdp)
         plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, entry, pio, mmio, hooks, supported_cpuid)
+        plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, flat_topology(cfg.vcpus))
         return plat
     except BaseException:
         vm.close()

@@ -159,13 +159,28 @@ class Machine:
             self._emit(MachineEvent("resumed"))
 
     def reset(self, source: str = "host") -> None:
-        """Reboot: a fresh platform over the same RAM, the kernel loaded anew."""
-        if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
-            raise EngineError(f"machine {self.config.name} is not running")
-        paused = self.state is MachineState.PAUSED
+        """Reboot: a fresh platform over the same RAM, the kernel loaded anew.
+
+        From a machine that powered off or crashed, this builds it again held
+        paused (QEMU's system_reset after -no-shutdown: ``resume`` runs it).
+        """
+        if self.state is MachineState.CREATED:
+            raise EngineError(f"machine {self.config.name} was not started")
+        ended = self.state in (MachineState.SHUTDOWN, MachineState.CRASHED)
+        paused = ended or self.state is MachineState.PAUSED
         self._teardown_platform()
+        if ended:
+            self._drain_posted()
+            self._terminal.clear()
         self._boot(paused)
         self._emit(MachineEvent("reset", source))
+
+    def _drain_posted(self) -> None:
+        while True:
+            try:
+                self._posted.get_nowait()
+            except queue.Empty:
+                return
 
     def power_button(self) -> None:
         """Press the ACPI power button (the guest decides what to do)."""
@@ -179,6 +194,17 @@ class Machine:
         if self.state in (MachineState.RUNNING, MachineState.PAUSED):
             self._teardown_platform()
             self._finish(MachineState.SHUTDOWN, MachineEvent("powered-off", source))
+
+    # ---- queries ------------------------------------------------------------------
+    def vcpu_thread_ids(self) -> list[int]:
+        """The host thread id of each vCPU (0 before it started)."""
+        if self.platform is None:
+            return []
+        return [v.thread_id for v in self.platform.vcpus]
+
+    def cpuid(self) -> list:
+        """The CPUID table vCPU 0 was given."""
+        return list(self.platform.cpuid0) if self.platform is not None else []
 
     # ---- console input ----------------------------------------------------------
     def serial_input(self, data: bytes) -> int:

@@ -139,6 +139,12 @@ class Vcpu:
         self._want_stop = False
         self._thread: Optional[threading.Thread] = None
 
+    @property
+    def thread_id(self) -> int:
+        """The host thread id running this vCPU (0 before it started)."""
+        t = self._thread
+        return (t.native_id or 0) if t is not None else 0
+
     # ---- control (any thread) ---------------------------------------------
     def start(self, paused: bool = False) -> None:
         self._want_pause = paused

@@ -1,0 +1,141 @@
+"""What of a :class:`VmConfig` the engine cannot build yet.
+
+A pure function of the config (no KVM): front ends map everything a user can
+describe, and ``pyhv run`` refuses a machine that needs something listed here,
+``pyhv domxml check`` marks it.  Keep in step with ``builder.py``; today the
+engine builds RAM (anonymous, or a shared memfd), vCPUs in a flat topology
+(1 socket × N cores) with the host's CPUID, direct kernel boot, COM1 as one
+isa-serial (stdio/file/pty/null/fd), ACPI, the i8042, the RTC and ACPI PM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyhv.config import SerialConfig, VmConfig
+
+NOT_BUILT = "is not built by this engine yet"
+#: COM1's host ends the engine's console can serve
+BUILT_SERIAL_KINDS = ("stdio", "file", "pty", "null", "fd")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One thing the engine cannot build.
+
+    ``subject`` names the part of the config: ``("disk", 0)`` is ``cfg.disks[0]``;
+    other kinds: ``filesystem``, ``net``, ``serial`` (``extra_serials``),
+    ``channel``, ``rng``, ``balloon``, ``com1``, ``memory``, ``vcpu``, ``cpu``,
+    ``features``, ``clock``, ``on_poweroff``, ``on_reboot``, ``on_crash``.
+    """
+
+    subject: tuple[str, int]
+    label: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.message}"
+
+
+def disk_label(cfg: VmConfig, i: int) -> str:
+    d = cfg.disks[i]
+    return f"disk {d.target or f'#{i}'}"
+
+
+def issues(cfg: VmConfig) -> list[Issue]:
+    """Every configured thing the engine cannot build yet, in config order."""
+    out: list[Issue] = []
+
+    def add(kind: str, index: int, label: str, message: str) -> None:
+        out.append(Issue((kind, index), label, message))
+
+    mb = cfg.memory_backing
+    if mb.hugepages:
+        add("memory", 0, "memory", f"hugepage backing {NOT_BUILT}")
+    if mb.source == "file":
+        add("memory", 0, "memory", f"file-backed memory {NOT_BUILT}")
+    if mb.locked:
+        add("memory", 0, "memory", f"locked memory {NOT_BUILT}")
+    if cfg.current_memory is not None:
+        add("memory", 0, "memory", f"starting below the configured size (currentMemory, "
+                                   f"a balloon target) {NOT_BUILT}")
+    if cfg.max_vcpus is not None:
+        add("vcpu", 0, "vcpu", f"vCPU hotplug ({cfg.vcpus} of {cfg.max_vcpus} online) "
+                               f"{NOT_BUILT}")
+    cpu = cfg.cpu
+    topo = cpu.topology
+    if topo is not None and (topo.sockets, topo.dies, topo.threads) != (1, 1, 1):
+        add("cpu", 0, "cpu", f"topology {topo.sockets} sockets × {topo.dies} dies × "
+                             f"{topo.cores} cores × {topo.threads} threads {NOT_BUILT} "
+                             "(built: 1 socket × N cores)")
+    if cpu.mode == "custom":
+        add("cpu", 0, "cpu", f"CPU model {cpu.model!r} {NOT_BUILT} (built: the host's "
+                             "CPU, mode host-passthrough)")
+    elif cpu.mode == "host-model":
+        add("cpu", 0, "cpu", f"mode host-model {NOT_BUILT} (built: host-passthrough)")
+    if cpu.features:
+        names = ", ".join(f"{f.policy} {f.name}" for f in cpu.features)
+        add("cpu", 0, "cpu", f"CPU feature changes ({names}) are {NOT_BUILT[3:]}")
+    f = cfg.features
+    if not f.acpi:
+        add("features", 0, "features", f"a machine without ACPI {NOT_BUILT}")
+    if not f.apic:
+        add("features", 0, "features", f"a machine without APIC {NOT_BUILT}")
+    if f.pmu is not None:
+        add("features", 0, "features", f"setting the PMU {'on' if f.pmu else 'off'} "
+                                       f"{NOT_BUILT}")
+    if cfg.clock.offset != "utc" or cfg.clock.adjustment:
+        add("clock", 0, "clock", f"RTC offset {cfg.clock.offset} {NOT_BUILT} (built: utc)")
+    if cfg.on_poweroff != "destroy":
+        add("on_poweroff", 0, "on_poweroff", f"{cfg.on_poweroff} {NOT_BUILT} (built: "
+                                             "destroy)")
+    if cfg.on_crash != "destroy":
+        add("on_crash", 0, "on_crash", f"{cfg.on_crash} {NOT_BUILT} (built: destroy)")
+    if cfg.serial.kind not in BUILT_SERIAL_KINDS:
+        add("com1", 0, "serial COM1", f"{_chardev(cfg.serial)} {NOT_BUILT} (built: "
+                                      f"{', '.join(BUILT_SERIAL_KINDS)})")
+    for i in range(len(cfg.disks)):
+        add("disk", i, disk_label(cfg, i), f"virtio-blk {NOT_BUILT}")
+    for i, fs in enumerate(cfg.filesystems):
+        what = "virtio-9p" if fs.driver == "9p" else "virtio-fs"
+        add("filesystem", i, f"filesystem {fs.tag}", f"{what} {NOT_BUILT}")
+    for i in range(len(cfg.nets)):
+        add("net", i, net_label(cfg, i), f"virtio-net {NOT_BUILT}")
+    for i, p in enumerate(cfg.extra_serials):
+        if p.target == "virtio":
+            add("serial", i, serial_label(cfg, i), f"virtio-console {NOT_BUILT}")
+        else:
+            add("serial", i, serial_label(cfg, i), f"isa-serial ports besides COM1 are "
+                                                   f"{NOT_BUILT[3:]}")
+    for i, c in enumerate(cfg.channels):
+        add("channel", i, f"channel {c.name}", f"virtio-serial {NOT_BUILT}")
+    for i in range(len(cfg.rngs)):
+        add("rng", i, f"rng #{i}", f"virtio-rng {NOT_BUILT}")
+    if cfg.balloon is not None:
+        add("balloon", 0, "memballoon", f"virtio-balloon {NOT_BUILT}")
+    return out
+
+
+def net_label(cfg: VmConfig, i: int) -> str:
+    n = cfg.nets[i]
+    return f"interface {n.mac or n.ifname or f'#{i}'}"
+
+
+def serial_label(cfg: VmConfig, i: int) -> str:
+    p = cfg.extra_serials[i]
+    if p.target == "virtio":
+        return f"console hvc{p.index}"
+    return f"serial COM{p.index + 1}"
+
+
+def _chardev(c: SerialConfig) -> str:
+    if c.kind == "tcp":
+        return f"tcp {c.host or ''}:{c.port}"
+    if c.kind == "unix":
+        return f"unix socket {c.path or '(path chosen by libvirt)'}"
+    return c.kind
+
+
+def unsupported(cfg: VmConfig) -> list[str]:
+    """One message per configured thing the engine cannot build yet (empty: it can)."""
+    return [str(i) for i in issues(cfg)]
