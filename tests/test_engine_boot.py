@@ -186,3 +186,51 @@ def test_reset_after_power_off_boots_again_when_resumed(guests, tmp_path):
         m.close()
     # the host end of the console outlives the reset: both boots' reports are there
     assert out.read_text().count("@end") == 2
+
+
+@pytest.mark.parametrize("sockets,cores,threads", [(2, 3, 1), (1, 2, 2), (2, 1, 1)])
+def test_cpu_topology(guests, tmp_path, sockets, cores, threads):
+    """APIC ids follow the topology (socket/core/thread bit fields) in the MADT,
+    and every AP in it starts."""
+    from pyhv.config import CpuConfig, CpuTopology, KernelBoot, SerialConfig, VmConfig
+    from pyhv.engine.cpuid import Topology
+    from pyhv.engine.machine import Machine
+
+    cpus = sockets * cores * threads
+    out = tmp_path / "out.txt"
+    cfg = VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="topo"), memory=64 * MiB,
+                   vcpus=cpus, serial=SerialConfig("file", str(out)),
+                   cpu=CpuConfig(topology=CpuTopology(sockets, 1, cores, threads)))
+    m = Machine(cfg)
+    try:
+        m.start()
+        assert m.run(timeout=60).kind == "powered-off"
+    finally:
+        m.close()
+    from guests.report import parse_report
+
+    r = parse_report(out.read_text())
+    topo = Topology(sockets, cores, threads)
+    assert r.apic_ids == [topo.apic_id(i) for i in range(cpus)]
+    assert r.cpu_count == cpus and r.ap_started == cpus - 1
+
+
+def test_acpi_off_leaves_the_mp_table(guests, tmp_path):
+    """features.acpi off (QEMU's -no-acpi): no RSDP anywhere, the MP table still
+    describes the CPUs; the guest cannot power off through ACPI then."""
+    from pyhv.config import FeaturesConfig, KernelBoot, SerialConfig, VmConfig
+    from pyhv.engine.machine import Machine
+
+    out = tmp_path / "out.txt"
+    m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="noacpi"), memory=64 * MiB,
+                         vcpus=2, serial=SerialConfig("file", str(out)),
+                         features=FeaturesConfig(acpi=False)))
+    try:
+        m.start()
+        wait_for_output(m, out, "@end")
+        assert m.memory.read(layout.MPTABLE_ADDR, 4) == b"_MP_"
+        m.power_off()
+    finally:
+        m.close()
+    text = out.read_text()
+    assert "@acpi-table" not in text and "@cmdline noacpi" in text

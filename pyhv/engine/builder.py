@@ -26,7 +26,7 @@ from pyhv.engine.boot import (
 )
 from pyhv.engine.bus import Bus, Sink
 from pyhv.engine.console import HostSerial
-from pyhv.engine.cpuid import BOOT_MSRS, flat_topology, vcpu_cpuid
+from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
 from pyhv.engine.devices.acpi_pm import AcpiPm
 from pyhv.engine.devices.i8042 import I8042
 from pyhv.engine.devices.rtc import CmosRtc
@@ -90,7 +90,7 @@ class Platform:
     pm: AcpiPm
     kernel: Optional[KernelImage] = None
     entry: Optional[EntryState] = None
-    rsdp_addr: int = 0
+    rsdp_addr: Optional[int] = None
     vcpus: list[Vcpu] = field(default_factory=list)
     #: the CPUID table vCPU 0 was given
     cpuid0: list = field(default_factory=list)
@@ -146,15 +146,27 @@ def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSe
     return serial, pm
 
 
-def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig) -> int:
-    """ACPI tables (and an MP table for ``acpi=off`` guests); returns the RSDP."""
-    rsdp = write_acpi(memory, AcpiPlatform(cpus=cfg.vcpus))
+def guest_topology(cfg: VmConfig) -> Topology:
+    """The vCPU topology: the configured one, else one socket of single-threaded cores."""
+    t = cfg.cpu.topology
+    if t is None:
+        return flat_topology(cfg.vcpus)
+    return Topology(t.sockets * t.dies, t.cores, t.threads)
+
+
+def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig, topo: Topology) -> Optional[int]:
+    """ACPI tables (unless ACPI is off) and an MP table; returns the RSDP's address."""
+    apic_ids = tuple(topo.apic_id(i) for i in range(cfg.vcpus))
+    rsdp = None
+    if cfg.features.acpi:
+        rsdp = write_acpi(memory, AcpiPlatform(cpus=cfg.vcpus, apic_ids=apic_ids))
     if cfg.vcpus <= MPTABLE_MAX_CPUS:
-        write_mptable(memory, cfg.vcpus)
+        write_mptable(memory, cfg.vcpus, apic_ids=apic_ids)
     return rsdp
 
 
-def load_guest(memory: GuestMemory, cfg: VmConfig, rsdp: int) -> tuple[KernelImage, EntryState]:
+def load_guest(memory: GuestMemory, cfg: VmConfig,
+               rsdp: Optional[int]) -> tuple[KernelImage, EntryState]:
     kernel = load_kernel(memory, cfg.boot.kernel, cfg.boot.protocol)
     initrd = load_initrd(memory, cfg.boot.initrd, kernel) if cfg.boot.initrd else None
     entry = configure_boot(memory, kernel, cfg.boot.cmdline, initrd,
@@ -162,12 +174,11 @@ def load_guest(memory: GuestMemory, cfg: VmConfig, rsdp: int) -> tuple[KernelIma
     return kernel, entry
 
 
-def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, entry: EntryState, pio: Bus,
-                 mmio: Bus, hooks: Hooks, supported_cpuid: list) -> list[Vcpu]:
-    topo = flat_topology(cfg.vcpus)
+def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology, entry: EntryState,
+                 pio: Bus, mmio: Bus, hooks: Hooks, supported_cpuid: list) -> list[Vcpu]:
     vcpus = []
     for i in range(cfg.vcpus):
-        fd = vm.create_vcpu(i)
+        fd = vm.create_vcpu(topo.apic_id(i))
         fd.set_cpuid2(vcpu_cpuid(supported_cpuid, i, topo))
         set_boot_msrs(fd)
         init_fpu(fd)
@@ -207,11 +218,13 @@ def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: Vm
         if cfg.trace_io:
             pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks)
-        rsdp = attach_firmware_tables(memory, cfg)
+        topo = guest_topology(cfg)
+        rsdp = attach_firmware_tables(memory, cfg, topo)
         kernel, entry = load_guest(memory, cfg, rsdp)
         plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp)
-        plat.vcpus = attach_vcpus(kvm, vm, cfg, entry, pio, mmio, hooks, supported_cpuid)
-        plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, flat_topology(cfg.vcpus))
+        plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, entry, pio, mmio, hooks,
+                                  supported_cpuid)
+        plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)
         return plat
     except BaseException:
         vm.close()

@@ -50,7 +50,8 @@ def _fixed_size() -> int:
 MPTABLE_MAX_CPUS = (MPTABLE_SIZE - _fixed_size()) // PROCESSOR_LEN
 
 
-def build_mptable(cpus: int, ioapic_id: int = 0, *, addr: int = layout.MPTABLE_ADDR,
+def build_mptable(cpus: int, ioapic_id: int = 0, *, apic_ids: tuple[int, ...] = (),
+                  addr: int = layout.MPTABLE_ADDR,
                   ioapic_addr: int = layout.IOAPIC_ADDR,
                   lapic_addr: int = layout.LAPIC_ADDR) -> bytes:
     """The floating pointer and configuration table to place at ``addr`` (16-aligned)."""
@@ -61,9 +62,10 @@ def build_mptable(cpus: int, ioapic_id: int = 0, *, addr: int = layout.MPTABLE_A
     if not 0 <= ioapic_id <= 0xFE:
         raise AcpiError(f"invalid I/O APIC id {ioapic_id}")
     entries = []
+    ids = apic_ids or tuple(range(cpus))
     for cpu in range(cpus):
         flags = CPU_ENABLED | (CPU_BSP if cpu == 0 else 0)
-        entries.append(struct.pack("<BBBBII8x", ENTRY_PROCESSOR, cpu, LAPIC_VERSION, flags,
+        entries.append(struct.pack("<BBBBII8x", ENTRY_PROCESSOR, ids[cpu], LAPIC_VERSION, flags,
                                    CPU_SIGNATURE, CPU_FEATURES))
     entries.append(struct.pack("<BB6s", ENTRY_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(struct.pack("<BBBBI", ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION,
@@ -90,7 +92,7 @@ def build_mptable(cpus: int, ioapic_id: int = 0, *, addr: int = layout.MPTABLE_A
 
 
 def write_mptable(memory: GuestMemory, cpus: int, ioapic_id: int = 0,
-                  addr: int = layout.MPTABLE_ADDR) -> int:
+                  addr: int = layout.MPTABLE_ADDR, apic_ids: tuple[int, ...] = ()) -> int:
     """Write the MP table at ``addr``; returns the floating pointer's address."""
-    memory.write(addr, build_mptable(cpus, ioapic_id, addr=addr))
+    memory.write(addr, build_mptable(cpus, ioapic_id, apic_ids=apic_ids, addr=addr))
     return addr

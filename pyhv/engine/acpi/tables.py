@@ -67,6 +67,8 @@ class AcpiPlatform:
     """
 
     cpus: int = 1
+    #: the LAPIC id of each CPU (from the CPU topology); empty means ``0..cpus-1``
+    apic_ids: tuple[int, ...] = ()
     ioapic_id: int = 0
     ioapic_addr: int = layout.IOAPIC_ADDR
     ioapic_pins: int = layout.IOAPIC_PINS
@@ -103,6 +105,11 @@ class AcpiPlatform:
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
             raise AcpiError(f"ACPI tables support 1..{MAX_CPUS} CPUs, not {self.cpus}")
+        if self.apic_ids and (len(self.apic_ids) != self.cpus
+                              or len(set(self.apic_ids)) != self.cpus
+                              or not all(0 <= a <= 0xFE for a in self.apic_ids)):
+            raise AcpiError(f"APIC ids {self.apic_ids}: need {self.cpus} distinct ids "
+                            "of at most 254 (x2APIC entries are not built)")
         if not 0 <= self.ioapic_id <= 0xFE:
             raise AcpiError(f"invalid I/O APIC id {self.ioapic_id}")
         if len(self.oem_id) > 6 or len(self.oem_table_id) > 8:
@@ -227,8 +234,9 @@ def build_madt(platform: AcpiPlatform) -> bytes:
     """The Multiple APIC Description Table, revision 4."""
     p = platform
     body = [struct.pack("<II", p.lapic_addr, MADT_PCAT_COMPAT)]
+    apic_ids = p.apic_ids or tuple(range(p.cpus))
     for cpu in range(p.cpus):
-        body.append(struct.pack("<BBBBI", MADT_LAPIC, 8, cpu, cpu, 1))
+        body.append(struct.pack("<BBBBI", MADT_LAPIC, 8, cpu, apic_ids[cpu], 1))
     body.append(struct.pack("<BBBxII", MADT_IOAPIC, 12, p.ioapic_id, p.ioapic_addr, 0))
     # ISA IRQ 0 (PIT) is wired to pin 2 like on PCs; the SCI is level, active high
     body.append(struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, 2, MPS_CONFORM))
