@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-io", action="store_true",
                      help="print unclaimed port and MMIO accesses to stderr")
 
+    dx = sub.add_parser("domxml", help="libvirt domain XML tools")
+    dxsub = dx.add_subparsers(dest="domxml_command", metavar="COMMAND", parser_class=_Parser)
+    dxsub.required = True
+    check = dxsub.add_parser("check", help="print the machine a domain XML maps to, or "
+                                           "its errors")
+    check.add_argument("xml", metavar="DOMAIN.xml")
+
     ex = sub.add_parser("extract-vmlinux", help="extract the ELF vmlinux from a bzImage")
     ex.add_argument("bzimage")
     ex.add_argument("output")
@@ -208,6 +215,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             extract_vmlinux_file(args.bzimage, args.output)
             return EXIT_OK
+        if args.command == "domxml":
+            from pyhv.domxml.check import run_check
+
+            return run_check(args.xml)
         if args.command == "run":
             return run_machine(config_from_args(args))
     except PyhvError as e:

@@ -16,7 +16,7 @@ from pyhv.errors import PyhvError
 MiB = 1 << 20
 
 BootProtocol = Literal["auto", "linux", "pvh"]
-SerialKind = Literal["stdio", "file", "pty", "null", "fd"]
+SerialKind = Literal["stdio", "file", "pty", "null", "fd", "unix", "tcp"]
 Action = Literal["destroy", "restart", "preserve"]
 
 
@@ -35,12 +35,19 @@ class SerialConfig:
     append: bool = False
     #: an inherited file descriptor for ``fd`` (QEMU's /dev/fdset, libvirt's chardev fds)
     fd: Optional[int] = None
+    #: ``tcp``: the address to listen on or connect to (``path`` is the socket for ``unix``)
+    host: Optional[str] = None
+    port: Optional[int] = None
+    #: ``unix``/``tcp``: listen (server) or connect (client)
+    server: bool = True
 
     def __post_init__(self) -> None:
         if self.kind == "file" and not self.path:
             raise ConfigError("serial: file output needs a path")
         if self.kind == "fd" and (self.fd is None or self.fd < 0):
             raise ConfigError("serial: fd output needs a file descriptor")
+        if self.kind == "tcp" and (self.port is None or not 0 <= self.port <= 65535):
+            raise ConfigError("serial: tcp needs a port between 0 and 65535")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,273 @@ class KernelBoot:
     cmdline: str = ""
     #: ``auto``: PVH when an ELF kernel has the PVH note, else the Linux 64-bit protocol
     protocol: BootProtocol = "auto"
+
+DiskCache = Literal["default", "none", "writethrough", "writeback", "directsync", "unsafe"]
+DiskIo = Literal["native", "threads", "io_uring"]
+CpuMode = Literal["host-passthrough", "host-model", "maximum", "custom"]
+CpuFeaturePolicy = Literal["require", "disable", "force", "forbid", "optional"]
+
+_DISK_CACHES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
+_MACHINE_FAMILIES = {"pc": "pc", "q35": "q35", "pc-i440fx": "pc", "pc-q35": "q35"}
+
+
+def machine_family(machine: str) -> Optional[str]:
+    """``pc``/``q35`` for pc, q35 and their versioned names (``pc-i440fx-7.2``), else None."""
+    if machine in ("pc", "q35"):
+        return machine
+    for prefix in ("pc-i440fx-", "pc-q35-"):
+        rest = machine[len(prefix):]
+        if machine.startswith(prefix) and rest and all(p.isdigit() for p in rest.split(".")):
+            return "pc" if prefix == "pc-i440fx-" else "q35"
+    return None
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """A block device the guest sees as a virtio disk, backed by a file or block device."""
+
+    path: str
+    #: guest-facing name hint (``vda``); a front end without one leaves None
+    target: Optional[str] = None
+    #: image format of ``path`` (only ``raw`` is read today)
+    format: str = "raw"
+    #: ``file`` or ``block`` (a block device node)
+    source_type: Literal["file", "block"] = "file"
+    bus: Literal["virtio"] = "virtio"
+    readonly: bool = False
+    shareable: bool = False
+    cache: Optional[DiskCache] = None
+    io: Optional[DiskIo] = None
+    discard: Optional[Literal["unmap", "ignore"]] = None
+    detect_zeroes: Optional[Literal["off", "on", "unmap"]] = None
+    #: the serial number the guest reads (virtio-blk GET_ID, up to 20 bytes)
+    serial: Optional[str] = None
+    #: firmware boot order (1 first); direct kernel boot ignores it
+    boot_order: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        what = f"disk {self.target or self.path}"
+        if not self.path:
+            raise ConfigError(f"{what}: needs a source path")
+        if self.cache is not None and self.cache not in _DISK_CACHES:
+            raise ConfigError(f"{what}: cache {self.cache!r} is not one of "
+                              f"{', '.join(_DISK_CACHES)}")
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise ConfigError(f"{what}: serial {self.serial!r} is longer than 20 bytes")
+        if self.boot_order is not None and self.boot_order < 1:
+            raise ConfigError(f"{what}: boot order must be 1 or more")
+
+
+@dataclass(frozen=True)
+class FilesystemConfig:
+    """A host directory exported to the guest under a mount tag (9p or virtio-fs)."""
+
+    source: str
+    #: the mount tag the guest uses (``mount -t 9p TAG /mnt``)
+    tag: str
+    driver: Literal["9p", "virtiofs"] = "9p"
+    #: 9p security model: ``passthrough`` (host ids), ``mapped`` (xattrs), ``squash``
+    accessmode: Literal["passthrough", "mapped", "squash"] = "passthrough"
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.tag:
+            raise ConfigError("filesystem: needs a source directory and a mount tag")
+        if len(self.tag.encode()) > 255:
+            raise ConfigError(f"filesystem {self.tag[:20]}...: mount tag longer than 255 bytes")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net NIC and its host backend: a tap (by name or fd) or a vhost-user socket."""
+
+    backend: Literal["tap", "vhost-user"] = "tap"
+    #: tap: interface name (created or opened by name), or None with ``fd``
+    ifname: Optional[str] = None
+    #: tap: an inherited, already-opened tap file descriptor
+    fd: Optional[int] = None
+    #: tap: attach the tap to this host bridge (libvirt's type=bridge)
+    bridge: Optional[str] = None
+    #: tap: a libvirt virtual network resolves it (libvirt's type=network)
+    network: Optional[str] = None
+    #: vhost-user: the unix socket path, and whether pyhv listens on it
+    socket: Optional[str] = None
+    server: bool = False
+    mac: Optional[str] = None
+    model: Literal["virtio"] = "virtio"
+
+    def __post_init__(self) -> None:
+        if self.backend == "vhost-user" and not self.socket:
+            raise ConfigError("net: vhost-user needs a socket path")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError("net: tap fd must not be negative")
+        if self.mac is not None:
+            parts = self.mac.split(":")
+            if len(parts) != 6 or not all(len(p) == 2 and _is_hex(p) for p in parts):
+                raise ConfigError(f"net: mac {self.mac!r} is not like 52:54:00:12:34:56")
+            if int(parts[0], 16) & 1:
+                raise ConfigError(f"net: mac {self.mac!r} is a multicast address")
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+@dataclass(frozen=True)
+class SerialPortConfig:
+    """A serial port besides COM1: ``isa-serial`` COM2-COM4 (index 1-3) or a virtio console."""
+
+    chardev: SerialConfig
+    target: Literal["isa-serial", "virtio"] = "isa-serial"
+    #: isa-serial: the COM port index (1 = COM2); virtio: the console number (hvcN)
+    index: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target == "isa-serial" and not 1 <= self.index <= 3:
+            raise ConfigError(f"serial port {self.index}: isa-serial ports are 1-3 "
+                              "besides COM1 (0)")
+        if self.index < 0:
+            raise ConfigError("serial port index must not be negative")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """A named virtio-serial port (``org.qemu.guest_agent.0``) and its host end."""
+
+    name: str
+    chardev: SerialConfig = field(default_factory=lambda: SerialConfig("pty"))
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("channel: needs a name")
+        if self.chardev.kind not in ("unix", "pty", "file", "null", "fd", "tcp"):
+            raise ConfigError(f"channel {self.name}: {self.chardev.kind} is not a channel "
+                              "backend (unix, pty, file, null, fd, tcp)")
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    """virtio-rng fed from a host random device, optionally rate limited."""
+
+    source: str = "/dev/urandom"
+    #: at most ``rate_bytes`` per ``rate_period_ms`` (None: unlimited)
+    rate_bytes: Optional[int] = None
+    rate_period_ms: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.source not in ("/dev/urandom", "/dev/random"):
+            raise ConfigError(f"rng: source {self.source!r} is not /dev/urandom or /dev/random")
+        if self.rate_bytes is not None and self.rate_bytes <= 0:
+            raise ConfigError("rng: rate bytes must be positive")
+        if self.rate_period_ms is not None and self.rate_period_ms <= 0:
+            raise ConfigError("rng: rate period must be positive")
+        if self.rate_period_ms is not None and self.rate_bytes is None:
+            raise ConfigError("rng: a rate period needs a byte count")
+
+
+@dataclass(frozen=True)
+class BalloonConfig:
+    """virtio-balloon."""
+
+    #: seconds between guest memory statistics updates (None or 0: off)
+    stats_period: Optional[int] = None
+    autodeflate: bool = False
+    free_page_reporting: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stats_period is not None and self.stats_period < 0:
+            raise ConfigError("balloon: stats period must not be negative")
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    sockets: int = 1
+    dies: int = 1
+    cores: int = 1
+    threads: int = 1
+
+    @property
+    def cpus(self) -> int:
+        return self.sockets * self.dies * self.cores * self.threads
+
+    def __post_init__(self) -> None:
+        for name in ("sockets", "dies", "cores", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cpu topology: {name} must be 1 or more")
+
+
+@dataclass(frozen=True)
+class CpuFeature:
+    """A CPUID feature flag (libvirt/QEMU name, e.g. ``vmx``, ``avx2``) and its policy."""
+
+    name: str
+    policy: CpuFeaturePolicy = "require"
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """What CPU the guest sees: the host's (passthrough) or a named model, and its topology."""
+
+    mode: CpuMode = "host-passthrough"
+    #: ``custom``: the model name (``Skylake-Server``); None otherwise
+    model: Optional[str] = None
+    #: None: the engine's flat topology (1 socket × vcpus cores)
+    topology: Optional[CpuTopology] = None
+    features: tuple[CpuFeature, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode == "custom" and not self.model:
+            raise ConfigError("cpu: custom mode needs a model name")
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"cpu: feature {sorted(dup)[0]!r} is given twice")
+
+
+@dataclass(frozen=True)
+class MemoryBackingConfig:
+    """How guest RAM is allocated on the host (sharing: ``VmConfig.shared_memory``)."""
+
+    source: Literal["anonymous", "memfd", "file"] = "anonymous"
+    hugepages: bool = False
+    #: hugepage size in bytes (None: the host's default size)
+    hugepage_size: Optional[int] = None
+    #: mlock guest RAM
+    locked: bool = False
+    #: discard RAM contents when the guest stops (file-backed memory)
+    discard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hugepage_size is not None and not self.hugepages:
+            raise ConfigError("memory backing: a hugepage size needs hugepages")
+        if self.hugepage_size is not None and (self.hugepage_size <= 0 or
+                                               self.hugepage_size & (self.hugepage_size - 1)):
+            raise ConfigError("memory backing: hugepage size must be a power of two")
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    """The RTC's time base: UTC, host local time, or a fixed offset in seconds."""
+
+    offset: Literal["utc", "localtime", "variable"] = "utc"
+    #: ``variable``: seconds added to ``basis``
+    adjustment: int = 0
+    basis: Literal["utc", "localtime"] = "utc"
+
+    def __post_init__(self) -> None:
+        if self.offset != "variable" and (self.adjustment or self.basis != "utc"):
+            raise ConfigError("clock: an adjustment needs offset 'variable'")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Platform features (the engine always has ACPI, local APICs + IOAPIC and PAE)."""
+
+    acpi: bool = True
+    apic: bool = True
+    pae: bool = True
+    #: expose the performance monitoring unit (None: engine default)
+    pmu: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +343,31 @@ class VmConfig:
     shared_memory: bool = False
     #: print unclaimed port and MMIO accesses to stderr
     trace_io: bool = False
+    #: ``pc``, ``q35`` or a versioned name of one (``pc-q35-7.2``)
+    machine: str = "pc"
+    #: memory the guest starts with when a balloon takes some back (None: ``memory``)
+    current_memory: Optional[int] = None
+    memory_backing: MemoryBackingConfig = field(default_factory=MemoryBackingConfig)
+    #: most vCPUs (hotplug); ``vcpus`` are online at start (None: same as ``vcpus``)
+    max_vcpus: Optional[int] = None
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    #: what happens when the guest powers off / crashes (panic device or triple fault)
+    on_poweroff: Action = "destroy"
+    on_crash: Action = "destroy"
+    #: firmware boot device order (``hd``, ``cdrom``, ``network``); kernel boot ignores it
+    boot_order: tuple[str, ...] = ()
+    #: the emulator binary libvirt names (recorded, informational)
+    emulator: Optional[str] = None
+    disks: tuple[DiskConfig, ...] = ()
+    filesystems: tuple[FilesystemConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    #: COM2-COM4 and virtio consoles (COM1 is ``serial``)
+    extra_serials: tuple[SerialPortConfig, ...] = ()
+    channels: tuple[ChannelConfig, ...] = ()
+    rngs: tuple[RngConfig, ...] = ()
+    balloon: Optional[BalloonConfig] = None
 
     def __post_init__(self) -> None:
         from pyhv.engine.layout import MAX_RAM, MIN_RAM
@@ -83,6 +382,42 @@ class VmConfig:
             raise ConfigError(f"memory {self.memory} bytes is not a multiple of 4 KiB")
         if not 1 <= self.vcpus <= 255:
             raise ConfigError(f"vcpus {self.vcpus}: must be between 1 and 255")
+        if self.max_vcpus is not None and not self.vcpus <= self.max_vcpus <= 255:
+            raise ConfigError(f"max vcpus {self.max_vcpus}: must be between vcpus "
+                              f"({self.vcpus}) and 255")
+        topo = self.cpu.topology
+        if topo is not None and topo.cpus != self.total_vcpus:
+            raise ConfigError(
+                f"cpu topology {topo.sockets} sockets × {topo.dies} dies × {topo.cores} "
+                f"cores × {topo.threads} threads = {topo.cpus} vCPUs, but the machine has "
+                f"{self.total_vcpus}")
+        if machine_family(self.machine) is None:
+            raise ConfigError(f"machine {self.machine!r}: supported are pc, q35 and their "
+                              "versioned names (pc-i440fx-7.2, pc-q35-7.2)")
+        if self.current_memory is not None and not 0 < self.current_memory <= self.memory:
+            raise ConfigError(f"current memory {_size(self.current_memory)} must not exceed "
+                              f"memory {_size(self.memory)}")
+        if self.on_reboot == "preserve":
+            raise ConfigError("on_reboot: preserve is not an action for a reset")
+        tags = [f.tag for f in self.filesystems]
+        dup = {t for t in tags if tags.count(t) > 1}
+        if dup:
+            raise ConfigError(f"filesystem tag {sorted(dup)[0]!r} is used twice")
+        ports = [(p.target, p.index) for p in self.extra_serials]
+        if len(set(ports)) != len(ports):
+            raise ConfigError("two serial ports have the same target and index")
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ConfigError("two channels have the same name")
+        targets = [d.target for d in self.disks if d.target]
+        dup = {t for t in targets if targets.count(t) > 1}
+        if dup:
+            raise ConfigError(f"disk target {sorted(dup)[0]!r} is used twice")
+
+    @property
+    def total_vcpus(self) -> int:
+        """vCPUs the machine can have (online at start plus hotpluggable)."""
+        return self.max_vcpus if self.max_vcpus is not None else self.vcpus
 
 
 def _size(n: int) -> str:

@@ -1,5 +1,19 @@
-"""libvirt domain XML → :class:`pyhv.config.VmConfig`."""
+"""libvirt domain XML ↔ :class:`pyhv.config.VmConfig`.
 
-from pyhv.domxml.parse import DomainXmlError, load_domain, parse_domain
+``load_domain(path)`` is what ``pyhv run DOMAIN.xml`` uses (it refuses what the
+engine cannot build yet); ``parse_domain``/``map_domain`` give the full
+mapping; ``to_xml`` writes a config back; ``check.run_check`` is
+``pyhv domxml check``.
+"""
 
-__all__ = ["DomainXmlError", "load_domain", "parse_domain"]
+from pyhv.domxml.parse import (
+    DomainMapping,
+    DomainXmlError,
+    load_domain,
+    map_domain,
+    parse_domain,
+)
+from pyhv.domxml.write import to_xml
+
+__all__ = ["DomainMapping", "DomainXmlError", "load_domain", "map_domain", "parse_domain",
+           "to_xml"]

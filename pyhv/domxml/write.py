@@ -1,0 +1,205 @@
+"""``VmConfig`` → libvirt domain XML (``<domain type='kvm'>``).
+
+The output validates against libvirt's schema and maps back to an equal
+``VmConfig`` (``parse_domain(to_xml(cfg)) == cfg``), with these exceptions a
+domain XML cannot express: a tap given by file descriptor (``NetConfig.fd``)
+and COM1 on an inherited fd (both come only from libvirt's QEMU argv), a
+disk without a target name (one is made up: vda, vdb, ...), ``trace_io`` and
+``KernelBoot.protocol``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pyhv.config import SerialConfig, VmConfig
+
+
+def _sub(parent: Any, tag: str, text: Optional[str] = None, **attrs: Optional[str]) -> Any:
+    from lxml import etree
+
+    el = etree.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()
+                                        if v is not None})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _disk_names() -> Any:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for a in [""] + list(letters):
+        for b in letters:
+            yield f"vd{a}{b}"
+
+
+def _chardev(parent: Any, tag: str, c: SerialConfig) -> Any:
+    """A serial/console/channel element for the host end ``c``."""
+    if c.kind == "fd":
+        raise ValueError("an inherited fd chardev has no domain XML form")
+    el = _sub(parent, tag, type=c.kind)
+    if c.kind == "file":
+        _sub(el, "source", path=c.path, append="on" if c.append else None)
+    elif c.kind == "unix":
+        _sub(el, "source", mode="bind" if c.server else "connect", path=c.path)
+    elif c.kind == "tcp":
+        _sub(el, "source", mode="bind" if c.server else "connect", host=c.host,
+             service=str(c.port))
+        _sub(el, "protocol", type="raw")
+    return el
+
+
+def to_xml(cfg: VmConfig) -> str:
+    from lxml import etree
+
+    root = etree.Element("domain", type="kvm")
+    _sub(root, "name", cfg.name)
+    if cfg.uuid:
+        _sub(root, "uuid", cfg.uuid)
+    _sub(root, "memory", str(cfg.memory >> 10), unit="KiB")
+    _sub(root, "currentMemory", str((cfg.current_memory or cfg.memory) >> 10), unit="KiB")
+    mb = cfg.memory_backing
+    if mb != type(mb)() or cfg.shared_memory:
+        back = _sub(root, "memoryBacking")
+        if mb.hugepages:
+            hp = _sub(back, "hugepages")
+            if mb.hugepage_size:
+                _sub(hp, "page", size=str(mb.hugepage_size >> 10), unit="KiB")
+        if mb.locked:
+            _sub(back, "locked")
+        if mb.source != "anonymous":
+            _sub(back, "source", type=mb.source)
+        if cfg.shared_memory:
+            _sub(back, "access", mode="shared")
+        if mb.discard:
+            _sub(back, "discard")
+    if cfg.max_vcpus is not None:
+        _sub(root, "vcpu", str(cfg.max_vcpus), current=str(cfg.vcpus))
+    else:
+        _sub(root, "vcpu", str(cfg.vcpus))
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine=cfg.machine)
+    _sub(os_el, "kernel", cfg.boot.kernel)
+    if cfg.boot.initrd:
+        _sub(os_el, "initrd", cfg.boot.initrd)
+    if cfg.boot.cmdline:
+        _sub(os_el, "cmdline", cfg.boot.cmdline)
+    for dev in cfg.boot_order:
+        _sub(os_el, "boot", dev=dev)
+    f = cfg.features
+    feats = _sub(root, "features")
+    if f.acpi:
+        _sub(feats, "acpi")
+    if f.apic:
+        _sub(feats, "apic")
+    if f.pae:
+        _sub(feats, "pae")
+    if f.pmu is not None:
+        _sub(feats, "pmu", state=_onoff(f.pmu))
+    cpu = cfg.cpu
+    cpu_el = _sub(root, "cpu", mode=cpu.mode)
+    if cpu.mode == "custom":
+        cpu_el.set("match", "exact")
+        _sub(cpu_el, "model", cpu.model, fallback="forbid")
+    if cpu.topology is not None:
+        t = cpu.topology
+        _sub(cpu_el, "topology", sockets=str(t.sockets), dies=str(t.dies), cores=str(t.cores),
+             threads=str(t.threads))
+    for feat in cpu.features:
+        _sub(cpu_el, "feature", policy=feat.policy, name=feat.name)
+    clock = cfg.clock
+    if clock.offset == "variable":
+        _sub(root, "clock", offset="variable", adjustment=str(clock.adjustment),
+             basis=clock.basis)
+    else:
+        _sub(root, "clock", offset=clock.offset)
+    _sub(root, "on_poweroff", cfg.on_poweroff)
+    _sub(root, "on_reboot", cfg.on_reboot)
+    _sub(root, "on_crash", cfg.on_crash)
+    devices = _sub(root, "devices")
+    if cfg.emulator:
+        _sub(devices, "emulator", cfg.emulator)
+    names = _disk_names()
+    taken = {d.target for d in cfg.disks if d.target}
+    for d in cfg.disks:
+        target = d.target
+        while target is None:
+            candidate = next(names)
+            target = candidate if candidate not in taken else None
+        el = _sub(devices, "disk", type=d.source_type, device="disk")
+        _sub(el, "driver", name="qemu", type=d.format, cache=d.cache, io=d.io,
+             discard=d.discard, detect_zeroes=d.detect_zeroes)
+        _sub(el, "source", **{"file" if d.source_type == "file" else "dev": d.path})
+        _sub(el, "target", dev=target, bus="virtio")
+        if d.boot_order is not None:
+            _sub(el, "boot", order=str(d.boot_order))
+        if d.readonly:
+            _sub(el, "readonly")
+        if d.shareable:
+            _sub(el, "shareable")
+        if d.serial is not None:
+            _sub(el, "serial", d.serial)
+    if cfg.extra_serials or cfg.channels:
+        _sub(devices, "controller", type="virtio-serial", index="0")
+    for fs in cfg.filesystems:
+        el = _sub(devices, "filesystem", type="mount", accessmode=fs.accessmode)
+        _sub(el, "driver", type="virtiofs" if fs.driver == "virtiofs" else "path")
+        _sub(el, "source", dir=fs.source)
+        _sub(el, "target", dir=fs.tag)
+        if fs.readonly:
+            _sub(el, "readonly")
+    for n in cfg.nets:
+        if n.backend == "vhost-user":
+            el = _sub(devices, "interface", type="vhostuser")
+        elif n.network:
+            el = _sub(devices, "interface", type="network")
+        elif n.bridge:
+            el = _sub(devices, "interface", type="bridge")
+        else:
+            el = _sub(devices, "interface", type="ethernet")
+        if n.mac:
+            _sub(el, "mac", address=n.mac)
+        if n.backend == "vhost-user":
+            _sub(el, "source", type="unix", path=n.socket,
+                 mode="server" if n.server else "client")
+        elif n.network:
+            _sub(el, "source", network=n.network)
+        elif n.bridge:
+            _sub(el, "source", bridge=n.bridge)
+        if n.ifname and n.backend == "tap":
+            _sub(el, "target", dev=n.ifname)
+        _sub(el, "model", type="virtio")
+    com1 = _chardev(devices, "serial", cfg.serial)
+    _sub(com1, "target", type="isa-serial", port="0")
+    for p in cfg.extra_serials:
+        if p.target == "isa-serial":
+            el = _chardev(devices, "serial", p.chardev)
+            _sub(el, "target", type="isa-serial", port=str(p.index))
+    for p in sorted((p for p in cfg.extra_serials if p.target == "virtio"),
+                    key=lambda p: p.index):
+        el = _chardev(devices, "console", p.chardev)
+        _sub(el, "target", type="virtio", port=str(p.index))
+    for ch in cfg.channels:
+        el = _chardev(devices, "channel", ch.chardev)
+        _sub(el, "target", type="virtio", name=ch.name)
+    _sub(devices, "input", type="keyboard", bus="ps2")
+    _sub(devices, "input", type="mouse", bus="ps2")
+    if cfg.balloon is None:
+        _sub(devices, "memballoon", model="none")
+    else:
+        b = cfg.balloon
+        el = _sub(devices, "memballoon", model="virtio",
+                  autodeflate="on" if b.autodeflate else None,
+                  freePageReporting="on" if b.free_page_reporting else None)
+        if b.stats_period is not None:
+            _sub(el, "stats", period=str(b.stats_period))
+    for r in cfg.rngs:
+        el = _sub(devices, "rng", model="virtio")
+        if r.rate_bytes is not None:
+            _sub(el, "rate", bytes=str(r.rate_bytes),
+                 period=str(r.rate_period_ms) if r.rate_period_ms is not None else None)
+        _sub(el, "backend", r.source, model="random")
+    return str(etree.tostring(root, pretty_print=True, encoding="unicode"))
