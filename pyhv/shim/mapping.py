@@ -1,0 +1,1677 @@
+"""From QEMU's command line to a :class:`ShimPlan`: a ``VmConfig`` plus process settings.
+
+``build(args)`` reads the arguments libvirt 9.0 passes to QEMU 7.2 (argv
+without argv[0]) and returns
+
+* ``config``: the :class:`pyhv.config.VmConfig` the engine builds, or ``None``
+  for ``-machine none`` (libvirt's capability probe, which runs no guest);
+* ``options``: what the pyhv-qemu process itself does (monitors, pidfile,
+  daemonize, ``-S``, ``-no-shutdown``, inherited descriptors...);
+* device records (disks, NICs, RNGs, virtio-serial ports...) for what
+  ``VmConfig`` cannot describe yet, each also listed in ``pending``.
+
+Everything is checked before anything runs: an option, device or value pyhv
+cannot honour raises :class:`ShimError` with one line naming it.  Nothing that
+changes what the guest sees is dropped without a trace: it is refused, or
+recorded and listed in ``pending`` (one line each, for the process to log).
+Pure: no file is opened and no descriptor touched.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+from pyhv.config import (
+    BalloonConfig,
+    ChannelConfig,
+    ClockConfig,
+    ConfigError,
+    CpuConfig,
+    CpuFeature,
+    CpuTopology,
+    DiskConfig,
+    FeaturesConfig,
+    KernelBoot,
+    MemoryBackingConfig,
+    NetConfig,
+    RngConfig,
+    SerialConfig,
+    SerialPortConfig,
+    VmConfig,
+)
+from pyhv.shim import registry
+from pyhv.shim.argv import (
+    JsonValue,
+    Option,
+    Opts,
+    find,
+    merged,
+    parse,
+    parse_bool,
+    parse_int,
+    split_list,
+)
+from pyhv.shim.errors import ShimError, ShimUnsupportedError, ShimUsageError
+
+MiB = 1 << 20
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class FdSetEntry:
+    """One ``-add-fd set=N,fd=M,opaque=...``."""
+
+    fd: int
+    opaque: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Chardev:
+    """A ``-chardev`` (or the chardev behind ``-qmp``/``-serial``)."""
+
+    id: str
+    #: ``socket``, ``pty``, ``file``, ``null`` or ``stdio``
+    backend: str
+    #: file path (``file``) or unix socket path (``socket``), when not a descriptor
+    path: Optional[str] = None
+    #: inherited descriptor: socket ``fd=``, or a ``/dev/fdset/N`` file
+    fd: Optional[int] = None
+    append: bool = False
+    server: bool = False
+    wait: bool = True
+    #: tcp sockets: address and port
+    host: Optional[str] = None
+    port: Optional[int] = None
+    #: where the chardev's output is also logged (``logfile=``), path or descriptor
+    logfile: Optional[str] = None
+    logfd: Optional[int] = None
+    logappend: bool = False
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """A QMP monitor: ``-mon chardev=ID,mode=control`` or ``-qmp unix:PATH,...``."""
+
+    chardev: Chardev
+    pretty: bool = False
+    id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ShimOptions:
+    """What the pyhv-qemu process does, as opposed to what the guest sees."""
+
+    name: Optional[str] = None
+    #: ``-name process=``: the process title
+    process_name: Optional[str] = None
+    debug_threads: bool = False
+    monitors: tuple[Monitor, ...] = ()
+    pidfile: Optional[str] = None
+    daemonize: bool = False
+    #: ``-S``: do not start the vCPUs until QMP ``cont``
+    start_paused: bool = False
+    #: ``-no-shutdown``: on guest power-off stop the vCPUs and keep the process
+    no_shutdown: bool = False
+    #: ``-no-reboot`` (or ``-action reboot=shutdown``): a guest reset ends the machine
+    no_reboot: bool = False
+    #: ``-action panic=``: ``shutdown`` (default), ``pause``, ``none``, ``exit-failure``
+    panic_action: str = "shutdown"
+    #: ``-msg timestamp=on``: prefix messages with the time
+    msg_timestamp: bool = False
+    sandbox: bool = False
+    #: ``-add-fd`` sets by number
+    fdsets: dict[int, tuple[FdSetEntry, ...]] = field(default_factory=dict)
+    chardevs: dict[str, Chardev] = field(default_factory=dict)
+    #: every descriptor named on the command line (keep these open; close the rest)
+    inherited_fds: tuple[int, ...] = ()
+    #: ``-D FILE``: log file for messages
+    logfile: Optional[str] = None
+    #: ``-incoming``: never set today (refused), here for the migration work
+    incoming: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    bus: str
+    slot: int
+    function: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Any ``-device``, as given (properties checked against the registry)."""
+
+    driver: str
+    id: Optional[str]
+    #: the bus it sits on (``pci.0``, ``pci.3``, ``virtio-serial0.0``, ``isa.0``)
+    bus: str
+    addr: Optional[PciAddress]
+    props: dict[str, JsonValue]
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A virtio-blk disk over a raw image or block device."""
+
+    id: Optional[str]
+    path: Optional[str]
+    fd: Optional[int]
+    read_only: bool
+    #: O_DIRECT (``cache.direct``): libvirt's cache='none'/'directsync'
+    direct: bool = False
+    #: ignore flushes (``cache.no-flush``): cache='unsafe'
+    no_flush: bool = False
+    #: pass guest discards down (``discard=unmap``)
+    discard: bool = False
+    serial: Optional[str] = None
+    bootindex: Optional[int] = None
+    num_queues: Optional[int] = None
+    queue_size: Optional[int] = None
+    addr: Optional[PciAddress] = None
+    #: the node name or ``-drive`` id it was built from
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """A virtio-net NIC with its backend."""
+
+    id: Optional[str]
+    mac: str
+    #: ``tap`` (inherited tap descriptors or an ifname) or ``vhost-user``
+    backend: str
+    netdev: str
+    tap_fds: tuple[int, ...] = ()
+    ifname: Optional[str] = None
+    #: libvirt's vhost-net descriptors; pyhv's virtio-net runs in userspace and
+    #: does not use them (they are still inherited and must be closed)
+    vhost_fds: tuple[int, ...] = ()
+    vhost: bool = False
+    queues: int = 1
+    chardev: Optional[Chardev] = None
+    bootindex: Optional[int] = None
+    host_mtu: Optional[int] = None
+    addr: Optional[PciAddress] = None
+
+
+@dataclass(frozen=True)
+class RngSpec:
+    id: Optional[str]
+    #: host entropy file (``rng-random``), or ``None`` for ``rng-builtin`` (getrandom)
+    filename: Optional[str]
+    max_bytes: Optional[int] = None
+    period_ms: Optional[int] = None
+    addr: Optional[PciAddress] = None
+
+
+@dataclass(frozen=True)
+class BalloonSpec:
+    id: Optional[str]
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    addr: Optional[PciAddress] = None
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A virtserialport or virtconsole on a virtio-serial controller."""
+
+    id: Optional[str]
+    nr: int
+    chardev: Chardev
+    name: Optional[str] = None
+    console: bool = False
+
+
+@dataclass(frozen=True)
+class VirtioSerialSpec:
+    id: Optional[str]
+    bus_name: str
+    max_ports: int = 31
+    ports: tuple[PortSpec, ...] = ()
+    addr: Optional[PciAddress] = None
+
+
+@dataclass(frozen=True)
+class VhostUserSpec:
+    """``vhost-user-blk-pci`` and ``vhost-user-fs-pci``: a device served over a socket."""
+
+    driver: str
+    id: Optional[str]
+    chardev: Chardev
+    tag: Optional[str] = None
+    num_queues: Optional[int] = None
+    queue_size: Optional[int] = None
+    bootindex: Optional[int] = None
+    addr: Optional[PciAddress] = None
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """``pcie-root-port`` or ``pci-bridge``: provides the bus named ``id``."""
+
+    driver: str
+    id: str
+    addr: Optional[PciAddress]
+    chassis: int = 0
+    port: int = 0
+    slot: int = 0
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    model: str
+    #: ``+feat``/``-feat``/``feat=value`` as given (``on``/``off`` for the signs)
+    features: dict[str, str]
+    #: the host CPU's features pass through (``host``, ``max``)
+    passthrough: bool
+    sockets: int = 1
+    dies: int = 1
+    cores: int = 1
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class RtcSpec:
+    #: ``utc``, ``localtime`` or a start date ``YYYY-MM-DDTHH:MM:SS``
+    base: str = "utc"
+    clock: str = "host"
+    driftfix: str = "none"
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    qom_type: str
+    id: str
+    props: dict[str, JsonValue]
+
+
+@dataclass(frozen=True)
+class ShimPlan:
+    #: the machine to build; ``None`` for ``-machine none`` (no guest)
+    config: Optional[VmConfig]
+    options: ShimOptions
+    machine: registry.MachineType
+    cpu: Optional[CpuSpec] = None
+    rtc: RtcSpec = RtcSpec()
+    devices: tuple[DeviceSpec, ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    rngs: tuple[RngSpec, ...] = ()
+    balloons: tuple[BalloonSpec, ...] = ()
+    virtio_serial: tuple[VirtioSerialSpec, ...] = ()
+    vhost_user: tuple[VhostUserSpec, ...] = ()
+    bridges: tuple[BridgeSpec, ...] = ()
+    objects: dict[str, ObjectSpec] = field(default_factory=dict)
+    #: ``-global`` as (driver, property, value)
+    globals: tuple[tuple[str, str, str], ...] = ()
+    #: accepted but not built yet (or built differently): one line each, for the log
+    pending: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unsupported(where: Optional[str], detail: str) -> ShimUnsupportedError:
+    return ShimUnsupportedError(detail, where)
+
+
+def _usage(where: Optional[str], detail: str) -> ShimUsageError:
+    return ShimUsageError(detail, where)
+
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                   r"[0-9a-fA-F]{12}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_FDSET = re.compile(r"^/dev/fdset/(\d+)$")
+
+#: options pyhv refuses outright, with the reason
+_REFUSED = {
+    "incoming": "incoming migration is not supported by pyhv",
+    "vnc": "graphics (VNC) are not supported by pyhv; use -display none",
+    "spice": "graphics (SPICE) are not supported by pyhv; use -display none",
+    "bios": "firmware boot is not supported by pyhv; boot with -kernel",
+    "dtb": "device trees are not used on x86",
+    "numa": "NUMA topologies are not supported by pyhv",
+    "fsdev": "9p file systems are not supported by pyhv; use vhost-user-fs-pci",
+    "tpmdev": "TPMs are not supported by pyhv",
+    "iscsi": "iSCSI is not supported by pyhv",
+    "preconfig": "the preconfig state is not supported by pyhv",
+    "runas": "pyhv-qemu does not change its user; libvirt already runs it as the right one",
+    "chroot": "pyhv-qemu does not chroot",
+    "parallel": "parallel ports are not supported by pyhv",
+    "mem-path": "-mem-path is not supported; use -object memory-backend-memfd",
+}
+
+#: machine properties accepted as they are (recorded, or without effect on pyhv)
+_MACHINE_PROPS_OK = {
+    "type", "accel", "usb", "dump-guest-core", "memory-backend", "vmport", "smm", "acpi",
+    "hpet", "kernel_irqchip", "kernel-irqchip", "graphics", "mem-merge", "suppress-vmdesc",
+    "pit", "pic", "sata", "smbus", "i8042", "max-ram-below-4g", "nvdimm", "hmat",
+    "pcspk-audiodev", "sgx-epc", "pflash0", "pflash1", "confidential-guest-support",
+}
+
+_GLOBALS_OK = {
+    ("kvm-pit", "lost_tick_policy"), ("PIIX4_PM", "disable_s3"), ("PIIX4_PM", "disable_s4"),
+    ("ICH9-LPC", "disable_s3"), ("ICH9-LPC", "disable_s4"), ("ICH9-LPC", "noreboot"),
+}
+
+#: -cpu options that are properties of the CPU object, not CPUID feature flags
+_CPU_PROPERTIES = {
+    "migratable", "check", "enforce", "host-phys-bits", "host-phys-bits-limit", "phys-bits",
+    "l3-cache", "host-cache-info", "kvm", "hv-vendor-id", "hv-spinlocks", "min-level",
+    "min-xlevel", "level", "xlevel", "family", "model", "stepping", "vendor", "model-id",
+    "tsc-frequency", "kvm-no-smi-migration",
+}
+
+_COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
+
+
+def _fd_number(value: object, what: str, where: str) -> int:
+    fd = parse_int(value, what, where)
+    if fd <= 2:
+        raise _usage(where, f"{what}={fd}: standard input, output and error cannot be passed")
+    return fd
+
+
+class _Builder:
+    """State while reading one command line; ``build()`` assembles the plan."""
+
+    def __init__(self, options: list[Option], now: Optional[float] = None) -> None:
+        self.opts = options
+        #: the time a ``-rtc base=DATE`` is measured from (seconds since the epoch)
+        self.now = time.time() if now is None else now
+        self.clock = ClockConfig()
+        self.boot_order: tuple[str, ...] = ()
+        self.pending: list[str] = []
+        self.fds: list[int] = []
+        self.fdsets: dict[int, list[FdSetEntry]] = {}
+        self.chardevs: dict[str, Chardev] = {}
+        #: chardev id → what uses it (each may serve one frontend)
+        self.chardev_users: dict[str, str] = {}
+        self.objects: dict[str, ObjectSpec] = {}
+        self.object_where: dict[str, str] = {}
+        self.nodes: dict[str, dict[str, JsonValue]] = {}
+        self.node_where: dict[str, str] = {}
+        self.drives: dict[str, Opts] = {}
+        self.used_nodes: dict[str, str] = {}
+        self.netdevs: dict[str, Opts] = {}
+        self.used_netdevs: dict[str, str] = {}
+        self.shared_memory = False
+        # devices
+        self.device_ids: set[str] = set()
+        #: bus id → (kind, owner) where kind is PCI, PCIE, virtio-serial-bus, ISA
+        self.buses: dict[str, str] = {}
+        self.bus_slots: dict[str, dict[tuple[int, int], str]] = {}
+        self.devices: list[DeviceSpec] = []
+        self.disks: list[DiskSpec] = []
+        self.nics: list[NicSpec] = []
+        self.rngs: list[RngSpec] = []
+        self.balloons: list[BalloonSpec] = []
+        self.vserial: dict[str, VirtioSerialSpec] = {}
+        self.ports: dict[str, list[PortSpec]] = {}
+        self.vhost_user: list[VhostUserSpec] = []
+        self.bridges: list[BridgeSpec] = []
+        self.serial: Optional[SerialConfig] = None
+        self.serial_given = False
+        self.com_ports: set[int] = set()
+        self.extra_serials: list[SerialPortConfig] = []
+        self.channels: list[ChannelConfig] = []
+        self.net_configs: list[NetConfig] = []
+        self.disk_configs: list[DiskConfig] = []
+        self.rng_configs: list[RngConfig] = []
+        self.balloon: Optional[BalloonConfig] = None
+        self.backing = MemoryBackingConfig()
+        self.acpi = True
+        self.cpu_config = CpuConfig()
+        self.max_vcpus: Optional[int] = None
+        self.topology: Optional[CpuTopology] = None
+        self.mem_lock = False
+        self.pmu: Optional[bool] = None
+        self.nic_count = 0
+        self.vcpus = 1
+
+    # ----------------------------------------------------------------- small checks
+
+    def one(self, name: str) -> Optional[Option]:
+        found = find(self.opts, name)
+        return found[-1] if found else None
+
+    def has(self, name: str) -> bool:
+        return bool(find(self.opts, name))
+
+    def note(self, line: str) -> None:
+        if line not in self.pending:
+            self.pending.append(line)
+
+    def inherit(self, fd: int) -> int:
+        if fd not in self.fds:
+            self.fds.append(fd)
+        return fd
+
+    # ----------------------------------------------------------------- fds and chardevs
+
+    def read_fdsets(self) -> None:
+        for o in find(self.opts, "add-fd"):
+            opts = o.opts
+            opts.check_keys(("set", "fd", "opaque"))
+            if "fd" not in opts:
+                raise _usage(o.where, "parameter 'fd' is missing")
+            fd = _fd_number(opts["fd"], "fd", o.where)
+            fdset = opts.get_int("set", 0, lo=0)
+            assert fdset is not None
+            self.fdsets.setdefault(fdset, []).append(FdSetEntry(self.inherit(fd),
+                                                                opts.get_str("opaque")))
+
+    def resolve_path(self, path: str, where: str) -> tuple[Optional[str], Optional[int]]:
+        """A path, or ``/dev/fdset/N`` → (None, the set's first descriptor)."""
+        m = _FDSET.match(path)
+        if not m:
+            return path, None
+        entries = self.fdsets.get(int(m.group(1)))
+        if not entries:
+            raise _usage(where, f"{path}: no -add-fd set={m.group(1)} was given")
+        return None, entries[0].fd
+
+    def read_chardevs(self) -> None:
+        for o in find(self.opts, "chardev"):
+            cd = self.chardev(o.opts)
+            if cd.id in self.chardevs:
+                raise _usage(o.where, f"duplicate chardev id '{cd.id}'")
+            self.chardevs[cd.id] = cd
+
+    def chardev(self, opts: Opts, ident: Optional[str] = None) -> Chardev:
+        where = opts.where
+        backend = opts.get_str("backend")
+        if not backend:
+            raise _usage(where, "parameter 'backend' is missing")
+        cid = ident or opts.get_str("id")
+        if not cid:
+            raise _usage(where, "parameter 'id' is missing")
+        common = ("backend", "id", "logfile", "logappend", "mux", "signal")
+        logfile, logfd = None, None
+        if "logfile" in opts:
+            logfile, logfd = self.resolve_path(opts.need_str("logfile"), where)
+        logappend = opts.get_bool("logappend")
+        if opts.get_bool("mux"):
+            raise _unsupported(where, "multiplexed chardevs (mux=on) are not supported by pyhv")
+        base = dict(id=cid, backend=backend, logfile=logfile, logfd=logfd,
+                    logappend=logappend, where=where)
+        if backend == "socket":
+            opts.check_keys(common + ("path", "fd", "server", "wait", "nowait", "abstract",
+                                      "tight", "reconnect", "nodelay", "host", "port",
+                                      "ipv4", "ipv6", "to", "telnet", "websocket",
+                                      "tls-creds", "tls-authz"))
+            for key in ("telnet", "websocket", "tls-creds", "tls-authz", "to"):
+                if key in opts and opts.get_str(key) not in ("off", "false", "no"):
+                    raise _unsupported(where, f"'{key}' is not supported by pyhv")
+            opts.get_bool("nodelay")
+            opts.get_bool("ipv4")
+            opts.get_bool("ipv6")
+            path = opts.get_str("path")
+            fd = None
+            if "fd" in opts:
+                fd = self.inherit(_fd_number(opts["fd"], "fd", where))
+            host, port = opts.get_str("host"), opts.get_int("port", lo=0, hi=65535)
+            if "host" in opts and port is None:
+                raise _usage(where, "a tcp socket chardev needs 'port'")
+            if sum(x is not None for x in (path, fd, port)) != 1:
+                raise _usage(where, "a socket chardev needs one of 'path', 'fd' and "
+                                    "'host'/'port'")
+            if opts.get_int("reconnect", 0):
+                raise _unsupported(where, "'reconnect' is not supported by pyhv")
+            if opts.get_bool("abstract"):
+                raise _unsupported(where, "abstract unix sockets are not supported by pyhv")
+            opts.get_bool("tight", True)
+            wait = opts.get_bool("wait", True) and not opts.get_bool("nowait")
+            return Chardev(path=path, fd=fd, server=opts.get_bool("server"), wait=wait,
+                           host=host if port is not None else None, port=port,
+                           **base)  # type: ignore[arg-type]
+        if backend == "file":
+            opts.check_keys(common + ("path", "append"))
+            path, fd = self.resolve_path(opts.need_str("path"), where)
+            return Chardev(path=path, fd=fd, append=opts.get_bool("append"),
+                           **base)  # type: ignore[arg-type]
+        if backend in ("pty", "null", "stdio"):
+            opts.check_keys(common + (("path",) if backend == "pty" else ()))
+            if opts.get_str("path"):
+                raise _unsupported(where, "pty 'path' links are not supported by pyhv")
+            return Chardev(**base)  # type: ignore[arg-type]
+        raise _unsupported(where, f"chardev backend '{backend}' is not supported by pyhv "
+                                  "(socket, pty, file, null and stdio are)")
+
+    def claim_chardev(self, cid: str, user: str, where: str) -> Chardev:
+        cd = self.chardevs.get(cid)
+        if cd is None:
+            raise _usage(where, f"chardev '{cid}' not found")
+        if cid in self.chardev_users:
+            raise _usage(where, f"chardev '{cid}' is already used by "
+                                f"{self.chardev_users[cid]}")
+        self.chardev_users[cid] = user
+        return cd
+
+    def compat_chardev(self, spec: str, ident: str, where: str) -> Chardev:
+        """``-qmp``/``-serial`` shorthand: ``unix:PATH,...``, ``stdio``, ``pty``..."""
+        if spec.startswith("unix:"):
+            pairs = split_list(spec[5:], "path", where)
+            opts = Opts({"backend": "socket", **dict(pairs)}, where=where)
+            return self.chardev(opts, ident)
+        if spec.startswith("file:"):
+            opts = Opts({"backend": "file", "path": spec[5:]}, where=where)
+            return self.chardev(opts, ident)
+        if spec in ("stdio", "pty", "null"):
+            return Chardev(ident, spec, where=where)
+        if spec.startswith("chardev:"):
+            return self.claim_chardev(spec[8:], where, where)
+        kind = spec.split(":", 1)[0]
+        raise _unsupported(where, f"'{kind}' backends are not supported by pyhv "
+                                  "(unix:, file:, stdio, pty, null are)")
+
+    def read_monitors(self) -> list[Monitor]:
+        out: list[Monitor] = []
+        for o in find(self.opts, "mon"):
+            opts = o.opts
+            opts.check_keys(("chardev", "mode", "pretty", "id", "default"))
+            mode = opts.choice("mode", ("control", "readline"), "readline")
+            if mode != "control":
+                raise _unsupported(o.where, "the human monitor (mode=readline) is not "
+                                            "supported by pyhv; use mode=control (QMP)")
+            cd = self.claim_chardev(opts.need_str("chardev"), o.where, o.where)
+            if cd.backend not in ("socket", "stdio"):
+                raise _unsupported(o.where, f"a QMP monitor needs a socket chardev, not "
+                                            f"'{cd.backend}'")
+            out.append(Monitor(cd, opts.get_bool("pretty"), opts.get_str("id")))
+        for o in self.opts:
+            if o.name not in ("qmp", "qmp-pretty"):
+                continue
+            cd = self.compat_chardev(o.text, f"compat_monitor{len(out)}", o.where)
+            out.append(Monitor(cd, o.name == "qmp-pretty"))
+        for o in find(self.opts, "monitor"):
+            if o.text != "none":
+                raise _unsupported(o.where, "the human monitor (HMP) is not supported by "
+                                            "pyhv; use -qmp or -mon mode=control")
+        return out
+
+    # ----------------------------------------------------------------- machine
+
+    def machine(self) -> tuple[registry.MachineType, Optional[Opts]]:
+        opts = merged(self.opts, "machine")
+        if opts is None:
+            return registry.default_machine(), None
+        name = opts.get_str("type") or registry.default_machine().name
+        m = registry.find_machine(name)
+        if m is None:
+            raise _unsupported(f"-machine {name}", "unsupported machine type; "
+                                                   "'-machine help' lists pyhv's")
+        for key in opts.keys():
+            if key not in _MACHINE_PROPS_OK:
+                raise _usage(opts.where, f"property '{m.qom_type}.{key}' not found")
+        for key in ("pflash0", "pflash1"):
+            if key in opts:
+                raise _unsupported(opts.where, "firmware boot (pflash) is not supported by "
+                                               "pyhv; boot with -kernel")
+        if opts.get_str("confidential-guest-support") or opts.get_str("sgx-epc"):
+            raise _unsupported(opts.where, "confidential guests and SGX are not supported "
+                                           "by pyhv")
+        if opts.get_bool("nvdimm"):
+            raise _unsupported(opts.where, "NVDIMMs are not supported by pyhv")
+        acpi = opts.get_str("acpi", "auto")
+        if acpi != "auto" and not parse_bool(acpi, "acpi", opts.where):
+            self.acpi = False
+        if "max-ram-below-4g" in opts:
+            self.note(f"{opts.where}: max-ram-below-4g is not honoured")
+        for key in ("usb", "vmport", "smm", "hpet", "graphics", "dump-guest-core",
+                    "mem-merge", "suppress-vmdesc", "hmat", "i8042", "pit", "pic", "sata",
+                    "smbus"):
+            if key in opts and opts.get_str(key) != "auto":
+                opts.get_bool(key)
+        return m, opts
+
+    def accel(self, machine_opts: Optional[Opts]) -> None:
+        wanted: list[tuple[str, str]] = []
+        if machine_opts is not None and machine_opts.get_str("accel"):
+            text = machine_opts.get_str("accel") or ""
+            wanted += [(a, machine_opts.where) for a in text.split(":")]
+        for o in self.opts:
+            if o.name == "accel":
+                o.opts.check_keys(("accel", "kernel-irqchip", "kvm-shadow-mem",
+                                   "dirty-ring-size", "notify-vmexit", "notify-window",
+                                   "thread", "tb-size", "split-wx", "one-insn-per-tb"))
+                wanted.append((o.opts.need_str("accel"), o.where))
+                irqchip = o.opts.get_str("kernel-irqchip")
+                if irqchip not in (None, "on", "split", "true", "yes"):
+                    raise _unsupported(o.where, "pyhv needs the in-kernel irqchip")
+            elif o.name == "enable-kvm":
+                wanted.append(("kvm", o.where))
+        if not wanted:
+            return
+        names = [w for w, _ in wanted]
+        if "kvm" not in names:
+            where = wanted[0][1]
+            raise _unsupported(where, f"accelerator '{names[0]}': pyhv runs guests only "
+                                      "with KVM (libvirt: <domain type='kvm'>)")
+
+    # ----------------------------------------------------------------- memory, cpus
+
+    def read_objects(self) -> None:
+        for o in find(self.opts, "object"):
+            opts = o.opts
+            qom = opts.need_str("qom-type")
+            oid = opts.need_str("id")
+            if oid in self.objects:
+                raise _usage(o.where, f"duplicate object id '{oid}'")
+            props = {k: v for k, v in opts.values.items() if k not in ("qom-type", "id")}
+            if qom == "secret":
+                opts.check_keys(("qom-type", "id", "format", "file", "data", "keyid", "iv"))
+            elif qom in ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file"):
+                self.memory_backend(opts, qom)
+            elif qom == "iothread":
+                opts.check_keys(("qom-type", "id", "poll-max-ns", "poll-grow", "poll-shrink",
+                                 "aio-max-batch", "thread-pool-min", "thread-pool-max"))
+            elif qom == "rng-random":
+                opts.check_keys(("qom-type", "id", "filename"))
+                props.setdefault("filename", "/dev/urandom")
+            elif qom == "rng-builtin":
+                opts.check_keys(("qom-type", "id"))
+            else:
+                raise _unsupported(o.where, f"object type '{qom}' is not supported by pyhv")
+            self.objects[oid] = ObjectSpec(qom, oid, props)
+            self.object_where[oid] = o.where
+
+    def memory_backend(self, opts: Opts, qom: str) -> None:
+        allowed = ["qom-type", "id", "size", "share", "prealloc", "prealloc-threads",
+                   "merge", "dump", "policy", "host-nodes", "reserve",
+                   "x-use-canonical-path-for-ramblock-id", "prealloc-context"]
+        if qom == "memory-backend-memfd":
+            allowed += ["hugetlb", "hugetlbsize", "seal"]
+        if qom == "memory-backend-file":
+            allowed += ["mem-path", "align", "discard-data", "pmem", "readonly", "offset",
+                        "rom"]
+        opts.check_keys(allowed)
+        if opts.get_size("size") is None:
+            raise _usage(opts.where, "parameter 'size' is missing")
+        opts.get_bool("share")
+        opts.get_bool("hugetlb")
+        opts.get_size("hugetlbsize")
+        if qom == "memory-backend-file":
+            opts.need_str("mem-path")
+            opts.get_bool("discard-data")
+            if opts.get_bool("pmem") or opts.get_bool("readonly"):
+                raise _unsupported(opts.where, "pmem and read-only RAM are not supported")
+        if opts.get_bool("prealloc"):
+            self.note(f"{opts.where}: prealloc is not honoured")
+        if "host-nodes" in opts or opts.get_str("policy", "default") != "default":
+            self.note(f"{opts.where}: NUMA memory policy is not honoured")
+
+    def memory(self, machine: registry.MachineType, machine_opts: Optional[Opts]) -> int:
+        size: Optional[int] = None
+        mopts = merged(self.opts, "m")
+        if mopts is not None:
+            mopts.check_keys(("size", "slots", "maxmem"))
+            if "slots" in mopts or "maxmem" in mopts:
+                if mopts.get_int("slots", 0) or "maxmem" in mopts:
+                    raise _unsupported(mopts.where, "memory hotplug (slots, maxmem) is not "
+                                                    "supported by pyhv")
+            size = mopts.get_size("size", default_shift=20)
+        backend_id = machine_opts.get_str("memory-backend") if machine_opts else None
+        if backend_id:
+            where = machine_opts.where if machine_opts else "-machine"
+            obj = self.objects.get(backend_id)
+            if obj is None or not obj.qom_type.startswith("memory-backend-"):
+                raise _usage(where, f"memory-backend '{backend_id}' not found")
+            bsize = _size_of(obj.props.get("size"), self.object_where[backend_id])
+            if size is not None and size != bsize:
+                raise _usage(where, f"memory-backend '{backend_id}' is {bsize} bytes but "
+                                    f"-m asks for {size}")
+            size = bsize
+            self.backing_from(obj, where)
+        else:
+            backends = [o for o in self.objects.values()
+                        if o.qom_type.startswith("memory-backend-")]
+            if backends:
+                ids = ", ".join(b.id for b in backends)
+                self.note(f"-object {ids}: memory backends not named by -machine "
+                          "memory-backend= are not used")
+        return size if size is not None else 128 * MiB
+
+    def backing_from(self, obj: ObjectSpec, where: str) -> None:
+        props = obj.props
+        qom = obj.qom_type
+        self.shared_memory = _truth(props.get("share", qom == "memory-backend-memfd"), where)
+        source = {"memory-backend-ram": "anonymous", "memory-backend-memfd": "memfd",
+                  "memory-backend-file": "file"}[qom]
+        path = props.get("mem-path")
+        hugepages = _truth(props.get("hugetlb"), where) or (
+            isinstance(path, str) and "hugepages" in path)
+        page = props.get("hugetlbsize")
+        page_size = _size_of(page, where) if page is not None else None
+        if isinstance(path, str) and not hugepages:
+            self.note(f"-object {obj.id}: mem-path {path} is not used; pyhv places "
+                      "file-backed RAM itself")
+        if _truth(props.get("prealloc"), where):
+            self.note(f"-object {obj.id}: prealloc is not honoured")
+        if "host-nodes" in props or props.get("policy", "default") != "default":
+            self.note(f"-object {obj.id}: NUMA memory policy is not honoured")
+        try:
+            self.backing = MemoryBackingConfig(
+                source, hugepages, page_size if hugepages else None,  # type: ignore[arg-type]
+                locked=self.mem_lock, discard=_truth(props.get("discard-data"), where))
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
+
+    def cpu(self) -> CpuSpec:
+        smp = merged(self.opts, "smp")
+        sockets = dies = cores = threads = 1
+        cpus = 1
+        if smp is not None:
+            smp.check_keys(("cpus", "sockets", "dies", "clusters", "cores", "threads",
+                            "maxcpus"))
+            given = {k: smp.get_int(k, lo=1) for k in
+                     ("cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus")}
+            if (given["clusters"] or 1) != 1:
+                raise _unsupported(smp.where, "clusters are not supported on x86")
+            dies = given["dies"] or 1
+            cores = given["cores"] or 1
+            threads = given["threads"] or 1
+            maxcpus = given["maxcpus"] or given["cpus"]
+            if given["sockets"]:
+                sockets = given["sockets"]
+                maxcpus = maxcpus or sockets * dies * cores * threads
+            elif maxcpus:
+                sockets = max(1, maxcpus // (dies * cores * threads))
+            else:
+                maxcpus = dies * cores * threads
+            cpus = given["cpus"] or maxcpus or 1
+            if sockets * dies * cores * threads != maxcpus:
+                raise _usage(smp.where, f"invalid CPU topology: sockets ({sockets}) * dies "
+                                        f"({dies}) * cores ({cores}) * threads ({threads}) "
+                                        f"!= maxcpus ({maxcpus})")
+            if cpus > maxcpus:
+                raise _usage(smp.where, f"cpus ({cpus}) exceeds maxcpus ({maxcpus})")
+            self.max_vcpus = maxcpus if maxcpus != cpus else None
+            self.topology = CpuTopology(sockets, dies, cores, threads)
+        o = self.one("cpu")
+        model, features = "qemu64", {}
+        where = "-cpu"
+        if o is not None:
+            where = o.where
+            model, *rest = o.text.split(",")
+            for item in rest:
+                if not item:
+                    continue
+                if item[0] in "+-":
+                    features[item[1:]] = "on" if item[0] == "+" else "off"
+                elif "=" in item:
+                    k, v = item.split("=", 1)
+                    features[k] = v
+                else:
+                    features[item] = "on"
+        info = registry.find_cpu_model(model)
+        if info is None:
+            raise _unsupported(f"-cpu {model}", f"unable to find CPU model '{model}' "
+                                                "('-cpu help' lists pyhv's)")
+        self.vcpus = cpus
+        flags: list[CpuFeature] = []
+        ignored: list[str] = []
+        for k, v in features.items():
+            if k == "pmu":
+                self.pmu = parse_bool(v, k, where)
+            elif k in _CPU_PROPERTIES:
+                if k not in ("migratable", "check", "enforce"):
+                    ignored.append(f"{k}={v}")
+            elif v.lower() in ("on", "off", "true", "false", "yes", "no"):
+                on = parse_bool(v, k, where)
+                flags = [f for f in flags if f.name != k]
+                flags.append(CpuFeature(k, "require" if on else "disable"))
+            else:
+                ignored.append(f"{k}={v}")
+        if ignored:
+            self.note(f"{where}: CPU properties " + ", ".join(ignored) + " are not applied")
+        if o is None:
+            self.note("no -cpu: the guest sees the host CPU (QEMU would give qemu64)")
+            self.cpu_config = CpuConfig(topology=self.topology)
+        else:
+            mode = {"host": "host-passthrough", "max": "maximum"}.get(model, "custom")
+            self.cpu_config = CpuConfig(
+                mode, model if mode == "custom" else None,  # type: ignore[arg-type]
+                self.topology, tuple(flags))
+        return CpuSpec(model, features, info.passthrough, sockets, dies, cores, threads)
+
+    # ----------------------------------------------------------------- block and net
+
+    def read_blockdevs(self) -> None:
+        for o in find(self.opts, "blockdev"):
+            self.add_node(o.opts.values, o.where)
+        for o in find(self.opts, "drive"):
+            opts = o.opts
+            opts.check_keys(("id", "file", "format", "if", "readonly", "cache", "aio",
+                             "discard", "media", "snapshot", "index", "bus", "unit",
+                             "serial", "werror", "rerror", "detect-zeroes", "auto-read-only",
+                             "node-name", "copy-on-read", "throttling.iops-total",
+                             "throttling.bps-total"))
+            if opts.get_bool("snapshot"):
+                raise _unsupported(o.where, "snapshot=on is not supported by pyhv")
+            iface = opts.choice("if", ("none", "virtio", "ide", "scsi", "floppy", "sd", "pflash",
+                                       "mtd", "xen"), "ide")
+            if iface not in ("none", "virtio"):
+                raise _unsupported(o.where, f"if={iface} disks are not supported by pyhv; "
+                                            "use if=none with -device virtio-blk-pci")
+            if opts.get_str("media", "disk") != "disk":
+                raise _unsupported(o.where, "CD-ROMs are not supported by pyhv")
+            if not opts.get_str("file"):
+                raise _usage(o.where, "parameter 'file' is missing")
+            did = opts.get_str("id") or f"{iface}{len(self.drives)}"
+            if did in self.drives:
+                raise _usage(o.where, f"duplicate drive id '{did}'")
+            self.drives[did] = opts
+
+    def add_node(self, values: dict[str, JsonValue], where: str) -> str:
+        name = values.get("node-name")
+        if not isinstance(name, str) or not name:
+            if where.startswith("-blockdev"):
+                raise _usage(where, "parameter 'node-name' is missing")
+            name = f"#anon{len(self.nodes)}"
+        if name in self.nodes:
+            raise _usage(where, f"duplicate node name '{name}'")
+        child = values.get("file")
+        if isinstance(child, dict):
+            values = dict(values, file=self.add_node(child, where))
+        self.nodes[name] = values
+        self.node_where[name] = where
+        return name
+
+    def disk_from_node(self, node: str, where: str) -> tuple[dict[str, object], str]:
+        """Follow a ``-blockdev`` chain: raw format node → file/host_device node."""
+        chain: list[dict[str, JsonValue]] = []
+        cur: JsonValue = node
+        while isinstance(cur, str):
+            values = self.nodes.get(cur)
+            if values is None:
+                raise _usage(where, f"block node '{cur}' not found")
+            if len(chain) > 8:
+                raise _usage(where, f"block node '{node}': chain too deep")
+            chain.append(values)
+            driver = values.get("driver")
+            if driver == "raw":
+                for key in ("offset", "size"):
+                    if key in values:
+                        raise _unsupported(where, f"block node '{cur}': raw '{key}' is not "
+                                                  "supported by pyhv")
+                cur = values.get("file")
+                if cur is None:
+                    raise _usage(where, f"block node '{node}': 'file' is missing")
+                continue
+            if driver in ("file", "host_device"):
+                break
+            if driver in ("qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "luks"):
+                raise _unsupported(where, f"block node '{cur}': image format '{driver}' is "
+                                          "not supported by pyhv (raw only)")
+            raise _unsupported(where, f"block node '{cur}': driver '{driver}' is not "
+                                      "supported by pyhv (file and host_device are)")
+        proto = chain[-1]
+        filename = proto.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise _usage(where, f"block node '{node}': 'filename' is missing")
+        read_only = any(_truth(v.get("read-only"), where) for v in chain)
+        cache: dict[str, JsonValue] = {}
+        for v in chain:
+            c = v.get("cache")
+            if isinstance(c, dict):
+                cache.update(c)
+        aio = proto.get("aio")
+        if aio not in (None, "native", "threads", "io_uring"):
+            raise _usage(where, f"block node '{node}': aio '{aio}' is not native, threads "
+                                "or io_uring")
+        zeroes = next((v.get("detect-zeroes") for v in chain if "detect-zeroes" in v), None)
+        if zeroes not in (None, "off", "on", "unmap"):
+            raise _usage(where, f"block node '{node}': detect-zeroes '{zeroes}' is not off, "
+                                "on or unmap")
+        return {
+            "filename": filename,
+            "read_only": read_only,
+            "cache_given": bool(cache),
+            "direct": _truth(cache.get("direct"), where),
+            "no_flush": _truth(cache.get("no-flush"), where),
+            "discard": any(v.get("discard") == "unmap" for v in chain),
+            "block": proto.get("driver") == "host_device",
+            "aio": aio,
+            "detect_zeroes": zeroes,
+        }, node
+
+    def disk_from_drive(self, did: str, where: str) -> dict[str, object]:
+        opts = self.drives[did]
+        fmt = opts.get_str("format", "raw")
+        if fmt != "raw":
+            raise _unsupported(where, f"drive '{did}': image format '{fmt}' is not supported "
+                                      "by pyhv (raw only)")
+        cache = opts.choice("cache", ("none", "writeback", "writethrough", "directsync",
+                                      "unsafe"), "writeback")
+        filename = opts.need_str("file")
+        return {
+            "filename": filename,
+            "read_only": opts.get_bool("readonly"),
+            "cache_given": "cache" in opts,
+            "direct": cache in ("none", "directsync"),
+            "no_flush": cache == "unsafe",
+            "write_through": cache in ("writethrough", "directsync"),
+            "discard": opts.get_str("discard", "ignore") in ("unmap", "on"),
+            "block": filename.startswith("/dev/"),
+            "aio": opts.choice("aio", ("native", "threads", "io_uring")),
+            "detect_zeroes": opts.choice("detect-zeroes", ("off", "on", "unmap")),
+        }
+
+    def read_netdevs(self) -> None:
+        for o in find(self.opts, "netdev"):
+            opts = o.opts
+            kind = opts.need_str("type")
+            nid = opts.need_str("id")
+            if nid in self.netdevs:
+                raise _usage(o.where, f"duplicate netdev id '{nid}'")
+            if kind == "tap":
+                opts.check_keys(("type", "id", "fd", "fds", "vhost", "vhostfd", "vhostfds",
+                                 "vhostforce", "ifname", "script", "downscript", "queues",
+                                 "vnet_hdr", "sndbuf", "poll-us"))
+                for key in ("script", "downscript"):
+                    value = opts.get_str(key)
+                    if value not in (None, "", "no"):
+                        raise _unsupported(o.where, f"{key}={value}: pyhv runs no scripts")
+                if not ("fd" in opts or "fds" in opts or "ifname" in opts):
+                    raise _usage(o.where, "a tap netdev needs 'fd', 'fds' or 'ifname'")
+            elif kind == "vhost-user":
+                opts.check_keys(("type", "id", "chardev", "queues", "vhostforce"))
+                opts.need_str("chardev")
+            elif kind == "user":
+                raise _unsupported(o.where, "user networking (SLIRP) is not supported by "
+                                            "pyhv; use a tap interface (bridge or network)")
+            else:
+                raise _unsupported(o.where, f"netdev type '{kind}' is not supported by pyhv "
+                                            "(tap and vhost-user are)")
+            self.netdevs[nid] = opts
+
+    def fd_list(self, opts: Opts, one: str, many: str) -> tuple[int, ...]:
+        out: list[int] = []
+        if one in opts:
+            out.append(_fd_number(opts[one], one, opts.where))
+        if many in opts:
+            for part in (opts.get_str(many) or "").split(":"):
+                out.append(_fd_number(part, many, opts.where))
+        return tuple(self.inherit(fd) for fd in out)
+
+    # ----------------------------------------------------------------- devices
+
+    def read_devices(self, machine: registry.MachineType) -> None:
+        root = machine.root_bus
+        if root is not None:
+            self.buses[root] = "PCIE" if machine.chipset == "q35" else "PCI"
+            reserved = {(0, 0): "the host bridge"}
+            if machine.chipset == "i440fx":
+                reserved.update({(1, f): "the PIIX3 south bridge" for f in range(4)})
+            else:
+                reserved.update({(0x1F, f): "the ICH9 south bridge" for f in range(4)})
+            self.bus_slots[root] = reserved
+            self.buses["isa.0"] = "ISA"
+        for o in find(self.opts, "device"):
+            if root is None:
+                raise _usage(o.where, f"machine '{machine.name}' has no buses for devices")
+            self.device(o.opts, root)
+        for did, opts in self.drives.items():
+            if opts.get_str("if") == "virtio":
+                values: dict[str, JsonValue] = {"driver": "virtio-blk-pci", "drive": did}
+                dev = Opts(values, where=f"{opts.where} (if=virtio)")
+                self.device(dev, root or "pci.0")
+
+    def device(self, opts: Opts, root: str) -> None:
+        name = opts.need_str("driver")
+        dtype = registry.find_device(name)
+        if dtype is None:
+            raise _unsupported(opts.where, "device is not supported by pyhv")
+        where = opts.where
+        did = opts.get_str("id")
+        if did is not None:
+            if did in self.device_ids:
+                raise _usage(where, f"duplicate device id '{did}'")
+            self.device_ids.add(did)
+        props: dict[str, JsonValue] = {}
+        for key, value in opts.values.items():
+            if key in registry.DEVICE_OPTIONS:
+                continue
+            prop = dtype.prop(key)
+            if prop is None:
+                raise _usage(where, f"property '{dtype.name}.{key}' not found")
+            _check_prop(prop, value, where)
+            props[key] = value
+        bus = self.place(dtype, opts, root)
+        addr = None
+        if dtype.bus == "PCI":
+            addr = self.pci_address(dtype, bus, props, where)
+        spec = DeviceSpec(dtype.name, did, bus, addr, props, where)
+        self.devices.append(spec)
+        getattr(self, "dev_" + dtype.name.replace("-", "_"))(spec, opts)
+
+    def place(self, dtype: registry.DeviceType, opts: Opts, root: str) -> str:
+        where = opts.where
+        bus = opts.get_str("bus")
+        if bus is None:
+            if dtype.bus == "PCI":
+                return root
+            if dtype.bus == "ISA":
+                return "isa.0"
+            for b, b_kind in self.buses.items():
+                if b_kind == dtype.bus:
+                    return b
+            raise _usage(where, f"no '{dtype.bus}' bus found for device '{dtype.name}'")
+        kind = self.buses.get(bus)
+        if kind is None:
+            raise _usage(where, f"bus '{bus}' not found")
+        fits = kind == dtype.bus or (dtype.bus == "PCI" and kind == "PCIE")
+        if not fits:
+            raise _usage(where, f"bus '{bus}' is a {kind} bus, not a {dtype.bus} bus")
+        return bus
+
+    def pci_address(self, dtype: registry.DeviceType, bus: str, props: dict[str, JsonValue],
+                    where: str) -> PciAddress:
+        slots = self.bus_slots.setdefault(bus, {})
+        raw = props.get("addr")
+        if raw is None:
+            max_slot = 0 if self.buses[bus] == "PCIE" and bus != "pcie.0" else 31
+            free = [s for s in range(max_slot + 1) if (s, 0) not in slots]
+            if not free:
+                raise _usage(where, f"bus '{bus}' has no free slot")
+            slot, fn = free[0], 0
+        else:
+            slot, fn = _parse_devfn(raw, where)
+        if self.buses[bus] == "PCIE" and bus != "pcie.0" and slot != 0:
+            raise _usage(where, f"slot {slot} is not available on '{bus}' (a PCIe port has "
+                                "only slot 0)")
+        if (slot, fn) in slots:
+            raise _usage(where, f"PCI slot {slot} function {fn} on '{bus}' is in use by "
+                                f"{slots[(slot, fn)]}")
+        slots[(slot, fn)] = dtype.name
+        return PciAddress(bus, slot, fn)
+
+    # each dev_<driver> turns a checked DeviceSpec into its record
+
+    def dev_isa_serial(self, spec: DeviceSpec, opts: Opts) -> None:
+        where = spec.where
+        index = opts.get_int("index", 0, lo=0, hi=3)
+        assert index is not None
+        iobase, irq = _COM_PORTS[index]
+        if opts.get_int("iobase", iobase) != iobase or opts.get_int("irq", irq) != irq:
+            raise _unsupported(where, "only COM1's standard I/O port and IRQ are supported")
+        if index in self.com_ports:
+            raise _usage(where, f"serial port index {index} (COM{index + 1}) is in use")
+        self.com_ports.add(index)
+        chardev = SerialConfig("null")
+        if "chardev" in opts:
+            cd = self.claim_chardev(opts.need_str("chardev"), where, where)
+            chardev = self.serial_config(cd, where)
+        if index == 0:
+            self.serial, self.serial_given = chardev, True
+        else:
+            self.extra_serials.append(SerialPortConfig(chardev, "isa-serial", index))
+
+    def serial_config(self, cd: Chardev, where: str) -> SerialConfig:
+        if cd.logfile or cd.logfd is not None:
+            self.note(f"{cd.where}: logfile is not written (not supported yet)")
+        try:
+            if cd.backend == "file":
+                if cd.fd is not None:
+                    return SerialConfig("fd", fd=cd.fd)
+                return SerialConfig("file", cd.path, append=cd.append)
+            if cd.backend in ("pty", "null", "stdio"):
+                return SerialConfig(cd.backend)  # type: ignore[arg-type]
+            if cd.backend == "socket" and cd.port is not None:
+                return SerialConfig("tcp", host=cd.host, port=cd.port, server=cd.server)
+            if cd.backend == "socket":
+                # a listening socket libvirt bound already arrives as fd= (path None)
+                return SerialConfig("unix", cd.path, fd=cd.fd, server=cd.server)
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
+        raise _unsupported(where, f"'{cd.backend}' chardevs are not supported here by pyhv")
+
+    def _bus_owner(self, spec: DeviceSpec, kind: str, bus_name: Optional[str] = None) -> str:
+        name = bus_name or spec.id
+        if not name:
+            raise _usage(spec.where, f"{spec.driver} needs an id (it names the bus it provides)")
+        if name in self.buses:
+            raise _usage(spec.where, f"bus '{name}' already exists")
+        self.buses[name] = kind
+        return name
+
+    def dev_pcie_root_port(self, spec: DeviceSpec, opts: Opts) -> None:
+        if self.buses.get(spec.bus) != "PCIE" or spec.bus != "pcie.0":
+            raise _usage(spec.where, "a pcie-root-port must sit on the q35 root bus pcie.0")
+        name = self._bus_owner(spec, "PCIE")
+        self.bridges.append(BridgeSpec(spec.driver, name, spec.addr,
+                                       chassis=opts.get_int("chassis", 0) or 0,
+                                       port=opts.get_int("port", 0) or 0,
+                                       slot=opts.get_int("slot", 0) or 0))
+        self.note(f"{spec.where}: PCI bridges are recorded, not built yet")
+
+    def dev_pci_bridge(self, spec: DeviceSpec, opts: Opts) -> None:
+        chassis = opts.get_int("chassis_nr", 0) or 0
+        if chassis == 0:
+            raise _usage(spec.where, "a pci-bridge needs a unique chassis_nr above 0")
+        name = self._bus_owner(spec, "PCI")
+        self.bridges.append(BridgeSpec(spec.driver, name, spec.addr, chassis=chassis))
+        self.note(f"{spec.where}: PCI bridges are recorded, not built yet")
+
+    def dev_virtio_serial_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        ident = spec.id or f"virtio-serial{len(self.vserial)}"
+        bus = self._bus_owner(spec, "virtio-serial-bus", f"{ident}.0")
+        max_ports = opts.get_int("max_ports", 31, lo=1, hi=31)
+        assert max_ports is not None
+        self.vserial[bus] = VirtioSerialSpec(spec.id, bus, max_ports, (), spec.addr)
+        self.ports[bus] = []
+
+    def _port(self, spec: DeviceSpec, opts: Opts, console: bool) -> None:
+        where = spec.where
+        ports = self.ports[spec.bus]
+        limit = self.vserial[spec.bus].max_ports
+        used = {p.nr for p in ports}
+        nr = opts.get_int("nr", lo=0, hi=limit - 1)
+        if nr is None:
+            start = 0 if console and 0 not in used else 1
+            nr = next((n for n in range(start, limit) if n not in used), None)
+            if nr is None:
+                raise _usage(where, f"bus '{spec.bus}' has no free port")
+        if nr == 0 and not console:
+            raise _usage(where, "port number 0 is reserved for virtconsole devices")
+        if nr in used:
+            raise _usage(where, f"port number {nr} on '{spec.bus}' is in use")
+        cd = self.claim_chardev(opts.need_str("chardev"), where, where)
+        name = opts.get_str("name")
+        ports.append(PortSpec(spec.id, nr, cd, name, console))
+        chardev = self.serial_config(cd, where)
+        try:
+            if console:
+                index = sum(1 for p in self.extra_serials if p.target == "virtio")
+                self.extra_serials.append(SerialPortConfig(chardev, "virtio", index))
+            elif name:
+                self.channels.append(ChannelConfig(name, chardev))
+            else:
+                self.note(f"{where}: a port without a name is not built")
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
+
+    def dev_virtserialport(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._port(spec, opts, False)
+
+    def dev_virtconsole(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._port(spec, opts, True)
+
+    def dev_virtio_rng_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        filename: Optional[str] = None
+        rid = opts.get_str("rng")
+        if rid is not None:
+            obj = self.objects.get(rid)
+            if obj is None or obj.qom_type not in ("rng-random", "rng-builtin"):
+                raise _usage(spec.where, f"rng backend '{rid}' not found")
+            if obj.qom_type == "rng-random":
+                filename = str(obj.props["filename"])
+        max_bytes, period = opts.get_int("max-bytes"), opts.get_int("period")
+        self.rngs.append(RngSpec(spec.id, filename, max_bytes, period, spec.addr))
+        try:
+            self.rng_configs.append(RngConfig(
+                filename or "/dev/urandom", max_bytes or None,
+                (period or 1000) if max_bytes else None))
+        except ConfigError as e:
+            raise _unsupported(spec.where, str(e)) from None
+
+    def dev_virtio_balloon_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        if self.balloon is not None:
+            raise _unsupported(spec.where, "only one memory balloon is supported")
+        self.balloons.append(BalloonSpec(spec.id, opts.get_bool("deflate-on-oom"),
+                                         opts.get_bool("free-page-reporting"), spec.addr))
+        self.balloon = BalloonConfig(
+            stats_period=opts.get_int("guest-stats-polling-interval", lo=0),
+            autodeflate=opts.get_bool("deflate-on-oom"),
+            free_page_reporting=opts.get_bool("free-page-reporting"))
+
+    def dev_virtio_blk_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        where = spec.where
+        drive = opts.need_str("drive")
+        if drive in self.used_nodes:
+            raise _usage(where, f"drive '{drive}' is already used by {self.used_nodes[drive]}")
+        if drive in self.drives:
+            info = self.disk_from_drive(drive, where)
+        elif drive in self.nodes:
+            info, _ = self.disk_from_node(drive, where)
+        else:
+            raise _usage(where, f"drive '{drive}' not found")
+        self.used_nodes[drive] = where
+        path, fd = self.resolve_path(str(info["filename"]), where)
+        if fd is not None:
+            raise _unsupported(where, f"{info['filename']}: disk images passed as "
+                                      "descriptors are not supported by pyhv yet")
+        assert path is not None
+        bootindex = opts.get_int("bootindex")
+        self.disks.append(DiskSpec(
+            spec.id, path, fd, bool(info["read_only"]), bool(info["direct"]),
+            bool(info["no_flush"]), bool(info["discard"]), opts.get_str("serial"),
+            bootindex, opts.get_int("num-queues"), opts.get_int("queue-size"),
+            spec.addr, drive))
+        write_cache = opts.get_str("write-cache", "auto")
+        cache = _cache_mode(info, write_cache != "auto" and not parse_bool(
+            write_cache, "write-cache", where))
+        try:
+            self.disk_configs.append(DiskConfig(
+                path, format="raw", source_type="block" if info["block"] else "file",
+                readonly=bool(info["read_only"]), shareable=opts.get_bool("share-rw"),
+                cache=cache, io=info["aio"],  # type: ignore[arg-type]
+                discard="unmap" if info["discard"] else None,
+                detect_zeroes=info["detect_zeroes"],  # type: ignore[arg-type]
+                serial=opts.get_str("serial"),
+                boot_order=bootindex if bootindex is not None and bootindex >= 1 else None))
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
+
+    def dev_virtio_net_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        where = spec.where
+        nid = opts.need_str("netdev")
+        nd = self.netdevs.get(nid)
+        if nd is None:
+            raise _usage(where, f"netdev '{nid}' not found")
+        if nid in self.used_netdevs:
+            raise _usage(where, f"netdev '{nid}' is already used by {self.used_netdevs[nid]}")
+        self.used_netdevs[nid] = where
+        mac = opts.get_str("mac")
+        if mac is None:
+            mac = f"52:54:00:12:34:{0x56 + self.nic_count:02x}"
+        elif not _MAC.match(mac):
+            raise _usage(where, f"'{mac}' is not a MAC address (example: 52:54:00:12:34:56)")
+        self.nic_count += 1
+        kind = nd.need_str("type")
+        queues = nd.get_int("queues", 1, lo=1) or 1
+        if kind == "tap":
+            fds = self.fd_list(nd, "fd", "fds")
+            vhost_fds = self.fd_list(nd, "vhostfd", "vhostfds")
+            vhost = nd.get_bool("vhost") or nd.get_bool("vhostforce")
+            if fds and len(fds) != queues and "queues" in nd:
+                raise _usage(nd.where, f"{len(fds)} tap descriptors for {queues} queues")
+            queues = max(queues, len(fds))
+            if queues > 1 or opts.get_bool("mq"):
+                raise _unsupported(where, "multiqueue virtio-net is not supported by pyhv")
+            if vhost:
+                self.note(f"{nd.where}: vhost-net is not used; pyhv's virtio-net runs "
+                          "in userspace")
+            ifname = nd.get_str("ifname")
+            nic = NicSpec(spec.id, mac.lower(), "tap", nid, fds, ifname,
+                          vhost_fds, vhost, queues, None, opts.get_int("bootindex"),
+                          opts.get_int("host_mtu"), spec.addr)
+            net = NetConfig("tap", ifname=ifname if not fds else None,
+                            fd=fds[0] if fds else None, mac=mac.lower())
+        else:
+            cd = self.claim_chardev(nd.need_str("chardev"), nd.where, nd.where)
+            self.need_shared_memory(where)
+            if cd.backend != "socket" or cd.path is None:
+                raise _unsupported(where, f"vhost-user netdev '{nid}' needs a unix socket "
+                                          "chardev with a path")
+            nic = NicSpec(spec.id, mac.lower(), "vhost-user", nid, queues=queues, chardev=cd,
+                          bootindex=opts.get_int("bootindex"), addr=spec.addr)
+            net = NetConfig("vhost-user", socket=cd.path, server=cd.server, mac=mac.lower())
+        if opts.get_int("host_mtu"):
+            self.note(f"{where}: host_mtu is not passed to the guest")
+        self.nics.append(nic)
+        self.net_configs.append(net)
+
+    def need_shared_memory(self, where: str) -> None:
+        if not self.shared_memory:
+            raise _usage(where, "vhost-user needs shared guest memory (a memory-backend with "
+                                "share=on; libvirt: <memoryBacking><access mode='shared'/>)")
+
+    def _vhost_user(self, spec: DeviceSpec, opts: Opts) -> None:
+        self.need_shared_memory(spec.where)
+        cd = self.claim_chardev(opts.need_str("chardev"), spec.where, spec.where)
+        if cd.backend != "socket":
+            raise _usage(spec.where, f"chardev '{cd.id}' must be a unix socket")
+        tag = opts.get_str("tag")
+        if spec.driver == "vhost-user-fs-pci" and not tag:
+            raise _usage(spec.where, "parameter 'tag' is missing")
+        queues = opts.get_int("num-queues") or opts.get_int("num-request-queues")
+        self.vhost_user.append(VhostUserSpec(spec.driver, spec.id, cd, tag, queues,
+                                             opts.get_int("queue-size"),
+                                             opts.get_int("bootindex"), spec.addr))
+        self.note(f"{spec.where}: vhost-user devices are recorded, not built yet")
+
+    dev_vhost_user_blk_pci = _vhost_user
+    dev_vhost_user_fs_pci = _vhost_user
+
+    # ----------------------------------------------------------------- the rest
+
+    def legacy_serial(self) -> None:
+        for n, o in enumerate(find(self.opts, "serial")):
+            if o.text == "none":
+                continue
+            if n > 0:
+                raise _unsupported(o.where, "only one serial port (COM1) is supported by pyhv")
+            if self.serial_given:
+                raise _unsupported(o.where, "COM1 is already defined")
+            spec = o.text
+            if spec == "mon:stdio":
+                self.note(f"{o.where}: no human monitor is multiplexed; COM1 is on stdio")
+                spec = "stdio"
+            cd = self.compat_chardev(spec, f"serial{n}", o.where)
+            self.serial, self.serial_given = self.serial_config(cd, o.where), True
+
+    def rtc(self) -> RtcSpec:
+        opts = merged(self.opts, "rtc")
+        if opts is None:
+            return RtcSpec()
+        opts.check_keys(("base", "clock", "driftfix"))
+        base = opts.get_str("base", "utc") or "utc"
+        if base not in ("utc", "localtime") and not re.match(
+                r"^\d{4}-\d\d-\d\d(T\d\d:\d\d:\d\d)?$", base):
+            raise _usage(opts.where, f"invalid date format '{base}' (valid: "
+                                     "2006-06-17T16:01:21 or 2006-06-17)")
+        spec = RtcSpec(base, opts.choice("clock", ("host", "rt", "vm"), "host") or "host",
+                       opts.choice("driftfix", ("none", "slew"), "none") or "none")
+        if spec.clock != "host" or spec.driftfix != "none":
+            self.note(f"{opts.where}: clock={spec.clock}, driftfix={spec.driftfix} are not "
+                      "honoured; the RTC follows the host clock")
+        if base == "localtime":
+            self.clock = ClockConfig("localtime")
+        elif base != "utc":
+            fmt = "%Y-%m-%dT%H:%M:%S" if "T" in base else "%Y-%m-%d"
+            try:
+                start = datetime.strptime(base, fmt).replace(tzinfo=timezone.utc)
+            except ValueError:
+                raise _usage(opts.where, f"invalid date '{base}'") from None
+            self.clock = ClockConfig("variable", int(start.timestamp() - self.now))
+        return spec
+
+    def misc(self) -> None:
+        for name, reason in _REFUSED.items():
+            o = self.one(name)
+            if o is not None and not (name == "parallel" and o.text == "none"):
+                raise _unsupported(o.where, reason)
+        for o in find(self.opts, "display"):
+            o.opts.check_keys(("type",))
+            if o.opts.get_str("type") != "none":
+                raise _unsupported(o.where, "displays are not supported by pyhv; use "
+                                            "-display none")
+        for o in find(self.opts, "vga"):
+            if o.text != "none":
+                raise _unsupported(o.where, "video cards are not supported by pyhv")
+        o = self.one("overcommit")
+        if o is not None:
+            o.opts.check_keys(("mem-lock", "cpu-pm"))
+            if o.opts.choice("mem-lock", ("on", "off", "on-fault"), "off") != "off":
+                self.mem_lock = True
+            if o.opts.get_bool("cpu-pm"):
+                self.note(f"{o.where}: cpu-pm is not honoured")
+        for o in find(self.opts, "sandbox"):
+            o.opts.get_bool("enable")
+        for name in ("smbios", "fw_cfg"):
+            for o in find(self.opts, name):
+                self.note(f"{o.where}: not passed to the guest (not supported yet)")
+        if self.has("no-acpi"):
+            self.acpi = False
+        if self.has("usb"):
+            # libvirt's default USB controller on pc: nothing is ever attached to it
+            self.note("-usb: the USB controller is not built (no USB device uses it)")
+        for o in find(self.opts, "audiodev"):
+            o.opts.need_str("id")
+            o.opts.need_str("driver")
+
+    def globals(self) -> tuple[tuple[str, str, str], ...]:
+        out = []
+        for o in find(self.opts, "global"):
+            values = o.opts.values
+            if set(values) <= {"driver", "property", "value"} and "driver" in values:
+                triple = (o.opts.need_str("driver"), o.opts.need_str("property"),
+                          o.opts.get_str("value") or "")
+            else:
+                if len(values) != 1:
+                    raise _usage(o.where, "expected driver.property=value")
+                key, value = next(iter(values.items()))
+                driver, dot, prop = key.partition(".")
+                if not dot or not driver or not prop:
+                    raise _usage(o.where, "expected driver.property=value")
+                triple = (driver, prop, str(value))
+            if (triple[0], triple[1]) not in _GLOBALS_OK:
+                self.note(f"-global {triple[0]}.{triple[1]}={triple[2]}: not applied")
+            out.append(triple)
+        return tuple(out)
+
+    def boot(self, machine: registry.MachineType) -> Optional[KernelBoot]:
+        opts = merged(self.opts, "boot")
+        if opts is not None:
+            opts.check_keys(("order", "once", "menu", "splash", "splash-time",
+                             "reboot-timeout", "strict"))
+            devices = {"c": "hd", "d": "cdrom", "n": "network"}
+            order = opts.get_str("order") or ""
+            if any(c not in "abcdnop" for c in order):
+                raise _usage(opts.where, f"invalid boot device order '{order}'")
+            self.boot_order = tuple(devices[c] for c in order if c in devices)
+            opts.get_bool("strict")
+            opts.get_bool("menu")
+            opts.get_int("reboot-timeout")
+        kernel = self.one("kernel")
+        if machine.chipset == "none":
+            return None
+        if kernel is None:
+            raise _unsupported("-kernel", "pyhv boots guests only from a kernel (direct "
+                                          "kernel boot; libvirt: <os><kernel>); firmware "
+                                          "and disk boot are not supported")
+        initrd = self.one("initrd")
+        append = self.one("append")
+        return KernelBoot(kernel.text, initrd.text if initrd else None,
+                          append.text if append else "")
+
+    def process(self, monitors: list[Monitor]) -> ShimOptions:
+        name_opts = merged(self.opts, "name")
+        name = process_name = None
+        debug_threads = False
+        if name_opts is not None:
+            name_opts.check_keys(("guest", "process", "debug-threads"))
+            name = name_opts.get_str("guest")
+            process_name = name_opts.get_str("process")
+            debug_threads = name_opts.get_bool("debug-threads")
+        no_reboot = self.has("no-reboot")
+        panic = "shutdown"
+        no_shutdown = self.has("no-shutdown")
+        for o in find(self.opts, "action"):
+            opts = o.opts
+            opts.check_keys(("reboot", "shutdown", "panic", "watchdog"))
+            if opts.choice("reboot", ("reset", "shutdown"), "reset") == "shutdown":
+                no_reboot = True
+            if opts.choice("shutdown", ("poweroff", "pause"), "poweroff") == "pause":
+                no_shutdown = True
+            panic = opts.choice("panic", ("pause", "shutdown", "none", "exit-failure"),
+                                panic) or panic
+            opts.choice("watchdog", ("reset", "shutdown", "poweroff", "pause", "debug",
+                                     "none", "inject-nmi"))
+        msg = merged(self.opts, "msg")
+        timestamp = False
+        if msg is not None:
+            msg.check_keys(("timestamp", "guest-name"))
+            timestamp = msg.get_bool("timestamp")
+            msg.get_bool("guest-name")
+        sandbox = False
+        for o in find(self.opts, "sandbox"):
+            sandbox = o.opts.get_bool("enable")
+        pidfile = self.one("pidfile")
+        log = self.one("D")
+        return ShimOptions(
+            name=name, process_name=process_name, debug_threads=debug_threads,
+            monitors=tuple(monitors), pidfile=pidfile.text if pidfile else None,
+            daemonize=self.has("daemonize"), start_paused=self.has("S"),
+            no_shutdown=no_shutdown, no_reboot=no_reboot, panic_action=panic,
+            msg_timestamp=timestamp, sandbox=sandbox,
+            fdsets={k: tuple(v) for k, v in self.fdsets.items()},
+            chardevs=dict(self.chardevs), inherited_fds=tuple(self.fds),
+            logfile=log.text if log else None)
+
+
+def _size_of(value: object, where: str) -> int:
+    from pyhv.shim.argv import parse_size
+
+    return parse_size(value, "size", where)
+
+
+def _cache_mode(info: dict[str, object], write_through: bool) -> Optional[str]:
+    """libvirt's cache mode back from cache.direct, cache.no-flush and write-cache."""
+    write_through = write_through or bool(info.get("write_through"))
+    if not info["cache_given"] and not write_through:
+        return None
+    if info["no_flush"]:
+        return "unsafe"
+    if info["direct"]:
+        return "directsync" if write_through else "none"
+    return "writethrough" if write_through else "writeback"
+
+
+def _truth(value: object, where: str) -> bool:
+    return False if value is None else parse_bool(value, "flag", where)
+
+
+def _parse_devfn(raw: JsonValue, where: str) -> tuple[int, int]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        slot, fn = raw >> 3, raw & 7
+    elif isinstance(raw, str):
+        slot_s, _, fn_s = raw.partition(".")
+        try:
+            slot = int(slot_s, 16)
+            fn = int(fn_s, 16) if fn_s else 0
+        except ValueError:
+            raise _usage(where, f"addr '{raw}': expected slot[.function], e.g. 0x3 or "
+                                "0x1.0x2") from None
+    else:
+        raise _usage(where, "addr: expected slot[.function]")
+    if not (0 <= slot < 32 and 0 <= fn < 8):
+        raise _usage(where, f"addr '{raw}': slot must be below 32 and function below 8")
+    return slot, fn
+
+
+_INT_RANGES = {
+    "uint8": (0, 0xFF), "uint16": (0, 0xFFFF), "uint32": (0, 0xFFFFFFFF),
+    "uint64": (0, (1 << 64) - 1), "int32": (-(1 << 31), (1 << 31) - 1),
+    "int": (-(1 << 63), (1 << 63) - 1),
+}
+
+
+def _check_prop(prop: registry.PropInfo, value: JsonValue, where: str) -> None:
+    """Type-check a ``-device`` property value the way QEMU's visitors would."""
+    if prop.name == "addr":
+        _parse_devfn(value, where)
+    elif prop.type == "bool":
+        parse_bool(value, prop.name, where)
+    elif prop.type in _INT_RANGES:
+        lo, hi = _INT_RANGES[prop.type]
+        parse_int(value, prop.name, where, lo, hi)
+    elif prop.type == "size":
+        _size_of(value, where)
+    elif prop.type == "OnOffAuto":
+        if str(value).lower() not in ("on", "off", "auto", "true", "false"):
+            raise _usage(where, f"parameter '{prop.name}' expects on, off or auto")
+    elif prop.type == "BlockdevOnError":
+        if value not in ("report", "ignore", "enospc", "stop", "auto"):
+            raise _usage(where, f"parameter '{prop.name}' expects report, ignore, enospc, "
+                                "stop or auto")
+    elif not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise _usage(where, f"parameter '{prop.name}' expects a string")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
+    """Arguments (without argv[0]) → a checked plan; raises ShimError.
+
+    ``now`` (seconds since the epoch, default the current time) is what a
+    ``-rtc base=DATE`` start date is measured from.
+    """
+    b = _Builder(parse(args), now)
+    b.misc()
+    machine, machine_opts = b.machine()
+    b.accel(machine_opts)
+    b.read_fdsets()
+    b.read_chardevs()
+    monitors = b.read_monitors()
+    b.read_objects()
+    memory = b.memory(machine, machine_opts)
+    cpu = b.cpu()
+    rtc = b.rtc()
+    boot = b.boot(machine)
+    b.read_blockdevs()
+    b.read_netdevs()
+    b.read_devices(machine)
+    b.legacy_serial()
+    global_props = b.globals()
+    for cid in b.chardevs:
+        if cid not in b.chardev_users:
+            b.note(f"-chardev {cid}: not used by any device")
+    options = b.process(monitors)
+    config = None
+    if boot is not None:
+        serial = b.serial
+        if serial is None:
+            serial = SerialConfig("stdio" if b.has("nographic") and not b.has("nodefaults")
+                                  else "null")
+        try:
+            config = VmConfig(
+                boot=boot,
+                name=options.name or "pyhv",
+                uuid=_uuid(b.one("uuid")),
+                memory=memory,
+                vcpus=b.vcpus,
+                serial=serial,
+                on_reboot="destroy" if options.no_reboot else "restart",
+                shared_memory=b.shared_memory,
+                machine=machine.name,
+                memory_backing=b.backing,
+                max_vcpus=b.max_vcpus,
+                cpu=b.cpu_config,
+                features=FeaturesConfig(acpi=b.acpi, pmu=b.pmu),
+                clock=b.clock,
+                boot_order=b.boot_order,
+                disks=tuple(b.disk_configs),
+                nets=tuple(b.net_configs),
+                extra_serials=tuple(b.extra_serials),
+                channels=tuple(b.channels),
+                rngs=tuple(b.rng_configs),
+                balloon=b.balloon,
+            )
+        except ConfigError as e:
+            raise ShimError(str(e), _config_where(str(e))) from None
+    elif b.one("uuid") is not None:
+        _uuid(b.one("uuid"))
+    vs = tuple(VirtioSerialSpec(v.id, v.bus_name, v.max_ports, tuple(b.ports[k]), v.addr)
+               for k, v in b.vserial.items())
+    return ShimPlan(
+        config=config, options=options, machine=machine, cpu=cpu, rtc=rtc,
+        devices=tuple(b.devices), disks=tuple(b.disks), nics=tuple(b.nics),
+        rngs=tuple(b.rngs), balloons=tuple(b.balloons), virtio_serial=vs,
+        vhost_user=tuple(b.vhost_user), bridges=tuple(b.bridges), objects=dict(b.objects),
+        globals=global_props, pending=tuple(b.pending))
+
+
+def _uuid(o: Optional[Option]) -> Optional[str]:
+    if o is None:
+        return None
+    if not _UUID.match(o.text):
+        raise _usage(o.where, "invalid UUID (expected 8-4-4-4-12 hexadecimal digits)")
+    return o.text.lower()
+
+
+def _config_where(message: str) -> str:
+    if message.startswith("memory"):
+        return "-m"
+    if message.startswith(("vcpus", "max vcpus", "cpu")):
+        return "-smp"
+    if message.startswith("serial"):
+        return "-device isa-serial"
+    return "-machine"
+
+
+def parse_and_map(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
+    """The process module's entry point: the same as :func:`build`."""
+    return build(args, now)

@@ -1,0 +1,147 @@
+"""QMP over sockets: the thin I/O layer around :class:`pyhv.shim.commands.QmpSession`.
+
+A :class:`MonitorServer` listens on a socket (one libvirt passed as an inherited
+fd, or a unix path from ``-qmp unix:PATH,server=on``) and gives every accepted
+connection its own session (protocol state) over the shared command handlers.
+Bytes in go to the session, its replies go back out; events are broadcast to
+every negotiated session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from typing import Callable, Optional
+
+from pyhv.engine.eventloop import EventLoop
+from pyhv.shim.commands import QmpSession
+
+#: makes the protocol session for a new connection
+SessionFactory = Callable[[], QmpSession]
+
+
+class MonitorSession:
+    def __init__(self, server: "MonitorServer", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.session = server.new_session()
+        self.out = bytearray()
+        self.closed = False
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        server.loop.add_reader(self.fd, self._readable)
+        self.send(self.session.start())
+
+    def send(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        self.out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                # the peer is slow: wait for writability (bounded by the peer reading)
+                _wait_writable(self.fd, 1.0)
+                continue
+            except OSError:
+                self.close()
+                return
+            del self.out[:n]
+
+    def _readable(self, fd: int) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.send(self.session.feed(data))
+        if self.server.after_commands is not None:
+            self.server.after_commands()
+        if not data or self.session.done:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.sessions.discard(self)
+
+
+def _wait_writable(fd: int, timeout: float) -> None:
+    select.select([], [fd], [], timeout)
+
+
+class MonitorServer:
+    """A listening QMP socket."""
+
+    def __init__(self, loop: EventLoop, listener: socket.socket, new_session: SessionFactory,
+                 path: Optional[str] = None) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.new_session = new_session
+        self.path = path
+        self.sessions: set[MonitorSession] = set()
+        #: called after each batch of commands (the owner acts on their effects)
+        self.after_commands: Optional[Callable[[], None]] = None
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), self._accept)
+
+    @classmethod
+    def from_fd(cls, loop: EventLoop, fd: int, new_session: SessionFactory) -> "MonitorServer":
+        """A listening socket inherited from the parent (libvirt's monitor fd)."""
+        sock = socket.socket(fileno=fd)
+        return cls(loop, sock, new_session)
+
+    @classmethod
+    def unix(cls, loop: EventLoop, path: str, new_session: SessionFactory) -> "MonitorServer":
+        """Listen on a unix socket at ``path`` (an old socket file is replaced)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        return cls(loop, sock, new_session, path)
+
+    def _accept(self, fd: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    return
+                raise
+            self.sessions.add(MonitorSession(self, sock))
+
+    def broadcast(self, name: str, data: Optional[dict] = None) -> None:
+        for s in list(self.sessions):
+            s.send(s.session.event(name, data))
+
+    def close(self) -> None:
+        for s in list(self.sessions):
+            s.close()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass

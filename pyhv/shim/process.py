@@ -1,0 +1,293 @@
+"""The running pyhv-qemu process: machine, monitors, events, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+from pyhv.engine.eventloop import EventLoop
+from pyhv.shim.commands import Commands, CpuidWord, QmpSession, VcpuInfo
+from pyhv.shim.errors import ShimError
+from pyhv.shim.qmp import QmpError
+
+if TYPE_CHECKING:
+    from pyhv.engine.machine import Machine, MachineEvent
+    from pyhv.shim.mapping import ShimPlan
+    from pyhv.shim.monitor import MonitorServer
+
+_REGISTERS = ("EAX", "EBX", "ECX", "EDX")  # QEMU's X86CPURegister32 names
+
+
+class ShimMachine:
+    """What QMP's handlers see: the engine's :class:`Machine` with QEMU's run states."""
+
+    def __init__(self, plan: "ShimPlan", machine: "Machine",
+                 emit: Callable[[str, Optional[dict]], None],
+                 stop_process: Callable[[], None]) -> None:
+        self.plan = plan
+        self.machine = machine
+        self.emit = emit
+        self.stop_process = stop_process
+        cfg = plan.config
+        assert cfg is not None
+        self.name = plan.options.name
+        self.uuid = cfg.uuid
+        self.cpu_type = "host-x86_64-cpu"
+        #: QEMU's prelaunch: vCPUs built but never run since start or reset-from-shutdown
+        self.prelaunch = plan.options.start_paused
+        self.internal_error = False
+
+    # ---- run state -----------------------------------------------------------
+    def status(self) -> str:
+        st = self.machine.state.value
+        if st == "running":
+            return "running"
+        if st in ("paused", "created"):
+            return "prelaunch" if self.prelaunch else "paused"
+        if st == "crashed" or self.internal_error:
+            return "internal-error"
+        return "shutdown"
+
+    def cont(self) -> None:
+        st = self.machine.state.value
+        if st in ("shutdown", "crashed"):
+            raise QmpError("Resetting the Virtual Machine is required")
+        if st == "paused":
+            self.prelaunch = False
+            self.machine.resume()
+
+    def stop(self) -> None:
+        if self.machine.state.value == "running":
+            self.machine.pause()
+
+    def powerdown(self) -> None:
+        self.emit("POWERDOWN", None)
+        self.machine.power_button()
+
+    def reset(self) -> None:
+        was_ended = self.machine.state.value in ("shutdown", "crashed")
+        self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        self.machine.reset("host-qmp")
+        self.internal_error = False
+        if was_ended:
+            self.prelaunch = True
+
+    def quit(self) -> None:
+        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.stop_process()
+
+    # ---- queries -------------------------------------------------------------
+    def chardevs(self) -> Sequence[tuple[str, str, bool]]:
+        out = []
+        com1 = self._com1_chardev()
+        hs = self.machine.host_serial
+        for cid, cd in self.plan.options.chardevs.items():
+            if cid == com1 and hs is not None and hs.pty_path:
+                filename = f"pty:{hs.pty_path}"
+            elif cd.backend == "socket":
+                where = cd.path or (f"fd:{cd.fd}" if cd.fd is not None else "")
+                filename = f"disconnected:unix:{where},server=on" if cd.server \
+                    else f"unix:{where}"
+            elif cd.backend == "file":
+                filename = f"file:{cd.path}" if cd.path else "file"
+            else:
+                filename = cd.backend
+            out.append((cid, filename, cid == com1))
+        return out
+
+    def _com1_chardev(self) -> Optional[str]:
+        for d in self.plan.devices:
+            if d.driver == "isa-serial" and int(str(d.props.get("index", 0))) == 0:
+                cd = d.props.get("chardev")
+                return str(cd) if cd is not None else None
+        return None
+
+    def vcpus(self) -> Sequence[VcpuInfo]:
+        return [VcpuInfo(i, tid, 0, i, 0)
+                for i, tid in enumerate(self.machine.vcpu_thread_ids())]
+
+    def cpuid_words(self) -> Sequence[CpuidWord]:
+        words: list[CpuidWord] = []
+        for fn, idx, flags, *regs in self.machine.cpuid():
+            sub = idx if flags & 1 else None
+            for name, value in zip(_REGISTERS, regs):
+                words.append((fn, sub, name, value))
+        return words
+
+    def peripherals(self) -> Sequence[tuple[str, str]]:
+        return [(d.id, d.driver) for d in self.plan.devices if d.id]
+
+    def balloon_actual(self) -> Optional[int]:
+        return None
+
+    def set_balloon(self, target: int) -> None:
+        raise QmpError("No balloon device has been activated", "DeviceNotActive")
+
+
+class ShimProcess:
+    def __init__(self, plan: "ShimPlan", log: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.log = log
+        self.loop = EventLoop()
+        self.monitors: list["MonitorServer"] = []
+        self.machine: Optional["Machine"] = None
+        self.control: Optional[ShimMachine] = None
+        self.commands: Optional[Commands] = None
+        self.pidfile = None
+        self.exit_status = 0
+        self._signal: list[int] = []
+        self._wake_r = self._wake_w = -1
+
+    # ---- set-up --------------------------------------------------------------
+    def setup(self) -> None:
+        from pyhv.shim.main import PidFile
+
+        opts = self.plan.options
+        if opts.pidfile:
+            try:
+                self.pidfile = PidFile(opts.pidfile)
+            except OSError as e:
+                raise ShimError(f"cannot create PID file: {e.strerror}", opts.pidfile) from e
+        self._signals()
+        cfg = self.plan.config
+        if cfg is not None:
+            self._check_buildable(cfg)
+            from pyhv.engine.machine import Machine
+
+            self.machine = Machine(cfg)
+            self.machine.subscribe(self._on_machine_event)
+            self.control = ShimMachine(self.plan, self.machine, self.broadcast, self.stop)
+            self.machine.start(paused=opts.start_paused)
+            hs = self.machine.host_serial
+            if hs is not None and hs.pty_path:
+                self.log(f"char device redirected to {hs.pty_path} (label "
+                         f"{self.control._com1_chardev() or 'serial0'})")
+            self.loop.add_reader(self.machine.event_fd,
+                                 lambda fd: self.machine.process_events())  # type: ignore
+        self.commands = Commands(self.control)
+        self._monitors()
+
+    def _check_buildable(self, cfg: object) -> None:
+        try:
+            from pyhv.engine.support import unsupported
+        except ImportError:
+            return
+        problems = unsupported(cfg)  # type: ignore[arg-type]
+        if problems:
+            raise ShimError(problems[0])
+
+    def _monitors(self) -> None:
+        from pyhv.shim.monitor import MonitorServer
+
+        assert self.commands is not None
+        commands = self.commands
+
+        def new_session() -> QmpSession:
+            return QmpSession(commands)
+
+        for mon in self.plan.options.monitors:
+            cd = mon.chardev
+            if cd.backend != "socket" or not cd.server:
+                raise ShimError(f"monitor chardev {cd.id}: only a listening socket "
+                                "(server=on) is supported")
+            try:
+                if cd.fd is not None:
+                    server = MonitorServer.from_fd(self.loop, cd.fd, new_session)
+                elif cd.path:
+                    server = MonitorServer.unix(self.loop, cd.path, new_session)
+                else:
+                    raise ShimError(f"monitor chardev {cd.id}: needs fd= or path=")
+            except OSError as e:
+                raise ShimError(f"monitor chardev {cd.id}: {e.strerror}") from e
+            server.after_commands = self._after_commands
+            self.monitors.append(server)
+
+    def _signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._signal.append(signum)
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, on_signal)
+        self.loop.add_reader(self._wake_r, self._on_wakeup)
+
+    # ---- events --------------------------------------------------------------
+    def broadcast(self, name: str, data: Optional[dict] = None) -> None:
+        for m in self.monitors:
+            m.broadcast(name, data)
+
+    def _on_wakeup(self, fd: int) -> None:
+        try:
+            os.read(fd, 512)
+        except BlockingIOError:
+            pass
+        if self._signal:
+            signum = self._signal[0]
+            self._signal.clear()
+            self.log(f"terminating on signal {signum}")
+            self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+            self.stop()
+
+    def _after_commands(self) -> None:
+        if self.commands is not None and self.commands.quit_requested:
+            self.stop()
+
+    def _on_machine_event(self, ev: "MachineEvent") -> None:
+        opts = self.plan.options
+        assert self.machine is not None and self.control is not None
+        if ev.kind == "paused":
+            self.broadcast("STOP")
+        elif ev.kind == "resumed":
+            self.broadcast("RESUME")
+        elif ev.kind == "reset" and ev.detail == "guest":
+            self.broadcast("RESET", {"guest": True, "reason": "guest-reset"})
+        elif ev.kind == "powered-off" and ev.detail in ("guest", "guest-reset"):
+            reason = "guest-shutdown" if ev.detail == "guest" else "guest-reset"
+            self._guest_ended(reason, opts.no_shutdown)
+        elif ev.kind == "crashed":
+            if ev.detail == "triple-fault":
+                self.log("guest triple fault: resetting")
+                if opts.no_reboot:
+                    self._guest_ended("guest-reset", opts.no_shutdown)
+                else:
+                    self.broadcast("RESET", {"guest": True, "reason": "guest-reset"})
+                    self.machine.reset("guest")
+                    self.machine.resume()
+            else:
+                self.log(f"KVM internal error: {ev.message}")
+                if ev.registers:
+                    self.log(ev.registers)
+                self.control.internal_error = True
+                self.broadcast("STOP")
+
+    def _guest_ended(self, reason: str, stay: bool) -> None:
+        self.broadcast("SHUTDOWN", {"guest": True, "reason": reason})
+        if stay:
+            self.broadcast("STOP")
+        else:
+            self.stop()
+
+    # ---- run -----------------------------------------------------------------
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def run(self) -> int:
+        try:
+            self.loop.run()
+        finally:
+            self.cleanup()
+        return self.exit_status
+
+    def cleanup(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        for m in self.monitors:
+            m.close()
+        self.monitors = []
+        if self.pidfile is not None:
+            self.pidfile.remove()
+            self.pidfile = None
