@@ -277,7 +277,7 @@ def test_argument_errors(name: str, args: dict[str, Any], cls: str, desc: str) -
 
 def test_open_arguments_of_device_add() -> None:
     c = negotiated()
-    cls, desc = c.err("device_add", driver="virtio-blk-pci", id="d", drive="x", addr="0x5")
+    cls, desc = c.err("device_add", driver="pcie-root-port", id="d", addr="0x5")
     assert cls == "GenericError" and "not supported" in desc
     assert c.err("device_add", driver="nonsense")[1] == \
         "'nonsense' is not a valid device model name"
@@ -300,17 +300,19 @@ def test_libvirt_probe_sequence() -> None:
     assert c.ok("query-kvm") == {"enabled": True, "present": True}
 
     types = {t["name"]: t for t in c.ok("qom-list-types")}
-    assert "virtio-blk-pci" in types and "max-x86_64-cpu" in types
+    # only what the engine builds is offered (domcapabilities lists nothing else)
+    assert "isa-serial" in types and "max-x86_64-cpu" in types
+    assert "virtio-blk-pci" not in types and "virtio-rng-pci" not in types
     assert "secret" in types and "memory-backend-memfd" in types
     assert "tcg-accel" not in types  # KVM only: libvirt must not offer TCG
     assert not any(t.get("abstract") for t in types.values())
     pci = {t["name"] for t in c.ok("qom-list-types", implements="pci-device")}
-    assert "virtio-net-pci" in pci and "isa-serial" not in pci
+    assert "pcie-root-port" in pci and "isa-serial" not in pci
     assert "device" in {t["name"] for t in c.ok("qom-list-types", abstract=True)}
 
-    props = {p["name"]: p for p in c.ok("device-list-properties", typename="virtio-blk-pci")}
-    assert props["scsi"]["default-value"] is False and props["drive"]["type"] == "str"
-    for absent in ("scsi-hd", "ide-hd", "PIIX4_PM", "kvm-pit", "usb-host"):
+    props = {p["name"]: p for p in c.ok("device-list-properties", typename="PIIX4_PM")}
+    assert props["disable_s3"]["default-value"] == 1  # S3/S4 off: pyhv offers S5 only
+    for absent in ("scsi-hd", "ide-hd", "virtio-blk-pci", "kvm-pit", "usb-host"):
         assert c.err("device-list-properties", typename=absent) == (
             "DeviceNotFound", f"Device '{absent}' not found")
     assert c.err("device-list-properties", typename="secret")[0] == "GenericError"

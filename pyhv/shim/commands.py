@@ -149,7 +149,10 @@ def _qom_types(reg: Any) -> dict[str, _QomType]:
     out: dict[str, _QomType] = {}
     for name, parent in _ABSTRACT.items():
         out[name] = _QomType(name, parent, True)
+    built = getattr(reg, "BUILT", None)
     for dev in reg.DEVICES.values():
+        if built is not None and dev.name not in built:
+            continue  # known to the command line (for a clear refusal), not offered
         if dev.parent not in out:
             out[dev.parent] = _QomType(dev.parent, "device", True)
         out[dev.name] = _QomType(dev.name, dev.parent, False, tuple(

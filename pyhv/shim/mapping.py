@@ -1438,6 +1438,10 @@ class _Builder:
                 triple = (driver, prop, str(value))
             if (triple[0], triple[1]) not in _GLOBALS_OK:
                 self.note(f"-global {triple[0]}.{triple[1]}={triple[2]}: not applied")
+            if triple[1] in ("disable_s3", "disable_s4") and triple[2] not in ("1", "on"):
+                state = "S3 (suspend to RAM)" if triple[1] == "disable_s3" else \
+                    "S4 (suspend to disk)"
+                raise _unsupported(o.where, f"{state} is not supported (pyhv offers S5 only)")
             out.append(triple)
         return tuple(out)
 

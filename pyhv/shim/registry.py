@@ -168,7 +168,18 @@ def _dev(name: str, bus: str, category: str, description: str, parent: str,
                       tuple(sorted(props, key=lambda p: p.name)), alias, provides_bus)
 
 
+#: the chipset's power management function: pyhv's ACPI offers S5 only, so S3
+#: and S4 are always disabled (libvirt reads these properties for <pm>)
+_PM_PROPS = (
+    PropInfo("disable_s3", "uint8", default=1),
+    PropInfo("disable_s4", "uint8", default=1),
+)
+
 DEVICES: dict[str, DeviceType] = {d.name: d for d in (
+    _dev("PIIX4_PM", "PCI", "Misc", "ACPI power management (built into pc machines)",
+         "pci-device", _PM_PROPS),
+    _dev("ICH9-LPC", "PCI", "Misc", "ACPI power management (built into q35 machines)",
+         "pci-device", _PM_PROPS),
     _dev("isa-serial", "ISA", "Input", "16550A UART (COM1-COM4)", "isa-device", (
         PropInfo("baudbase", "uint32", default=115200),
         _CHARDEV,
@@ -362,3 +373,13 @@ COMMAND_LINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "action": ("reboot", "shutdown", "panic", "watchdog"),
     "display": ("type",),
 }
+
+
+#: the devices pyhv builds (or accepts as plumbing): what QMP offers to libvirt, so
+#: that domcapabilities lists them and nothing else.  The virtio devices join
+#: this set when the engine builds them; until then -device refuses them.
+BUILT: frozenset[str] = frozenset({
+    "isa-serial",          # COM1
+    "PIIX4_PM", "ICH9-LPC",  # the chipset's ACPI PM (S5 only)
+    "pcie-root-port", "pci-bridge",  # accepted and flattened onto the root bus
+})

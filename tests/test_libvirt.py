@@ -1,0 +1,281 @@
+"""Tier libvirt: a real libvirtd (private, started for these tests) runs pyhv-qemu as
+its emulator, and unmodified virsh, virt-install and libvirt-python manage the
+test guests.  The guests print their report on COM1 and power off when the ACPI
+power button is pressed (``pyhv.wait=powerbutton``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from guests.report import parse_report
+from libvirt_daemon import LibvirtDaemon, unavailable_reason
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.kvm]
+
+EMULATOR = str(Path(sys.executable).with_name("pyhv-qemu"))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    assert os.access(EMULATOR, os.X_OK), f"{EMULATOR}: pyhv-qemu is not installed"
+    with LibvirtDaemon(tmp_path_factory.mktemp("libvirt")) as d:
+        yield d
+
+
+def virsh(d: LibvirtDaemon, *args: str, check: bool = True,
+          timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run(["virsh", "-c", d.uri, *args], capture_output=True, text=True,
+                       timeout=timeout, env=d.client_env())
+    if check:
+        assert p.returncode == 0, f"virsh {' '.join(args)}: {p.stderr}\n{log_tail(d, args)}"
+    return p
+
+
+def log_tail(d: LibvirtDaemon, args: tuple[str, ...]) -> str:
+    for a in args:
+        path = d.domain_log(a)
+        if path.exists():
+            return "--- domain log ---\n" + path.read_text(errors="replace")[-3000:]
+    return ""
+
+
+def domain_xml(name: str, kernel: Path, cmdline: str, serial: str = "<serial type='pty'>"
+               "<target port='0'/></serial><console type='pty'><target type='serial'/>"
+               "</console>", vcpus: int = 2) -> str:
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>{EMULATOR}</emulator>
+    {serial}
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def define(d: LibvirtDaemon, tmp: Path, name: str, xml: str) -> None:
+    f = tmp / f"{name}.xml"
+    f.write_text(xml)
+    virsh(d, "define", str(f))
+
+
+def state(d: LibvirtDaemon, name: str) -> str:
+    return virsh(d, "domstate", "--reason", name).stdout.strip()
+
+
+def wait_state(d: LibvirtDaemon, name: str, want: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = state(d, name)
+        if st == want or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+class Console:
+    """The guest's serial console through libvirt (what `virsh console` uses): a
+    blocking console stream drained by a thread."""
+
+    def __init__(self, d: LibvirtDaemon, name: str) -> None:
+        import threading
+
+        import libvirt
+
+        self.conn = libvirt.open(d.uri)
+        self.dom = self.conn.lookupByName(name)
+        self.stream = self.conn.newStream(0)
+        self.dom.openConsole(None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self.text = ""
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        import libvirt
+
+        while True:
+            try:
+                data = self.stream.recv(4096)
+            except libvirt.libvirtError:
+                return
+            if not isinstance(data, bytes) or not data:
+                return
+            self.text += data.decode("latin-1")
+
+    def read_until(self, needle: str, timeout: float = 60, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while self.text.count(needle) < count:
+            assert time.monotonic() < deadline, f"{needle!r} not seen:\n{self.text[-2000:]}"
+            time.sleep(0.05)
+        return self.text
+
+    def close(self) -> None:
+        try:
+            self.stream.abort()
+        except Exception:  # noqa: BLE001 - the stream may already be closed
+            pass
+        self.conn.close()
+
+
+def test_domcapabilities(daemon):
+    caps = virsh(daemon, "domcapabilities", "--emulatorbin", EMULATOR, "--virttype",
+                 "kvm").stdout
+    assert "<path>" + EMULATOR + "</path>" in caps
+    assert re.search(r"<machine>pc-i440fx-7\.2</machine>", caps)
+    assert "<domain>kvm</domain>" in caps
+    # what pyhv does not have is not offered
+    assert "<tpm supported='no'/>" in caps and "<sev supported='no'/>" in caps
+    assert re.search(r"<graphics supported='yes'>\s*<enum name='type'/>", caps) or \
+        "<graphics supported='no'/>" in caps
+    virsh(daemon, "capabilities")
+
+
+def test_lifecycle(daemon, guests, tmp_path):
+    name = "lifecycle"
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf,
+                                              "pyhv.wait=powerbutton via-libvirt"))
+    assert re.search(rf"-\s+{name}\s+shut off", virsh(daemon, "list", "--all").stdout)
+    virsh(daemon, "start", name)
+    try:
+        assert state(daemon, name) == "running (booted)"
+        info = virsh(daemon, "dominfo", name).stdout
+        assert re.search(r"State:\s+running", info) and re.search(r"CPU\(s\):\s+2", info)
+        assert re.search(rf"\d+\s+{name}\s+running", virsh(daemon, "list").stdout)
+
+        con = Console(daemon, name)
+        text = con.read_until("@waiting")
+        report = parse_report(text)
+        assert report.cmdline == "pyhv.wait=powerbutton via-libvirt"
+        assert report.cpu_count == 2 and report.ap_started == 1
+
+        virsh(daemon, "suspend", name)
+        assert state(daemon, name) == "paused (user)"
+        virsh(daemon, "resume", name)
+        assert state(daemon, name) == "running (unpaused)"
+
+        # reboot: libvirt presses the power button, the guest powers off, libvirt
+        # resets the machine and continues it: the guest boots a second time
+        virsh(daemon, "reboot", name)
+        con.read_until("@waiting", count=2)
+        assert con.text.count("@begin") == 2
+        # (libvirt records the reason as "booted" or "unpaused" depending on whether
+        # the RESUME event or cont's reply reaches it first)
+        assert state(daemon, name) in ("running (booted)", "running (unpaused)")
+
+        virsh(daemon, "shutdown", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        con.close()
+
+        virsh(daemon, "start", name)
+        virsh(daemon, "destroy", name)
+        assert state(daemon, name) == "shut off (destroyed)"
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+    assert name not in virsh(daemon, "list", "--all", "--name").stdout.split()
+    log = daemon.domain_log(name).read_text()
+    assert "Traceback" not in log
+
+
+def test_serial_to_file(daemon, guests, tmp_path):
+    name = "serialfile"
+    out = tmp_path / "serial.log"
+    serial = f"<serial type='file'><source path='{out}'/><target port='0'/></serial>"
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "to-a-file", serial))
+    try:
+        virsh(daemon, "start", name)
+        # the guest powers off by itself after its report: libvirt ends the domain
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        report = parse_report(out.read_text())
+        assert report.complete and report.cmdline == "to-a-file"
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+
+
+def test_emulator_killed_is_crashed(daemon, guests, tmp_path):
+    name = "killed"
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "pyhv.wait=powerbutton"))
+    try:
+        virsh(daemon, "start", name)
+        pidfile = daemon.host_path(f"/run/libvirt/qemu/{name}.pid")
+        pid = int(pidfile.read_text())
+        tty = virsh(daemon, "ttyconsole", name).stdout.strip()
+        assert tty.startswith("/dev/pts/")
+        os.kill(pid, signal.SIGKILL)
+        assert wait_state(daemon, name, "shut off (crashed)") == "shut off (crashed)"
+        # nothing stale: no pid file, no monitor socket, the pty is gone
+        assert not pidfile.exists()
+        libdir = daemon.host_path(f"/var/lib/libvirt/qemu/domain-1-{name}")
+        assert not list(libdir.glob("*.sock")) if libdir.exists() else True
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+
+
+def test_libvirt_python(daemon, guests):
+    import libvirt
+
+    conn = libvirt.open(daemon.uri)
+    try:
+        dom = conn.defineXML(domain_xml("pyapi", guests.pvh_elf, "pyhv.wait=powerbutton"))
+        dom.create()
+        assert dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        info = dom.info()
+        assert info[3] == 2  # vCPUs
+        con = Console(daemon, "pyapi")
+        con.read_until("@waiting")  # the guest has armed its power button
+        con.close()
+        dom.shutdown()
+        deadline = time.monotonic() + 60
+        while dom.isActive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN]
+        dom.create()
+        dom.destroy()
+        assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED]
+        dom.undefine()
+    finally:
+        conn.close()
+
+
+def test_virt_install(daemon, guests, tmp_path):
+    if not shutil.which("virt-install"):
+        pytest.skip("virt-install is not installed")
+    name = "vinstall"
+    p = subprocess.run(
+        ["virt-install", "--connect", daemon.uri, "--name", name, "--memory", "64",
+         "--vcpus", "2", "--osinfo", "linux2022",
+         "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton installed,"
+                   f"emulator={EMULATOR}",
+         "--import", "--disk", "none", "--graphics", "none", "--noautoconsole",
+         # the devices pyhv does not build yet (they join when their models land)
+         "--network", "none", "--memballoon", "none", "--rng", "none", "--channel", "none",
+         "--controller", "type=usb,model=none"],
+        capture_output=True, text=True, timeout=180, env=daemon.client_env())
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
+        assert state(daemon, name) == "running (booted)"
+        con = Console(daemon, name)
+        report = parse_report(con.read_until("@waiting"))
+        assert report.cmdline == "pyhv.wait=powerbutton installed"
+        con.close()
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
