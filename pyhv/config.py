@@ -49,6 +49,20 @@ class SerialConfig:
         if self.kind == "tcp" and (self.port is None or not 0 <= self.port <= 65535):
             raise ConfigError("serial: tcp needs a port between 0 and 65535")
 
+    def describe(self) -> str:
+        """The backend in a few words (for ``pyhv domxml check`` and error messages)."""
+        if self.kind == "file":
+            return f"file {self.path}{' (append)' if self.append else ''}"
+        if self.kind == "unix":
+            return f"unix socket {self.path or '(path chosen by libvirt)'} " \
+                   f"({'listen' if self.server else 'connect'})"
+        if self.kind == "tcp":
+            return f"tcp {self.host or '*'}:{self.port} " \
+                   f"({'listen' if self.server else 'connect'})"
+        if self.kind == "fd":
+            return f"fd {self.fd}"
+        return self.kind
+
 
 @dataclass(frozen=True)
 class KernelBoot:
@@ -424,6 +438,14 @@ def _size(n: int) -> str:
     for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
+def format_size(n: int) -> str:
+    """``64 MiB``, ``3 GiB``, ``4097 bytes``: sizes as people read them."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
     return f"{n} bytes"
 
 

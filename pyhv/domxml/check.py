@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, TextIO
 
-from pyhv.config import SerialConfig, VmConfig, machine_family
+from pyhv.config import VmConfig, format_size, machine_family
 from pyhv.engine import layout
 from pyhv.engine.support import Issue, issues, net_label, serial_label
 
@@ -30,26 +30,6 @@ class PlannedDevice:
     subject: Optional[tuple[str, int]] = None
 
 
-def _size(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
-
-
-def _chardev(c: SerialConfig) -> str:
-    if c.kind == "file":
-        return f"file {c.path}{' (append)' if c.append else ''}"
-    if c.kind == "unix":
-        return f"unix socket {c.path or '(path chosen by libvirt)'} " \
-               f"({'listen' if c.server else 'connect'})"
-    if c.kind == "tcp":
-        return f"tcp {c.host or '*'}:{c.port} ({'listen' if c.server else 'connect'})"
-    if c.kind == "fd":
-        return f"fd {c.fd}"
-    return c.kind
-
-
 def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
     """Every device with a stable address: ISA ports first, then PCI slots in order.
 
@@ -59,15 +39,15 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
     flattened: every device sits on bus 0.
     """
     out = [PlannedDevice(f"isa 0x{COM_PORTS[0][0]:x} irq {COM_PORTS[0][1]}",
-                         f"serial COM1: isa-serial, {_chardev(cfg.serial)}", ("com1", 0))]
+                         f"serial COM1: isa-serial, {cfg.serial.describe()}", ("com1", 0))]
     for i, p in enumerate(cfg.extra_serials):
         if p.target == "isa-serial":
             base, irq = COM_PORTS[p.index]
             out.append(PlannedDevice(f"isa 0x{base:x} irq {irq}",
                                      f"{serial_label(cfg, i)}: isa-serial, "
-                                     f"{_chardev(p.chardev)}", ("serial", i)))
-    out.append(PlannedDevice(f"isa 0x{layout.I8042_DATA_PORT:x}", "i8042 (PS/2 keyboard "
-                                                                  "and mouse, reset)"))
+                                     f"{p.chardev.describe()}", ("serial", i)))
+    out.append(PlannedDevice(f"isa 0x{layout.I8042_DATA_PORT:x}", "i8042 (keyboard "
+                                                                  "controller: reset)"))
     out.append(PlannedDevice(f"isa 0x{layout.RTC_PORT:x} irq {layout.RTC_IRQ}",
                              "RTC (MC146818)"))
     out.append(PlannedDevice(f"isa 0x{layout.PM1A_EVT_PORT:x} irq {layout.SCI_IRQ}",
@@ -108,7 +88,8 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
         b = cfg.balloon
         extra = f", stats every {b.stats_period} s" if b.stats_period else ""
         pci.append((f"memballoon: virtio-balloon{extra}", ("balloon", 0)))
-    out.append(PlannedDevice("pci 00:00.0", "host bridge"))
+    if pci:  # the engine builds PCI with its first PCI devices (the virtio work)
+        out.append(PlannedDevice("pci 00:00.0", "host bridge (built with the PCI devices)"))
     for slot, (desc, subject) in enumerate(pci, start=1):
         out.append(PlannedDevice(f"pci 00:{slot:02x}.0", desc, subject))
         if desc == "virtio-serial controller":
@@ -116,12 +97,12 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
             for i, p in ports:
                 out.append(PlannedDevice(f"  vport {port}", f"{serial_label(cfg, i)}: "
                                                             f"virtio-console, "
-                                                            f"{_chardev(p.chardev)}",
+                                                            f"{p.chardev.describe()}",
                                          ("serial", i)))
                 port += 1
             for i, c in enumerate(cfg.channels):
                 out.append(PlannedDevice(f"  vport {port}", f"channel {c.name}: "
-                                                            f"{_chardev(c.chardev)}",
+                                                            f"{c.chardev.describe()}",
                                          ("channel", i)))
                 port += 1
     return out
@@ -139,15 +120,15 @@ def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     mb = cfg.memory_backing
     backing = mb.source + (", shared" if cfg.shared_memory else ", private")
     if mb.hugepages:
-        backing += ", hugepages" + (f" {_size(mb.hugepage_size)}" if mb.hugepage_size else "")
+        backing += ", hugepages" + (f" {format_size(mb.hugepage_size)}" if mb.hugepage_size else "")
     if mb.locked:
         backing += ", locked"
-    mem = f"memory: {_size(cfg.memory)} ({backing})"
+    mem = f"memory: {format_size(cfg.memory)} ({backing})"
     if cfg.current_memory is not None:
-        mem += f", starting at {_size(cfg.current_memory)}"
+        mem += f", starting at {format_size(cfg.current_memory)}"
     lines.append(mem)
     for addr, size in layout.ram_ranges(cfg.memory):
-        lines.append(f"  RAM   0x{addr:010x}-0x{addr + size - 1:010x}  {_size(size)}")
+        lines.append(f"  RAM   0x{addr:010x}-0x{addr + size - 1:010x}  {format_size(size)}")
     for e in layout.e820_map(cfg.memory):
         lines.append(f"  e820  0x{e.addr:010x}-0x{e.end - 1:010x}  "
                      f"{_E820_NAMES.get(e.type, str(e.type))}")

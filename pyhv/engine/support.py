@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyhv.config import SerialConfig, VmConfig
+from pyhv.config import VmConfig
 
 NOT_BUILT = "is not built by this engine yet"
 #: COM1's host ends the engine's console can serve
@@ -89,7 +89,7 @@ def issues(cfg: VmConfig) -> list[Issue]:
     if cfg.on_crash != "destroy":
         add("on_crash", 0, "on_crash", f"{cfg.on_crash} {NOT_BUILT} (built: destroy)")
     if cfg.serial.kind not in BUILT_SERIAL_KINDS:
-        add("com1", 0, "serial COM1", f"{_chardev(cfg.serial)} {NOT_BUILT} (built: "
+        add("com1", 0, "serial COM1", f"{cfg.serial.describe()} {NOT_BUILT} (built: "
                                       f"{', '.join(BUILT_SERIAL_KINDS)})")
     for i in range(len(cfg.disks)):
         add("disk", i, disk_label(cfg, i), f"virtio-blk {NOT_BUILT}")
@@ -123,14 +123,6 @@ def serial_label(cfg: VmConfig, i: int) -> str:
     if p.target == "virtio":
         return f"console hvc{p.index}"
     return f"serial COM{p.index + 1}"
-
-
-def _chardev(c: SerialConfig) -> str:
-    if c.kind == "tcp":
-        return f"tcp {c.host or ''}:{c.port}"
-    if c.kind == "unix":
-        return f"unix socket {c.path or '(path chosen by libvirt)'}"
-    return c.kind
 
 
 def unsupported(cfg: VmConfig) -> list[str]:

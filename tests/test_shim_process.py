@@ -1,0 +1,189 @@
+"""pyhv-qemu as a process: QEMU's run states and events over real QMP sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import asm_guest
+
+pytestmark = pytest.mark.kvm
+
+EMULATOR = [sys.executable, "-m", "pyhv.shim.main"]
+
+
+class Qmp:
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                assert time.monotonic() < deadline, f"no QMP socket at {path}"
+                time.sleep(0.05)
+        self.f = self.sock.makefile("rwb")
+        self.events: list[dict] = []
+        greeting = self._read()
+        assert greeting["QMP"]["version"]["qemu"]["major"] == 7
+        assert self.cmd("qmp_capabilities") == {}
+
+    def _read(self) -> dict:
+        line = self.f.readline()
+        assert line, "QMP connection closed"
+        return json.loads(line)
+
+    def cmd(self, name: str, **args: object) -> object:
+        msg: dict = {"execute": name, "id": name}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            assert r.get("id") == name, r
+            if "error" in r:
+                raise AssertionError(f"{name}: {r['error']}")
+            return r["return"]
+
+    def wait_event(self, name: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events:
+                if e["event"] == name:
+                    self.events.remove(e)
+                    return e
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            assert time.monotonic() < deadline, f"no {name} event; got {self.events}"
+            r = self._read()
+            self.sock.settimeout(None)
+            if "event" in r:
+                self.events.append(r)
+
+    def status(self) -> str:
+        return str(self.cmd("query-status")["status"])  # type: ignore[index]
+
+
+def start(tmp: Path, kernel: Path, cmdline: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    sock = tmp / "qmp.sock"
+    proc = subprocess.Popen([*EMULATOR, "-S", "-nodefaults", "-no-user-config",
+                             "-machine", "pc,accel=kvm", "-m", "64", "-smp", "2",
+                             "-kernel", str(kernel), "-append", cmdline,
+                             "-serial", f"file:{tmp / 'serial.log'}",
+                             "-qmp", f"unix:{sock},server=on,wait=off", *extra],
+                            stderr=subprocess.PIPE, text=True)
+    return proc, sock
+
+
+def wait_serial(tmp: Path, needle: str, count: int = 1, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    log = tmp / "serial.log"
+    while not log.exists() or log.read_text().count(needle) < count:
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.05)
+
+
+def test_run_states_and_events(guests, tmp_path):
+    proc, sock = start(tmp_path, guests.pvh_elf, "pyhv.wait=powerbutton", "-no-shutdown",
+                       "-qmp", f"unix:{tmp_path / 'second.sock'},server=on,wait=off")
+    try:
+        q = Qmp(sock)
+        second = Qmp(tmp_path / "second.sock")
+        assert q.status() == "prelaunch"
+        assert not (tmp_path / "serial.log").read_text()  # -S: not one instruction yet
+        q.cmd("cont")
+        q.wait_event("RESUME")
+        second.wait_event("RESUME")  # events reach every monitor
+        assert q.status() == "running"
+        threads = [c["thread-id"] for c in q.cmd("query-cpus-fast")]  # type: ignore[union-attr]
+        assert len(threads) == 2 and all(os.path.exists(f"/proc/{proc.pid}/task/{t}")
+                                          for t in threads)
+        wait_serial(tmp_path, "@waiting")
+        q.cmd("stop")
+        q.wait_event("STOP")
+        assert q.status() == "paused"
+        q.cmd("cont")
+        q.cmd("system_powerdown")
+        q.wait_event("POWERDOWN")
+        ev = q.wait_event("SHUTDOWN")
+        assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
+        # -no-shutdown: the process stays, in "shutdown", until reset + cont
+        assert q.status() == "shutdown" and proc.poll() is None
+        q.cmd("system_reset")
+        assert q.status() == "prelaunch"
+        q.cmd("cont")
+        wait_serial(tmp_path, "@waiting", count=2)
+        proc.send_signal(signal.SIGTERM)
+        ev = q.wait_event("SHUTDOWN")
+        assert ev["data"] == {"guest": False, "reason": "host-signal"}
+        assert proc.wait(30) == 0
+        assert not sock.exists()
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert "terminating on signal 15" in err and "Traceback" not in err
+
+
+def test_guest_power_off_ends_the_process(guests, tmp_path):
+    proc, sock = start(tmp_path, guests.pvh_elf, "plain")
+    try:
+        q = Qmp(sock)
+        q.cmd("cont")
+        ev = q.wait_event("SHUTDOWN")
+        assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_guest_reset_with_no_reboot(guests, tmp_path):
+    proc, sock = start(tmp_path, guests.pvh_elf, "pyhv.wait=reset", "-no-reboot")
+    try:
+        q = Qmp(sock)
+        q.cmd("cont")
+        ev = q.wait_event("SHUTDOWN")
+        assert ev["data"] == {"guest": True, "reason": "guest-reset"}
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_internal_error_is_not_a_clean_shutdown(tmp_path):
+    elf = asm_guest(tmp_path, "ie", "movabs $0xd0000000, %rax\njmp *%rax")
+    proc, sock = start(tmp_path, elf, "x", "-no-shutdown")
+    try:
+        q = Qmp(sock)
+        q.cmd("cont")
+        q.wait_event("STOP")
+        assert q.status() == "internal-error"
+        assert not [e for e in q.events if e["event"] == "SHUTDOWN"]
+        q.cmd("quit")
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert "KVM internal error" in err and "rip=" in err
+
+
+def test_bad_argv_is_one_line_exit_1(guests):
+    p = subprocess.run([*EMULATOR, "-kernel", str(guests.pvh_elf), "-device", "virtio-gpu-pci"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert p.stderr.startswith("pyhv-qemu: -device") and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run([*EMULATOR, "-incoming", "tcp:0:4444"], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 1 and "-incoming" in p.stderr and "Traceback" not in p.stderr
