@@ -242,3 +242,53 @@ def test_serial_pty(guests):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+
+
+ECHO_LINE = "typed by a person: " + "0123456789" * 13  # longer than the UART's FIFO
+
+
+@pytest.mark.kvm
+def test_serial_input_from_stdin(guests):
+    """stdin reaches the guest's COM1, with flow control when its FIFO is full."""
+    proc = subprocess.Popen([*PYHV, "run", "--kernel", str(guests.pvh_elf), "--append",
+                             "pyhv.wait=echo", "-m", "32M"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out = b""
+    deadline = time.monotonic() + 30
+    while b"@echo-ready" not in out:
+        assert time.monotonic() < deadline and proc.poll() is None, out
+        out += proc.stdout.read1(4096)
+    proc.stdin.write(ECHO_LINE.encode() + b"\n")
+    proc.stdin.flush()
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"@echo {ECHO_LINE}\n" in (out + rest).decode()
+
+
+@pytest.mark.kvm
+def test_serial_input_from_pty(guests):
+    import re
+
+    proc = subprocess.Popen([*PYHV, "run", "--kernel", str(guests.pvh_elf), "--append",
+                             "pyhv.wait=echo", "--serial", "pty", "-m", "32M"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"redirected to (/dev/pts/\d+)", proc.stderr.readline())
+        assert m
+        fd = os.open(m.group(1), os.O_RDWR | os.O_NOCTTY)
+        got = b""
+        deadline = time.monotonic() + 30
+        while b"@echo-ready" not in got:
+            assert time.monotonic() < deadline, got
+            got += os.read(fd, 4096)
+        os.write(fd, b"over the pty\n")
+        while b"@poweroff" not in got:
+            assert time.monotonic() < deadline + 30, got
+            got += os.read(fd, 4096)
+        os.close(fd)
+        assert b"@echo over the pty" in got
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -190,6 +190,35 @@ static void put_escaped(const u8 *s, u64 n, int allow_space)
 static void line(const char *tag) { putc_('@'); puts_(tag); }
 static void eol(void) { putc_('\n'); }
 static void key(const char *k) { putc_(' '); puts_(k); putc_('='); }
+
+/* pyhv.wait=echo: read one line from COM1 (polling LSR.DR) and report it as
+ * "@echo TEXT" (escaped), to check the host's console input path.  Gives up
+ * after about 30 s (TSC) with "@echo-timeout". */
+static void echo_line(void)
+{
+	u8 buf[200];
+	u64 n = 0, start = rdtsc();
+	line("echo-ready");
+	eol();
+	while (n < sizeof(buf)) {
+		if (inb(0x3fd) & 0x01) {
+			u8 c = inb(0x3f8);
+			if (c == '\n' || c == '\r')
+				break;
+			buf[n++] = c;
+		} else if (rdtsc() - start > 60000000000ull) {
+			line("echo-timeout");
+			eol();
+			return;
+		} else {
+			for (int i = 0; i < 64; i++)
+				pause();
+		}
+	}
+	line("echo ");
+	put_escaped(buf, n, 1);
+	eol();
+}
 static void kv_hex(const char *k, u64 v) { key(k); put_hex(v); }
 static void kv_dec(const char *k, u64 v) { key(k); put_dec(v); }
 static void kv_str(const char *k, const char *v) { key(k); puts_(v); }
@@ -998,5 +1027,7 @@ void guest_main(u32 proto, u64 info)
 		wait_powerbutton();
 	else if (has_switch("pyhv.wait=reset"))
 		reset();
+	else if (has_switch("pyhv.wait=echo"))
+		echo_line();
 	poweroff();
 }
