@@ -16,6 +16,7 @@ import os
 import re
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -96,6 +97,10 @@ def _initramfs(tmp: Path) -> Path:
     for d in ("bin", "proc", "sys", "dev"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy(busybox, root / "bin" / "busybox")
+    # /init's output needs the console node: nothing mounts devtmpfs in an initramfs
+    console = root / "dev" / "console"
+    if not console.exists():
+        os.mknod(console, 0o600 | stat.S_IFCHR, os.makedev(5, 1))
     (root / "init").write_text("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
                                "echo PYHV-USERSPACE-OK $(/bin/busybox cat /proc/cmdline)\n"
                                "/bin/busybox poweroff -f\n")
@@ -107,6 +112,20 @@ def _initramfs(tmp: Path) -> Path:
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
                        stdout=f, check=True)
     return image
+
+
+def test_initramfs_for_the_hwvirt_tier(tmp_path):
+    """The image the hwvirt tier boots: /init, busybox and the console node
+    (checked here because the boot itself cannot run on this host)."""
+    if os.geteuid() != 0 or not shutil.which("cpio") or not os.path.exists("/bin/busybox"):
+        pytest.skip("needs root (mknod), cpio and busybox-static")
+    image = _initramfs(tmp_path)
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], stdin=open(image, "rb"),
+                             capture_output=True, text=True, check=True).stdout
+    names = {line.split()[-1] for line in listing.splitlines()}
+    assert {"init", "bin/busybox", "dev/console"} <= names
+    assert re.search(r"^crw.* 5,\s+1 .* dev/console$", listing, re.M), listing
+    assert re.search(r"^-rwx.* init$", listing, re.M)
 
 
 @pytest.mark.hwvirt
