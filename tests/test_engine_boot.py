@@ -234,3 +234,31 @@ def test_acpi_off_leaves_the_mp_table(guests, tmp_path):
         m.close()
     text = out.read_text()
     assert "@acpi-table" not in text and "@cmdline noacpi" in text
+
+
+def test_device_fault_is_reported_not_hung(guests, tmp_path):
+    """An exception in a device model (a pyhv bug) ends the machine as crashed with
+    the exception named; it does not silently kill a vCPU thread."""
+    from pyhv.config import KernelBoot, SerialConfig, VmConfig
+    from pyhv.engine.machine import Machine
+
+    class Broken:
+        def read(self, offset, size):
+            raise RuntimeError("broken device model")
+
+        def write(self, offset, size, value):
+            raise RuntimeError("broken device model")
+
+    m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="x"), memory=64 * MiB,
+                         serial=SerialConfig("file", str(tmp_path / "out.txt"))))
+    try:
+        m.start(paused=True)
+        # the guest's first access to COM1 reaches the broken model
+        m.platform.pio.remove(layout.COM1_PORT)
+        m.platform.pio.insert(layout.COM1_PORT, 8, Broken(), "broken")
+        m.resume()
+        ev = m.run(timeout=60)
+    finally:
+        m.close()
+    assert ev.kind == "crashed" and ev.detail == "vmm-error"
+    assert "RuntimeError: broken device model" in ev.message

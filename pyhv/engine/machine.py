@@ -25,7 +25,7 @@ from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
 from pyhv.engine.console import HostSerial, open_serial
 from pyhv.engine.errors import EngineError
 from pyhv.engine.kvm import Kvm
-from pyhv.engine.memory import GuestMemory
+from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
 
 
@@ -135,7 +135,10 @@ class Machine:
             self.host_serial.close()
         self._pins = []
         if self.memory is not None:
-            self.memory.close()
+            try:
+                self.memory.close()
+            except GuestMemoryError:
+                pass  # a mapping still referenced somewhere: unmapped when it is freed
             self.memory = None
         if self.event_fd >= 0:
             os.close(self.event_fd)

@@ -64,7 +64,8 @@ class VcpuEvent:
     """Something a vCPU saw that the machine must act on."""
 
     #: "shutdown" (guest asked for power-off), "reset", "triple-fault",
-    #: "internal-error", "fail-entry", "unsupported-exit", "kvm-error"
+    #: "internal-error", "fail-entry", "unsupported-exit", "kvm-error",
+    #: "vmm-error" (an exception in pyhv's own device code)
     kind: str
     vcpu: int
     detail: str = ""
@@ -206,6 +207,12 @@ class Vcpu:
     def _main(self) -> None:
         try:
             self._loop()
+        except Exception as e:  # a fault in pyhv itself (a device model): report it
+            import traceback
+
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self._report("vmm-error", f"pyhv error: {type(e).__name__}: {e} "
+                                      f"({where.filename}:{where.lineno})")
         finally:
             with self._cond:
                 self.state = VcpuState.EXITED
