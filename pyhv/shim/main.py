@@ -21,13 +21,9 @@ timestamp under ``-msg timestamp=on``.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import os
-import signal
 import sys
 from typing import Optional, Sequence
-
-from pyhv import __version__
 
 PROG = "pyhv-qemu"
 
@@ -76,28 +72,6 @@ def _daemon_ready(w: int, ok: bool) -> None:
         os.close(null)
 
 
-class PidFile:
-    """QEMU's pidfile: our pid, locked while we run, removed at exit."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-
-    def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     from pyhv.shim.help import handle_info_options
@@ -137,15 +111,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if ready_fd is not None:
             _daemon_ready(ready_fd, False)
-
-
-def version() -> str:
-    return f"pyhv {__version__}"
-
-
-def _install_signals(handler: "object") -> None:
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, handler)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

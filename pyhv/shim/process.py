@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -17,6 +18,28 @@ if TYPE_CHECKING:
     from pyhv.shim.monitor import MonitorServer
 
 _REGISTERS = ("EAX", "EBX", "ECX", "EDX")  # QEMU's X86CPURegister32 names
+
+
+class PidFile:
+    """QEMU's pidfile: our pid, locked while we run, removed at exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
 
 
 class ShimMachine:
@@ -141,8 +164,6 @@ class ShimProcess:
 
     # ---- set-up --------------------------------------------------------------
     def setup(self) -> None:
-        from pyhv.shim.main import PidFile
-
         opts = self.plan.options
         if opts.pidfile:
             try:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
 
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.ioctl import KvmError, KvmUnavailable, ioctl
-
-if TYPE_CHECKING:
-    from pyhv.engine.kvm.vm import VmFd
+from pyhv.engine.kvm.vm import VmFd
 
 #: capabilities the engine cannot run without, with what each is for
 REQUIRED_CAPS = {
@@ -97,9 +94,7 @@ class Kvm:
                 raise
             return list(buf.indices[0:buf.nmsrs])
 
-    def create_vm(self) -> "VmFd":
-        from pyhv.engine.kvm.vm import VmFd
-
+    def create_vm(self) -> VmFd:
         while True:
             try:
                 fd = ioctl(self.fd, "KVM_CREATE_VM", 0)
@@ -107,4 +102,4 @@ class Kvm:
             except KvmError as e:
                 if e.errno != errno.EINTR:
                     raise
-        return VmFd(self, fd)
+        return VmFd(fd, self.get_vcpu_mmap_size())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
@@ -25,9 +25,6 @@ from pyhv.engine.kvm.exits import (
 )
 from pyhv.engine.kvm.ioctl import NUMBERS, KvmError, libc
 
-if TYPE_CHECKING:
-    from pyhv.engine.kvm.vm import VmFd
-
 _KVM_RUN = ffi.cast("unsigned long", NUMBERS["KVM_RUN"])
 _ZERO = ffi.cast("unsigned long", 0)
 _HLT = Hlt()
@@ -38,8 +35,7 @@ _INTERRUPTED = Interrupted()
 class VcpuFd:
     """A vCPU: register state and KVM_RUN."""
 
-    def __init__(self, vm: "VmFd", fd: int, vcpu_id: int, mmap_size: int) -> None:
-        self.vm = vm
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self.fd = fd
         self.id = vcpu_id
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,

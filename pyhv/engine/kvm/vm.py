@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.ioctl import ioctl
-
-if TYPE_CHECKING:
-    from pyhv.engine.kvm.system import Kvm
-    from pyhv.engine.kvm.vcpu import VcpuFd
+from pyhv.engine.kvm.vcpu import VcpuFd
 
 
 class IrqRoute:
@@ -46,9 +43,10 @@ def default_routes(pins: int = 24) -> list[IrqRoute]:
 class VmFd:
     """A VM: memory slots, irqchip, PIT, interrupts, vCPU creation."""
 
-    def __init__(self, kvm: "Kvm", fd: int) -> None:
-        self.kvm = kvm
+    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         self.fd = fd
+        #: the size of each vCPU's shared ``struct kvm_run`` mapping
+        self.vcpu_mmap_size = vcpu_mmap_size
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -124,8 +122,6 @@ class VmFd:
         ioctl(self.fd, "KVM_ENABLE_CAP", ffi.new("struct kvm_enable_cap *", {
             "cap": cap, "args": list(args) + [0] * (4 - len(args))}))
 
-    def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
-        from pyhv.engine.kvm.vcpu import VcpuFd
-
+    def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id)
-        return VcpuFd(self, fd, vcpu_id, self.kvm.get_vcpu_mmap_size())
+        return VcpuFd(fd, vcpu_id, self.vcpu_mmap_size)
