@@ -18,6 +18,7 @@ MiB = 1 << 20
 BootProtocol = Literal["auto", "linux", "pvh"]
 SerialKind = Literal["stdio", "file", "pty", "null", "fd", "unix", "tcp"]
 Action = Literal["destroy", "restart", "preserve"]
+MemorySource = Literal["anonymous", "memfd", "file"]
 
 
 class ConfigError(PyhvError):
@@ -300,7 +301,7 @@ class CpuConfig:
 class MemoryBackingConfig:
     """How guest RAM is allocated on the host (sharing: ``VmConfig.shared_memory``)."""
 
-    source: Literal["anonymous", "memfd", "file"] = "anonymous"
+    source: MemorySource = "anonymous"
     hugepages: bool = False
     #: hugepage size in bytes (None: the host's default size)
     hugepage_size: Optional[int] = None

@@ -100,9 +100,9 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
                                                             f"{p.chardev.describe()}",
                                          ("serial", i)))
                 port += 1
-            for i, c in enumerate(cfg.channels):
-                out.append(PlannedDevice(f"  vport {port}", f"channel {c.name}: "
-                                                            f"{c.chardev.describe()}",
+            for i, ch in enumerate(cfg.channels):
+                out.append(PlannedDevice(f"  vport {port}", f"channel {ch.name}: "
+                                                            f"{ch.chardev.describe()}",
                                          ("channel", i)))
                 port += 1
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, cast
 
 from pyhv.config import (
     BalloonConfig,
@@ -29,6 +29,7 @@ from pyhv.config import (
     FilesystemConfig,
     KernelBoot,
     MemoryBackingConfig,
+    MemorySource,
     NetConfig,
     RngConfig,
     SerialConfig,
@@ -293,10 +294,11 @@ class _Mapper:
             if el is not None:
                 self.ignore(el)  # KSM opt-out: host-side only
         src = self.child(mb, "source")
-        source = "anonymous"
+        source: MemorySource = "anonymous"
         if src is not None:
-            source = self.choice(src, "type", ("anonymous", "memfd", "file"), "anonymous",
-                                 "memory source") or "anonymous"
+            source = cast(MemorySource, self.choice(src, "type", ("anonymous", "memfd", "file"),
+                                                    "anonymous", "memory source")
+                          or "anonymous")
         shared = False
         acc = self.child(mb, "access")
         if acc is not None:
@@ -627,16 +629,17 @@ class _Mapper:
                     self.fail(sub, "virtiofsd options are not supported (pyhv serves "
                                    "virtio-fs itself)")
         src = self.child(el, "source")
-        path = (self.attr(src, "dir") or self.attr(src, "socket")) if src is not None else None
-        if not path:
+        src_path = (self.attr(src, "dir") or self.attr(src, "socket")) if src is not None \
+            else None
+        if not src_path:
             self.fail(src if src is not None else el, "<source dir='/host/dir'/> is missing")
         tgt = self.child(el, "target")
-        tag = self.attr(tgt, "dir") if tgt is not None else None
-        if not tag:
+        mount_tag = self.attr(tgt, "dir") if tgt is not None else None
+        if not mount_tag:
             self.fail(tgt if tgt is not None else el, "<target dir='TAG'/> is missing")
         ro = self.child(el, "readonly") is not None
         try:
-            return FilesystemConfig(path, tag, driver, mode, ro)  # type: ignore[arg-type]
+            return FilesystemConfig(src_path, mount_tag, driver, mode, ro)  # type: ignore[arg-type]
         except ConfigError as e:
             self.fail(el, str(e))
 

@@ -157,7 +157,7 @@ class ShimProcess:
         self.machine: Optional["Machine"] = None
         self.control: Optional[ShimMachine] = None
         self.commands: Optional[Commands] = None
-        self.pidfile = None
+        self.pidfile: Optional[PidFile] = None
         self.exit_status = 0
         self._signal: list[int] = []
         self._wake_r = self._wake_w = -1

@@ -8,6 +8,8 @@ Supported: bzImage (64-bit Linux boot protocol, 2.06+ with XLF_KERNEL_64) and
 ELF vmlinux (64-bit Linux boot protocol, or PVH via its Xen note).
 """
 
+from typing import Any
+
 from pyhv.engine.boot.cmdline import Cmdline
 from pyhv.engine.boot.configure import configure_boot
 from pyhv.engine.boot.entry import EntryState, Segment
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # the extractor pulls in every decompressor: import it only when asked,
     # so starting a VM does not pay for it
     if name in ("extract_vmlinux", "extract_vmlinux_file"):
