@@ -279,3 +279,26 @@ def test_virt_install(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_virsh_console(daemon, guests, tmp_path):
+    """`virsh console` itself (it insists on a terminal: script(1) gives it one)."""
+    if not shutil.which("script"):
+        pytest.skip("script(1) (util-linux) is not installed")
+    name = "console"
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf,
+                                              "pyhv.wait=powerbutton on-the-console"))
+    try:
+        virsh(daemon, "start", name)
+        p = subprocess.run(["timeout", "8", "script", "-qfec",
+                            f"virsh -c '{daemon.uri}' console {name} --force", "/dev/null"],
+                           capture_output=True, text=True, env=daemon.client_env(),
+                           timeout=60)
+        out = p.stdout.replace("\r", "")
+        assert f"Connected to domain '{name}'" in out, out
+        report = parse_report(out[out.index("@begin"):])
+        assert report.cmdline == "pyhv.wait=powerbutton on-the-console"
+        assert report.waiting is not None
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
