@@ -224,7 +224,14 @@ class Vcpu:
 
     def _loop(self) -> None:
         pio, mmio, fd = self.pio, self.mmio, self.fd
-        while self._checkpoint():
+        if not self._checkpoint():
+            return
+        while True:
+            # requests are rare: look without the lock, take it only to honour one
+            # (a request set after this look also set immediate_exit: KVM_RUN
+            # returns at once and the next look sees it)
+            if (self._want_pause or self._want_stop) and not self._checkpoint():
+                return
             try:
                 ex = fd.run()
             except KvmError as e:
