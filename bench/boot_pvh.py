@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             spawn_and_wait(mk("null"), env=envs[name])
     results: dict[str, list[Result]] = {name: [] for name in vmms}
     failures: dict[str, list[int]] = {name: [] for name in vmms}
-    for i in range(args.runs):
+    for _ in range(args.runs):
         for name, mk in vmms.items():
             r = spawn_and_wait(mk("null"), env=envs[name])
             if r.status != 0:
