@@ -78,11 +78,15 @@ class LibvirtDaemon:
     """A libvirtd (qemu driver) and its virtlogd, private to one temp dir."""
 
     def __init__(self, base: os.PathLike[str] | str, *, qemu_user: str = "root",
-                 qemu_group: str = "root", log_filters: str = "3:*",
+                 qemu_group: str = "root", namespaces: Optional[list[str]] = None,
+                 log_filters: str = "3:*",
                  extra_qemu_conf: str = "", extra_libvirtd_conf: str = "") -> None:
         self.base = Path(base).resolve()
         self.qemu_user = qemu_user
         self.qemu_group = qemu_group
+        #: qemu.conf ``namespaces``: ``None`` gives ``[]`` (none), a list is written
+        #: as given; ``["mount"]`` is libvirt's default (a private /dev per domain)
+        self.namespaces = [] if namespaces is None else namespaces
         self.log_filters = log_filters
         self.extra_qemu_conf = extra_qemu_conf
         self.extra_libvirtd_conf = extra_libvirtd_conf
@@ -132,7 +136,7 @@ class LibvirtDaemon:
         (self.base / "etc" / "qemu.conf").write_text(
             f'user = "{self.qemu_user}"\n'
             f'group = "{self.qemu_group}"\n'
-            'namespaces = [ ]\n'
+            f'namespaces = [ {", ".join(f"{chr(34)}{n}{chr(34)}" for n in self.namespaces)} ]\n'
             'cgroup_controllers = [ ]\n'
             'security_driver = "none"\n'
             'stdio_handler = "file"\n'

@@ -302,3 +302,45 @@ def test_virsh_console(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_as_libvirt_qemu_user(guests, tmp_path_factory):
+    """libvirt's default deployment: the emulator runs as libvirt-qemu in a private
+    /dev namespace (which is how it reaches /dev/kvm), not as root."""
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    try:
+        import pwd
+
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        pytest.skip("no libvirt-qemu user (Debian's libvirt-daemon-system creates it)")
+    reach = subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "test", "-x", EMULATOR])
+    if reach.returncode != 0:
+        pytest.skip(f"{EMULATOR} is not reachable by libvirt-qemu (a checkout under a "
+                    "private home directory)")
+    public = Path("/var/tmp") / f"pyhv-test-{os.getpid()}"
+    public.mkdir(mode=0o755, exist_ok=True)
+    kernel = public / "pvh.elf"
+    shutil.copy(guests.pvh_elf, kernel)
+    kernel.chmod(0o644)
+    name = "unprivileged"
+    try:
+        with LibvirtDaemon(tmp_path_factory.mktemp("libvirt-user"), qemu_user="libvirt-qemu",
+                           qemu_group="libvirt-qemu", namespaces=["mount"]) as d:
+            define(d, tmp_path_factory.mktemp("xml"), name,
+                   domain_xml(name, kernel, "pyhv.wait=powerbutton as-libvirt-qemu"))
+            virsh(d, "start", name)
+            pid = int(d.host_path(f"/run/libvirt/qemu/{name}.pid").read_text())
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(line.split()[1] for line in f if line.startswith("Uid:"))
+            assert int(uid) == pwd.getpwnam("libvirt-qemu").pw_uid
+            con = Console(d, name)
+            report = parse_report(con.read_until("@waiting"))
+            assert report.cmdline == "pyhv.wait=powerbutton as-libvirt-qemu"
+            con.close()
+            virsh(d, "shutdown", name)
+            assert wait_state(d, name, "shut off (shutdown)") == "shut off (shutdown)"
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
