@@ -219,11 +219,17 @@ def test_emulator_killed_is_crashed(daemon, guests, tmp_path):
         assert tty.startswith("/dev/pts/")
         os.kill(pid, signal.SIGKILL)
         assert wait_state(daemon, name, "shut off (crashed)") == "shut off (crashed)"
-        # nothing stale: no pid file, no monitor socket, the pty is gone
-        assert not pidfile.exists()
-        libdir = daemon.host_path(f"/var/lib/libvirt/qemu/domain-1-{name}")
-        assert not list(libdir.glob("*.sock")) if libdir.exists() else True
+        # nothing stale: no process, no pid file, no monitor socket, no pty
         assert not os.path.exists(f"/proc/{pid}")
+        assert not pidfile.exists()
+        qemu_lib = daemon.host_path("/var/lib/libvirt/qemu")
+        assert list(qemu_lib.iterdir()), "the private libvirt directory is not visible"
+        assert not list(qemu_lib.glob(f"domain-*-{name}/*.sock")), list(qemu_lib.rglob("*"))
+        assert not list(qemu_lib.glob(f"domain-*-{name}/*.monitor"))
+        deadline = time.monotonic() + 5
+        while os.path.exists(tty) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(tty), f"{tty} is still there"
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
