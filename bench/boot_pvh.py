@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from benchstats import percentile
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYHV = REPO / ".venv" / "bin" / "pyhv"
 DEFAULT_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -139,17 +141,6 @@ def qemu_argv(qemu: str, kernel: Path, memory_mib: int, serial: str) -> list[str
 # --------------------------------------------------------------------------
 # statistics
 # --------------------------------------------------------------------------
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolation percentile (numpy's default method)."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    k = (len(s) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
 
 def summarise(results: list[Result]) -> dict:
     walls = [r.wall for r in results]

@@ -68,6 +68,8 @@ import time
 from pathlib import Path
 from typing import NoReturn, Optional
 
+from benchstats import percentile
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 DEFAULT_PYHV_QEMU = REPO / ".venv" / "bin" / "pyhv-qemu"
@@ -93,17 +95,6 @@ def log(msg: str = "") -> None:
 
 
 # ---------------------------------------------------------------- statistics
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolation percentile (numpy's default method)."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    k = (len(s) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def stats(values: list[float]) -> dict:
     if not values:
         return {}
