@@ -235,21 +235,14 @@ def test_initrd_checksum_definition():
 # ---- QEMU boots -------------------------------------------------------------
 
 
+def _qemu_cmd(args: list[str]) -> list[str]:
+    """QEMU with KVM, nothing by default, COM1 on stdout and the debug-exit port."""
+    return [QEMU_BIN, "-accel", "kvm", "-nodefaults", "-display", "none", "-no-user-config",
+            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4", *args]
+
+
 def _qemu(args: list[str]) -> tuple[int, str]:
-    cmd = [
-        QEMU_BIN,
-        "-accel",
-        "kvm",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-user-config",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4",
-        *args,
-    ]
+    cmd = _qemu_cmd(args)
     p = subprocess.run(cmd, capture_output=True, timeout=QEMU_TIMEOUT, check=False)
     return p.returncode, p.stdout.decode("latin-1")
 
@@ -352,29 +345,9 @@ def test_qemu_pc_bzimage_linux_protocol(images, tmp_path):
 @needs_qemu
 def test_qemu_q35_powerbutton(images, tmp_path):
     sock = tmp_path / "mon.sock"
-    cmd = [
-        QEMU_BIN,
-        "-accel",
-        "kvm",
-        "-machine",
-        "q35",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-user-config",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4",
-        "-monitor",
-        f"unix:{sock},server=on,wait=off",
-        "-kernel",
-        str(images.pvh_elf),
-        "-append",
-        "pyhv.wait=powerbutton",
-    ]
+    cmd = _qemu_cmd(["-machine", "q35", "-m", "128",
+                     "-monitor", f"unix:{sock},server=on,wait=off",
+                     "-kernel", str(images.pvh_elf), "-append", "pyhv.wait=powerbutton"])
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = b""
     deadline = time.monotonic() + QEMU_TIMEOUT
