@@ -8,12 +8,15 @@ exists is internally consistent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from pyhv.errors import PyhvError
 
 MiB = 1 << 20
+#: the largest size anything can have (a 64-bit byte count)
+SIZE_MAX = (1 << 64) - 1
 
 BootProtocol = Literal["auto", "linux", "pvh"]
 SerialKind = Literal["stdio", "file", "pty", "null", "fd", "unix", "tcp"]
@@ -466,6 +469,11 @@ def parse_size(text: str, default_unit: str = "M", what: str = "memory") -> int:
         value = float(num)
     except ValueError:
         raise ConfigError(f"{what} {text!r}: not a size (examples: 256M, 1G)") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} {text!r}: not a finite size (examples: 256M, 1G)")
     if value < 0:
         raise ConfigError(f"{what} {text!r}: negative size")
-    return int(value * (1 << shifts[units[suffix]]))
+    size = int(value * (1 << shifts[units[suffix]]))
+    if size > SIZE_MAX:
+        raise ConfigError(f"{what} {text!r}: larger than 16 EiB")
+    return size

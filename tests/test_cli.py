@@ -90,10 +90,44 @@ def test_initrd_does_not_fit(guests, tmp_path):
 
 
 @pytest.mark.parametrize("mem,needle", [("1M", "too small"), ("4T", "too large"),
-                                        ("lots", "not a size")])
+                                        ("lots", "not a size"), ("inf", "not a finite size"),
+                                        ("nan", "not a finite size"),
+                                        ("1e400", "not a finite size"),
+                                        ("1e30", "larger than 16 EiB")])
 def test_memory_bounds(guests, mem, needle):
     assert_one_line_error(pyhv("run", "--kernel", str(guests.pvh_elf), "--memory", mem),
                           "memory", needle)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_character_device_as_kernel_or_initrd(guests, device):
+    """Read nothing from an endless file: refused before a byte is read."""
+    assert_one_line_error(pyhv("run", "--kernel", device, timeout=30), device,
+                          "a character device; the kernel must be a regular file")
+    assert_one_line_error(pyhv("run", "--kernel", str(guests.pvh_elf), "--initrd", device,
+                               "--serial", "null", timeout=30),
+                          device, "a character device; the initrd must be")
+
+
+def test_fifo_as_kernel_or_initrd(guests, tmp_path):
+    """A FIFO nobody writes to must not block start-up (nor signals) in open()."""
+    fifo = tmp_path / "kernel.fifo"
+    os.mkfifo(fifo)
+    assert_one_line_error(pyhv("run", "--kernel", str(fifo), timeout=30), str(fifo), "a FIFO")
+    assert_one_line_error(pyhv("run", "--kernel", str(guests.pvh_elf), "--initrd", str(fifo),
+                               "--serial", "null", timeout=30), str(fifo), "a FIFO")
+
+
+def test_directory_as_kernel(tmp_path):
+    assert_one_line_error(pyhv("run", "--kernel", str(tmp_path)), str(tmp_path), "a directory")
+
+
+def test_kernel_larger_than_ram(tmp_path):
+    big = tmp_path / "huge.img"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    assert_one_line_error(pyhv("run", "--kernel", str(big), "--memory", "32M"), str(big),
+                          "larger than the guest's 32 MiB of RAM")
 
 
 def test_bad_option_and_serial(guests):

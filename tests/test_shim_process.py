@@ -187,3 +187,19 @@ def test_bad_argv_is_one_line_exit_1(guests):
     p = subprocess.run([*EMULATOR, "-incoming", "tcp:0:4444"], capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 1 and "-incoming" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("what", ["-kernel", "-initrd"])
+def test_endless_or_blocking_boot_files_are_refused(guests, tmp_path, what):
+    """/dev/zero is never read and a FIFO never blocks open(): one line, exit 1."""
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    for bad in ("/dev/zero", str(fifo)):
+        argv = ["-kernel", bad] if what == "-kernel" else \
+            ["-kernel", str(guests.pvh_elf), "-initrd", bad]
+        p = subprocess.run([*EMULATOR, "-nodefaults", "-machine", "pc,accel=kvm", "-cpu", "host",
+                            "-m", "64", "-display", "none", *argv], capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 1, p.stderr
+        assert bad in p.stderr and "must be a regular file" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr

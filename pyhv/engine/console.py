@@ -76,6 +76,24 @@ class HostSerial:
         self._owned = ()
 
 
+def open_output_file(path: str, append: bool, what: str) -> int:
+    """Open (create) a file for guest output without ever blocking in open().
+
+    A FIFO with no reader is refused rather than waited for (signals must keep
+    working during start-up); the descriptor is blocking once open, so a slow
+    reader of a FIFO slows the guest instead of losing output, like a file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        reason = "a FIFO with no reader" if e.errno == errno.ENXIO else e.strerror
+        raise ConsoleError(f"{path}: cannot open {what}: {reason}") from e
+    os.set_blocking(fd, True)
+    return fd
+
+
 def open_serial(cfg: SerialConfig) -> HostSerial:
     if cfg.kind == "stdio":
         try:
@@ -87,12 +105,7 @@ def open_serial(cfg: SerialConfig) -> HostSerial:
         return HostSerial(NullWriter())
     if cfg.kind == "file":
         assert cfg.path is not None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        flags |= os.O_APPEND if cfg.append else os.O_TRUNC
-        try:
-            fd = os.open(cfg.path, flags, 0o644)
-        except OSError as e:
-            raise ConsoleError(f"{cfg.path}: cannot open serial output: {e.strerror}") from e
+        fd = open_output_file(cfg.path, cfg.append, "serial output")
         return HostSerial(FdWriter(fd), owned=(fd,))
     if cfg.kind == "fd":
         assert cfg.fd is not None

@@ -165,7 +165,8 @@ def parse_size(value: object, what: str, where: Optional[str], default_shift: in
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise _err(where, f"parameter '{what}': negative size {value}")
-        return value
+        if value < 1 << 64:
+            return value
     if isinstance(value, str):
         t = value.strip()
         shift = default_shift
@@ -179,7 +180,7 @@ def parse_size(value: object, what: str, where: Optional[str], default_shift: in
                 number = float(t) if "." in t else int(t, 10)
         except ValueError:
             number = -1.0
-        if number >= 0:
+        if 0 <= number < float("inf"):
             size = int(number * (1 << shift))
             if size < 1 << 64:
                 return size

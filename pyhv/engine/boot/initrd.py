@@ -6,6 +6,7 @@ import os
 
 from pyhv.engine.boot.errors import InitrdError, os_error_message, size_text
 from pyhv.engine.boot.image import Initrd, KernelImage
+from pyhv.engine.boot.source import open_image
 from pyhv.engine.layout import MMIO_HOLE_END
 from pyhv.engine.memory import GuestMemory
 
@@ -31,9 +32,9 @@ def load_initrd(memory: GuestMemory, path: str | os.PathLike[str],
                 kernel: KernelImage) -> Initrd:
     """Read the initrd at ``path`` straight into guest RAM."""
     name = os.fspath(path)
+    f, size = open_image(name, "initrd", memory.size, InitrdError)
     try:
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with f:
             if size == 0:
                 raise InitrdError(f"{name}: empty initrd")
             addr = place_initrd(memory, size, kernel)

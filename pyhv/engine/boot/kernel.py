@@ -9,6 +9,7 @@ from pyhv.engine.boot.bzimage import is_bzimage, load_bzimage
 from pyhv.engine.boot.elf import ELF_MAGIC, load_elf
 from pyhv.engine.boot.errors import KernelError, os_error_message
 from pyhv.engine.boot.image import BootProtocol, KernelImage
+from pyhv.engine.boot.source import open_image
 from pyhv.engine.layout import CMDLINE_MAX, MMIO_HOLE_START
 from pyhv.engine.memory import GuestMemory
 
@@ -37,13 +38,14 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike[str],
     if protocol not in PROTOCOLS:
         raise KernelError(f"{name}: unknown boot protocol {protocol!r} "
                           f"(expected auto, linux or pvh)")
+    f, size = open_image(name, "kernel", memory.size, KernelError)
     try:
-        with open(name, "rb") as f:
+        with f:
             magic = f.read(4)
             if magic == ELF_MAGIC:
                 return _load_elf(memory, f, name, protocol)
             f.seek(0)
-            data = f.read()
+            data = f.read(size)
     except OSError as e:
         raise KernelError(os_error_message(name, e)) from e
     if not data:
