@@ -213,6 +213,41 @@ class LibvirtDaemon:
             time.sleep(0.1)
         raise LibvirtDaemonError(f"libvirtd did not answer on {self.socket_path}: {self._tail()}")
 
+    def restart_libvirtd(self, timeout: float = 60.0) -> None:
+        """Stop libvirtd (SIGTERM, as a package upgrade does) and start it again in the
+        same namespace; running emulators and virtlogd are left alone."""
+        pid = self._pid("libvirtd")
+        if pid is None or self._ns is None or _mnt_ns(pid) != self._ns:
+            raise LibvirtDaemonError("libvirtd is not running")
+        holder = self._pid("virtlogd")
+        if holder is None or _mnt_ns(holder) != self._ns:
+            raise LibvirtDaemonError("virtlogd is not running: nothing holds the namespace")
+        _terminate(pid, timeout)
+        self.socket_path.unlink(missing_ok=True)
+        (self.base / "libvirtd.pid").unlink(missing_ok=True)
+        out = open(self.console_path, "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+        env["LC_ALL"] = "C"
+        try:
+            subprocess.run(
+                ["nsenter", f"--mount=/proc/{holder}/ns/mnt", "--", _which("libvirtd"),
+                 "--daemon", "--config", str(self.base / "libvirtd.conf"),
+                 "--pid-file", str(self.base / "libvirtd.pid")],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                check=True, timeout=timeout)
+        finally:
+            out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self._pid("libvirtd")
+            if pid is not None and self.socket_path.exists():
+                r = subprocess.run(["virsh", "-c", self.uri, "uri"], capture_output=True,
+                                   text=True, timeout=30, env=self.client_env())
+                if r.returncode == 0:
+                    return
+            time.sleep(0.1)
+        raise LibvirtDaemonError(f"libvirtd did not come back: {self._tail()}")
+
     def client_env(self) -> dict[str, str]:
         """Environment for virsh/virt-install: no user config that names another URI."""
         env = dict(os.environ)

@@ -221,7 +221,7 @@ def test_missing_and_unreadable_kernel(tmp_path: Path) -> None:
     assert_one_line_error(exc, f"{missing}: No such file or directory")
     with pytest.raises(BootError) as exc:
         load_kernel(ram(), str(tmp_path))
-    assert_one_line_error(exc, str(tmp_path), "Is a directory")
+    assert_one_line_error(exc, str(tmp_path), "a directory; the kernel must be a regular file")
 
 
 def test_bzimage_refuses_pvh_and_unknown_protocol(tmp_path: Path) -> None:

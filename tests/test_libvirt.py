@@ -350,3 +350,50 @@ def test_as_libvirt_qemu_user(guests, tmp_path_factory):
             assert wait_state(d, name, "shut off (shutdown)") == "shut off (shutdown)"
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_domains_survive_a_libvirtd_restart(daemon, guests, tmp_path):
+    """libvirtd restarts on every package upgrade: it reconnects to each running
+    emulator over QMP, and a running or paused pyhv domain must stay as it was and
+    stay manageable (console, reboot, shutdown, resume, destroy)."""
+    running, paused = "survivor", "survivor-paused"
+    for name in (running, paused):
+        define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf,
+                                                  f"pyhv.wait=powerbutton {name}"))
+    try:
+        virsh(daemon, "start", running)
+        virsh(daemon, "start", paused)
+        con = Console(daemon, running)
+        con.read_until("@waiting")
+        con.close()
+        virsh(daemon, "suspend", paused)
+        pids = {n: int(daemon.host_path(f"/run/libvirt/qemu/{n}.pid").read_text())
+                for n in (running, paused)}
+
+        daemon.restart_libvirtd()
+
+        assert state(daemon, running) == "running (booted)"
+        assert state(daemon, paused) == "paused (user)"
+        for n, pid in pids.items():
+            assert os.path.exists(f"/proc/{pid}"), f"{n}: the emulator is gone"
+            assert int(daemon.host_path(f"/run/libvirt/qemu/{n}.pid").read_text()) == pid
+        # the console works through the new daemon: a reboot shows a second boot on it
+        con = Console(daemon, running)
+        virsh(daemon, "reboot", running)
+        report = parse_report(con.read_until("@waiting"))
+        assert report.cmdline == f"pyhv.wait=powerbutton {running}"
+        con.close()
+        virsh(daemon, "shutdown", running)
+        assert wait_state(daemon, running, "shut off (shutdown)") == "shut off (shutdown)"
+
+        virsh(daemon, "resume", paused)
+        assert state(daemon, paused) == "running (unpaused)"
+        virsh(daemon, "destroy", paused)
+        assert state(daemon, paused) == "shut off (destroyed)"
+        assert not os.path.exists(f"/proc/{pids[paused]}")
+    finally:
+        for name in (running, paused):
+            virsh(daemon, "destroy", name, check=False)
+            virsh(daemon, "undefine", name, check=False)
+    for name in (running, paused):
+        assert "Traceback" not in daemon.domain_log(name).read_text()

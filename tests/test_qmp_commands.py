@@ -64,6 +64,9 @@ class FakeMachine:
     def set_balloon(self, target: int) -> None:
         self.balloon = target
 
+    def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
+        return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
+
 
 class Client:
     """libvirt's side: send a command, read one line back."""
@@ -427,6 +430,18 @@ def test_balloon() -> None:
     c.ok("balloon", value=1 << 30)
     assert m.balloon == 1 << 30
     assert c.err("balloon", value=0)[0] == "GenericError"
+
+
+def test_reconnect_queries() -> None:
+    """What libvirtd asks a running emulator when it reconnects after a restart:
+    no jobs, no migration, and the fd sets the command line created."""
+    c = negotiated(FakeMachine())
+    assert c.ok("query-jobs") == []
+    assert c.ok("query-block-jobs") == []
+    assert c.ok("query-migrate") == {}
+    assert c.ok("query-fdsets") == [
+        {"fdset-id": 0, "fds": [{"fd": 32, "opaque": "serial0-source"}]},
+        {"fdset-id": 3, "fds": [{"fd": 40}, {"fd": 41}]}]
 
 
 def test_events_through_session() -> None:

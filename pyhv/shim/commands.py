@@ -101,6 +101,10 @@ class MachineControl(Protocol):
 
     def set_balloon(self, target: int) -> None: ...
 
+    def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
+        """(set id, ((fd, opaque), ...)) of each ``-add-fd`` set."""
+        ...
+
 
 # ------------------------------------------------------------------ QOM types
 
@@ -400,6 +404,23 @@ class Commands:
         chardevs = self.machine.chardevs() if self.machine else ()
         return [{"label": label, "filename": filename, "frontend-open": bool(is_open)}
                 for label, filename, is_open in chardevs]
+
+    # jobs and migration: pyhv runs no block jobs and never migrates; the empty
+    # answers are what QEMU gives when none was ever started
+
+    def cmd_query_jobs(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        return []
+
+    def cmd_query_block_jobs(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        return []
+
+    def cmd_query_migrate(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        return {}
+
+    def cmd_query_fdsets(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        sets = self.machine.fdsets() if self.machine else ()
+        return [{"fdset-id": n, "fds": [{"fd": fd, **({"opaque": o} if o else {})}
+                                        for fd, o in fds]} for n, fds in sets]
 
     def _balloon(self) -> MachineControl:
         if self.machine is None or self.machine.balloon_actual() is None:

@@ -147,6 +147,10 @@ class ShimMachine:
     def set_balloon(self, target: int) -> None:
         raise QmpError("No balloon device has been activated", "DeviceNotActive")
 
+    def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
+        return [(n, [(e.fd, e.opaque) for e in entries])
+                for n, entries in sorted(self.plan.options.fdsets.items())]
+
 
 class ShimProcess:
     def __init__(self, plan: "ShimPlan", log: Callable[[str], None]) -> None:

@@ -9,9 +9,9 @@ start-up (signals keep working at every moment).
 
 from __future__ import annotations
 
+import io
 import os
 import stat
-from typing import BinaryIO
 
 from pyhv.engine.boot.errors import BootError, os_error_message, size_text
 
@@ -32,7 +32,7 @@ def file_kind(mode: int) -> str:
 
 
 def open_image(path: str, what: str, limit: int,
-               error: type[BootError] = BootError) -> tuple[BinaryIO, int]:
+               error: type[BootError] = BootError) -> tuple[io.BufferedReader, int]:
     """Open ``path`` for reading; the file object and its size in bytes.
 
     ``what`` names the image in messages (``kernel``, ``initrd``); an image of
