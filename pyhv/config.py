@@ -44,8 +44,17 @@ class SerialConfig:
     port: Optional[int] = None
     #: ``unix``/``tcp``: listen (server) or connect (client)
     server: bool = True
+    #: also log everything the guest sends here (QEMU's ``logfile=``, libvirt's
+    #: ``<log file=>``), whether or not a client is attached: a path, or an
+    #: inherited descriptor (``/dev/fdset``)
+    log_path: Optional[str] = None
+    log_fd: Optional[int] = None
+    #: append to the log instead of truncating it
+    log_append: bool = False
 
     def __post_init__(self) -> None:
+        if self.log_fd is not None and (self.log_fd < 0 or self.log_path is not None):
+            raise ConfigError("serial: a log is a path or a file descriptor, not both")
         if self.kind == "file" and not self.path:
             raise ConfigError("serial: file output needs a path")
         if self.kind == "fd" and (self.fd is None or self.fd < 0):
@@ -55,6 +64,13 @@ class SerialConfig:
 
     def describe(self) -> str:
         """The backend in a few words (for ``pyhv domxml check`` and error messages)."""
+        text = self._describe_backend()
+        if self.log_path is not None or self.log_fd is not None:
+            text += f", logged to {self.log_path or f'fd {self.log_fd}'}"
+            text += " (append)" if self.log_append else ""
+        return text
+
+    def _describe_backend(self) -> str:
         if self.kind == "file":
             return f"file {self.path}{' (append)' if self.append else ''}"
         if self.kind == "unix":

@@ -179,6 +179,25 @@ def test_run_domain_xml(guests, tmp_path):
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("append", [False, True])
+def test_serial_log_file_without_a_client(guests, tmp_path, append):
+    """``<log file=>`` gets every byte the guest sends although nobody reads the pty."""
+    log = tmp_path / "console.log"
+    log.write_text("earlier boot\n")
+    xml = tmp_path / "guest.xml"
+    xml.write_text(f"""<domain type="kvm"><name>t</name><memory unit="MiB">64</memory>
+      <vcpu>1</vcpu><os><type>hvm</type><kernel>{guests.pvh_elf}</kernel>
+      <cmdline>logged</cmdline></os>
+      <devices><serial type="pty"><log file="{log}" append="{'on' if append else 'off'}"/>
+      <target port="0"/></serial></devices></domain>""")
+    p = pyhv("run", str(xml))
+    assert p.returncode == 0, p.stderr
+    text = log.read_text()
+    assert text.startswith("earlier boot\n") == append
+    assert "@cmdline logged" in text and "@end" in text
+
+
+@pytest.mark.kvm
 def test_run_serial_stdio(guests):
     p = pyhv("run", "--kernel", str(guests.pvh_elf), "--append", "to stdout", "-m", "32M")
     assert p.returncode == 0, p.stderr

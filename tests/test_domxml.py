@@ -125,7 +125,8 @@ def _full_config() -> VmConfig:
                       (CpuFeature("svm", "disable"), CpuFeature("x2apic"))),
         features=FeaturesConfig(pmu=False), clock=ClockConfig("variable", -3600, "localtime"),
         on_reboot="destroy", on_poweroff="restart", on_crash="preserve",
-        serial=SerialConfig("tcp", host="127.0.0.1", port=4444),
+        serial=SerialConfig("tcp", host="127.0.0.1", port=4444, log_path="/var/log/c.log",
+                            log_append=True),
         emulator="/usr/bin/pyhv-qemu", boot_order=("hd", "network"),
         disks=(DiskConfig("/img/a.raw", "vda", cache="unsafe", boot_order=1),
                DiskConfig("/dev/sdb", "vdc", source_type="block", readonly=True,
@@ -148,10 +149,11 @@ def _full_config() -> VmConfig:
     VmConfig(boot=KernelBoot("/k")),
     VmConfig(boot=KernelBoot("/k", cmdline="a b"), serial=SerialConfig("null"), vcpus=3,
              cpu=CpuConfig("maximum")),
+    VmConfig(boot=KernelBoot("/k"), serial=SerialConfig("pty", log_path="/tmp/console.log")),
     VmConfig(boot=KernelBoot("/k"), serial=SerialConfig("file", "/tmp/x"), machine="pc-i440fx-7.2",
              cpu=CpuConfig(topology=CpuTopology(cores=2, threads=2)), vcpus=4),
     _full_config(),
-], ids=["minimal", "null-serial", "threads", "everything"])
+], ids=["minimal", "null-serial", "pty-log", "threads", "everything"])
 def test_round_trip(cfg: VmConfig) -> None:
     xml = to_xml(cfg)
     if domschema.available():
@@ -297,3 +299,12 @@ def test_harmless_elements_accepted() -> None:
     m = map_domain(xml.encode())
     assert m.config.disks == () and any("USB" in n for n in m.notes)
     assert unsupported(m.config) == []
+
+
+def test_serial_log_element() -> None:
+    """``<log file= append=>`` (what OpenStack Nova writes for console.log) is mapped."""
+    xml = dom(devices="<serial type='pty'><log file='/var/log/nova/console.log' "
+                      "append='off'/><target port='0'/></serial>")
+    cfg = map_domain(xml.encode()).config
+    assert cfg.serial == SerialConfig("pty", log_path="/var/log/nova/console.log")
+    assert "logged to /var/log/nova/console.log" in cfg.serial.describe()

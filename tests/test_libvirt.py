@@ -208,6 +208,25 @@ def test_serial_to_file(daemon, guests, tmp_path):
         virsh(daemon, "undefine", name, check=False)
 
 
+def test_serial_log_file(daemon, guests, tmp_path):
+    """``<serial type='pty'><log file=.../>`` (OpenStack Nova's console.log): the log
+    gets everything the guest sends, with no console client attached."""
+    name = "seriallog"
+    log = tmp_path / "console.log"
+    serial = (f"<serial type='pty'><log file='{log}' append='off'/><target port='0'/>"
+              "</serial><console type='pty'><target type='serial'/></console>")
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "nova-console", serial))
+    try:
+        virsh(daemon, "start", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        report = parse_report(log.read_text())
+        assert report.complete and report.cmdline == "nova-console"
+        assert "logfile" in daemon.domain_log(name).read_text()  # libvirt passed it
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+
+
 def test_emulator_killed_is_crashed(daemon, guests, tmp_path):
     name = "killed"
     define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "pyhv.wait=powerbutton"))

@@ -139,6 +139,22 @@ def test_pty_serial_and_named_cpu() -> None:
     assert plan.config.cpu.mode == "custom" and plan.config.cpu.model == "qemu64"
 
 
+def test_serial_logfile_by_path_and_by_fdset() -> None:
+    """``logfile=`` (what libvirt passes for ``<log file=>``) is kept, not dropped."""
+    pty = ["-chardev", "pty,id=charserial0,logfile=/var/log/console.log,logappend=on",
+           *PTY_SERIAL[2:]]
+    plan = build(head() + pty + TAIL)
+    assert plan.config is not None and plan.pending == ()
+    assert plan.config.serial == SerialConfig("pty", log_path="/var/log/console.log",
+                                              log_append=True)
+    fdset = ["-add-fd", "set=1,fd=33,opaque=serial0-log",
+             "-chardev", "pty,id=charserial0,logfile=/dev/fdset/1,logappend=off",
+             *PTY_SERIAL[2:]]
+    plan = build(head() + fdset + TAIL)
+    assert plan.config is not None
+    assert plan.config.serial == SerialConfig("pty", log_fd=33, log_append=False)
+
+
 def test_q35_with_virtio_devices() -> None:
     plan = parse_and_map(q35_virtio())
     c = plan.config

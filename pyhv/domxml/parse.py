@@ -13,7 +13,7 @@ Every error is one line: ``FILE:LINE: /domain/devices/disk[2]/driver: why``.
 from __future__ import annotations
 
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Optional, cast
 
 from pyhv.config import (
@@ -705,7 +705,17 @@ class _Mapper:
             self.fail(el, str(e))
 
     def chardev(self, el: Any, what: str) -> SerialConfig:
-        """The host end of a serial, console or channel element."""
+        """The host end of a serial, console or channel element, with its log."""
+        log = self.child(el, "log")
+        backend = self._chardev_backend(el, what)
+        if log is None:
+            return backend
+        path = self.attr(log, "file")
+        if not path:
+            self.fail(log, "<log> needs file='...'")
+        return replace(backend, log_path=path, log_append=self.onoff(log, "append"))
+
+    def _chardev_backend(self, el: Any, what: str) -> SerialConfig:
         kind = self.attr(el, "type", "pty") or "pty"
         if kind not in ("pty", "file", "stdio", "unix", "null", "tcp"):
             self.fail(el, f"{what} type {kind!r} is not supported (supported: "
@@ -715,9 +725,6 @@ class _Mapper:
         if len(sources) > 1:
             self.fail(sources[1], "one <source> is supported")
         src = self.mark(sources[0]) if sources else None
-        log = el.find("log")
-        if log is not None:
-            self.fail(log, "chardev logging is not supported (use a file chardev)")
         if kind == "pty":
             if src is not None:
                 self.attr(src, "path")  # the pty's path in live XML

@@ -49,6 +49,10 @@ def _chardev(parent: Any, tag: str, c: SerialConfig) -> Any:
         _sub(el, "source", mode="bind" if c.server else "connect", host=c.host,
              service=str(c.port))
         _sub(el, "protocol", type="raw")
+    if c.log_fd is not None:
+        raise ValueError("a log on an inherited fd has no domain XML form")
+    if c.log_path is not None:
+        _sub(el, "log", file=c.log_path, append="on" if c.log_append else None)
     return el
 
 

@@ -10,10 +10,11 @@ QEMU; stdout and files take every byte.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import termios
 import tty
-from typing import Optional
+from typing import Optional, Union
 
 from pyhv.config import SerialConfig
 from pyhv.engine.errors import EngineError
@@ -49,6 +50,21 @@ class FdWriter:
         return None
 
 
+class TeeWriter:
+    """Guest output to a log first (every byte), then to the backend."""
+
+    def __init__(self, log: FdWriter, backend: "Writer") -> None:
+        self.log = log
+        self.backend = backend
+
+    def write(self, data: bytes) -> None:
+        self.log.write(data)
+        self.backend.write(data)
+
+    def flush(self) -> None:
+        return None
+
+
 class NullWriter:
     def write(self, data: bytes) -> None:
         return None
@@ -57,10 +73,13 @@ class NullWriter:
         return None
 
 
+Writer = Union[FdWriter, NullWriter, TeeWriter]
+
+
 class HostSerial:
     """An opened serial backend."""
 
-    def __init__(self, writer: "FdWriter | NullWriter", input_fd: Optional[int] = None,
+    def __init__(self, writer: Writer, input_fd: Optional[int] = None,
                  pty_path: Optional[str] = None, owned: tuple[int, ...] = ()) -> None:
         self.writer = writer
         self.input_fd = input_fd
@@ -95,6 +114,36 @@ def open_output_file(path: str, append: bool, what: str) -> int:
 
 
 def open_serial(cfg: SerialConfig) -> HostSerial:
+    """Open the backend ``cfg`` names, and its log when it has one."""
+    log_fd = _open_log(cfg)
+    try:
+        hs = _open_backend(cfg)
+    except BaseException:
+        if log_fd is not None:
+            os.close(log_fd)
+        raise
+    if log_fd is not None:
+        hs.writer = TeeWriter(FdWriter(log_fd), hs.writer)
+        hs._owned += (log_fd,)
+    return hs
+
+
+def _open_log(cfg: SerialConfig) -> Optional[int]:
+    if cfg.log_path is not None:
+        return open_output_file(cfg.log_path, cfg.log_append, "serial log")
+    if cfg.log_fd is not None:
+        try:
+            os.fstat(cfg.log_fd)
+        except OSError as e:
+            raise ConsoleError(f"serial log fd {cfg.log_fd}: {e.strerror}") from e
+        if cfg.log_append:
+            flags = fcntl.fcntl(cfg.log_fd, fcntl.F_GETFL)
+            fcntl.fcntl(cfg.log_fd, fcntl.F_SETFL, flags | os.O_APPEND)
+        return cfg.log_fd
+    return None
+
+
+def _open_backend(cfg: SerialConfig) -> HostSerial:
     if cfg.kind == "stdio":
         try:
             stdin_ok = os.isatty(0) or os.fstat(0) is not None

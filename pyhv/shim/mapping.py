@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
@@ -1118,8 +1118,13 @@ class _Builder:
             self.extra_serials.append(SerialPortConfig(chardev, "isa-serial", index))
 
     def serial_config(self, cd: Chardev, where: str) -> SerialConfig:
-        if cd.logfile or cd.logfd is not None:
-            self.note(f"{cd.where}: logfile is not written (not supported yet)")
+        backend = self._serial_backend(cd, where)
+        if cd.logfile is None and cd.logfd is None:
+            return backend
+        return replace(backend, log_path=cd.logfile, log_fd=cd.logfd,
+                       log_append=cd.logappend)
+
+    def _serial_backend(self, cd: Chardev, where: str) -> SerialConfig:
         try:
             if cd.backend == "file":
                 if cd.fd is not None:
