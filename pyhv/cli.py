@@ -114,7 +114,6 @@ def run_machine(config: "object") -> int:
     machine = Machine(config)  # type: ignore[arg-type]
     loop = EventLoop()
     status = {"code": EXIT_OK}
-    pending = bytearray()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w)
     stop_signal: list[int] = []
@@ -146,52 +145,16 @@ def run_machine(config: "object") -> int:
         if machine.finished:
             loop.stop()
 
-    def feed_serial() -> None:
-        if pending:
-            n = machine.serial_input(bytes(pending))
-            del pending[:n]
-        if not pending and input_fd is not None and input_fd not in reading:
-            loop.add_reader(input_fd, on_input)
-            reading.add(input_fd)
-
-    def on_input(fd: int) -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            reading.discard(fd)
-            return
-        pending.extend(data)
-        n = machine.serial_input(bytes(pending))
-        del pending[:n]
-        if pending:  # the UART's FIFO is full: wait until the guest drains it
-            loop.remove_reader(fd)
-            reading.discard(fd)
-
-    reading: set[int] = set()
-    input_fd: Optional[int] = None
     try:
         machine.subscribe(on_event)
-        machine.on_serial_space = feed_serial
         machine.start()
         hs = machine.host_serial
         assert hs is not None
         if hs.pty_path:
             print(f"pyhv: char device redirected to {hs.pty_path} (label serial0)",
                   file=sys.stderr)
-        input_fd = hs.input_fd
-        if input_fd is not None:
-            try:
-                loop.add_reader(input_fd, on_input)
-                reading.add(input_fd)
-            except (OSError, PermissionError):
-                input_fd = None  # e.g. stdin is a regular file: epoll refuses it
-        loop.add_reader(machine.event_fd, lambda fd: machine.process_events())
-        loop.add_reader(wake_r, on_wakeup)
+        machine.attach(loop)
+        loop.add_reader(wake_r, on_wakeup, "signals")
         if not machine.finished:
             loop.run()
     finally:

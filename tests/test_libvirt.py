@@ -117,6 +117,13 @@ class Console:
                 return
             self.text += data.decode("latin-1")
 
+    def send(self, data: bytes) -> None:
+        """Type into the console (what a person does in `virsh console`)."""
+        view = memoryview(data)
+        while view:
+            n = self.stream.send(bytes(view))
+            view = view[max(n, 0):]
+
     def read_until(self, needle: str, timeout: float = 60, count: int = 1) -> str:
         deadline = time.monotonic() + timeout
         while self.text.count(needle) < count:
@@ -324,6 +331,26 @@ def test_virsh_console(daemon, guests, tmp_path):
         report = parse_report(out[out.index("@begin"):])
         assert report.cmdline == "pyhv.wait=powerbutton on-the-console"
         assert report.waiting is not None
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+
+
+def test_console_input_reaches_the_guest(daemon, guests, tmp_path):
+    """What a user types in `virsh console` (libvirt's console stream onto the pty)
+    reaches the guest's COM1: the echo guest sends the line back."""
+    name = "typing"
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "pyhv.wait=echo"))
+    line = "typed into virsh console: " + "0123456789" * 8  # more than the UART's FIFO
+    try:
+        virsh(daemon, "start", name)
+        con = Console(daemon, name)
+        con.read_until("@echo-ready")
+        con.send(line.encode() + b"\r")
+        text = con.read_until("@poweroff")  # after the echo, the guest powers off
+        con.close()
+        assert f"@echo {line}" in text.replace("\r", ""), text[-2000:]
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)

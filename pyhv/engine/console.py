@@ -14,10 +14,13 @@ import fcntl
 import os
 import termios
 import tty
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from pyhv.config import SerialConfig
 from pyhv.engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from pyhv.engine.eventloop import EventLoop
 
 
 class ConsoleError(EngineError):
@@ -174,3 +177,60 @@ def _open_backend(cfg: SerialConfig) -> HostSerial:
         return HostSerial(FdWriter(master, drop_when_full=True), master, path,
                           owned=(master, slave))
     raise ConsoleError(f"serial: unknown backend {cfg.kind!r}")
+
+
+class SerialInputPump:
+    """Host input (stdin, a pty's master) into the guest's UART, with flow control.
+
+    Reads while the UART takes bytes; when its FIFO is full the pump stops
+    reading (the host side's own buffer holds the rest, as a terminal's does)
+    until :meth:`space` says the guest drained it.  End of input stops it.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, loop: "EventLoop", fd: int, offer: Callable[[bytes], int]) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.offer = offer
+        self.pending = b""
+        self.ended = False
+
+    def start(self) -> bool:
+        """Start reading; False when the fd cannot be watched (a regular file)."""
+        try:
+            self.loop.add_reader(self.fd, self._readable, "serial input")
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.ended = True
+
+    def space(self) -> None:
+        """The UART can take more: hand over what waits, then read again."""
+        if self.pending:
+            n = self.offer(self.pending)
+            self.pending = self.pending[n:]
+        if not self.pending and not self.ended and not self.loop.watching(self.fd):
+            self.start()
+
+    def _readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, self.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO: a pty whose other side closed for now
+        if not data:
+            if os.isatty(fd):  # nobody on the terminal's other side for now: look later
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.25, self.space, "serial input retry")
+            else:
+                self.stop()  # end of input
+            return
+        n = self.offer(data)
+        if n < len(data):  # the FIFO is full: wait for space before reading more
+            self.pending = data[n:]
+            self.loop.remove_reader(fd)

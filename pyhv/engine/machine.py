@@ -22,8 +22,9 @@ from typing import Callable, Optional
 from pyhv.config import VmConfig
 from pyhv.engine import layout
 from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
-from pyhv.engine.console import HostSerial, open_serial
+from pyhv.engine.console import HostSerial, SerialInputPump, open_serial
 from pyhv.engine.errors import EngineError
+from pyhv.engine.eventloop import EventLoop
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
@@ -79,8 +80,8 @@ class Machine:
         self._pins: list[object] = []
         self._host_addrs: list[int] = []
         self._cpuid: list = []
-        self._pending_input = b""
-        self.on_serial_space: Optional[Callable[[], None]] = None
+        self._loop: Optional[EventLoop] = None
+        self._input: Optional[SerialInputPump] = None
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -121,6 +122,26 @@ class Machine:
             v.start(paused=paused)
         self.state = MachineState.PAUSED if paused else MachineState.RUNNING
 
+    def attach(self, loop: EventLoop) -> None:
+        """Serve this machine's host side from ``loop`` (call after :meth:`start`):
+        its events, and console input into COM1 from the backend's input end."""
+        self._loop = loop
+        loop.add_reader(self.event_fd, lambda fd: self.process_events(), "machine events")
+        hs = self.host_serial
+        if hs is not None and hs.input_fd is not None:
+            pump = SerialInputPump(loop, hs.input_fd, self.serial_input)
+            if pump.start():
+                self._input = pump
+
+    def _detach(self) -> None:
+        if self._loop is not None:
+            if self._input is not None:
+                self._input.stop()
+                self._input = None
+            if self.event_fd >= 0:
+                self._loop.remove_reader(self.event_fd)
+            self._loop = None
+
     def _teardown_platform(self) -> None:
         if self.platform is not None:
             self.platform.close()
@@ -128,6 +149,7 @@ class Machine:
 
     def close(self) -> None:
         """Stop everything and release host resources."""
+        self._detach()
         self._teardown_platform()
         if self.state in (MachineState.RUNNING, MachineState.PAUSED, MachineState.CREATED):
             self.state = MachineState.SHUTDOWN
@@ -262,8 +284,8 @@ class Machine:
             elif kind == "reset":
                 self._guest_reset(str(payload))
             elif kind == "serial-space":
-                if self.on_serial_space is not None:
-                    self.on_serial_space()
+                if self._input is not None:
+                    self._input.space()
             elif kind == "vcpu":
                 assert isinstance(payload, VcpuEvent)
                 self._vcpu_event(payload)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 from typing import Callable, Optional
 
@@ -23,21 +22,38 @@ SessionFactory = Callable[[], QmpSession]
 
 
 class MonitorSession:
+    """One client connection: its protocol session and its output queue.
+
+    Output is written as the socket takes it (the loop waits for write
+    readiness; nothing blocks), commands are not read while more than
+    :attr:`HIGH_WATER` bytes of replies wait, and a client that lets more than
+    :attr:`MAX_QUEUED` bytes pile up (events it never reads) is disconnected.
+    """
+
+    HIGH_WATER = 1 << 20
+    MAX_QUEUED = 16 << 20
+
     def __init__(self, server: "MonitorServer", sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.session = server.new_session()
         self.out = bytearray()
         self.closed = False
+        self._closing = False
+        self._writing = False
         sock.setblocking(False)
         self.fd = sock.fileno()
-        server.loop.add_reader(self.fd, self._readable)
+        self._loop = server.loop
+        self._loop.add_reader(self.fd, self._readable, "QMP client")
         self.send(self.session.start())
 
     def send(self, data: bytes) -> None:
         if self.closed or not data:
             return
         self.out += data
+        if len(self.out) > self.MAX_QUEUED:
+            self.close()  # the client stopped reading
+            return
         self._flush()
 
     def _flush(self) -> None:
@@ -45,13 +61,28 @@ class MonitorSession:
             try:
                 n = self.sock.send(self.out)
             except BlockingIOError:
-                # the peer is slow: wait for writability (bounded by the peer reading)
-                _wait_writable(self.fd, 1.0)
-                continue
+                break
             except OSError:
                 self.close()
                 return
             del self.out[:n]
+        if self.out and not self._writing:
+            self._loop.add_writer(self.fd, self._writable, "QMP client")
+            self._writing = True
+        elif not self.out and self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        if not self.out and self._closing:
+            self.close()
+            return
+        reading = self._loop.watching(self.fd) and not self._closing
+        if len(self.out) > self.HIGH_WATER and reading:
+            self._loop.remove_reader(self.fd)
+        elif len(self.out) <= self.HIGH_WATER and not self._closing:
+            self._loop.add_reader(self.fd, self._readable, "QMP client")
+
+    def _writable(self, fd: int) -> None:
+        self._flush()
 
     def _readable(self, fd: int) -> None:
         try:
@@ -64,22 +95,33 @@ class MonitorSession:
         if self.server.after_commands is not None:
             self.server.after_commands()
         if not data or self.session.done:
-            self.close()
+            # the last replies (quit's) still go out before the socket closes
+            self._closing = True
+            self._loop.remove_reader(self.fd)
+            self._flush()
+
+    def drain(self, timeout: float) -> None:
+        """Before the process ends: give queued replies (quit's) a last chance."""
+        if self.closed or not self.out:
+            return
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(self.out)
+        except OSError:
+            pass
+        self.out.clear()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.server.loop.remove_reader(self.fd)
+        self._loop.remove_reader(self.fd)
+        self._loop.remove_writer(self.fd)
         try:
             self.sock.close()
         except OSError:
             pass
         self.server.sessions.discard(self)
-
-
-def _wait_writable(fd: int, timeout: float) -> None:
-    select.select([], [fd], [], timeout)
 
 
 class MonitorServer:
@@ -137,6 +179,7 @@ class MonitorServer:
 
     def close(self) -> None:
         for s in list(self.sessions):
+            s.drain(1.0)
             s.close()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()

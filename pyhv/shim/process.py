@@ -188,8 +188,7 @@ class ShimProcess:
             if hs is not None and hs.pty_path:
                 self.log(f"char device redirected to {hs.pty_path} (label "
                          f"{self.control._com1_chardev() or 'serial0'})")
-            self.loop.add_reader(self.machine.event_fd,
-                                 lambda fd: self.machine.process_events())  # type: ignore
+            self.machine.attach(self.loop)
         self.commands = Commands(self.control)
         self._monitors()
 
