@@ -16,6 +16,7 @@ from pyhv.engine.acpi import (
     AcpiError,
     AcpiPlatform,
     AcpiTables,
+    aml,
     build_acpi,
     checksum,
     write_acpi,
@@ -29,7 +30,10 @@ needs_acpiexec = pytest.mark.skipif(shutil.which("acpiexec") is None,
 
 FULL = AcpiPlatform(cpus=8, pci_root=True, pci_intx_gsis=(16, 17, 18, 19),
                     serial_ports=((0x3F8, 4), (0x2F8, 3)))
-PLATFORMS = [AcpiPlatform(), FULL]
+#: a pc machine: conventional PCI (no ECAM, no MCFG) with a 64-bit window
+PC = AcpiPlatform(cpus=2, pci_root=True, pci_intx_gsis=(16, 17, 18, 19, 20, 21, 22, 23),
+                  pci_express=False, pci_mmio64=(0x1_0000_0000, 0x9_0000_0000))
+PLATFORMS = [AcpiPlatform(), FULL, PC]
 
 
 def _by_sig(tables: AcpiTables) -> dict[str, bytes]:
@@ -69,7 +73,8 @@ def test_checksums_and_lengths(platform: AcpiPlatform) -> None:
     tables = build_acpi(platform)
     sigs = _by_sig(tables)
     expected = {"RSD PTR ", "FACS", "FACP", "DSDT", "APIC", "XSDT", "RSDT"}
-    assert set(sigs) == expected | ({"MCFG"} if platform.pci_root else set())
+    assert set(sigs) == expected | ({"MCFG"} if platform.pci_root and platform.pci_express
+                                    else set())
     for sig, blob in sigs.items():
         if sig == "RSD PTR ":
             assert len(blob) == 36
@@ -107,7 +112,8 @@ def test_pointers(platform: AcpiPlatform) -> None:
     r_ptrs = struct.unpack_from(f"<{(len(rsdt) - 36) // 4}I", rsdt, 36)
     assert list(x_ptrs) == list(r_ptrs)
     sigs = [_table_at(tables, p)[:4] for p in x_ptrs]
-    assert sigs == [b"FACP", b"APIC"] + ([b"MCFG"] if platform.pci_root else [])
+    assert sigs == [b"FACP", b"APIC"] + ([b"MCFG"] if platform.pci_root
+                                         and platform.pci_express else [])
     fadt = _table_at(tables, x_ptrs[0])
     facs_addr, dsdt_addr = struct.unpack_from("<II", fadt, 36)
     assert struct.unpack_from("<QQ", fadt, 132) == (0, dsdt_addr)
@@ -170,6 +176,18 @@ def test_dsdt_contents() -> None:
     assert b"C008" not in dsdt
     plain = _by_sig(build_acpi(AcpiPlatform()))["DSDT"]
     assert b"PCI0" not in plain and b"COM1" in plain and b"COM2" not in plain
+
+
+def test_conventional_pci_root() -> None:
+    """pc: PCI0 is a PNP0A03 bridge reached through port 0xCF8, with a QWordMemory
+    window for 64-bit BARs; no MCFG and no ECAM reservation."""
+    tables = _by_sig(build_acpi(PC))
+    dsdt = tables["DSDT"]
+    assert "MCFG" not in tables and b"MRES" not in dsdt and b"PCI0" in dsdt
+    assert struct.pack("<I", aml.eisa_id("PNP0A03")) in dsdt
+    assert struct.pack("<I", aml.eisa_id("PNP0A08")) not in dsdt
+    # QWordMemory: min and max of the 64-bit window
+    assert struct.pack("<QQ", 0x1_0000_0000, 0x8_FFFF_FFFF) in dsdt
 
 
 def test_invalid_platforms() -> None:

@@ -27,7 +27,8 @@ from conftest import cloud_kernel
 
 from pyhv.config import KernelBoot, SerialConfig, VmConfig
 from pyhv.engine import layout
-from pyhv.engine.acpi import AcpiPlatform, build_acpi
+from pyhv.engine.acpi import build_acpi
+from pyhv.engine.builder import acpi_description
 from pyhv.engine.machine import Machine
 
 MiB = 1 << 20
@@ -53,7 +54,8 @@ def expected_lines(cmdline: str, memory: int, cpus: int, exact_e820: bool = True
         if exact_e820 or e.type == layout.E820_RAM and e.addr >= layout.HIMEM_START:
             lines.append(f"BIOS-e820: [mem {e.addr:#018x}-{e.end - 1:#018x}] "
                          f"{E820_NAMES[e.type]}")
-    tables = build_acpi(AcpiPlatform(cpus=cpus))
+    tables = build_acpi(acpi_description(VmConfig(KernelBoot("vmlinux"), memory=memory,
+                                                  vcpus=cpus)))
     lines.append(f"ACPI: RSDP {tables.rsdp_addr:#018X}".replace("0X", "0x"))
     for sig in ("XSDT", "FACP", "DSDT", "APIC"):
         lines.append(f"ACPI: {sig} {tables.addresses[sig]:#018X}".replace("0X", "0x"))

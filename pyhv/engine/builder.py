@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from pyhv.config import VmConfig
+from pyhv.config import VmConfig, machine_family
 from pyhv.engine import layout
 from pyhv.engine.acpi import MPTABLE_MAX_CPUS, AcpiPlatform, write_acpi, write_mptable
 from pyhv.engine.boot import (
@@ -35,6 +35,7 @@ from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
 from pyhv.engine.memory import GuestMemory
+from pyhv.engine.pci.platform import PCI_INTX_GSIS, PciPlatform, build_pci, mmio64_window
 from pyhv.engine.vcpu import (
     Vcpu,
     VcpuEvent,
@@ -94,6 +95,7 @@ class Platform:
     vcpus: list[Vcpu] = field(default_factory=list)
     #: the CPUID table vCPU 0 was given
     cpuid0: list = field(default_factory=list)
+    pci: Optional[PciPlatform] = None
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -154,12 +156,31 @@ def guest_topology(cfg: VmConfig) -> Topology:
     return Topology(t.sockets * t.dies, t.cores, t.threads)
 
 
-def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig, topo: Topology) -> Optional[int]:
+def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, hooks: Hooks) -> PciPlatform:
+    """The chipset's PCI functions and bridges, resources assigned, on the buses."""
+    family = machine_family(cfg.machine) or "pc"
+    pci = build_pci(family, cfg.memory, on_reset=hooks.on_reset)
+    pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
+    return pci
+
+
+def acpi_description(cfg: VmConfig) -> AcpiPlatform:
+    """What the ACPI tables of a machine built from ``cfg`` describe (pure)."""
+    topo = guest_topology(cfg)
+    return AcpiPlatform(cpus=cfg.vcpus,
+                        apic_ids=tuple(topo.apic_id(i) for i in range(cfg.vcpus)),
+                        pci_root=True, pci_intx_gsis=PCI_INTX_GSIS,
+                        pci_express=machine_family(cfg.machine) == "q35",
+                        pci_mmio64=mmio64_window(cfg.memory))
+
+
+def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig,
+                           topo: Topology) -> Optional[int]:
     """ACPI tables (unless ACPI is off) and an MP table; returns the RSDP's address."""
     apic_ids = tuple(topo.apic_id(i) for i in range(cfg.vcpus))
     rsdp = None
     if cfg.features.acpi:
-        rsdp = write_acpi(memory, AcpiPlatform(cpus=cfg.vcpus, apic_ids=apic_ids))
+        rsdp = write_acpi(memory, acpi_description(cfg))
     if cfg.vcpus <= MPTABLE_MAX_CPUS:
         write_mptable(memory, cfg.vcpus, apic_ids=apic_ids)
     return rsdp
@@ -218,10 +239,11 @@ def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: Vm
         if cfg.trace_io:
             pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks)
+        pci = attach_pci(vm, pio, mmio, cfg, hooks)
         topo = guest_topology(cfg)
         rsdp = attach_firmware_tables(memory, cfg, topo)
         kernel, entry = load_guest(memory, cfg, rsdp)
-        plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp)
+        plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp, pci=pci)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, entry, pio, mmio, hooks,
                                   supported_cpuid)
         plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Optional
 
 from pyhv.engine import layout
 from pyhv.engine.acpi import aml
@@ -98,6 +99,11 @@ class AcpiPlatform:
     pci_mmio32_end: int = layout.PCI_MMIO32_END
     pcie_ecam_start: int = layout.PCIE_ECAM_START
     pcie_ecam_size: int = layout.PCIE_ECAM_SIZE
+    #: a PCI Express host (q35: PNP0A08 with ECAM and MCFG); False: conventional PCI
+    #: (pc: PNP0A03, configuration through port 0xCF8 only)
+    pci_express: bool = True
+    #: the 64-bit MMIO window [start, end) for 64-bit BARs (None: none)
+    pci_mmio64: Optional[tuple[int, int]] = None
     oem_id: str = "PYHV  "
     oem_table_id: str = "PYHVMACH"
     oem_revision: int = 1
@@ -286,10 +292,13 @@ def _pci_root(p: AcpiPlatform) -> bytes:
         aml.word_io(0x0000, layout.PCI_CONFIG_PORT - 1),
         aml.word_io(0x0D00, 0xFFFF),
         aml.dword_memory(p.pci_mmio32_start, p.pci_mmio32_end - 1),
+        *([aml.qword_memory(p.pci_mmio64[0], p.pci_mmio64[1] - 1)] if p.pci_mmio64 else []),
     )
+    ids = [aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
+           aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03")))] if p.pci_express else \
+        [aml.name("_HID", aml.integer(aml.eisa_id("PNP0A03")))]
     terms = [
-        aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
-        aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03"))),
+        *ids,
         aml.name("_UID", 0),
         aml.name("_SEG", 0),
         aml.name("_BBN", 0),
@@ -337,7 +346,8 @@ def build_dsdt(platform: AcpiPlatform) -> bytes:
                 aml.io(p.rtc_port, p.rtc_port, 1, 2), aml.irq_no_flags(p.rtc_irq)))))
     if p.pci_root:
         sb.append(_pci_root(p))
-        sb.append(_ecam_reservation(p))
+        if p.pci_express:
+            sb.append(_ecam_reservation(p))
     body = (aml.name("\\_S5", aml.package(p.s5_slp_typ, p.s5_slp_typ, 0, 0))
             + aml.scope("\\_SB", *sb))
     return sdt("DSDT", 2, body, platform)
@@ -361,7 +371,7 @@ def build_acpi(platform: AcpiPlatform, base: int = layout.ACPI_ADDR,
 
     dsdt = build_dsdt(platform)
     madt = build_madt(platform)
-    mcfg = build_mcfg(platform) if platform.pci_root else None
+    mcfg = build_mcfg(platform) if platform.pci_root and platform.pci_express else None
     listed = ["FACP", "APIC"] + (["MCFG"] if mcfg else [])
     rsdp_addr = place("RSD PTR ", RSDP_LEN)
     facs_addr = place("FACS", FACS_LEN, 64)

@@ -1,0 +1,164 @@
+"""The PCI platform of a pc (i440FX + PIIX3) or q35 (Q35 MCH + ICH9) machine.
+
+:func:`build_pci` lays out the hierarchy (the chipset's functions where libvirt
+expects them, then the bridges and root ports the configuration describes at
+their addresses), runs :class:`PciFirmware` over it and returns a
+:class:`PciPlatform`; :meth:`PciPlatform.attach` puts the configuration
+mechanisms and every BAR on the machine's buses.  No KVM here: interrupt lines
+are injected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from pyhv.engine import layout
+from pyhv.engine.bus import Bus
+from pyhv.engine.devices import InterruptLine
+from pyhv.engine.pci.device import (
+    HostBridge,
+    IsaBridge,
+    PciBridge,
+    PciBuses,
+    PciFunction,
+    pci_bridge,
+    pcie_root_port,
+)
+from pyhv.engine.pci.firmware import PciFirmware
+from pyhv.engine.pci.root import ConfigIo, Ecam, PciRoot, bdf_text
+from pyhv.engine.resources import AddressAllocator
+
+#: IOAPIC pins PCI INTx lines are wired to (ACPI _PRT, level, active low)
+PCI_INTX_GSIS = (16, 17, 18, 19, 20, 21, 22, 23)
+#: port I/O PCI devices get: above the legacy ISA range, as PC firmware does
+PCI_IO_START = 0xC000
+PCI_IO_END = 0x10000
+#: the 64-bit window: 32 GiB from the first 1 GiB boundary above RAM and 4 GiB
+PCI_MMIO64_SIZE = 32 << 30
+
+I440FX_HOST = 0x1237
+PIIX3_ISA = 0x7000
+Q35_HOST = 0x29C0
+ICH9_LPC = 0x2918
+
+
+def mmio64_window(ram_size: int) -> tuple[int, int]:
+    top = layout.HIGH_RAM_START + max(0, ram_size - layout.MMIO_HOLE_START)
+    start = (top + (1 << 30) - 1) & ~((1 << 30) - 1)
+    return start, start + PCI_MMIO64_SIZE
+
+
+@dataclass(frozen=True)
+class PciSlot:
+    """Where a function goes: on bus 0 (``parent`` None) or behind a controller."""
+
+    slot: int
+    function: int = 0
+    #: the controller (by its index in the description) whose bus this is on
+    parent: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """A ``pcie-root-port`` or ``pci-bridge`` controller at ``at``."""
+
+    model: str
+    at: PciSlot
+    name: str
+    #: pcie-root-port: port number and the physical slot (chassis-unique)
+    port: int = 0
+    chassis: int = 0
+
+
+@dataclass
+class PciPlatform:
+    family: str
+    root: PciRoot
+    config_io: ConfigIo
+    ecam: Optional[Ecam]
+    mmio64: tuple[int, int]
+    bridges: list[PciBridge] = field(default_factory=list)
+    #: (function, GSI) of every function with an INTx pin, as firmware routed them
+    intx: list[tuple[PciFunction, int]] = field(default_factory=list)
+
+    @property
+    def express(self) -> bool:
+        return self.ecam is not None
+
+    def attach(self, pio: Bus, mmio: Bus,
+               line_for: Callable[[int], InterruptLine]) -> None:
+        """Map the configuration mechanisms and every BAR; wire INTx lines."""
+        pio.insert(layout.PCI_CONFIG_PORT, 8, self.config_io, "pci-config")
+        if self.ecam is not None:
+            mmio.insert(layout.PCIE_ECAM_START, self.ecam.size, self.ecam, "pci-ecam")
+        buses = PciBuses(pio, mmio)
+        for fn, gsi in self.intx:
+            fn.set_intx(line_for(gsi), gsi)
+        for _bus, _dfn, fn, _parent in self.root.walk():
+            fn.attach(buses)
+
+    def detach(self) -> None:
+        for _bus, _dfn, fn, _parent in self.root.walk():
+            fn.detach()
+
+    def tree(self) -> list[str]:
+        """The hierarchy as ``pyhv domxml check`` prints it."""
+        lines = []
+        for bus, dfn, fn, parent in self.root.walk():
+            c = fn.config
+            depth = 0
+            p = parent
+            while p is not None:
+                depth += 1
+                p = next((q for _b, _d, f, q in self.root.walk() if f is p), None)
+            ident = f"{c.get(0, 2):04x}:{c.get(2, 2):04x} class {c.get(0x0A, 2):04x}"
+            extra = []
+            for index, bar in sorted(c.bars.items()):
+                extra.append(f"BAR{index} {bar.kind} {c.bar_address(index):#x}+{bar.size:#x}")
+            if isinstance(fn, PciBridge):
+                extra.append(f"bus {fn.secondary}-{fn.subordinate}")
+            gsi = next((g for f, g in self.intx if f is fn), None)
+            if gsi is not None:
+                extra.append(f"INT{'ABCD'[c.get(0x3D, 1) - 1]} GSI {gsi}")
+            lines.append(f"{'  ' * depth}{bdf_text(bus, dfn)} {fn.name} ({ident})"
+                         + (f": {', '.join(extra)}" if extra else ""))
+        return lines
+
+
+def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
+              on_reset: Optional[Callable[[], None]] = None) -> PciPlatform:
+    """The chipset for ``family`` (``pc`` or ``q35``) plus ``bridges``, with firmware
+    resource assignment done."""
+    root = PciRoot()
+    if family == "q35":
+        root.add(None, 0, 0, HostBridge(Q35_HOST, "q35 host bridge"))
+        root.add(None, 0x1F, 0, IsaBridge(ICH9_LPC, "ICH9 LPC", multifunction=False,
+                                          pm_base=layout.PM1A_EVT_PORT))
+    else:
+        root.add(None, 0, 0, HostBridge(I440FX_HOST, "i440FX host bridge"))
+        root.add(None, 1, 0, IsaBridge(PIIX3_ISA, "PIIX3 ISA bridge", multifunction=False))
+    built: list[PciBridge] = []
+    for spec in bridges:
+        multi = any(o.at.slot == spec.at.slot and o.at.parent == spec.at.parent and o is not spec
+                    for o in bridges)
+        if spec.model == "pcie-root-port":
+            b = pcie_root_port(spec.name, spec.port, 0, multifunction=multi)
+        elif spec.model == "pci-bridge":
+            b = pci_bridge(spec.name, spec.chassis)
+        else:
+            raise ValueError(f"controller model {spec.model!r} is not a PCI bridge pyhv builds")
+        parent = built[spec.at.parent] if spec.at.parent is not None else None
+        root.add(parent, spec.at.slot, spec.at.function, b)
+        built.append(b)
+    mmio64 = mmio64_window(ram_size)
+    fw = PciFirmware(root,
+                     AddressAllocator("PCI I/O", PCI_IO_START, PCI_IO_END),
+                     AddressAllocator("PCI MMIO", layout.PCI_MMIO32_START,
+                                      layout.PCI_MMIO32_END),
+                     AddressAllocator("PCI 64-bit MMIO", *mmio64),
+                     PCI_INTX_GSIS)
+    fw.run()
+    config_io = ConfigIo(root, on_reset)
+    ecam = Ecam(root, layout.PCIE_ECAM_SIZE >> 20) if family == "q35" else None
+    return PciPlatform(family, root, config_io, ecam, mmio64, built, fw.intx)
