@@ -85,6 +85,70 @@ class SerialConfig:
 
 
 @dataclass(frozen=True)
+class PciAddress:
+    """Where a PCI function sits, as libvirt writes it: ``bus`` is the index of the
+    PCI controller whose bus it is (0: the root bus, pci.0/pcie.0)."""
+
+    bus: int = 0
+    slot: int = 0
+    function: int = 0
+    domain: int = 0
+    #: function 0 of a slot whose other functions are in use
+    multifunction: bool = False
+
+    def __post_init__(self) -> None:
+        if self.domain != 0:
+            raise ConfigError(f"PCI domain {self.domain:#x}: only domain 0 exists")
+        if not 0 <= self.bus <= 255 or not 0 <= self.slot <= 31 or \
+                not 0 <= self.function <= 7:
+            raise ConfigError(f"PCI address {self.bus:#x}:{self.slot:#x}.{self.function} "
+                              "is out of range (bus 0-255, slot 0-31, function 0-7)")
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
+
+
+ControllerType = Literal["pci", "usb", "virtio-serial"]
+#: PCI controller models pyhv builds (the roots are implicit: pci-root, pcie-root)
+PCI_BRIDGE_MODELS = ("pcie-root-port", "pci-bridge")
+USB_MODELS = ("piix3-uhci", "qemu-xhci", "ich9-ehci1", "ich9-uhci1", "ich9-uhci2",
+              "ich9-uhci3", "nec-xhci")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """A controller: a PCI bridge or root port (which provides bus ``index``), a USB
+    host controller, or a virtio-serial controller."""
+
+    type: ControllerType
+    model: str
+    index: int = 0
+    #: libvirt's alias (``pci.1``, ``usb``); None: generated when the machine is built
+    id: Optional[str] = None
+    address: Optional[PciAddress] = None
+    #: pcie-root-port: ``port`` and ``chassis``; pci-bridge: ``chassis`` (chassisNr)
+    port: Optional[int] = None
+    chassis: Optional[int] = None
+    #: usb: the companion UHCIs' master (``ich9-uhciN`` with the EHCI's index)
+    master_port: Optional[int] = None
+    #: virtio-serial: ports
+    max_ports: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ConfigError(f"controller {self.type} index {self.index} is negative")
+        if self.type == "pci" and self.model not in PCI_BRIDGE_MODELS:
+            raise ConfigError(f"PCI controller model {self.model!r} is not built (built: "
+                              f"{', '.join(PCI_BRIDGE_MODELS)}; the root is implicit)")
+        if self.type == "pci" and self.index == 0:
+            raise ConfigError("PCI controller 0 is the root bus (pci-root/pcie-root)")
+
+    @property
+    def label(self) -> str:
+        return f"controller {self.id or f'{self.type}.{self.index}'} ({self.model})"
+
+
+@dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot."""
 
@@ -136,6 +200,10 @@ class DiskConfig:
     serial: Optional[str] = None
     #: firmware boot order (1 first); direct kernel boot ignores it
     boot_order: Optional[int] = None
+    #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
+    id: Optional[str] = None
+    #: where the device sits; None: placed by :mod:`pyhv.placement`
+    address: Optional[PciAddress] = None
 
     def __post_init__(self) -> None:
         what = f"disk {self.target or self.path}"
@@ -161,6 +229,10 @@ class FilesystemConfig:
     #: 9p security model: ``passthrough`` (host ids), ``mapped`` (xattrs), ``squash``
     accessmode: Literal["passthrough", "mapped", "squash"] = "passthrough"
     readonly: bool = False
+    #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
+    id: Optional[str] = None
+    #: where the device sits; None: placed by :mod:`pyhv.placement`
+    address: Optional[PciAddress] = None
 
     def __post_init__(self) -> None:
         if not self.source or not self.tag:
@@ -187,6 +259,10 @@ class NetConfig:
     server: bool = False
     mac: Optional[str] = None
     model: Literal["virtio"] = "virtio"
+    #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
+    id: Optional[str] = None
+    #: where the device sits; None: placed by :mod:`pyhv.placement`
+    address: Optional[PciAddress] = None
 
     def __post_init__(self) -> None:
         if self.backend == "vhost-user" and not self.socket:
@@ -245,6 +321,10 @@ class RngConfig:
     #: at most ``rate_bytes`` per ``rate_period_ms`` (None: unlimited)
     rate_bytes: Optional[int] = None
     rate_period_ms: Optional[int] = None
+    #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
+    id: Optional[str] = None
+    #: where the device sits; None: placed by :mod:`pyhv.placement`
+    address: Optional[PciAddress] = None
 
     def __post_init__(self) -> None:
         if self.source not in ("/dev/urandom", "/dev/random"):
@@ -265,6 +345,10 @@ class BalloonConfig:
     stats_period: Optional[int] = None
     autodeflate: bool = False
     free_page_reporting: bool = False
+    #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
+    id: Optional[str] = None
+    #: where the device sits; None: placed by :mod:`pyhv.placement`
+    address: Optional[PciAddress] = None
 
     def __post_init__(self) -> None:
         if self.stats_period is not None and self.stats_period < 0:
@@ -402,6 +486,8 @@ class VmConfig:
     channels: tuple[ChannelConfig, ...] = ()
     rngs: tuple[RngConfig, ...] = ()
     balloon: Optional[BalloonConfig] = None
+    #: PCI bridges and root ports, USB and virtio-serial controllers
+    controllers: tuple[ControllerConfig, ...] = ()
 
     def __post_init__(self) -> None:
         from pyhv.engine.layout import MAX_RAM, MIN_RAM
@@ -443,6 +529,15 @@ class VmConfig:
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise ConfigError("two channels have the same name")
+        # USB companions share their EHCI's index (told apart by their master port)
+        pci = [(c.type, c.index, c.master_port) for c in self.controllers]
+        if len(set(pci)) != len(pci):
+            twice = next(k for k in pci if pci.count(k) > 1)
+            raise ConfigError(f"controller {twice[0]} index {twice[1]} is given twice")
+        for c in self.controllers:
+            bus = c.address.bus if c.address is not None else 0
+            if bus and not any(p.type == "pci" and p.index == bus for p in self.controllers):
+                raise ConfigError(f"{c.label}: PCI bus {bus} has no controller")
         targets = [d.target for d in self.disks if d.target]
         dup = {t for t in targets if targets.count(t) > 1}
         if dup:

@@ -22,6 +22,7 @@ from pyhv.config import (
     KernelBoot,
     MemoryBackingConfig,
     NetConfig,
+    PciAddress,
     RngConfig,
     SerialConfig,
     SerialPortConfig,
@@ -31,6 +32,7 @@ from pyhv.domxml import DomainXmlError, load_domain, map_domain, parse_domain, t
 from pyhv.domxml import schema as domschema
 from pyhv.domxml.check import run_check
 from pyhv.engine.support import unsupported
+from pyhv.placement import place
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "domains").glob("*.xml"))
@@ -94,7 +96,10 @@ def test_example_details() -> None:
     disks = load_domain(str(ex / "disks.xml"), buildable=False).disks
     assert disks[0] == DiskConfig("/var/lib/libvirt/images/root.img", "vda", cache="none",
                                   io="native", discard="unmap", detect_zeroes="unmap",
-                                  serial="root-disk-0001", boot_order=1)
+                                  serial="root-disk-0001", boot_order=1, id="virtio-disk0",
+                                  address=disks[0].address)
+    # placed as QEMU places -device without addr on pc: slots 2, 3... (1 is PIIX3)
+    assert [d.address for d in disks] == [PciAddress(0, 2), PciAddress(0, 3)]
     assert disks[1].source_type == "block" and disks[1].readonly and disks[1].shareable
     cons = load_domain(str(ex / "consoles.xml"), buildable=False)
     assert cons.serial.kind == "pty"
@@ -108,7 +113,8 @@ def test_example_details() -> None:
                                                      locked=True)
     net = load_domain(str(ex / "network.xml"), buildable=False)
     assert net.shared_memory and net.nets[3] == NetConfig(
-        "vhost-user", socket="/run/vhost-user/net0.sock", mac="52:54:00:12:34:58")
+        "vhost-user", socket="/run/vhost-user/net0.sock", mac="52:54:00:12:34:58",
+        id="net3", address=net.nets[3].address)
     q35 = load_domain(str(ex / "direct-kernel-q35.xml"))
     assert q35.machine == "pc-q35-7.2" and q35.on_reboot == "destroy"
     assert q35.emulator == "/usr/local/bin/pyhv-qemu" and q35.boot_order == ("hd",)
@@ -158,7 +164,9 @@ def test_round_trip(cfg: VmConfig) -> None:
     xml = to_xml(cfg)
     if domschema.available():
         assert schema_valid(xml), xml
-    assert parse_domain(xml.encode()) == cfg
+    assert parse_domain(xml.encode()) == place(cfg)
+    placed = place(cfg)
+    assert parse_domain(to_xml(placed).encode()) == placed  # addresses kept exactly
 
 
 def test_support_messages() -> None:
@@ -189,6 +197,8 @@ def dom(vcpu: str = "1", cpu: str = "", kernel: str = "<kernel>/k</kernel>", loa
 ERRORS = [
     # (xml, substrings the one-line error must contain)
     ("<domain type='kvm'><name>x</name", ["malformed XML"]),
+    # found by tests/fuzz (target domxml): libxml2's message ended in a line break
+    ("<domain type='kvm'><name>x\x00</name></domain>", ["malformed XML", "Char 0x0"]),
     (dom(vcpu="two"), ["/domain/vcpu", "schema"]),
     (dom(memory="<memory unit='furlongs'>64</memory>"), ["/domain/memory", "schema"]),
     (dom(vcpu="4", cpu="<cpu><topology sockets='3' cores='1' threads='1'/></cpu>"),
@@ -296,8 +306,11 @@ def test_harmless_elements_accepted() -> None:
     xml = xml.replace("</features>", "</features><clock offset='utc'><timer name='rtc' "
                       "tickpolicy='catchup'/><timer name='hpet' present='no'/></clock>"
                       "<pm><suspend-to-mem enabled='no'/></pm>")
+    xml = xml.replace("<type arch='x86_64'>", "<type arch='x86_64' machine='q35'>")
     m = map_domain(xml.encode())
     assert m.config.disks == () and any("USB" in n for n in m.notes)
+    (port,) = m.config.controllers
+    assert (port.model, port.index, port.id) == ("pcie-root-port", 1, "pci.1")
     assert unsupported(m.config) == []
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pyhv.config import SerialConfig
+from pyhv.config import PciAddress, SerialConfig
 from pyhv.shim.errors import ShimError, ShimUnsupportedError, ShimUsageError
 from pyhv.shim.mapping import ShimPlan, build, parse_and_map
 
@@ -171,6 +171,17 @@ def test_q35_with_virtio_devices() -> None:
     assert rng.source == "/dev/urandom"
     assert c.balloon is not None
     assert c.serial.kind == "pty"
+    # libvirt's addresses are kept exactly, in the config's form (bus = controller index)
+    assert disk.address == PciAddress(3, 0) and disk.id == "virtio-disk0"
+    assert (net.address, rng.address, c.balloon.address) == (
+        PciAddress(1, 0), PciAddress(5, 0), PciAddress(4, 0))
+    ports = [x for x in c.controllers if x.type == "pci"]
+    assert [(x.index, x.id, x.port, x.chassis) for x in ports] == [
+        (n, f"pci.{n}", 15 + n, n) for n in range(1, 7)]
+    assert [x.address for x in ports] == [PciAddress(0, 2, 0, multifunction=True)] + [
+        PciAddress(0, 2, n) for n in range(1, 6)]
+    (vs,) = [x for x in c.controllers if x.type == "virtio-serial"]
+    assert vs.id == "virtio-serial0" and vs.address == PciAddress(2, 0)
     # addresses and buses are kept for QMP
     assert [b.id for b in plan.bridges] == [f"pci.{n}" for n in range(1, 7)]
     (d,) = [d for d in plan.devices if d.id == "virtio-disk0"]
@@ -395,13 +406,17 @@ def test_block_errors() -> None:
 
 def test_pci_address_errors() -> None:
     dev = '{"driver":"virtio-balloon-pci","id":"b%d","bus":"%s","addr":"%s"}'
-    assert "in use by the PIIX3" in fails(["-kernel", "/k", "-device", dev % (0, "pci.0",
-                                                                             "0x1")])
+    assert "-device: memballoon: PCI address 0000:00:01.0 is taken by the PIIX3" in fails(
+        ["-kernel", "/k", "-device", dev % (0, "pci.0", "0x1")])
     assert "bus 'pci.9' not found" in fails(["-kernel", "/k", "-device", dev % (0, "pci.9",
                                                                                "0x3")])
-    assert "in use by virtio-balloon-pci" in fails(
-        ["-kernel", "/k", "-device", dev % (0, "pci.0", "0x3"),
-         "-device", dev % (1, "pci.0", "0x3")])
+    rng = '{"driver":"virtio-rng-pci","id":"r%d","bus":"pci.0","addr":"0x3"}'
+    assert "rng #1: PCI address 0000:00:03.0 is taken by rng #0" in fails(
+        ["-kernel", "/k", "-device", rng % 0, "-device", rng % 1])
+    assert "slot 0x02 is not available on bus 1 (a pcie-root-port)" in fails(
+        ["-kernel", "/k", "-machine", "q35", "-device",
+         "pcie-root-port,id=pci.1,chassis=1,bus=pcie.0,addr=0x2", "-device",
+         dev % (0, "pci.1", "0x2")])
     assert "pcie-root-port must sit on the q35 root bus" in fails(
         ["-kernel", "/k", "-device", "pcie-root-port,id=pci.1,chassis=1"])
 

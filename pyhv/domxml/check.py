@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 from pyhv.config import VmConfig, format_size, machine_family
 from pyhv.engine import layout
+from pyhv.engine.pci.platform import bridge_specs, build_pci
 from pyhv.engine.support import Issue, issues, net_label, serial_label
+from pyhv.placement import place
 
 #: legacy COM ports: (I/O base, IRQ)
 COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
@@ -31,13 +33,9 @@ class PlannedDevice:
 
 
 def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
-    """Every device with a stable address: ISA ports first, then PCI slots in order.
-
-    PCI: 00:00.0 is the host bridge; virtio devices take slots from 00:01.0 in
-    this order: disks, filesystems, NICs, the virtio-serial controller (consoles,
-    then channels), rngs, the balloon.  pcie-root-port/pci-bridge controllers are
-    flattened: every device sits on bus 0.
-    """
+    """Every device with its address: ISA ports, then the PCI tree the engine builds
+    (chipset, bridges, root ports), then the PCI devices where :mod:`pyhv.placement`
+    puts them, then virtio-serial ports."""
     out = [PlannedDevice(f"isa 0x{COM_PORTS[0][0]:x} irq {COM_PORTS[0][1]}",
                          f"serial COM1: isa-serial, {cfg.serial.describe()}", ("com1", 0))]
     for i, p in enumerate(cfg.extra_serials):
@@ -52,7 +50,23 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
                              "RTC (MC146818)"))
     out.append(PlannedDevice(f"isa 0x{layout.PM1A_EVT_PORT:x} irq {layout.SCI_IRQ}",
                              "ACPI PM (PM1a, PM timer)"))
-    pci: list[tuple[str, Optional[tuple[str, int]]]] = []
+    out += _pci_devices(place(cfg))
+    return out
+
+
+def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
+    """The PCI tree the engine builds (BDFs as the guest finds them, ids, BARs, INTx),
+    then the devices at their placed addresses (libvirt's form: the bus is the
+    controller's index)."""
+    family = machine_family(cfg.machine) or "pc"
+    pci = build_pci(family, cfg.memory, bridge_specs(cfg.controllers))
+    out = [PlannedDevice("pci " + line.split(" ", 1)[0].strip() if not line.startswith(" ")
+                         else "  pci " + line.strip().split(" ", 1)[0],
+                         line.strip().split(" ", 1)[1]) for line in pci.tree()]
+    for i, c in enumerate(cfg.controllers):
+        if c.type != "pci" and c.address is not None:
+            out.append(PlannedDevice(f"pci {c.address}", f"{c.label}", ("controller", i)))
+    rows: list[tuple[Any, str, Optional[tuple[str, int]]]] = []
     for i, d in enumerate(cfg.disks):
         flags = [d.format]
         flags += [n for n, on in (("readonly", d.readonly), ("shareable", d.shareable)) if on]
@@ -61,12 +75,12 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
                                           ("detect_zeroes", d.detect_zeroes),
                                           ("serial", d.serial), ("boot", d.boot_order))
                   if v is not None]
-        pci.append((f"disk {d.target or f'#{i}'}: virtio-blk, {d.source_type} {d.path} "
-                    f"({', '.join(flags)})", ("disk", i)))
+        rows.append((d, f"disk {d.target or f'#{i}'}: virtio-blk, {d.source_type} {d.path} "
+                        f"({', '.join(flags)})", ("disk", i)))
     for i, fs in enumerate(cfg.filesystems):
         kind = "virtio-9p" if fs.driver == "9p" else "virtio-fs"
-        pci.append((f"filesystem {fs.tag}: {kind}, {fs.source} ({fs.accessmode}"
-                    f"{', readonly' if fs.readonly else ''})", ("filesystem", i)))
+        rows.append((fs, f"filesystem {fs.tag}: {kind}, {fs.source} ({fs.accessmode}"
+                         f"{', readonly' if fs.readonly else ''})", ("filesystem", i)))
     for i, n in enumerate(cfg.nets):
         if n.backend == "vhost-user":
             back = f"vhost-user {n.socket} ({'server' if n.server else 'client'})"
@@ -76,35 +90,31 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
                 back += f" on bridge {n.bridge}"
             if n.network:
                 back += f" on libvirt network {n.network}"
-        pci.append((f"{net_label(cfg, i)}: virtio-net, {back}", ("net", i)))
-    ports = [(i, p) for i, p in enumerate(cfg.extra_serials) if p.target == "virtio"]
-    if ports or cfg.channels:
-        pci.append(("virtio-serial controller", None))
-    for i, c in enumerate(cfg.rngs):
-        rate = f", {c.rate_bytes} bytes per {c.rate_period_ms or 1000} ms" \
-            if c.rate_bytes else ""
-        pci.append((f"rng #{i}: virtio-rng, {c.source}{rate}", ("rng", i)))
+        rows.append((n, f"{net_label(cfg, i)}: virtio-net, {back}", ("net", i)))
+    for i, r in enumerate(cfg.rngs):
+        rate = f", {r.rate_bytes} bytes per {r.rate_period_ms or 1000} ms" \
+            if r.rate_bytes else ""
+        rows.append((r, f"rng #{i}: virtio-rng, {r.source}{rate}", ("rng", i)))
     if cfg.balloon is not None:
         b = cfg.balloon
         extra = f", stats every {b.stats_period} s" if b.stats_period else ""
-        pci.append((f"memballoon: virtio-balloon{extra}", ("balloon", 0)))
-    if pci:  # the engine builds PCI with its first PCI devices (the virtio work)
-        out.append(PlannedDevice("pci 00:00.0", "host bridge (built with the PCI devices)"))
-    for slot, (desc, subject) in enumerate(pci, start=1):
-        out.append(PlannedDevice(f"pci 00:{slot:02x}.0", desc, subject))
-        if desc == "virtio-serial controller":
-            port = 0
-            for i, p in ports:
-                out.append(PlannedDevice(f"  vport {port}", f"{serial_label(cfg, i)}: "
-                                                            f"virtio-console, "
-                                                            f"{p.chardev.describe()}",
-                                         ("serial", i)))
-                port += 1
-            for i, ch in enumerate(cfg.channels):
-                out.append(PlannedDevice(f"  vport {port}", f"channel {ch.name}: "
-                                                            f"{ch.chardev.describe()}",
-                                         ("channel", i)))
-                port += 1
+        rows.append((b, f"memballoon: virtio-balloon{extra}", ("balloon", 0)))
+    for rec, desc, subject in rows:
+        out.append(PlannedDevice(f"pci {rec.address}", f"{desc} [{rec.id}]", subject))
+    ports = [(i, p) for i, p in enumerate(cfg.extra_serials) if p.target == "virtio"]
+    if ports or cfg.channels:
+        out.append(PlannedDevice("virtio-serial", "virtio-serial controller"))
+        port = 0
+        for i, p in ports:
+            out.append(PlannedDevice(f"  vport {port}", f"{serial_label(cfg, i)}: "
+                                                        f"virtio-console, {p.chardev.describe()}",
+                                     ("serial", i)))
+            port += 1
+        for i, ch in enumerate(cfg.channels):
+            out.append(PlannedDevice(f"  vport {port}", f"channel {ch.name}: "
+                                                        f"{ch.chardev.describe()}",
+                                     ("channel", i)))
+            port += 1
     return out
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn, Optional, cast
+from typing import Any, NoReturn, Optional, TypeVar, cast
 
 from pyhv.config import (
     BalloonConfig,
     ChannelConfig,
     ClockConfig,
     ConfigError,
+    ControllerConfig,
     CpuConfig,
     CpuFeature,
     CpuTopology,
@@ -31,6 +32,7 @@ from pyhv.config import (
     MemoryBackingConfig,
     MemorySource,
     NetConfig,
+    PciAddress,
     RngConfig,
     SerialConfig,
     SerialPortConfig,
@@ -38,6 +40,10 @@ from pyhv.config import (
     machine_family,
 )
 from pyhv.errors import PyhvError
+from pyhv.placement import place
+
+#: a device record that sits on PCI (it has an id and an address)
+_P = TypeVar("_P", DiskConfig, FilesystemConfig, NetConfig, RngConfig, BalloonConfig)
 
 #: libvirt's scaled-integer units (virScaleInteger): case-insensitive
 _UNITS = {
@@ -239,6 +245,7 @@ class _Mapper:
                 filesystems=tuple(dev.filesystems), nets=tuple(dev.nets),
                 extra_serials=tuple(dev.extra_serials), channels=tuple(dev.channels),
                 rngs=tuple(dev.rngs), balloon=dev.balloon,
+                controllers=tuple(dev.controllers),
             )
         except ConfigError as e:
             self.fail(root, str(e))
@@ -501,13 +508,13 @@ class _Mapper:
                 dev.emulator = self.text(el) or None
             elif tag == "disk":
                 self.origin("disk", len(dev.disks), el)
-                dev.disks.append(self.disk(el))
+                dev.disks.append(self.placed(el, self.disk(el)))
             elif tag == "filesystem":
                 self.origin("filesystem", len(dev.filesystems), el)
-                dev.filesystems.append(self.filesystem(el))
+                dev.filesystems.append(self.placed(el, self.filesystem(el)))
             elif tag == "interface":
                 self.origin("net", len(dev.nets), el)
-                dev.nets.append(self.interface(el))
+                dev.nets.append(self.placed(el, self.interface(el)))
             elif tag == "serial":
                 serials.append(el)
             elif tag == "console":
@@ -517,10 +524,11 @@ class _Mapper:
                 dev.channels.append(self.channel(el))
             elif tag == "rng":
                 self.origin("rng", len(dev.rngs), el)
-                dev.rngs.append(self.rng(el))
+                dev.rngs.append(self.placed(el, self.rng(el)))
             elif tag == "memballoon":
                 self.origin("balloon", 0, el)
-                dev.balloon = self.memballoon(el, dev)
+                balloon = self.memballoon(el, dev)
+                dev.balloon = self.placed(el, balloon) if balloon is not None else None
             elif tag == "controller":
                 controllers.append(el)
             elif tag == "input":
@@ -549,10 +557,34 @@ class _Mapper:
             self.controller(el, dev, family)
 
     def common(self, el: Any) -> None:
-        """Accept what libvirt adds to every device: its alias and an address."""
+        """Accept what libvirt adds to every device: its alias and an address (a PCI
+        device's are read by :meth:`placed`)."""
         for tag in ("alias", "address"):
             for sub in el.findall(tag):
                 self.ignore(sub)
+
+    def placed(self, el: Any, record: _P) -> _P:
+        """``record`` with the element's alias and PCI address, when it has them."""
+        alias = el.find("alias")
+        ident = alias.get("name") if alias is not None else None
+        return replace(record, id=ident or None, address=self.pci_address(el))
+
+    def pci_address(self, el: Any) -> Optional[PciAddress]:
+        addr = el.find("address")
+        if addr is None:
+            return None
+        kind = addr.get("type")
+        if kind != "pci":
+            self.fail(addr, f"address type {kind!r} is not supported for this device "
+                            "(pyhv puts it on PCI: type='pci')")
+        values = {}
+        for name in ("domain", "bus", "slot", "function"):
+            values[name] = self.integer(addr, addr.get(name, "0"), f"PCI {name}")
+        try:
+            return PciAddress(values["bus"], values["slot"], values["function"],
+                              values["domain"], addr.get("multifunction") == "on")
+        except ConfigError as e:
+            self.fail(addr, str(e))
 
     def disk(self, el: Any) -> DiskConfig:
         self.common(el)
@@ -886,14 +918,38 @@ class _Mapper:
         self.common(el)
         ctype = self.attr(el, "type")
         model = self.attr(el, "model")
-        self.attr(el, "index")
+        given = self.attr(el, "index")
+        index = self.integer(el, given, "controller index") if given is not None else 0
+        if ctype == "pci" and given is None and model not in ("pci-root", "pcie-root"):
+            # libvirt numbers a PCI controller without an index after the others
+            index = 1 + max([c.index for c in dev.controllers if c.type == "pci"], default=0)
         if ctype == "pci":
             if model in ("pci-root", "pcie-root"):
+                want = "pcie-root" if family == "q35" else "pci-root"
+                if model != want or index != 0:
+                    self.fail(el, f"the root of a {family} machine is {want} with index 0")
                 self.ignore(el)
                 return
             if model in ("pcie-root-port", "pci-bridge"):
                 self.ignore(el)
-                dev.flattened += 1
+                if model == "pcie-root-port" and family != "q35":
+                    self.fail(el, "pcie-root-port controllers need a q35 machine")
+                tgt = el.find("target")
+                port = chassis = None
+                if tgt is not None:
+                    if tgt.get("port") is not None:
+                        port = self.integer(tgt, tgt.get("port"), "root port number")
+                    if tgt.get("chassis") is not None:
+                        chassis = self.integer(tgt, tgt.get("chassis"), "chassis number")
+                    if tgt.get("chassisNr") is not None:
+                        chassis = self.integer(tgt, tgt.get("chassisNr"), "chassis number")
+                alias = el.find("alias")
+                try:
+                    dev.controllers.append(ControllerConfig(
+                        "pci", model, index, alias.get("name") if alias is not None else None,
+                        self.pci_address(el), port, chassis))
+                except ConfigError as e:
+                    self.fail(el, str(e))
                 return
             self.fail(el, f"PCI controller model {model!r} is not supported (supported: "
                           "pci-root, pcie-root, pcie-root-port, pci-bridge)")
@@ -908,6 +964,12 @@ class _Mapper:
             return
         if ctype == "virtio-serial":
             self.ignore(el)
+            ports = el.get("ports")
+            alias = el.find("alias")
+            dev.controllers.append(ControllerConfig(
+                "virtio-serial", "virtio-serial", index,
+                alias.get("name") if alias is not None else None, self.pci_address(el),
+                max_ports=self.integer(el, ports, "ports", 1) if ports else None))
             return
         if (ctype, family) in (("ide", "pc"), ("sata", "q35"), ("fdc", "pc")) and \
                 el.get("index", "0") == "0":
@@ -939,7 +1001,7 @@ class _Devices:
     channels: list[ChannelConfig] = field(default_factory=list)
     rngs: list[RngConfig] = field(default_factory=list)
     balloon: Optional[BalloonConfig] = None
-    flattened: int = 0
+    controllers: list[ControllerConfig] = field(default_factory=list)
 
 
 def map_domain(xml: bytes, source: str = "<domain>", validate: bool = True) -> DomainMapping:
@@ -955,7 +1017,7 @@ def map_domain(xml: bytes, source: str = "<domain>", validate: bool = True) -> D
                                                      remove_comments=True))
     except etree.XMLSyntaxError as e:
         line = e.lineno or 0
-        msg = str(e.msg if hasattr(e, "msg") else e).split(", line ")[0]
+        msg = " ".join(str(e.msg if hasattr(e, "msg") else e).split(", line ")[0].split())
         raise DomainXmlError(f"{source}:{line}: malformed XML: {msg}") from None
     if root.tag != "domain":
         raise DomainXmlError(f"{source}:{root.sourceline or 0}: /{_local(str(root.tag))}: "
@@ -968,6 +1030,11 @@ def map_domain(xml: bytes, source: str = "<domain>", validate: bool = True) -> D
                                  f"{message}")
     mapper = _Mapper(root, source)
     cfg = mapper.map()
+    try:
+        cfg = place(cfg)
+    except ConfigError as e:
+        devices = root.find("devices")
+        mapper.fail(devices if devices is not None else root, str(e))
     return DomainMapping(cfg, list(mapper.notes), dict(mapper.origins))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pyhv.config import SerialConfig, VmConfig
+from pyhv.config import PciAddress, SerialConfig, VmConfig
 
 
 def _sub(parent: Any, tag: str, text: Optional[str] = None, **attrs: Optional[str]) -> Any:
@@ -54,6 +54,21 @@ def _chardev(parent: Any, tag: str, c: SerialConfig) -> Any:
     if c.log_path is not None:
         _sub(el, "log", file=c.log_path, append="on" if c.log_append else None)
     return el
+
+
+def _opt(n: Optional[int]) -> Optional[str]:
+    return None if n is None else str(n)
+
+
+def _placed(el: Any, rec: Any) -> None:
+    """A device's alias and PCI address, as libvirt writes them."""
+    if rec.id:
+        _sub(el, "alias", name=rec.id)
+    a: Optional[PciAddress] = rec.address
+    if a is not None:
+        _sub(el, "address", type="pci", domain=f"{a.domain:#06x}", bus=f"{a.bus:#04x}",
+             slot=f"{a.slot:#04x}", function=f"{a.function:#x}",
+             multifunction="on" if a.multifunction else None)
 
 
 def to_xml(cfg: VmConfig) -> str:
@@ -126,6 +141,17 @@ def to_xml(cfg: VmConfig) -> str:
     devices = _sub(root, "devices")
     if cfg.emulator:
         _sub(devices, "emulator", cfg.emulator)
+    for c in cfg.controllers:
+        el = _sub(devices, "controller", type=c.type, index=str(c.index),
+                  model=c.model if c.type != "virtio-serial" else None,
+                  ports=_opt(c.max_ports))
+        if c.type == "pci" and (c.port is not None or c.chassis is not None):
+            if c.model == "pci-bridge":
+                _sub(el, "target", chassisNr=_opt(c.chassis))
+            else:
+                _sub(el, "target", chassis=_opt(c.chassis),
+                     port=None if c.port is None else f"{c.port:#x}")
+        _placed(el, c)
     names = _disk_names()
     taken = {d.target for d in cfg.disks if d.target}
     for d in cfg.disks:
@@ -146,7 +172,9 @@ def to_xml(cfg: VmConfig) -> str:
             _sub(el, "shareable")
         if d.serial is not None:
             _sub(el, "serial", d.serial)
-    if cfg.extra_serials or cfg.channels:
+        _placed(el, d)
+    if (cfg.extra_serials or cfg.channels) and not any(c.type == "virtio-serial"
+                                                       for c in cfg.controllers):
         _sub(devices, "controller", type="virtio-serial", index="0")
     for fs in cfg.filesystems:
         el = _sub(devices, "filesystem", type="mount", accessmode=fs.accessmode)
@@ -155,6 +183,7 @@ def to_xml(cfg: VmConfig) -> str:
         _sub(el, "target", dir=fs.tag)
         if fs.readonly:
             _sub(el, "readonly")
+        _placed(el, fs)
     for n in cfg.nets:
         if n.backend == "vhost-user":
             el = _sub(devices, "interface", type="vhostuser")
@@ -176,6 +205,7 @@ def to_xml(cfg: VmConfig) -> str:
         if n.ifname and n.backend == "tap":
             _sub(el, "target", dev=n.ifname)
         _sub(el, "model", type="virtio")
+        _placed(el, n)
     com1 = _chardev(devices, "serial", cfg.serial)
     _sub(com1, "target", type="isa-serial", port="0")
     for p in cfg.extra_serials:
@@ -200,10 +230,12 @@ def to_xml(cfg: VmConfig) -> str:
                   freePageReporting="on" if b.free_page_reporting else None)
         if b.stats_period is not None:
             _sub(el, "stats", period=str(b.stats_period))
+        _placed(el, b)
     for r in cfg.rngs:
         el = _sub(devices, "rng", model="virtio")
         if r.rate_bytes is not None:
             _sub(el, "rate", bytes=str(r.rate_bytes),
                  period=str(r.rate_period_ms) if r.rate_period_ms is not None else None)
         _sub(el, "backend", r.source, model="random")
+        _placed(el, r)
     return str(etree.tostring(root, pretty_print=True, encoding="unicode"))

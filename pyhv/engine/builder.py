@@ -35,7 +35,13 @@ from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
 from pyhv.engine.memory import GuestMemory
-from pyhv.engine.pci.platform import PCI_INTX_GSIS, PciPlatform, build_pci, mmio64_window
+from pyhv.engine.pci.platform import (
+    PCI_INTX_GSIS,
+    PciPlatform,
+    bridge_specs,
+    build_pci,
+    mmio64_window,
+)
 from pyhv.engine.vcpu import (
     Vcpu,
     VcpuEvent,
@@ -43,6 +49,7 @@ from pyhv.engine.vcpu import (
     init_fpu,
     init_lapic_lints,
 )
+from pyhv.placement import place
 
 #: KVM needs three pages for the TSS and one for the identity map (VMX only),
 #: placed in the MMIO hole just below the BIOS area as QEMU does
@@ -159,7 +166,8 @@ def guest_topology(cfg: VmConfig) -> Topology:
 def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, hooks: Hooks) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses."""
     family = machine_family(cfg.machine) or "pc"
-    pci = build_pci(family, cfg.memory, on_reset=hooks.on_reset)
+    pci = build_pci(family, cfg.memory, bridge_specs(place(cfg).controllers),
+                    on_reset=hooks.on_reset)
     pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
     return pci
 

@@ -30,6 +30,7 @@ from pyhv.config import (
     ChannelConfig,
     ClockConfig,
     ConfigError,
+    ControllerConfig,
     CpuConfig,
     CpuFeature,
     CpuTopology,
@@ -43,6 +44,8 @@ from pyhv.config import (
     SerialPortConfig,
     VmConfig,
 )
+from pyhv.config import PciAddress as ConfigPciAddress
+from pyhv.placement import place
 from pyhv.shim import registry
 from pyhv.shim.argv import (
     JsonValue,
@@ -141,6 +144,7 @@ class PciAddress:
     bus: str
     slot: int
     function: int = 0
+    multifunction: bool = False
 
 
 @dataclass(frozen=True)
@@ -409,7 +413,9 @@ class _Builder:
         self.device_ids: set[str] = set()
         #: bus id → (kind, owner) where kind is PCI, PCIE, virtio-serial-bus, ISA
         self.buses: dict[str, str] = {}
-        self.bus_slots: dict[str, dict[tuple[int, int], str]] = {}
+        #: PCI bus name -> the index of the controller providing it (0: the root)
+        self.bus_index: dict[str, int] = {}
+        self.controllers: list[ControllerConfig] = []
         self.devices: list[DeviceSpec] = []
         self.disks: list[DiskSpec] = []
         self.nics: list[NicSpec] = []
@@ -1010,12 +1016,7 @@ class _Builder:
         root = machine.root_bus
         if root is not None:
             self.buses[root] = "PCIE" if machine.chipset == "q35" else "PCI"
-            reserved = {(0, 0): "the host bridge"}
-            if machine.chipset == "i440fx":
-                reserved.update({(1, f): "the PIIX3 south bridge" for f in range(4)})
-            else:
-                reserved.update({(0x1F, f): "the ICH9 south bridge" for f in range(4)})
-            self.bus_slots[root] = reserved
+            self.bus_index[root] = 0
             self.buses["isa.0"] = "ISA"
         for o in find(self.opts, "device"):
             if root is None:
@@ -1076,25 +1077,25 @@ class _Builder:
         return bus
 
     def pci_address(self, dtype: registry.DeviceType, bus: str, props: dict[str, JsonValue],
-                    where: str) -> PciAddress:
-        slots = self.bus_slots.setdefault(bus, {})
+                    where: str) -> Optional[PciAddress]:
+        """The ``addr=`` given (None: :mod:`pyhv.placement` assigns one, and checks
+        every address against the chipset, the bus and the other devices)."""
         raw = props.get("addr")
         if raw is None:
-            max_slot = 0 if self.buses[bus] == "PCIE" and bus != "pcie.0" else 31
-            free = [s for s in range(max_slot + 1) if (s, 0) not in slots]
-            if not free:
-                raise _usage(where, f"bus '{bus}' has no free slot")
-            slot, fn = free[0], 0
-        else:
-            slot, fn = _parse_devfn(raw, where)
-        if self.buses[bus] == "PCIE" and bus != "pcie.0" and slot != 0:
-            raise _usage(where, f"slot {slot} is not available on '{bus}' (a PCIe port has "
-                                "only slot 0)")
-        if (slot, fn) in slots:
-            raise _usage(where, f"PCI slot {slot} function {fn} on '{bus}' is in use by "
-                                f"{slots[(slot, fn)]}")
-        slots[(slot, fn)] = dtype.name
-        return PciAddress(bus, slot, fn)
+            return None
+        slot, fn = _parse_devfn(raw, where)
+        multi = props.get("multifunction")
+        return PciAddress(bus, slot, fn, multi is True or multi in ("on", "true"))
+
+    def config_address(self, spec: DeviceSpec) -> Optional[ConfigPciAddress]:
+        """A device's address in the config's form: the bus is its controller's index."""
+        a = spec.addr
+        if a is None:
+            if spec.bus in self.bus_index and self.bus_index[spec.bus]:
+                return ConfigPciAddress(self.bus_index[spec.bus], 0, 0)
+            return None
+        return ConfigPciAddress(self.bus_index[a.bus], a.slot, a.function,
+                                multifunction=a.multifunction)
 
     # each dev_<driver> turns a checked DeviceSpec into its record
 
@@ -1154,11 +1155,11 @@ class _Builder:
         if self.buses.get(spec.bus) != "PCIE" or spec.bus != "pcie.0":
             raise _usage(spec.where, "a pcie-root-port must sit on the q35 root bus pcie.0")
         name = self._bus_owner(spec, "PCIE")
-        self.bridges.append(BridgeSpec(spec.driver, name, spec.addr,
-                                       chassis=opts.get_int("chassis", 0) or 0,
-                                       port=opts.get_int("port", 0) or 0,
-                                       slot=opts.get_int("slot", 0) or 0))
-        self.note(f"{spec.where}: PCI bridges are recorded, not built yet")
+        chassis = opts.get_int("chassis", 0) or 0
+        port = opts.get_int("port", 0) or 0
+        self.bridges.append(BridgeSpec(spec.driver, name, spec.addr, chassis=chassis,
+                                       port=port, slot=opts.get_int("slot", 0) or 0))
+        self._controller(spec, name, port=port, chassis=chassis)
 
     def dev_pci_bridge(self, spec: DeviceSpec, opts: Opts) -> None:
         chassis = opts.get_int("chassis_nr", 0) or 0
@@ -1166,7 +1167,19 @@ class _Builder:
             raise _usage(spec.where, "a pci-bridge needs a unique chassis_nr above 0")
         name = self._bus_owner(spec, "PCI")
         self.bridges.append(BridgeSpec(spec.driver, name, spec.addr, chassis=chassis))
-        self.note(f"{spec.where}: PCI bridges are recorded, not built yet")
+        self._controller(spec, name, chassis=chassis)
+
+    def _controller(self, spec: DeviceSpec, bus: str, port: Optional[int] = None,
+                    chassis: Optional[int] = None) -> None:
+        """A bridge's bus gets libvirt's index: ``pci.N`` is controller N."""
+        m = re.fullmatch(r"pci\.(\d+)", bus)
+        used = set(self.bus_index.values())
+        index = int(m.group(1)) if m and int(m.group(1)) not in used else \
+            max(used | {0}) + 1
+        self.bus_index[bus] = index
+        model = "pcie-root-port" if spec.driver == "pcie-root-port" else "pci-bridge"
+        self.controllers.append(ControllerConfig("pci", model, index, spec.id,
+                                                 self.config_address(spec), port, chassis))
 
     def dev_virtio_serial_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         ident = spec.id or f"virtio-serial{len(self.vserial)}"
@@ -1174,6 +1187,9 @@ class _Builder:
         max_ports = opts.get_int("max_ports", 31, lo=1, hi=31)
         assert max_ports is not None
         self.vserial[bus] = VirtioSerialSpec(spec.id, bus, max_ports, (), spec.addr)
+        self.controllers.append(ControllerConfig(
+            "virtio-serial", "virtio-serial", len(self.vserial) - 1, spec.id,
+            self.config_address(spec), max_ports=max_ports))
         self.ports[bus] = []
 
     def _port(self, spec: DeviceSpec, opts: Opts, console: bool) -> None:
@@ -1226,7 +1242,8 @@ class _Builder:
         try:
             self.rng_configs.append(RngConfig(
                 filename or "/dev/urandom", max_bytes or None,
-                (period or 1000) if max_bytes else None))
+                (period or 1000) if max_bytes else None, id=spec.id,
+                address=self.config_address(spec)))
         except ConfigError as e:
             raise _unsupported(spec.where, str(e)) from None
 
@@ -1238,7 +1255,8 @@ class _Builder:
         self.balloon = BalloonConfig(
             stats_period=opts.get_int("guest-stats-polling-interval", lo=0),
             autodeflate=opts.get_bool("deflate-on-oom"),
-            free_page_reporting=opts.get_bool("free-page-reporting"))
+            free_page_reporting=opts.get_bool("free-page-reporting"), id=spec.id,
+            address=self.config_address(spec))
 
     def dev_virtio_blk_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         where = spec.where
@@ -1274,7 +1292,8 @@ class _Builder:
                 discard="unmap" if info["discard"] else None,
                 detect_zeroes=info["detect_zeroes"],  # type: ignore[arg-type]
                 serial=opts.get_str("serial"),
-                boot_order=bootindex if bootindex is not None and bootindex >= 1 else None))
+                boot_order=bootindex if bootindex is not None and bootindex >= 1 else None,
+                id=spec.id, address=self.config_address(spec)))
         except ConfigError as e:
             raise _usage(where, str(e)) from None
 
@@ -1311,8 +1330,12 @@ class _Builder:
             nic = NicSpec(spec.id, mac.lower(), "tap", nid, fds, ifname,
                           vhost_fds, vhost, queues, None, opts.get_int("bootindex"),
                           opts.get_int("host_mtu"), spec.addr)
-            net = NetConfig("tap", ifname=ifname if not fds else None,
-                            fd=fds[0] if fds else None, mac=mac.lower())
+            try:
+                net = NetConfig("tap", ifname=ifname if not fds else None,
+                                fd=fds[0] if fds else None, mac=mac.lower(), id=spec.id,
+                                address=self.config_address(spec))
+            except ConfigError as e:
+                raise _usage(where, str(e)) from None
         else:
             cd = self.claim_chardev(nd.need_str("chardev"), nd.where, nd.where)
             self.need_shared_memory(where)
@@ -1321,7 +1344,12 @@ class _Builder:
                                           "chardev with a path")
             nic = NicSpec(spec.id, mac.lower(), "vhost-user", nid, queues=queues, chardev=cd,
                           bootindex=opts.get_int("bootindex"), addr=spec.addr)
-            net = NetConfig("vhost-user", socket=cd.path, server=cd.server, mac=mac.lower())
+            try:
+                net = NetConfig("vhost-user", socket=cd.path, server=cd.server,
+                                mac=mac.lower(), id=spec.id,
+                                address=self.config_address(spec))
+            except ConfigError as e:
+                raise _usage(where, str(e)) from None
         if opts.get_int("host_mtu"):
             self.note(f"{where}: host_mtu is not passed to the guest")
         self.nics.append(nic)
@@ -1648,7 +1676,9 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
                 channels=tuple(b.channels),
                 rngs=tuple(b.rng_configs),
                 balloon=b.balloon,
+                controllers=tuple(b.controllers),
             )
+            config = place(config)
         except ConfigError as e:
             raise ShimError(str(e), _config_where(str(e))) from None
     elif b.one("uuid") is not None:
@@ -1678,6 +1708,9 @@ def _config_where(message: str) -> str:
         return "-smp"
     if message.startswith("serial"):
         return "-device isa-serial"
+    if message.startswith(("disk", "interface", "rng", "memballoon", "controller",
+                           "filesystem")):
+        return "-device"
     return "-machine"
 
 

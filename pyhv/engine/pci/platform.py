@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from pyhv.config import ControllerConfig
 from pyhv.engine import layout
 from pyhv.engine.bus import Bus
 from pyhv.engine.devices import InterruptLine
@@ -124,6 +125,31 @@ class PciPlatform:
             lines.append(f"{'  ' * depth}{bdf_text(bus, dfn)} {fn.name} ({ident})"
                          + (f": {', '.join(extra)}" if extra else ""))
         return lines
+
+
+def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
+    """The PCI bridges and root ports of a placed config, each after its parent."""
+    pci = {c.index: c for c in controllers if c.type == "pci"}
+    parent_bus = {i: (c.address.bus if c.address is not None else 0) for i, c in pci.items()}
+    order: list[int] = []
+    pending = sorted(pci)
+    while pending:
+        ready = [i for i in pending if parent_bus[i] in (0, *order)]
+        if not ready:
+            raise ValueError(f"PCI controllers {pending} hang below one another in a loop")
+        order += ready
+        pending = [i for i in pending if i not in ready]
+    specs = []
+    for i in order:
+        c = pci[i]
+        addr = c.address
+        if addr is None:
+            raise ValueError(f"{c.label} has no address: place the config first")
+        parent = order.index(addr.bus) if addr.bus else None
+        specs.append(BridgeSpec(c.model, PciSlot(addr.slot, addr.function, parent),
+                                c.id or f"pci.{c.index}", port=c.port or 0,
+                                chassis=c.chassis or 0))
+    return specs
 
 
 def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
