@@ -136,6 +136,8 @@ def run_machine(config: "object") -> int:
             loop.stop()
 
     def on_event(ev: MachineEvent) -> None:
+        if ev.kind == "device-broken":
+            print(f"pyhv: {ev.message}", file=sys.stderr)
         if ev.kind == "crashed":
             status["code"] = EXIT_TRIPLE_FAULT if ev.detail == "triple-fault" \
                 else EXIT_INTERNAL_ERROR

@@ -399,3 +399,49 @@ def test_accesses_while_a_bar_moves_are_never_lost_or_misrouted() -> None:
     assert moves[0] > 10
     assert len(fixed.log) == 4 * 300
     assert all(entry[1] < 0x1000 for entry in moving.log)
+
+
+def test_a_failing_device_is_taken_off_and_reported() -> None:
+    """A model that raises loses every range it owns; the bus and others go on."""
+    bus = Bus("mmio")
+    failures: list[tuple] = []
+    bus.on_error = lambda owner, name, e: failures.append((owner, name, str(e)))
+
+    class Faulty:
+        def read(self, offset: int, size: int) -> int:
+            raise RuntimeError("model bug")
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            raise RuntimeError("model bug")
+
+    bad, good = Faulty(), Recorder(5)
+    bus.insert(0x1000, 0x10, bad, "bad")
+    bus.insert(0x2000, 0x10, Recorder(), "bad-bar2", owner=bad)
+    bus.insert(0x3000, 0x10, good, "good")
+    assert bus.read(0x1000, 4) == 0xFFFFFFFF
+    assert failures == [(bad, "bad", "model bug")]
+    assert bus.devices() == [(0x3000, 0x10, "good")]  # both of bad's ranges are gone
+    assert bus.read(0x3000, 1) == 5
+    bus.write(0x1000, 4, 1)  # floats now: no second report
+    assert len(failures) == 1
+    strict = Bus("pio")  # without a handler the error propagates (a vCPU reports it)
+    strict.insert(0, 1, Faulty())
+    with pytest.raises(RuntimeError):
+        strict.read(0, 1)
+
+
+def test_device_manager_records() -> None:
+    from pyhv.engine.devices.manager import DeviceManager
+
+    told = []
+    mgr = DeviceManager(on_broken=told.append)
+    a, b = Recorder(), Recorder()
+    mgr.add("serial0", "isa-serial", a, "isa 0x3f8")
+    mgr.add("rtc", "mc146818rtc", b)
+    with pytest.raises(ValueError):
+        mgr.add("rtc", "again", b)
+    rec = mgr.mark_broken(b, "ValueError: x")
+    assert rec is not None and rec.broken == "ValueError: x" and told == [rec]
+    assert mgr.mark_broken(b, "second") is rec and rec.broken == "ValueError: x"
+    assert len(told) == 1 and mgr.mark_broken(object(), "?") is None
+    assert [r.id for r in mgr.records()] == ["serial0", "rtc"]

@@ -236,9 +236,10 @@ def test_acpi_off_leaves_the_mp_table(guests, tmp_path):
     assert "@acpi-table" not in text and "@cmdline noacpi" in text
 
 
-def test_device_fault_is_reported_not_hung(guests, tmp_path):
-    """An exception in a device model (a pyhv bug) ends the machine as crashed with
-    the exception named; it does not silently kill a vCPU thread."""
+def test_device_fault_is_isolated(guests, tmp_path):
+    """An exception in a device model (a pyhv bug) takes that device off the bus and
+    is reported with the exception named; the guest and the other devices go on (the
+    guest still powers off through ACPI)."""
     from pyhv.config import KernelBoot, SerialConfig, VmConfig
     from pyhv.engine.machine import Machine
 
@@ -251,6 +252,8 @@ def test_device_fault_is_reported_not_hung(guests, tmp_path):
 
     m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="x"), memory=64 * MiB,
                          serial=SerialConfig("file", str(tmp_path / "out.txt"))))
+    events = []
+    m.subscribe(events.append)
     try:
         m.start(paused=True)
         # the guest's first access to COM1 reaches the broken model
@@ -258,7 +261,37 @@ def test_device_fault_is_reported_not_hung(guests, tmp_path):
         m.platform.pio.insert(layout.COM1_PORT, 8, Broken(), "broken")
         m.resume()
         ev = m.run(timeout=60)
+        assert m.platform is None or m.platform.pio.find(layout.COM1_PORT) is None
     finally:
         m.close()
-    assert ev.kind == "crashed" and ev.detail == "vmm-error"
-    assert "RuntimeError: broken device model" in ev.message
+    assert ev.kind == "powered-off" and ev.detail == "guest"
+    (broken,) = [e for e in events if e.kind == "device-broken"]
+    assert broken.detail == "broken" and "RuntimeError: broken device model" in broken.message
+
+
+def test_registered_device_fault_marks_it_broken(guests, tmp_path):
+    """The device manager records which device broke and why (by its id)."""
+    from pyhv.config import KernelBoot, SerialConfig, VmConfig
+    from pyhv.engine.machine import Machine
+
+    m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="x"), memory=64 * MiB,
+                         serial=SerialConfig("file", str(tmp_path / "out.txt"))))
+    events = []
+    m.subscribe(events.append)
+    try:
+        m.start(paused=True)
+        rtc = m.platform.devices.get("rtc").device
+
+        def fail(*args):
+            raise ValueError("rtc model bug")
+
+        rtc.read = rtc.write = fail  # the guest reads the RTC in its report
+        m.resume()
+        ev = m.run(timeout=60)
+    finally:
+        m.close()
+    assert ev.kind == "powered-off"
+    (broken,) = [e for e in events if e.kind == "device-broken"]
+    assert broken.detail == "rtc" and "ValueError: rtc model bug" in broken.message
+    text = (tmp_path / "out.txt").read_text()
+    assert "@end" in text  # COM1 and the rest went on

@@ -29,12 +29,14 @@ from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
 from pyhv.engine.devices.acpi_pm import AcpiPm
 from pyhv.engine.devices.i8042 import I8042
+from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
 from pyhv.engine.memory import GuestMemory
+from pyhv.engine.pci.device import PciFunction
 from pyhv.engine.pci.platform import (
     PCI_INTX_GSIS,
     PciPlatform,
@@ -42,6 +44,7 @@ from pyhv.engine.pci.platform import (
     build_pci,
     mmio64_window,
 )
+from pyhv.engine.pci.root import bdf_text
 from pyhv.engine.vcpu import (
     Vcpu,
     VcpuEvent,
@@ -87,6 +90,8 @@ class Hooks:
     on_reset: Callable[[], None]
     on_vcpu_event: Callable[[VcpuEvent], None]
     on_serial_space: Callable[[], None]
+    #: a device model raised: it was taken off the buses (id, kind, reason)
+    on_device_broken: Callable[[str, str, str], None] = lambda ident, kind, why: None
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Platform:
     #: the CPUID table vCPU 0 was given
     cpuid0: list = field(default_factory=list)
     pci: Optional[PciPlatform] = None
+    devices: DeviceManager = field(default_factory=DeviceManager)
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -141,17 +147,20 @@ def attach_irqchip(vm: VmFd) -> None:
 
 
 def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSerial,
-                          hooks: Hooks) -> tuple[Serial16550, AcpiPm]:
+                          hooks: Hooks, devices: DeviceManager) -> tuple[Serial16550, AcpiPm]:
     serial = Serial16550(IrqLine(vm, layout.COM1_IRQ), host_serial.writer,
                          on_input_space=hooks.on_serial_space)
-    pio.insert(layout.COM1_PORT, 8, serial, "serial0")
     i8042 = I8042(IrqLine(vm, 1), reset=hooks.on_reset)
-    pio.insert(layout.I8042_DATA_PORT, 5, i8042, "i8042")
-    pio.insert(layout.RTC_PORT, 2, CmosRtc(ram_size=cfg.memory), "rtc")
     pm = AcpiPm(IrqLine(vm, layout.SCI_IRQ), on_sleep=hooks.on_sleep)
-    pio.insert(layout.PM1A_EVT_PORT, layout.PM_TMR_PORT + layout.PM_TMR_LEN
-               - layout.PM1A_EVT_PORT, pm, "acpi-pm")
-    pio.insert(layout.POST_PORT, 1, Sink(), "post")
+    for ident, kind, base, length, dev in (
+            ("serial0", "isa-serial", layout.COM1_PORT, 8, serial),
+            ("i8042", "i8042", layout.I8042_DATA_PORT, 5, i8042),
+            ("rtc", "mc146818rtc", layout.RTC_PORT, 2, CmosRtc(ram_size=cfg.memory)),
+            ("acpi-pm", "acpi-pm", layout.PM1A_EVT_PORT,
+             layout.PM_TMR_PORT + layout.PM_TMR_LEN - layout.PM1A_EVT_PORT, pm),
+            ("post", "port80", layout.POST_PORT, 1, Sink())):
+        pio.insert(base, length, dev, ident)  # type: ignore[arg-type]
+        devices.add(ident, kind, dev, f"isa {base:#x}")
     return serial, pm
 
 
@@ -163,13 +172,40 @@ def guest_topology(cfg: VmConfig) -> Topology:
     return Topology(t.sockets * t.dies, t.cores, t.threads)
 
 
-def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, hooks: Hooks) -> PciPlatform:
+def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, hooks: Hooks,
+               devices: DeviceManager) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses."""
     family = machine_family(cfg.machine) or "pc"
     pci = build_pci(family, cfg.memory, bridge_specs(place(cfg).controllers),
                     on_reset=hooks.on_reset)
     pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
+    for bus, dfn, fn, _parent in pci.root.walk():
+        devices.add(fn.name, fn.kind, fn, bdf_text(bus, dfn))
     return pci
+
+
+def isolate_failures(pio: Bus, mmio: Bus, devices: DeviceManager, hooks: Hooks) -> None:
+    """A device model that raises is taken off both buses and marked broken; the
+    machine and the other devices go on (``hooks.on_device_broken`` tells the owner)."""
+    def broken(rec: DeviceRecord) -> None:
+        dev = rec.device
+        if isinstance(dev, PciFunction):
+            dev.broken = True
+            dev.detach()
+        pio.remove_owner(dev)
+        mmio.remove_owner(dev)
+        hooks.on_device_broken(rec.id, rec.kind, rec.broken or "")
+
+    def on_error(owner: object, name: str, error: Exception) -> None:
+        import traceback
+
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        why = f"{type(error).__name__}: {error} ({where.filename}:{where.lineno})"
+        if devices.mark_broken(owner, why) is None:  # a range of no registered device
+            hooks.on_device_broken(name, type(owner).__name__, why)
+
+    devices.on_broken = broken
+    pio.on_error = mmio.on_error = on_error
 
 
 def acpi_description(cfg: VmConfig) -> AcpiPlatform:
@@ -203,7 +239,7 @@ def load_guest(memory: GuestMemory, cfg: VmConfig,
     return kernel, entry
 
 
-def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology, entry: EntryState,
+def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology,
                  pio: Bus, mmio: Bus, hooks: Hooks, supported_cpuid: list) -> list[Vcpu]:
     vcpus = []
     for i in range(cfg.vcpus):
@@ -212,8 +248,6 @@ def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology, entry: Entry
         set_boot_msrs(fd)
         init_fpu(fd)
         init_lapic_lints(fd)
-        if i == 0:
-            apply_entry_state(fd, entry)
         vcpus.append(Vcpu(fd, pio, mmio, hooks.on_vcpu_event))
     return vcpus
 
@@ -236,9 +270,12 @@ def trace_to_stderr(bus_name: str) -> Callable[[str, int, int, int], None]:
     return trace
 
 
-def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
-                   host_serial: HostSerial, hooks: Hooks,
-                   supported_cpuid: list) -> Platform:
+def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
+                    host_serial: HostSerial, hooks: Hooks,
+                    supported_cpuid: list) -> Platform:
+    """Everything the machine is made of, before anything runs in it: the KVM VM and
+    its memory and irqchip, the buses, every device, the vCPUs (not yet started).
+    A cold boot (:func:`cold_boot`) or, later, a restore then gives it its state."""
     vm = create_vm(kvm)
     try:
         attach_memory(vm, memory, host_addrs)
@@ -246,16 +283,38 @@ def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: Vm
         pio, mmio = Bus("port I/O"), Bus("MMIO")
         if cfg.trace_io:
             pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
-        serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks)
-        pci = attach_pci(vm, pio, mmio, cfg, hooks)
+        devices = DeviceManager()
+        isolate_failures(pio, mmio, devices, hooks)
+        serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
+        pci = attach_pci(vm, pio, mmio, cfg, hooks, devices)
+        plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices)
         topo = guest_topology(cfg)
-        rsdp = attach_firmware_tables(memory, cfg, topo)
-        kernel, entry = load_guest(memory, cfg, rsdp)
-        plat = Platform(vm, pio, mmio, serial, pm, kernel, entry, rsdp, pci=pci)
-        plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, entry, pio, mmio, hooks,
-                                  supported_cpuid)
+        plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)
         plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)
         return plat
     except BaseException:
         vm.close()
         raise
+
+
+def cold_boot(plat: Platform, memory: GuestMemory, cfg: VmConfig) -> None:
+    """What a power-on gives the guest: firmware tables, the kernel (and initrd) in
+    RAM, and the boot vCPU at the kernel's entry."""
+    rsdp = attach_firmware_tables(memory, cfg, guest_topology(cfg))
+    plat.kernel, plat.entry = load_guest(memory, cfg, rsdp)
+    plat.rsdp_addr = rsdp
+    apply_entry_state(plat.vcpus[0].fd, plat.entry)
+
+
+def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
+                   host_serial: HostSerial, hooks: Hooks,
+                   supported_cpuid: list) -> Platform:
+    """:func:`create_platform`, then :func:`cold_boot`."""
+    plat = create_platform(kvm, memory, host_addrs, cfg, host_serial, hooks,
+                           supported_cpuid)
+    try:
+        cold_boot(plat, memory, cfg)
+    except BaseException:
+        plat.close()
+        raise
+    return plat

@@ -33,15 +33,17 @@ class BusError(EngineError):
 
 
 class _Mapping:
-    __slots__ = ("base", "end", "device", "lock", "name")
+    __slots__ = ("base", "end", "device", "lock", "name", "owner")
 
     def __init__(self, base: int, length: int, device: Device, name: str,
-                 lock: "threading.Lock") -> None:
+                 lock: "threading.Lock", owner: object) -> None:
         self.base = base
         self.end = base + length
         self.device = device
         self.lock = lock
         self.name = name
+        #: the device model behind the range (a BAR's PCI function)
+        self.owner = owner
 
 
 class RegionOwner(Protocol):
@@ -68,6 +70,8 @@ class Region:
 
 
 Trace = Callable[[str, int, int, int], None]
+#: told when a device model raised while serving an access: (owner, range name, error)
+OnError = Callable[[object, str, Exception], None]
 
 
 class Bus:
@@ -79,15 +83,18 @@ class Bus:
         self._snap: tuple[tuple[int, ...], tuple[_Mapping, ...]] = ((), ())
         self._update = threading.Lock()
         self.trace: Optional[Trace] = None
+        self.on_error: Optional[OnError] = None
 
     # ---- changing the layout (any thread; serialised among themselves) ------------
     def insert(self, base: int, length: int, device: Device, name: str = "",
-               lock: Optional["threading.Lock"] = None) -> None:
-        """Map ``device`` at ``base``; ``lock`` is shared with its other ranges."""
+               lock: Optional["threading.Lock"] = None, owner: object = None) -> None:
+        """Map ``device`` at ``base``; ``lock`` is shared with its other ranges, and
+        ``owner`` (default ``device``) is the model a failure is blamed on."""
         if length <= 0:
             raise BusError(f"{self.name}: empty range for {name or device!r}")
         m = _Mapping(base, length, device, name or type(device).__name__,
-                     lock if lock is not None else threading.Lock())
+                     lock if lock is not None else threading.Lock(),
+                     device if owner is None else owner)
         with self._update:
             self._snap = self._with(self._snap[1], m)
 
@@ -120,8 +127,15 @@ class Bus:
             if i >= len(bases) or bases[i] != base:
                 raise BusError(f"{self.name}: nothing is mapped at 0x{base:x}")
             old = maps[i]
-            m = _Mapping(new_base, old.end - old.base, old.device, old.name, old.lock)
+            m = _Mapping(new_base, old.end - old.base, old.device, old.name, old.lock,
+                         old.owner)
             self._snap = self._with(maps[:i] + maps[i + 1:], m)
+
+    def remove_owner(self, owner: object) -> None:
+        """Unmap every range of ``owner`` (a device that broke)."""
+        with self._update:
+            new = tuple(m for m in self._snap[1] if m.owner is not owner)
+            self._snap = (tuple(m.base for m in new), new)
 
     # ---- lookups (vCPU threads, lock-free) ----------------------------------------
     def find(self, addr: int) -> Optional[_Mapping]:
@@ -142,7 +156,11 @@ class Bus:
                 self.trace("read", addr, size, -1)
             return (1 << (8 * size)) - 1
         with m.lock:
-            return m.device.read(addr - m.base, size) & ((1 << (8 * size)) - 1)
+            try:
+                return m.device.read(addr - m.base, size) & ((1 << (8 * size)) - 1)
+            except Exception as e:  # the model's bug: isolate it, the VM goes on
+                self._failed(m, e)
+                return (1 << (8 * size)) - 1
 
     def write(self, addr: int, size: int, value: int) -> None:
         m = self.find(addr)
@@ -151,7 +169,16 @@ class Bus:
                 self.trace("write", addr, size, value)
             return
         with m.lock:
-            m.device.write(addr - m.base, size, value)
+            try:
+                m.device.write(addr - m.base, size, value)
+            except Exception as e:
+                self._failed(m, e)
+
+    def _failed(self, m: _Mapping, error: Exception) -> None:
+        if self.on_error is None:
+            raise error
+        self.remove_owner(m.owner)
+        self.on_error(m.owner, m.name, error)
 
 
 class Sink:

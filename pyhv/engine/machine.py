@@ -46,7 +46,8 @@ class MachineEvent:
     ``guest-reset`` when a reset ends the machine), ``reset`` (detail: ``guest``
     or ``host``), ``crashed`` (detail: the exit kind, e.g. ``triple-fault``;
     ``message`` and ``registers`` say more), ``paused``, ``resumed``,
-    ``power-button``.
+    ``power-button``, ``device-broken`` (detail: the device id; a device model
+    failed and no longer answers, everything else goes on).
     """
 
     kind: str
@@ -110,7 +111,9 @@ class Machine:
         return Hooks(on_sleep=lambda typ: self._post("sleep", typ),
                      on_reset=lambda: self._post("reset", "guest"),
                      on_vcpu_event=lambda ev: self._post("vcpu", ev),
-                     on_serial_space=lambda: self._post("serial-space", None))
+                     on_serial_space=lambda: self._post("serial-space", None),
+                     on_device_broken=lambda ident, kind, why: self._post(
+                         "device-broken", (ident, kind, why)))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
@@ -227,6 +230,12 @@ class Machine:
             return []
         return [v.thread_id for v in self.platform.vcpus]
 
+    def devices(self) -> list[tuple[str, str, str, Optional[str]]]:
+        """(id, kind, where, why broken or None) of every device of the running platform."""
+        if self.platform is None:
+            return []
+        return [(r.id, r.kind, r.where, r.broken) for r in self.platform.devices.records()]
+
     def cpuid(self) -> list:
         """The CPUID table vCPU 0 was given."""
         return list(self.platform.cpuid0) if self.platform is not None else []
@@ -289,6 +298,12 @@ class Machine:
             elif kind == "vcpu":
                 assert isinstance(payload, VcpuEvent)
                 self._vcpu_event(payload)
+            elif kind == "device-broken":
+                assert isinstance(payload, tuple)
+                ident, dkind, why = (str(x) for x in payload)
+                self._emit(MachineEvent("device-broken", ident,
+                                        f"{dkind} {ident} failed and was taken off the "
+                                        f"bus (the machine goes on): {why}"))
 
     def _guest_reset(self, source: str) -> None:
         if self.config.on_reboot == "restart":

@@ -262,7 +262,9 @@ class ShimProcess:
     def _on_machine_event(self, ev: "MachineEvent") -> None:
         opts = self.plan.options
         assert self.machine is not None and self.control is not None
-        if ev.kind == "paused":
+        if ev.kind == "device-broken":
+            self.log(ev.message)
+        elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":
             self.broadcast("RESUME")

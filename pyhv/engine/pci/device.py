@@ -68,6 +68,8 @@ class PciFunction:
         self.intx: Optional["InterruptLine"] = None
         self._initial = bytes(config.data)
         self._regions = {i: Region(self, i) for i in config.bars}
+        #: the model raised while serving the guest: its BARs stay off the buses
+        self.broken = False
 
     # ---- wiring (the platform) ----------------------------------------------------
     def attach(self, buses: PciBuses) -> None:
@@ -94,7 +96,7 @@ class PciFunction:
             self._remap(index)
 
     def _remap(self, index: int) -> None:
-        if self.buses is None:
+        if self.buses is None or self.broken:
             return
         bar = self.config.bars[index]
         bus = self.buses.pio if bar.kind == "io" else self.buses.mmio
@@ -115,7 +117,7 @@ class PciFunction:
             else:
                 assert want is not None
                 bus.insert(want, bar.size, self._regions[index],
-                           f"{self.name} BAR{index}", lock=self.lock)
+                           f"{self.name} BAR{index}", lock=self.lock, owner=self)
         except BusError:
             # the guest put the BAR over another device: like hardware with a
             # conflict, nothing answers there for this function until it moves
