@@ -337,3 +337,72 @@ def test_ecam_class_directly() -> None:
     plat = build_pci("pc", 64 << 20)
     e = Ecam(plat.root, 1)
     assert e.size == 1 << 20 and e.read(0, 2) == 0x8086
+
+
+# ---- MSI-X ---------------------------------------------------------------------------
+
+class Sink:
+    def __init__(self) -> None:
+        self.routes: list[tuple] = []
+        self.fired: list[int] = []
+
+    def route(self, vector: int, address, data: int) -> None:
+        self.routes.append((vector, address, data))
+
+    def fire(self, vector: int) -> None:
+        self.fired.append(vector)
+
+
+def _msix(size: int = 4):
+    from pyhv.engine.pci.msix import Msix
+
+    c = ConfigSpace(0x1AF4, 0x1041, 0x020000, bars=(Bar(1, 0x1000),))
+    m = Msix(c, size, bar=1, table_offset=0, pba_offset=0x800)
+    sink = Sink()
+    m.attach(sink)
+    return c, m, sink
+
+
+def test_msix_capability_and_enable() -> None:
+    c, m, sink = _msix()
+    (cap_off, cap_id), = c.capabilities()
+    assert cap_id == 0x11 and cap_off == m.cap
+    assert c.read(m.cap + 2, 2) == 3                      # table size - 1, disabled
+    assert c.read(m.cap + 4, 4) == 0x0001 and c.read(m.cap + 8, 4) == 0x801  # BIR 1
+    c.write(m.cap + 2, 2, 0xFFFF)
+    assert c.read(m.cap + 2, 2) == 0xC003                 # only enable and mask change
+    assert m.read(12, 4) == 1                             # vectors start masked
+    assert sink.routes == [] and sink.fired == []
+
+
+def test_msix_vectors_route_fire_and_pend_while_masked() -> None:
+    c, m, sink = _msix()
+    c.write(m.cap + 2, 2, 0x8000)
+    m.config_written()
+    m.write(16, 8, 0xFEE0_1000)            # vector 1: address (64-bit write)
+    m.write(24, 4, 0x41)                   # data
+    assert sink.routes == []               # still masked
+    m.notify(1)
+    assert sink.fired == [] and m.read(0x800, 8) == 0b10   # pending bit
+    m.write(28, 4, 0)                      # unmask: routed, and the pending one fires
+    assert sink.routes == [(1, 0xFEE0_1000, 0x41)] and sink.fired == [1]
+    assert m.read(0x800, 4) == 0
+    m.notify(1)
+    assert sink.fired == [1, 1]
+    c.write(m.cap + 2, 2, 0xC000)          # function mask: vectors unrouted, pending
+    m.config_written()
+    assert sink.routes[-1] == (1, None, 0)
+    m.notify(1)
+    assert sink.fired == [1, 1] and m.read(0x800, 4) == 0b10
+    c.write(m.cap + 2, 2, 0x8000)
+    m.config_written()
+    assert sink.fired == [1, 1, 1] and sink.routes[-1] == (1, 0xFEE0_1000, 0x41)
+    m.notify(7)                            # beyond the table: dropped
+    m.write(0x800, 4, 0xFFFF)              # the PBA is read-only
+    assert m.read(0x800, 4) == 0 and sink.fired == [1, 1, 1]
+    c.write(m.cap + 2, 2, 0)               # disabled: nothing is delivered or pended
+    m.config_written()
+    m.notify(1)
+    assert sink.fired == [1, 1, 1] and m.read(0x800, 4) == 0
+    m.reset()
+    assert m.read(28, 4) == 1 and not m.enabled

@@ -32,6 +32,7 @@ from pyhv.engine.devices.i8042 import I8042
 from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
+from pyhv.engine.irq import GsiRouting
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
@@ -109,6 +110,8 @@ class Platform:
     cpuid0: list = field(default_factory=list)
     pci: Optional[PciPlatform] = None
     devices: DeviceManager = field(default_factory=DeviceManager)
+    #: the VM's GSI routing table (MSI vectors join it)
+    irq: Optional[GsiRouting] = None
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -140,10 +143,12 @@ def host_addresses(memory: GuestMemory) -> tuple[list[int], list[object]]:
     return [int(ffi.cast("uintptr_t", p)) for p in pins], pins
 
 
-def attach_irqchip(vm: VmFd) -> None:
+def attach_irqchip(vm: VmFd) -> GsiRouting:
     vm.create_irqchip()
     vm.create_pit2()
+    routing = GsiRouting(vm)
     vm.set_gsi_routing(default_routes(layout.IOAPIC_PINS))
+    return routing
 
 
 def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSerial,
@@ -279,7 +284,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
     vm = create_vm(kvm)
     try:
         attach_memory(vm, memory, host_addrs)
-        attach_irqchip(vm)
+        routing = attach_irqchip(vm)
         pio, mmio = Bus("port I/O"), Bus("MMIO")
         if cfg.trace_io:
             pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
@@ -287,7 +292,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         isolate_failures(pio, mmio, devices, hooks)
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
         pci = attach_pci(vm, pio, mmio, cfg, hooks, devices)
-        plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices)
+        plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices, irq=routing)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)
         plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)
