@@ -32,7 +32,8 @@ FULL = AcpiPlatform(cpus=8, pci_root=True, pci_intx_gsis=(16, 17, 18, 19),
                     serial_ports=((0x3F8, 4), (0x2F8, 3)))
 #: a pc machine: conventional PCI (no ECAM, no MCFG) with a 64-bit window
 PC = AcpiPlatform(cpus=2, pci_root=True, pci_intx_gsis=(16, 17, 18, 19, 20, 21, 22, 23),
-                  pci_express=False, pci_mmio64=(0x1_0000_0000, 0x9_0000_0000))
+                  pci_express=False, pci_mmio64=(0x1_0000_0000, 0x9_0000_0000),
+                  pci_prt_slots=(3, 1, 3))
 PLATFORMS = [AcpiPlatform(), FULL, PC]
 
 
@@ -188,6 +189,13 @@ def test_conventional_pci_root() -> None:
     assert struct.pack("<I", aml.eisa_id("PNP0A08")) not in dsdt
     # QWordMemory: min and max of the 64-bit window
     assert struct.pack("<QQ", 0x1_0000_0000, 0x8_FFFF_FFFF) in dsdt
+    # _PRT: 4 pins of the populated slots only, a GSI rotating with slot and pin
+    prt = dsdt[dsdt.index(b"_PRT"):]
+    for slot in (1, 3):
+        assert aml.package((slot << 16) | 0xFFFF, 0, 0, 16 + slot % 8) in prt
+    assert aml.package((3 << 16) | 0xFFFF, 3, 0, 22) in prt
+    assert aml.package((2 << 16) | 0xFFFF, 0, 0, 18) not in prt
+    assert aml.package(0xFFFF, 0, 0, 16) not in prt
 
 
 def test_invalid_platforms() -> None:

@@ -53,7 +53,7 @@ from pyhv.engine.vcpu import (
     init_fpu,
     init_lapic_lints,
 )
-from pyhv.placement import place
+from pyhv.placement import pci_functions, place
 
 #: KVM needs three pages for the TSS and one for the identity map (VMX only),
 #: placed in the MMIO hole just below the BIOS area as QEMU does
@@ -216,9 +216,10 @@ def isolate_failures(pio: Bus, mmio: Bus, devices: DeviceManager, hooks: Hooks) 
 def acpi_description(cfg: VmConfig) -> AcpiPlatform:
     """What the ACPI tables of a machine built from ``cfg`` describe (pure)."""
     topo = guest_topology(cfg)
+    slots = tuple(a.slot for a, _id, _what in pci_functions(place(cfg)) if a.bus == 0)
     return AcpiPlatform(cpus=cfg.vcpus,
                         apic_ids=tuple(topo.apic_id(i) for i in range(cfg.vcpus)),
-                        pci_root=True, pci_intx_gsis=PCI_INTX_GSIS,
+                        pci_root=True, pci_intx_gsis=PCI_INTX_GSIS, pci_prt_slots=slots,
                         pci_express=machine_family(cfg.machine) == "q35",
                         pci_mmio64=mmio64_window(cfg.memory))
 

@@ -95,6 +95,9 @@ class AcpiPlatform:
     pci_root: bool = False
     #: GSIs for PCI INTx: slot s pin p routes to ``gsis[(s + p) % len]`` (empty: no _PRT)
     pci_intx_gsis: tuple[int, ...] = ()
+    #: the root-bus slots _PRT lists (None: all 32); a guest reads every byte of the
+    #: DSDT, so listing only populated slots keeps boot short
+    pci_prt_slots: Optional[tuple[int, ...]] = None
     pci_mmio32_start: int = layout.PCI_MMIO32_START
     pci_mmio32_end: int = layout.PCI_MMIO32_END
     pcie_ecam_start: int = layout.PCIE_ECAM_START
@@ -307,8 +310,9 @@ def _pci_root(p: AcpiPlatform) -> bytes:
     ]
     if p.pci_intx_gsis:
         n = len(p.pci_intx_gsis)
+        slots = range(32) if p.pci_prt_slots is None else sorted(set(p.pci_prt_slots))
         routes = [aml.package((slot << 16) | 0xFFFF, pin, 0, p.pci_intx_gsis[(slot + pin) % n])
-                  for slot in range(32) for pin in range(4)]
+                  for slot in slots for pin in range(4)]
         terms.append(aml.name("_PRT", aml.package(*routes)))
     return aml.device("PCI0", *terms)
 
