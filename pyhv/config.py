@@ -111,8 +111,9 @@ class PciAddress:
 ControllerType = Literal["pci", "usb", "virtio-serial"]
 #: PCI controller models pyhv builds (the roots are implicit: pci-root, pcie-root)
 PCI_BRIDGE_MODELS = ("pcie-root-port", "pci-bridge")
+#: USB host controller models pyhv builds (libvirt's names; QEMU's are in the engine)
 USB_MODELS = ("piix3-uhci", "qemu-xhci", "ich9-ehci1", "ich9-uhci1", "ich9-uhci2",
-              "ich9-uhci3", "nec-xhci")
+              "ich9-uhci3")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class ControllerConfig:
         if self.type == "pci" and self.model not in PCI_BRIDGE_MODELS:
             raise ConfigError(f"PCI controller model {self.model!r} is not built (built: "
                               f"{', '.join(PCI_BRIDGE_MODELS)}; the root is implicit)")
+        if self.type == "usb" and self.model not in USB_MODELS:
+            raise ConfigError(f"USB controller model {self.model!r} is not built (built: "
+                              f"{', '.join(USB_MODELS)})")
         if self.type == "pci" and self.index == 0:
             raise ConfigError("PCI controller 0 is the root bus (pci-root/pcie-root)")
 

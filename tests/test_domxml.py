@@ -159,7 +159,10 @@ def _full_config() -> VmConfig:
     VmConfig(boot=KernelBoot("/k"), serial=SerialConfig("file", "/tmp/x"), machine="pc-i440fx-7.2",
              cpu=CpuConfig(topology=CpuTopology(cores=2, threads=2)), vcpus=4),
     _full_config(),
-], ids=["minimal", "null-serial", "pty-log", "threads", "everything"])
+    # found by tests/fuzz (target domxml): COM2 alone made to_xml add a
+    # virtio-serial controller, which came back as a device of the machine
+    VmConfig(boot=KernelBoot("/k"), extra_serials=(SerialPortConfig(SerialConfig("stdio")),)),
+], ids=["minimal", "null-serial", "pty-log", "threads", "everything", "com2-only"])
 def test_round_trip(cfg: VmConfig) -> None:
     xml = to_xml(cfg)
     if domschema.available():
@@ -308,9 +311,10 @@ def test_harmless_elements_accepted() -> None:
                       "<pm><suspend-to-mem enabled='no'/></pm>")
     xml = xml.replace("<type arch='x86_64'>", "<type arch='x86_64' machine='q35'>")
     m = map_domain(xml.encode())
-    assert m.config.disks == () and any("USB" in n for n in m.notes)
-    (port,) = m.config.controllers
+    assert m.config.disks == () and any("xHCI has 4 USB 2 and 4 USB 3" in n for n in m.notes)
+    port, xhci = m.config.controllers
     assert (port.model, port.index, port.id) == ("pcie-root-port", 1, "pci.1")
+    assert (xhci.type, xhci.model, xhci.id) == ("usb", "qemu-xhci", "usb")
     assert unsupported(m.config) == []
 
 

@@ -234,6 +234,13 @@ def test_cpu_features() -> None:
     assert [(f.name, f.policy) for f in c.cpu.features] == [("vmx", "require"),
                                                             ("avx2", "disable")]
     assert c.features.pmu is False
+
+
+def test_notes_are_one_line() -> None:
+    # found by tests/fuzz (target mapping): a note quoted an argument with a line break
+    plan = build(["-cpu", "Skylake-Client,migratable=on,\nid=x", "-kernel", "/k"])
+    assert plan.pending and all("\n" not in p for p in plan.pending)
+    assert any("CPU properties" in p and "id=x" in p for p in plan.pending)
     assert "unable to find CPU model 'Pentium9'" in fails(["-cpu", "Pentium9", "-kernel", "/k"])
 
 
@@ -435,3 +442,42 @@ def test_plans_are_complete_objects() -> None:
     assert isinstance(plan, ShimPlan)
     assert set(plan.objects) == {"masterKey0", "pc.ram"}
     assert plan.cpu is not None and plan.cpu.passthrough
+
+
+def test_usb_controllers_as_libvirt_passes_them() -> None:
+    """libvirt 9.0's default USB controllers become config records at their addresses."""
+    pc = build(head() + ["-device", j(driver="piix3-usb-uhci", id="usb", bus="pci.0",
+                                      addr="0x1.0x2"), "-kernel", "/k"])
+    assert pc.config is not None
+    (usb,) = pc.config.controllers
+    assert (usb.type, usb.model, usb.id, usb.address) == ("usb", "piix3-uhci", "usb",
+                                                          PciAddress(0, 1, 2))
+    q35 = build(head("pc-q35-7.2") + [
+        "-device", j(driver="pcie-root-port", port=16, chassis=1, id="pci.1", bus="pcie.0",
+                     multifunction=True, addr="0x2"),
+        "-device", j(driver="pcie-root-port", port=17, chassis=2, id="pci.2", bus="pcie.0",
+                     addr="0x2.0x1"),
+        "-device", j(driver="qemu-xhci", p2=15, p3=15, id="usb", bus="pci.2", addr="0x0"),
+        "-kernel", "/k"])
+    assert q35.config is not None
+    xhci = [c for c in q35.config.controllers if c.type == "usb"]
+    assert [(c.model, c.address) for c in xhci] == [("qemu-xhci", PciAddress(2, 0))]
+    ehci = build(head("pc-q35-7.2") + [
+        "-device", j(driver="ich9-usb-ehci1", id="usb", bus="pcie.0", addr="0x1d.0x7"),
+        "-device", j(driver="ich9-usb-uhci1", masterbus="usb.0", firstport=0, bus="pcie.0",
+                     multifunction=True, addr="0x1d"),
+        "-device", j(driver="ich9-usb-uhci2", masterbus="usb.0", firstport=2, bus="pcie.0",
+                     addr="0x1d.0x1"),
+        "-kernel", "/k"])
+    assert ehci.config is not None
+    assert [(c.model, c.index, c.master_port, c.address) for c in ehci.config.controllers] == [
+        ("ich9-ehci1", 0, None, PciAddress(0, 0x1D, 7)),
+        ("ich9-uhci1", 0, 0, PciAddress(0, 0x1D, 0, multifunction=True)),
+        ("ich9-uhci2", 0, 2, PciAddress(0, 0x1D, 1))]
+    legacy = build(head() + ["-usb", "-kernel", "/k"])
+    assert legacy.config is not None
+    assert [(c.model, c.address) for c in legacy.config.controllers] == [
+        ("piix3-uhci", PciAddress(0, 1, 2))]
+    assert "masterbus 'usb.9' not found" in fails(
+        head() + ["-device", j(driver="ich9-usb-uhci1", masterbus="usb.9", bus="pci.0",
+                               addr="0x5"), "-kernel", "/k"])

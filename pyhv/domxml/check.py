@@ -13,7 +13,7 @@ from typing import Any, Optional, TextIO
 
 from pyhv.config import VmConfig, format_size, machine_family
 from pyhv.engine import layout
-from pyhv.engine.pci.platform import bridge_specs, build_pci
+from pyhv.engine.pci.platform import pci_from_config
 from pyhv.engine.support import Issue, issues, net_label, serial_label
 from pyhv.placement import place
 
@@ -58,13 +58,12 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
     """The PCI tree the engine builds (BDFs as the guest finds them, ids, BARs, INTx),
     then the devices at their placed addresses (libvirt's form: the bus is the
     controller's index)."""
-    family = machine_family(cfg.machine) or "pc"
-    pci = build_pci(family, cfg.memory, bridge_specs(cfg.controllers))
+    pci = pci_from_config(cfg)
     out = [PlannedDevice("pci " + line.split(" ", 1)[0].strip() if not line.startswith(" ")
                          else "  pci " + line.strip().split(" ", 1)[0],
                          line.strip().split(" ", 1)[1]) for line in pci.tree()]
     for i, c in enumerate(cfg.controllers):
-        if c.type != "pci" and c.address is not None:
+        if c.type == "virtio-serial" and c.address is not None:
             out.append(PlannedDevice(f"pci {c.address}", f"{c.label}", ("controller", i)))
     rows: list[tuple[Any, str, Optional[tuple[str, int]]]] = []
     for i, d in enumerate(cfg.disks):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Optional, TypeVar, cast
 
 from pyhv.config import (
+    USB_MODELS,
     BalloonConfig,
     ChannelConfig,
     ClockConfig,
@@ -954,13 +955,29 @@ class _Mapper:
             self.fail(el, f"PCI controller model {model!r} is not supported (supported: "
                           "pci-root, pcie-root, pcie-root-port, pci-bridge)")
         if ctype == "usb":
+            self.ignore(el)
             if model == "none":
                 return
-            # no USB device can be configured (input, hostdev, redirdev are refused),
-            # so a USB controller is always unused
-            self.ignore(el)
-            self.notes.append(f"{self.path(el)}: USB controller {model or 'default'} has no "
-                              "devices and is left out")
+            if model is None:  # libvirt's default for the machine
+                model = "qemu-xhci" if family == "q35" else "piix3-uhci"
+            if model not in USB_MODELS:
+                self.fail(el, f"USB controller model {model!r} is not supported (supported: "
+                              f"{', '.join(USB_MODELS)}, none)")
+            master = el.find("master")
+            start = None
+            if master is not None:
+                start = self.integer(master, master.get("startport"), "master startport")
+            ports = el.get("ports")
+            if ports is not None and model == "qemu-xhci":
+                self.notes.append(f"{self.path(el)}: ports='{ports}': pyhv's xHCI has 4 USB 2 "
+                                  "and 4 USB 3 root ports (no USB device can be attached)")
+            alias = el.find("alias")
+            try:
+                dev.controllers.append(ControllerConfig(
+                    "usb", model, index, alias.get("name") if alias is not None else None,
+                    self.pci_address(el), master_port=start))
+            except ConfigError as e:
+                self.fail(el, str(e))
             return
         if ctype == "virtio-serial":
             self.ignore(el)

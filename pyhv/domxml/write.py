@@ -145,6 +145,8 @@ def to_xml(cfg: VmConfig) -> str:
         el = _sub(devices, "controller", type=c.type, index=str(c.index),
                   model=c.model if c.type != "virtio-serial" else None,
                   ports=_opt(c.max_ports))
+        if c.master_port is not None:
+            _sub(el, "master", startport=str(c.master_port))
         if c.type == "pci" and (c.port is not None or c.chassis is not None):
             if c.model == "pci-bridge":
                 _sub(el, "target", chassisNr=_opt(c.chassis))
@@ -173,8 +175,8 @@ def to_xml(cfg: VmConfig) -> str:
         if d.serial is not None:
             _sub(el, "serial", d.serial)
         _placed(el, d)
-    if (cfg.extra_serials or cfg.channels) and not any(c.type == "virtio-serial"
-                                                       for c in cfg.controllers):
+    virtio_ports = cfg.channels or any(s.target == "virtio" for s in cfg.extra_serials)
+    if virtio_ports and not any(c.type == "virtio-serial" for c in cfg.controllers):
         _sub(devices, "controller", type="virtio-serial", index="0")
     for fs in cfg.filesystems:
         el = _sub(devices, "filesystem", type="mount", accessmode=fs.accessmode)

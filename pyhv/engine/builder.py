@@ -41,9 +41,8 @@ from pyhv.engine.pci.device import PciFunction
 from pyhv.engine.pci.platform import (
     PCI_INTX_GSIS,
     PciPlatform,
-    bridge_specs,
-    build_pci,
     mmio64_window,
+    pci_from_config,
 )
 from pyhv.engine.pci.root import bdf_text
 from pyhv.engine.vcpu import (
@@ -177,12 +176,10 @@ def guest_topology(cfg: VmConfig) -> Topology:
     return Topology(t.sockets * t.dies, t.cores, t.threads)
 
 
-def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, hooks: Hooks,
-               devices: DeviceManager) -> PciPlatform:
+def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, memory: GuestMemory,
+               hooks: Hooks, devices: DeviceManager) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses."""
-    family = machine_family(cfg.machine) or "pc"
-    pci = build_pci(family, cfg.memory, bridge_specs(place(cfg).controllers),
-                    on_reset=hooks.on_reset)
+    pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset)
     pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
     for bus, dfn, fn, _parent in pci.root.walk():
         devices.add(fn.name, fn.kind, fn, bdf_text(bus, dfn))
@@ -292,7 +289,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         devices = DeviceManager()
         isolate_failures(pio, mmio, devices, hooks)
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
-        pci = attach_pci(vm, pio, mmio, cfg, hooks, devices)
+        pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices)
         plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices, irq=routing)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)

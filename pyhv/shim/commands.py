@@ -116,6 +116,7 @@ _ABSTRACT: Final[dict[str, Optional[str]]] = {
     "virtio-serial-port": "device", "cpu": "device", "x86_64-cpu": "cpu",
     "machine": "object", "x86-machine": "machine", "generic-pc-machine": "x86-machine",
     "memory-backend": "object", "rng-backend": "object", "accel": "object",
+    "pci-uhci-usb": "pci-device", "pci-ehci-usb": "pci-device", "base-xhci": "pci-device",
 }
 _OBJECT_PARENTS: Final = {"memory-backend-file": "memory-backend",
                           "memory-backend-memfd": "memory-backend",

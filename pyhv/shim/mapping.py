@@ -415,6 +415,9 @@ class _Builder:
         self.buses: dict[str, str] = {}
         #: PCI bus name -> the index of the controller providing it (0: the root)
         self.bus_index: dict[str, int] = {}
+        #: USB bus name -> the USB controller index (companions share their EHCI's)
+        self.usb_index: dict[str, int] = {}
+        self.machine_usb = False
         self.controllers: list[ControllerConfig] = []
         self.devices: list[DeviceSpec] = []
         self.disks: list[DiskSpec] = []
@@ -454,6 +457,7 @@ class _Builder:
         return bool(find(self.opts, name))
 
     def note(self, line: str) -> None:
+        line = " ".join(line.split())  # one log line, whatever the arguments it quotes hold
         if line not in self.pending:
             self.pending.append(line)
 
@@ -638,7 +642,23 @@ class _Builder:
                     "smbus"):
             if key in opts and opts.get_str(key) != "auto":
                 opts.get_bool(key)
+        if "usb" in opts and opts.get_str("usb") != "auto":
+            self.machine_usb = opts.get_bool("usb")
         return m, opts
+
+    def default_usb(self, machine: registry.MachineType) -> None:
+        """``-usb`` (or ``-machine usb=on``): the chipset's own USB controllers, as
+        QEMU adds them (pc: PIIX3 UHCI at 00:01.2; q35: ICH9 EHCI with its UHCIs)."""
+        if not (self.has("usb") or self.machine_usb) or machine.root_bus is None:
+            return
+        if any(c.type == "usb" for c in self.controllers):
+            return
+        models = ("piix3-uhci",) if machine.chipset == "i440fx" else \
+            ("ich9-ehci1", "ich9-uhci1", "ich9-uhci2", "ich9-uhci3")
+        for i, model in enumerate(models):
+            self.controllers.append(ControllerConfig(
+                "usb", model, 0, "usb" if i == 0 else f"usb-companion{i}",
+                master_port=None if i == 0 or model == "piix3-uhci" else 2 * (i - 1)))
 
     def accel(self, machine_opts: Optional[Opts]) -> None:
         wanted: list[tuple[str, str]] = []
@@ -1181,6 +1201,46 @@ class _Builder:
         self.controllers.append(ControllerConfig("pci", model, index, spec.id,
                                                  self.config_address(spec), port, chassis))
 
+    def _usb(self, spec: DeviceSpec, opts: Opts, model: str) -> None:
+        """A USB host controller: libvirt's model name in the config, its bus named
+        ``<id>.0``; a UHCI companion names its EHCI's bus (``masterbus``)."""
+        ident = spec.id or f"usb{len(self.usb_index)}"
+        self._bus_owner(spec, "usb-bus", f"{ident}.0")
+        master = opts.get_str("masterbus")
+        first = None
+        if master is not None:
+            if master not in self.usb_index:
+                raise _usage(spec.where, f"masterbus '{master}' not found (the EHCI's "
+                                         "bus, usb.0)")
+            index = self.usb_index[master]
+            first = opts.get_int("firstport", 0, lo=0) or 0
+        else:
+            index = len({v for v in self.usb_index.values()})
+        self.usb_index[f"{ident}.0"] = index
+        try:
+            self.controllers.append(ControllerConfig(
+                "usb", model, index, spec.id, self.config_address(spec), master_port=first))
+        except ConfigError as e:
+            raise _usage(spec.where, str(e)) from None
+
+    def dev_piix3_usb_uhci(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "piix3-uhci")
+
+    def dev_ich9_usb_ehci1(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "ich9-ehci1")
+
+    def dev_ich9_usb_uhci1(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "ich9-uhci1")
+
+    def dev_ich9_usb_uhci2(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "ich9-uhci2")
+
+    def dev_ich9_usb_uhci3(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "ich9-uhci3")
+
+    def dev_qemu_xhci(self, spec: DeviceSpec, opts: Opts) -> None:
+        self._usb(spec, opts, "qemu-xhci")
+
     def dev_virtio_serial_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         ident = spec.id or f"virtio-serial{len(self.vserial)}"
         bus = self._bus_owner(spec, "virtio-serial-bus", f"{ident}.0")
@@ -1447,9 +1507,6 @@ class _Builder:
                 self.note(f"{o.where}: not passed to the guest (not supported yet)")
         if self.has("no-acpi"):
             self.acpi = False
-        if self.has("usb"):
-            # libvirt's default USB controller on pc: nothing is ever attached to it
-            self.note("-usb: the USB controller is not built (no USB device uses it)")
         for o in find(self.opts, "audiodev"):
             o.opts.need_str("id")
             o.opts.need_str("driver")
@@ -1641,6 +1698,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
     b.read_blockdevs()
     b.read_netdevs()
     b.read_devices(machine)
+    b.default_usb(machine)
     b.legacy_serial()
     global_props = b.globals()
     for cid in b.chardevs:

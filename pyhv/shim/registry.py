@@ -168,6 +168,15 @@ def _dev(name: str, bus: str, category: str, description: str, parent: str,
                       tuple(sorted(props, key=lambda p: p.name)), alias, provides_bus)
 
 
+#: UHCI controllers and companions (``masterbus``/``firstport`` tie a companion to its
+#: EHCI)
+_UHCI_PROPS = _PCI_COMMON + (
+    PropInfo("bandwidth", "uint32", default=1280),
+    PropInfo("firstport", "uint32", default=0),
+    PropInfo("masterbus", "str"),
+    PropInfo("maxframes", "uint32", default=128),
+)
+
 #: the chipset's power management function: pyhv's ACPI offers S5 only, so S3
 #: and S4 are always disabled (libvirt reads these properties for <pm>)
 _PM_PROPS = (
@@ -206,6 +215,27 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
              PropInfo("msi", "OnOffAuto", "on/off/auto", "auto"),
              PropInfo("shpc", "bool", default=False),
          ), provides_bus="PCI"),
+    _dev("piix3-usb-uhci", "PCI", "USB", "PIIX3 UHCI USB 1.1 controller (pc: 00:01.2)",
+         "pci-uhci-usb", _UHCI_PROPS, provides_bus="usb-bus"),
+    _dev("ich9-usb-uhci1", "PCI", "USB", "ICH9 UHCI USB 1.1 companion", "pci-uhci-usb",
+         _UHCI_PROPS, provides_bus="usb-bus"),
+    _dev("ich9-usb-uhci2", "PCI", "USB", "ICH9 UHCI USB 1.1 companion", "pci-uhci-usb",
+         _UHCI_PROPS, provides_bus="usb-bus"),
+    _dev("ich9-usb-uhci3", "PCI", "USB", "ICH9 UHCI USB 1.1 companion", "pci-uhci-usb",
+         _UHCI_PROPS, provides_bus="usb-bus"),
+    _dev("ich9-usb-ehci1", "PCI", "USB", "ICH9 EHCI USB 2.0 controller", "pci-ehci-usb",
+         _PCI_COMMON + (PropInfo("companion-enable", "bool", "on/off", False),
+                        PropInfo("maxframes", "uint32", default=128)),
+         provides_bus="usb-bus"),
+    _dev("qemu-xhci", "PCI", "USB", "xHCI USB 3.0 controller", "base-xhci",
+         _PCI_COMMON + (PropInfo("intrs", "uint32", default=16),
+                        PropInfo("msi", "OnOffAuto", "on/off/auto", "auto"),
+                        PropInfo("msix", "OnOffAuto", "on/off/auto", "auto"),
+                        PropInfo("p2", "uint32", default=4),
+                        PropInfo("p3", "uint32", default=4),
+                        PropInfo("slots", "uint32", default=64),
+                        PropInfo("streams", "bool", "on/off", True)),
+         provides_bus="usb-bus"),
     _dev("virtio-serial-pci", "PCI", "Input", "virtio serial and console controller",
          "virtio-pci", _VIRTIO_PCI + (
              PropInfo("emergency-write", "bool", "on/off", False),
@@ -381,5 +411,8 @@ COMMAND_LINE_OPTIONS: dict[str, tuple[str, ...]] = {
 BUILT: frozenset[str] = frozenset({
     "isa-serial",          # COM1
     "PIIX4_PM", "ICH9-LPC",  # the chipset's ACPI PM (S5 only)
-    "pcie-root-port", "pci-bridge",  # accepted and flattened onto the root bus
+    "pcie-root-port", "pci-bridge",  # PCI bridges and PCI Express root ports
+    # USB host controllers (empty root hubs: no USB device can be attached yet)
+    "piix3-usb-uhci", "ich9-usb-uhci1", "ich9-usb-uhci2", "ich9-usb-uhci3",
+    "ich9-usb-ehci1", "qemu-xhci",
 })

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from pyhv.config import ControllerConfig
+from pyhv.config import ControllerConfig, VmConfig, machine_family
 from pyhv.engine import layout
 from pyhv.engine.bus import Bus
 from pyhv.engine.devices import InterruptLine
+from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.device import (
     HostBridge,
     IsaBridge,
@@ -127,8 +128,18 @@ class PciPlatform:
         return lines
 
 
-def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
-    """The PCI bridges and root ports of a placed config, each after its parent."""
+def _mark_multifunction(root: PciRoot) -> None:
+    """Function 0 of a slot with other functions says so in its header type."""
+    tables = [root.functions] + [fn.children for _b, _d, fn, _p in root.walk()
+                                 if isinstance(fn, PciBridge)]
+    for table in tables:
+        for dfn, fn in table.items():
+            if dfn & 7 == 0 and any(d >> 3 == dfn >> 3 and d & 7 for d in table):
+                fn.config.set8(0x0E, fn.config.get(0x0E, 1) | 0x80)
+
+
+def _bridge_order(controllers: Sequence[ControllerConfig]) -> list[int]:
+    """The PCI controllers' indexes, each after the controller whose bus it is on."""
     pci = {c.index: c for c in controllers if c.type == "pci"}
     parent_bus = {i: (c.address.bus if c.address is not None else 0) for i, c in pci.items()}
     order: list[int] = []
@@ -139,6 +150,13 @@ def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
             raise ValueError(f"PCI controllers {pending} hang below one another in a loop")
         order += ready
         pending = [i for i in pending if i not in ready]
+    return order
+
+
+def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
+    """The PCI bridges and root ports of a placed config, each after its parent."""
+    pci = {c.index: c for c in controllers if c.type == "pci"}
+    order = _bridge_order(controllers)
     specs = []
     for i in order:
         c = pci[i]
@@ -152,10 +170,42 @@ def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
     return specs
 
 
+#: libvirt's USB controller models -> QEMU's device names (what pyhv builds)
+USB_QEMU_NAMES = {"piix3-uhci": "piix3-usb-uhci", "ich9-ehci1": "ich9-usb-ehci1",
+                  "ich9-uhci1": "ich9-usb-uhci1", "ich9-uhci2": "ich9-usb-uhci2",
+                  "ich9-uhci3": "ich9-usb-uhci3", "qemu-xhci": "qemu-xhci"}
+
+
+def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
+                    on_reset: Optional[Callable[[], None]] = None) -> PciPlatform:
+    """The PCI platform of a (placed) config: chipset, bridges and root ports, USB
+    host controllers.  ``memory`` is what the controllers DMA into (``None``: a
+    description only, as ``pyhv domxml check`` prints it)."""
+    from pyhv.engine.devices.usb import usb_controller
+    from pyhv.placement import place
+
+    cfg = place(cfg)
+    family = machine_family(cfg.machine) or "pc"
+    bridges = bridge_specs(cfg.controllers)
+    mem = memory if memory is not None else GuestMemory.from_bytearrays([(0, 4096)])
+    endpoints: list[tuple[PciSlot, PciFunction]] = []
+    bridge_pos = {index: i for i, index in enumerate(_bridge_order(cfg.controllers))}
+    for c in cfg.controllers:
+        if c.type != "usb" or c.address is None:
+            continue
+        a = c.address
+        express = family == "q35" and a.bus != 0
+        fn = usb_controller(USB_QEMU_NAMES[c.model], mem, c.id or c.model, express=express)
+        parent = bridge_pos[a.bus] if a.bus else None
+        endpoints.append((PciSlot(a.slot, a.function, parent), fn))
+    return build_pci(family, cfg.memory, bridges, endpoints, on_reset)
+
+
 def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
+              endpoints: Sequence[tuple[PciSlot, PciFunction]] = (),
               on_reset: Optional[Callable[[], None]] = None) -> PciPlatform:
-    """The chipset for ``family`` (``pc`` or ``q35``) plus ``bridges``, with firmware
-    resource assignment done."""
+    """The chipset for ``family`` (``pc`` or ``q35``) plus ``bridges`` and
+    ``endpoints`` (functions at their slots), with firmware resource assignment done."""
     root = PciRoot()
     if family == "q35":
         root.add(None, 0, 0, HostBridge(Q35_HOST, "q35 host bridge"))
@@ -177,6 +227,10 @@ def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
         parent = built[spec.at.parent] if spec.at.parent is not None else None
         root.add(parent, spec.at.slot, spec.at.function, b)
         built.append(b)
+    for at, fn in endpoints:
+        root.add(built[at.parent] if at.parent is not None else None, at.slot, at.function,
+                 fn)
+    _mark_multifunction(root)
     mmio64 = mmio64_window(ram_size)
     fw = PciFirmware(root,
                      AddressAllocator("PCI I/O", PCI_IO_START, PCI_IO_END),
