@@ -155,7 +155,8 @@ def _controller_id(c: ControllerConfig) -> str:
     if c.type == "pci":
         return f"pci.{c.index}"
     if c.type == "usb":
-        return "usb" if c.index == 0 else f"usb{c.index}"
+        base = "usb" if c.index == 0 else f"usb{c.index}"
+        return base if c.master_port is None else f"{base}-companion{c.master_port}"
     return f"virtio-serial{c.index}"
 
 

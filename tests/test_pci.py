@@ -242,7 +242,8 @@ def test_q35_root_ports_get_buses_windows_and_interrupts() -> None:
         assert dict((id(f), g) for f, g in plat.intx)[id(p)] == \
             PCI_INTX_GSIS[(dfn >> 3) % len(PCI_INTX_GSIS)]
     # multifunction: the header type says so on slot 2's functions
-    assert ports[0].config.get(0x0E, 1) == 0x81 and ports[13].config.get(0x0E, 1) == 0x81
+    assert [p.config.get(0x0E, 1) for p in (ports[0], ports[1], ports[8], ports[13])] == [
+        0x81, 0x01, 0x81, 0x01]  # only function 0 of a slot, as QEMU does
     lines = plat.tree()
     assert lines[0].startswith("00:00.0 q35 host bridge (8086:29c0")
     assert any(line.startswith("00:02.7 pci.8 (1b36:000c class 0604): bus 8-8") for line in lines)
@@ -406,3 +407,22 @@ def test_msix_vectors_route_fire_and_pend_while_masked() -> None:
     assert sink.fired == [1, 1, 1] and m.read(0x800, 4) == 0
     m.reset()
     assert m.read(28, 4) == 1 and not m.enabled
+
+
+def test_usb_controllers_from_a_config() -> None:
+    """EHCI and its companions share index 0 (and libvirt's alias): their functions
+    still get distinct names; 00:1d.0 says the slot is multifunction."""
+    from pyhv.config import ControllerConfig, KernelBoot, VmConfig
+    from pyhv.engine.pci.platform import pci_from_config
+
+    usb = (ControllerConfig("usb", "ich9-ehci1", id="usb"),) + tuple(
+        ControllerConfig("usb", f"ich9-uhci{i}", id="usb", master_port=2 * (i - 1))
+        for i in (1, 2, 3))
+    plat = pci_from_config(VmConfig(KernelBoot("/k"), machine="q35", controllers=usb))
+    found = {dfn: fn for bus, dfn, fn, _ in plat.root.walk() if bus == 0}
+    names = [fn.name for fn in found.values()]
+    assert len(names) == len(set(names))
+    assert found[devfn(0x1D, 7)].config.get(0, 4) == 0x293A8086
+    assert found[devfn(0x1D, 0)].config.get(0x0E, 1) == 0x80
+    assert found[devfn(0x1D, 1)].config.get(0x0E, 1) == 0x00
+    assert {fn.name for fn, _gsi in plat.intx} >= {"usb", "usb-companion0"}

@@ -1,7 +1,8 @@
 /*
  * pyhv test guest: reports what the VMM told it (boot protocol, command line,
  * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
- * the APs, then powers off through ACPI.  The grammar is in README.md.
+ * the APs, enumerates PCI (pyhv.pci), then powers off through ACPI.  The
+ * grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
  * here is written for a slow (emulated) CPU: few instructions, few port I/O.
@@ -28,6 +29,8 @@ static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"
 static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
 static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
@@ -164,6 +167,13 @@ static void put_dec(u64 v)
 		putc_(buf[--n]);
 }
 
+/* exactly n hex digits, no prefix */
+static void put_hexn(u64 v, int n)
+{
+	while (n--)
+		putc_("0123456789abcdef"[(v >> (4 * n)) & 15]);
+}
+
 static void put_dec2(u32 v)
 {
 	putc_((char)('0' + v / 10 % 10));
@@ -269,6 +279,16 @@ static struct {
 } acpi;
 
 static int in_poweroff;
+
+/* PCI configuration access: ECAM (from the MCFG) or port 0xCF8/0xCFC */
+static struct {
+	u64 mcfg;		/* the MCFG table, 0: none */
+	u32 mcfg_len;
+	u64 ecam;		/* ECAM base minus start_bus << 20; 0: use port 0xCF8 */
+	u32 last_bus;
+	u32 functions, reads, writes;
+	u8 seen[256];		/* buses walked */
+} pci;
 
 /* ---- boot information ---------------------------------------------------- */
 
@@ -671,6 +691,10 @@ static void report_acpi(void)
 			parse_fadt(t, tl);
 		else if (sig == 0x43495041 && !acpi.madt)	/* "APIC" */
 			acpi.madt = t;
+		else if (sig == 0x4746434d && !pci.mcfg) {	/* "MCFG" */
+			pci.mcfg = t;
+			pci.mcfg_len = tl;
+		}
 	}
 	if (acpi.fadt) {
 		acpi.dsdt_len = report_table(acpi.dsdt, "FACP");
@@ -833,6 +857,216 @@ static void report_rtc(void)
 	put_dec2(min);
 	putc_(':');
 	put_dec2(sec);
+	eol();
+}
+
+/* ---- PCI (pyhv.pci) ------------------------------------------------------ */
+
+/*
+ * Enumerate PCI as an OS does: bus 0 first, every slot's function 0 (vendor
+ * 0xFFFF or 0: nothing there), functions 1-7 only when function 0's header
+ * says multifunction, and through each bridge to the secondary bus as it is
+ * programmed (behind a PCI Express root or downstream port only device 0, as
+ * Linux does).  BARs are sized with decoding off (except on host bridges, as
+ * Linux) and every register is restored.  `bdf` is bus << 8 | devfn; config
+ * registers are read as aligned dwords only.
+ */
+static u32 cfg_rd(u32 bdf, u32 reg)
+{
+	pci.reads++;
+	if (pci.ecam)
+		return rd32(pci.ecam + ((u64)bdf << 12) + reg);
+	outl(0xcf8, 0x80000000u | bdf << 8 | reg);
+	return inl(0xcfc);
+}
+
+static void cfg_wr(u32 bdf, u32 reg, u32 v)
+{
+	pci.writes++;
+	if (pci.ecam) {
+		wr32(pci.ecam + ((u64)bdf << 12) + reg, v);
+		return;
+	}
+	outl(0xcf8, 0x80000000u | bdf << 8 | reg);
+	outl(0xcfc, v);
+}
+
+static void pci_window(const char *k, u64 base, u64 limit)
+{
+	key(k);
+	if (base > limit) {
+		puts_("closed");
+		return;
+	}
+	put_hex(base);
+	putc_('-');
+	put_hex(limit);
+}
+
+/* Standard sizing: save, write all-ones, read back, restore (64-bit BARs in
+ * two registers).  Prints " barN=VALUE+SIZE", VALUE the programmed register
+ * (flag bits included).  Unimplemented BARs (read back 0) are not printed. */
+static void pci_bars(u32 bdf, u32 n)
+{
+	for (u32 i = 0; i < n; i++) {
+		u32 reg = 0x10 + 4 * i, index = i;
+		u32 lo = cfg_rd(bdf, reg);
+		cfg_wr(bdf, reg, ~0u);
+		u32 mlo = cfg_rd(bdf, reg);
+		cfg_wr(bdf, reg, lo);
+		if (!mlo)
+			continue;
+		u64 val = lo, mask = mlo & (mlo & 1 ? ~3u : ~15u);
+		if ((mlo & 7) == 4 && i + 1 < n) {	/* memory, 64-bit */
+			u32 hi = cfg_rd(bdf, reg + 4);
+			cfg_wr(bdf, reg + 4, ~0u);
+			u32 mhi = cfg_rd(bdf, reg + 4);
+			cfg_wr(bdf, reg + 4, hi);
+			val |= (u64)hi << 32;
+			mask |= (u64)mhi << 32;
+			i++;
+		}
+		putc_(' ');
+		puts_("bar");
+		putc_((char)('0' + index));
+		putc_('=');
+		put_hex(val);
+		putc_('+');
+		put_hex(mask & -mask);
+	}
+}
+
+static void pci_bus(u32 bus, int one_device, int depth);
+
+/* Report one function (and what is behind it); returns its header type. */
+static u32 pci_function(u32 bdf, u32 id, int depth)
+{
+	u32 cls = cfg_rd(bdf, 0x08);
+	u32 hdr = (cfg_rd(bdf, 0x0c) >> 16) & 0xff, type = hdr & 0x7f;
+	u32 cmd = cfg_rd(bdf, 0x04);	/* command | status << 16 */
+	u32 irq = cfg_rd(bdf, 0x3c);
+	u32 buses = 0, pcie_type = 0, ncaps = 0;
+	pci.functions++;
+	line("pci");
+	key("bdf");
+	put_hexn(bdf >> 8, 2);
+	putc_(':');
+	put_hexn((bdf >> 3) & 31, 2);
+	putc_('.');
+	putc_((char)('0' + (bdf & 7)));
+	key("id");
+	put_hexn(id & 0xffff, 4);
+	putc_(':');
+	put_hexn(id >> 16, 4);
+	key("class");
+	put_hexn(cls >> 8, 6);
+	kv_hex("hdr", hdr);
+	kv_dec("pin", (irq >> 8) & 0xff);
+	kv_dec("line", irq & 0xff);
+	key("cmd");
+	puts_("0x");
+	put_hexn(cmd & 0xffff, 4);
+	if (type <= 1) {
+		int off = (cmd & 3) && (cls >> 16) != 0x0600;	/* not on host bridges */
+		if (off)
+			cfg_wr(bdf, 0x04, cmd & 0xfffc);	/* status half 0: clears nothing */
+		pci_bars(bdf, type ? 2 : 6);
+		if (off)
+			cfg_wr(bdf, 0x04, cmd & 0xffff);
+	}
+	if (type == 1) {
+		buses = cfg_rd(bdf, 0x18);
+		kv_hex("pri", buses & 0xff);
+		kv_hex("sec", (buses >> 8) & 0xff);
+		kv_hex("sub", (buses >> 16) & 0xff);
+		u32 io = cfg_rd(bdf, 0x1c);
+		u64 base = (io & 0xf0) << 8, limit = (io & 0xf000) | 0xfff;
+		if ((io & 0xf) == 1) {		/* 32-bit I/O addressing */
+			u32 up = cfg_rd(bdf, 0x30);
+			base |= (u64)(up & 0xffff) << 16;
+			limit |= (u64)(up >> 16) << 16;
+		}
+		pci_window("io", base, limit);
+		u32 mem = cfg_rd(bdf, 0x20);
+		pci_window("mem", (u64)(mem & 0xfff0) << 16, ((u64)(mem >> 16 & 0xfff0) << 16) | 0xfffff);
+		u32 pf = cfg_rd(bdf, 0x24);
+		base = (u64)(pf & 0xfff0) << 16;
+		limit = ((u64)(pf >> 16 & 0xfff0) << 16) | 0xfffff;
+		if ((pf & 0xf) == 1) {		/* 64-bit prefetchable */
+			base |= (u64)cfg_rd(bdf, 0x28) << 32;
+			limit |= (u64)cfg_rd(bdf, 0x2c) << 32;
+		}
+		pci_window("pref", base, limit);
+	}
+	key("caps");
+	if (type <= 1 && (cmd & (0x10 << 16))) {	/* status: capabilities list */
+		u32 p = cfg_rd(bdf, 0x34) & 0xfc;
+		for (; p >= 0x40 && ncaps < 48; ncaps++) {
+			u32 c = cfg_rd(bdf, p);
+			if (ncaps)
+				putc_(',');
+			put_hexn(c & 0xff, 2);
+			if ((c & 0xff) == 0x10)		/* PCI Express: device/port type */
+				pcie_type = (c >> 20) & 0xf;
+			p = (c >> 8) & 0xfc;
+		}
+	}
+	if (!ncaps)
+		puts_("none");
+	eol();
+	if (type == 1) {
+		u32 bus = bdf >> 8, sec = (buses >> 8) & 0xff;
+		if (sec <= bus || sec > pci.last_bus || pci.seen[sec] || depth >= 32)
+			error("pci-bad-secondary-bus", "bus", sec);
+		else
+			pci_bus(sec, pcie_type == 4 || pcie_type == 6, depth + 1);
+	}
+	return hdr;
+}
+
+static void pci_bus(u32 bus, int one_device, int depth)
+{
+	pci.seen[bus] = 1;
+	for (u32 dev = 0; dev < (one_device ? 1u : 32u); dev++) {
+		u32 bdf = bus << 8 | dev << 3;
+		u32 id = cfg_rd(bdf, 0);
+		if ((id & 0xffff) == 0xffff || !(id & 0xffff))
+			continue;
+		if (!(pci_function(bdf, id, depth) & 0x80))
+			continue;
+		for (u32 f = 1; f < 8; f++) {
+			id = cfg_rd(bdf | f, 0);
+			if ((id & 0xffff) != 0xffff && (id & 0xffff))
+				pci_function(bdf | f, id, depth);
+		}
+	}
+}
+
+static void report_pci(void)
+{
+	u64 m = pci.mcfg;
+	pci.last_bus = 255;
+	line("pci-config");
+	/* the first MCFG allocation for segment 0 starting at bus 0 */
+	for (u64 p = m + 44; m && p + 16 <= m + pci.mcfg_len; p += 16) {
+		u64 base = rd64(p);
+		u32 first = rd8(p + 10), last = rd8(p + 11);
+		if (rd16(p + 8) || first || !base || !mapped(base, (u64)(last + 1) << 20))
+			continue;
+		pci.ecam = base;
+		pci.last_bus = last;
+		break;
+	}
+	kv_str("method", pci.ecam ? "ecam" : "io");
+	if (pci.ecam)
+		kv_hex("addr", pci.ecam);
+	kv_dec("last_bus", pci.last_bus);
+	eol();
+	pci_bus(0, 0, 0);
+	line("pci-end");
+	kv_dec("functions", pci.functions);
+	kv_dec("reads", pci.reads);
+	kv_dec("writes", pci.writes);
 	eol();
 }
 
@@ -1021,6 +1255,8 @@ void guest_main(u32 proto, u64 info)
 	report_acpi();
 	start_aps();
 	report_rtc();
+	if (has_switch("pyhv.pci"))
+		report_pci();
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))

@@ -4,6 +4,7 @@ report = parse_report(serial_text)
 assert report.complete
 assert report.cmdline == "console=ttyS0 hello"
 assert report.initrd.csum == initrd_checksum(initrd_bytes)
+assert report.pci_function("00:00.0").vendor == 0x8086    # pyhv.pci
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import itertools
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Optional
 
 # tags whose line is the tag and one free-text field (the rest of the line)
 RAW_TAGS = {"cmdline", "rtc"}
+# fields kept as words although they may look like decimal numbers (hex digits
+# without 0x, as lspci writes them: class=060400, caps=10)
+WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}}
 
 _ESC = re.compile(r"\\x([0-9a-fA-F]{2})")
 
@@ -101,6 +106,79 @@ class AcpiTable:
 
 
 @dataclass
+class PciBar:
+    """A BAR as the guest sized it: the programmed register(s), flag bits included
+    (both registers of a 64-bit BAR), and the size the all-ones read-back gave."""
+
+    index: int
+    value: int
+    size: int
+
+    @property
+    def kind(self) -> str:
+        """``io``, ``mem32`` or ``mem64`` (from the register's low bits)."""
+        if self.value & 1:
+            return "io"
+        return "mem64" if self.value & 0x6 == 0x4 else "mem32"
+
+    @property
+    def prefetchable(self) -> bool:
+        return self.kind != "io" and bool(self.value & 0x8)
+
+    @property
+    def address(self) -> int:
+        return self.value & ~(0x3 if self.kind == "io" else 0xF)
+
+
+#: a bridge window: (base, limit) inclusive, or None when closed (base above limit)
+Window = Optional[tuple[int, int]]
+
+
+@dataclass
+class PciFunction:
+    """One ``@pci`` line: a function the guest found walking the buses."""
+
+    bus: int
+    slot: int
+    function: int
+    vendor: int
+    device: int
+    class_code: int  # base class << 16 | subclass << 8 | programming interface
+    header_type: int  # the whole register: bit 7 multifunction, bits 0-6 the layout
+    pin: int  # 0 none, 1-4 INTA-INTD
+    line: int
+    command: int
+    bars: dict[int, PciBar] = field(default_factory=dict)
+    caps: list[int] = field(default_factory=list)  # capability IDs in list order
+    # type 1 (bridge) headers only
+    primary: Optional[int] = None
+    secondary: Optional[int] = None
+    subordinate: Optional[int] = None
+    windows: dict[str, Window] = field(default_factory=dict)  # io, mem, pref
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.bus:02x}:{self.slot:02x}.{self.function}"
+
+    @property
+    def devfn(self) -> int:
+        return self.slot << 3 | self.function
+
+    @property
+    def layout(self) -> int:
+        """Header layout: 0 device, 1 PCI-to-PCI bridge, 2 CardBus bridge."""
+        return self.header_type & 0x7F
+
+    @property
+    def multifunction(self) -> bool:
+        return bool(self.header_type & 0x80)
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.layout == 1
+
+
+@dataclass
 class Report:
     lines: list[Line] = field(default_factory=list)
     begun: bool = False
@@ -135,6 +213,15 @@ class Report:
     reset_failed: bool = False
     errors: list[dict[str, int | str]] = field(default_factory=list)
     exceptions: list[dict[str, int | str]] = field(default_factory=list)
+    # pyhv.pci: the configuration mechanism (@pci-config), every function in the
+    # order found (depth first), and the totals (@pci-end)
+    pci_config: dict[str, int | str] = field(default_factory=dict)
+    pci: list[PciFunction] = field(default_factory=list)
+    pci_end: dict[str, int | str] = field(default_factory=dict)
+
+    def pci_function(self, bdf: str) -> Optional[PciFunction]:
+        """The function the guest found at ``bdf`` (``00:02.0``), if any."""
+        return next((f for f in self.pci if f.bdf == bdf), None)
 
     def table(self, sig: str) -> AcpiTable | None:
         """The first ACPI table with that signature."""
@@ -155,10 +242,11 @@ def parse_line(text: str) -> Line | None:
         return None
     fields: dict[str, int | str] = {}
     if tag not in RAW_TAGS:
+        words = WORD_FIELDS.get(tag, set())
         for tok in rest.split():
             k, eq, v = tok.partition("=")
             if eq:
-                fields[k] = _value(v)
+                fields[k] = unescape(v) if k in words else _value(v)
     return Line(tag, fields, rest)
 
 
@@ -251,6 +339,12 @@ def parse_report(text: str | bytes) -> Report:
             rep.reset_method = str(f.get("method"))
         elif t == "reset-failed":
             rep.reset_failed = True
+        elif t == "pci-config":
+            rep.pci_config = f
+        elif t == "pci":
+            rep.pci.append(parse_pci(f))
+        elif t == "pci-end":
+            rep.pci_end = f
         elif t == "error":
             rep.errors.append(f)
         elif t == "exception":
@@ -263,3 +357,39 @@ def _blob(f: dict[str, int | str]) -> Blob:
     return Blob(
         _int(f, "addr"), _int(f, "size"), csum if isinstance(csum, int) else None
     )
+
+
+def _window(text: int | str | None) -> Window:
+    if text is None or text == "closed":
+        return None
+    base, dash, limit = str(text).partition("-")
+    if not dash:
+        raise ValueError(f"bridge window {text!r} is not BASE-LIMIT or closed")
+    return int(base, 16), int(limit, 16)
+
+
+def parse_pci(f: dict[str, int | str]) -> PciFunction:
+    """The fields of one ``@pci`` line as a :class:`PciFunction`."""
+    bus, _, rest = str(f["bdf"]).partition(":")
+    slot, _, fn = rest.partition(".")
+    vendor, _, device = str(f["id"]).partition(":")
+    caps = str(f.get("caps", "none"))
+    bars = {}
+    for k, v in f.items():
+        if k.startswith("bar") and k[3:].isdigit():
+            value, plus, size = str(v).partition("+")
+            if not plus:
+                raise ValueError(f"{k}={v!r} is not VALUE+SIZE")
+            bars[int(k[3:])] = PciBar(int(k[3:]), int(value, 16), int(size, 16))
+    out = PciFunction(
+        bus=int(bus, 16), slot=int(slot, 16), function=int(fn),
+        vendor=int(vendor, 16), device=int(device, 16),
+        class_code=int(str(f["class"]), 16), header_type=_int(f, "hdr"),
+        pin=_int(f, "pin"), line=_int(f, "line"), command=_int(f, "cmd"),
+        bars=bars, caps=[] if caps == "none" else [int(c, 16) for c in caps.split(",")],
+    )
+    if "sec" in f:
+        out.primary, out.secondary, out.subordinate = (
+            _int(f, "pri"), _int(f, "sec"), _int(f, "sub"))
+        out.windows = {k: _window(f.get(k)) for k in ("io", "mem", "pref")}
+    return out

@@ -129,7 +129,8 @@ class PciPlatform:
 
 
 def _mark_multifunction(root: PciRoot) -> None:
-    """Function 0 of a slot with other functions says so in its header type."""
+    """Function 0 of a slot with other functions says so in its header type (only
+    function 0, as QEMU does with libvirt's ``multifunction=on``)."""
     tables = [root.functions] + [fn.children for _b, _d, fn, _p in root.walk()
                                  if isinstance(fn, PciBridge)]
     for table in tables:
@@ -195,7 +196,10 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
             continue
         a = c.address
         express = family == "q35" and a.bus != 0
-        fn = usb_controller(USB_QEMU_NAMES[c.model], mem, c.id or c.model, express=express)
+        name = c.id or c.model
+        if c.master_port is not None:  # a companion shares its EHCI's index and alias
+            name = f"{name}-companion{c.master_port}"
+        fn = usb_controller(USB_QEMU_NAMES[c.model], mem, name, express=express)
         parent = bridge_pos[a.bus] if a.bus else None
         endpoints.append((PciSlot(a.slot, a.function, parent), fn))
     return build_pci(family, cfg.memory, bridges, endpoints, on_reset)
@@ -216,10 +220,8 @@ def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
         root.add(None, 1, 0, IsaBridge(PIIX3_ISA, "PIIX3 ISA bridge", multifunction=False))
     built: list[PciBridge] = []
     for spec in bridges:
-        multi = any(o.at.slot == spec.at.slot and o.at.parent == spec.at.parent and o is not spec
-                    for o in bridges)
         if spec.model == "pcie-root-port":
-            b = pcie_root_port(spec.name, spec.port, 0, multifunction=multi)
+            b = pcie_root_port(spec.name, spec.port, 0)
         elif spec.model == "pci-bridge":
             b = pci_bridge(spec.name, spec.chassis)
         else:
