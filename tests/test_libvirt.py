@@ -445,3 +445,70 @@ def test_domains_survive_a_libvirtd_restart(daemon, guests, tmp_path):
             virsh(daemon, "undefine", name, check=False)
     for name in (running, paused):
         assert "Traceback" not in daemon.domain_log(name).read_text()
+
+
+def _controller_addresses(xml: str) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+    """(type, model, index) -> (bus, slot, function) of each controller on PCI."""
+    from lxml import etree
+
+    out = {}
+    for c in etree.fromstring(xml.encode()).iter("controller"):
+        a = c.find("address")
+        if a is not None and a.get("type") == "pci":
+            out[(c.get("type"), c.get("model") or "", c.get("index"))] = (
+                int(a.get("bus"), 0), int(a.get("slot"), 0), int(a.get("function"), 0))
+    return out
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit-addresses", "libvirt-placed"])
+def test_guest_sees_the_pci_addresses_libvirt_shows(daemon, guests, tmp_path, explicit):
+    """virsh dumpxml's PCI addresses are where the guest finds the functions: a q35
+    domain whose root ports and xHCI have explicit <address>es, and a pc domain
+    whose USB controller libvirt placed itself."""
+    from guests.report import parse_report
+
+    name = "pciview" + ("-explicit" if explicit else "-placed")
+    if explicit:
+        ports = "".join(
+            f"<controller type='pci' index='{i}' model='pcie-root-port'>"
+            f"<target chassis='{i}' port='{0x10 + i - 1:#x}'/>"
+            f"<address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='{i - 1:#x}'"
+            f"{' multifunction=' + chr(39) + 'on' + chr(39) if i == 1 else ''}/></controller>"
+            for i in (1, 2, 3))
+        usb = ("<controller type='usb' index='0' model='qemu-xhci'>"
+               "<address type='pci' domain='0x0000' bus='0x02' slot='0x00' function='0x0'/>"
+               "</controller>")
+        xml = domain_xml(name, guests.pvh_elf, "pyhv.pci pyhv.wait=powerbutton")
+        xml = xml.replace("machine='pc'", "machine='q35'").replace(
+            "<memballoon model='none'/>", ports + usb + "<memballoon model='none'/>")
+    else:
+        xml = domain_xml(name, guests.pvh_elf, "pyhv.pci pyhv.wait=powerbutton")
+    define(daemon, tmp_path, name, xml)
+    try:
+        virsh(daemon, "start", name)
+        con = Console(daemon, name)
+        report = parse_report(con.read_until("@waiting"))
+        con.close()
+        dumped = _controller_addresses(virsh(daemon, "dumpxml", name).stdout)
+        by_bdf = {(f.bus, f.slot, f.function): f for f in report.pci}
+        # a root port's secondary bus, as the guest found it, for libvirt's bus index
+        secondary = {0: 0}
+        for (_ctype, model, index), (bus, slot, fn) in dumped.items():
+            if model == "pcie-root-port":
+                port = by_bdf[(0, slot, fn)]
+                assert port.class_code == 0x060400 and bus == 0
+                secondary[int(index)] = port.secondary
+        usb = [(k, v) for k, v in dumped.items() if k[0] == "usb"]
+        assert usb, dumped
+        for (_ctype, model, _index), (bus, slot, fn) in usb:
+            f = by_bdf[(secondary[bus], slot, fn)]
+            assert f.class_code >> 8 == 0x0C03, (model, f)
+            want = {"qemu-xhci": 0x30, "piix3-uhci": 0x00}[model]
+            assert f.class_code & 0xFF == want
+        if not explicit:  # libvirt's own choice on pc: the PIIX3 UHCI at 00:01.2
+            assert usb[0][1] == (0, 1, 2)
+        virsh(daemon, "shutdown", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
