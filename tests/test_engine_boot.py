@@ -295,3 +295,19 @@ def test_registered_device_fault_marks_it_broken(guests, tmp_path):
     assert broken.detail == "rtc" and "ValueError: rtc model bug" in broken.message
     text = (tmp_path / "out.txt").read_text()
     assert "@end" in text  # COM1 and the rest went on
+
+
+def test_the_engine_refuses_what_it_does_not_build(guests):
+    """Not only the front ends: building a machine that needs an unbuilt device fails
+    with the same one line support.py gives (no machine without its disk)."""
+    from pyhv.config import DiskConfig, KernelBoot, VmConfig
+    from pyhv.engine.errors import EngineError
+    from pyhv.engine.machine import Machine
+
+    m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf)), memory=64 * MiB,
+                         disks=(DiskConfig("/nonexistent.img", "vda"),)))
+    try:
+        with pytest.raises(EngineError, match="disk vda: virtio-blk is not built"):
+            m.start()
+    finally:
+        m.close()

@@ -32,6 +32,7 @@ from pyhv.engine.devices.i8042 import I8042
 from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
+from pyhv.engine.errors import EngineError
 from pyhv.engine.irq import GsiRouting
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
@@ -45,6 +46,7 @@ from pyhv.engine.pci.platform import (
     pci_from_config,
 )
 from pyhv.engine.pci.root import bdf_text
+from pyhv.engine.support import unsupported
 from pyhv.engine.vcpu import (
     Vcpu,
     VcpuEvent,
@@ -279,6 +281,9 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
     """Everything the machine is made of, before anything runs in it: the KVM VM and
     its memory and irqchip, the buses, every device, the vCPUs (not yet started).
     A cold boot (:func:`cold_boot`) or, later, a restore then gives it its state."""
+    problems = unsupported(cfg)
+    if problems:
+        raise EngineError(problems[0])
     vm = create_vm(kvm)
     try:
         attach_memory(vm, memory, host_addrs)

@@ -1,11 +1,14 @@
 """What of a :class:`VmConfig` the engine cannot build yet.
 
 A pure function of the config (no KVM): front ends map everything a user can
-describe, and ``pyhv run`` refuses a machine that needs something listed here,
-``pyhv domxml check`` marks it.  Keep in step with ``builder.py``; today the
+describe, ``pyhv domxml check`` marks what is listed here, and the builder
+refuses to build a machine that needs any of it (``create_platform`` checks,
+so a front end that forgets cannot get a machine missing a device).  Today the
 engine builds RAM (anonymous, or a shared memfd), vCPUs in any
-sockets × cores × threads topology (no dies) with the host's CPUID, direct kernel boot, COM1 as one
-isa-serial (stdio/file/pty/null/fd), ACPI, the i8042, the RTC and ACPI PM.
+sockets × cores × threads topology (no dies) with the host's CPUID, direct
+kernel boot, COM1 as one isa-serial (stdio/file/pty/null/fd, optionally
+logged), ACPI, the i8042, the RTC and ACPI PM, the pc/q35 PCI chipset,
+pci-bridge and pcie-root-port controllers and the USB host controllers.
 """
 
 from __future__ import annotations
