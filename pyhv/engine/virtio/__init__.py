@@ -1,0 +1,1 @@
+"""Virtio: the split virtqueue and, on it, the transport and devices."""
