@@ -263,6 +263,7 @@ static struct {
 	u32 pm1a_evt, pm1a_cnt;
 	u8 pm1_evt_len;
 	u8 century;
+	u16 pm_tmr;		/* PM timer port (0: none) */
 	u8 sleep_space;		/* 0 memory, 1 I/O */
 	u64 sleep_ctl;
 	u32 slp_typ;
@@ -553,6 +554,9 @@ static void parse_fadt(u64 f, u32 len)
 	acpi.pm1a_cnt = rd32(f + 64);
 	acpi.pm1_evt_len = rd8(f + 88);
 	acpi.century = FHAS(108, 1) ? rd8(f + 108) : 0;
+	acpi.pm_tmr = (u16)rd32(f + 76);
+	if (FHAS(220, 0) && rd8(f + 208) == 1 && rd64(f + 212))
+		acpi.pm_tmr = (u16)rd64(f + 212);
 	acpi.fadt_flags = FHAS(112, 4) ? rd32(f + 112) : 0;
 	acpi.dsdt = rd32(f + 40);
 	if (FHAS(140, 8) && rd64(f + 140))
@@ -891,6 +895,89 @@ static void cfg_wr(u32 bdf, u32 reg, u32 v)
 	outl(0xcfc, v);
 }
 
+/*
+ * What pyhv.usb and pyhv.barmove need from the walk: every assigned BAR and
+ * open bridge window (to find free room), each bridge's windows and parent,
+ * and the USB host controllers (class 0c03) with the BAR their interface
+ * uses.  Only memory is touched: no configuration access is added.
+ */
+#define MAX_RANGES 128
+#define MAX_BRIDGES 32
+#define MAX_USB 8
+
+static struct { u64 base, end; int io, bridge; } ranges[MAX_RANGES];	/* end exclusive */
+static struct { int parent; u64 win[3][2]; } bridges[MAX_BRIDGES];	/* io, mem, pref */
+static struct usbhc {
+	u32 bdf, cls;
+	int parent;		/* bridges[] index, -1: bus 0 */
+	u32 bar, flags;		/* the interface's BAR and its low register bits */
+	int io, is64, pref;
+	u64 addr, size;
+} usb[MAX_USB];
+static u32 nranges, nbridges, nusb;
+static struct { u32 index; u64 value, size; } fbars[6];	/* the last function's */
+static u32 nfbars;
+static int pci_parent = -1;
+
+static void note_range(u64 base, u64 size, int io, int bridge)
+{
+	if (nranges < MAX_RANGES && size) {
+		ranges[nranges].base = base;
+		ranges[nranges].end = base + size;
+		ranges[nranges].io = io;
+		ranges[nranges++].bridge = bridge;
+	}
+}
+
+static void note_bars(void)
+{
+	for (u32 i = 0; i < nfbars; i++) {
+		u64 v = fbars[i].value, a = v & (v & 1 ? ~3ul : ~15ul);
+		if (a)
+			note_range(a, fbars[i].size, (int)(v & 1), -1);
+	}
+}
+
+static int pci_note_bridge(u64 win[3][2])
+{
+	note_bars();
+	if (nbridges >= MAX_BRIDGES)
+		return -1;
+	int me = (int)nbridges++;
+	bridges[me].parent = pci_parent;
+	for (int k = 0; k < 3; k++) {
+		bridges[me].win[k][0] = win[k][0];
+		bridges[me].win[k][1] = win[k][1];
+		if (win[k][0] <= win[k][1])
+			note_range(win[k][0], win[k][1] - win[k][0] + 1, k == 0, me);
+	}
+	return me;
+}
+
+static void pci_note_device(u32 bdf, u32 cls)
+{
+	note_bars();
+	if ((cls >> 16) != 0x0c03 || nusb >= MAX_USB)
+		return;
+	struct usbhc *u = &usb[nusb++];
+	u->bdf = bdf;
+	u->cls = cls >> 8;
+	u->parent = pci_parent;
+	u->bar = (cls >> 8 & 0xff) == 0x00 ? 4 : 0;	/* UHCI: I/O at BAR 4 */
+	u->size = 0;
+	for (u32 i = 0; i < nfbars; i++) {
+		if (fbars[i].index != u->bar)
+			continue;
+		u64 v = fbars[i].value;
+		u->io = (int)(v & 1);
+		u->is64 = !u->io && (v & 6) == 4;
+		u->pref = !u->io && (v & 8);
+		u->flags = (u32)v & (u->io ? 3 : 15);
+		u->addr = v & ~(u64)(u->io ? 3 : 15);
+		u->size = fbars[i].size;
+	}
+}
+
 static void pci_window(const char *k, u64 base, u64 limit)
 {
 	key(k);
@@ -933,6 +1020,9 @@ static void pci_bars(u32 bdf, u32 n)
 		put_hex(val);
 		putc_('+');
 		put_hex(mask & -mask);
+		fbars[nfbars].index = index;
+		fbars[nfbars].value = val;
+		fbars[nfbars++].size = mask & -mask;
 	}
 }
 
@@ -946,7 +1036,10 @@ static u32 pci_function(u32 bdf, u32 id, int depth)
 	u32 cmd = cfg_rd(bdf, 0x04);	/* command | status << 16 */
 	u32 irq = cfg_rd(bdf, 0x3c);
 	u32 buses = 0, pcie_type = 0, ncaps = 0;
+	u64 win[3][2];
+	int me = -1;
 	pci.functions++;
+	nfbars = 0;
 	line("pci");
 	key("bdf");
 	put_hexn(bdf >> 8, 2);
@@ -987,8 +1080,12 @@ static u32 pci_function(u32 bdf, u32 id, int depth)
 			limit |= (u64)(up >> 16) << 16;
 		}
 		pci_window("io", base, limit);
+		win[0][0] = base;
+		win[0][1] = limit;
 		u32 mem = cfg_rd(bdf, 0x20);
-		pci_window("mem", (u64)(mem & 0xfff0) << 16, ((u64)(mem >> 16 & 0xfff0) << 16) | 0xfffff);
+		win[1][0] = (u64)(mem & 0xfff0) << 16;
+		win[1][1] = ((u64)(mem >> 16 & 0xfff0) << 16) | 0xfffff;
+		pci_window("mem", win[1][0], win[1][1]);
 		u32 pf = cfg_rd(bdf, 0x24);
 		base = (u64)(pf & 0xfff0) << 16;
 		limit = ((u64)(pf >> 16 & 0xfff0) << 16) | 0xfffff;
@@ -997,6 +1094,9 @@ static u32 pci_function(u32 bdf, u32 id, int depth)
 			limit |= (u64)cfg_rd(bdf, 0x2c) << 32;
 		}
 		pci_window("pref", base, limit);
+		win[2][0] = base;
+		win[2][1] = limit;
+		me = pci_note_bridge(win);
 	}
 	key("caps");
 	if (type <= 1 && (cmd & (0x10 << 16))) {	/* status: capabilities list */
@@ -1014,12 +1114,18 @@ static u32 pci_function(u32 bdf, u32 id, int depth)
 	if (!ncaps)
 		puts_("none");
 	eol();
+	if (type == 0)
+		pci_note_device(bdf, cls);
 	if (type == 1) {
 		u32 bus = bdf >> 8, sec = (buses >> 8) & 0xff;
 		if (sec <= bus || sec > pci.last_bus || pci.seen[sec] || depth >= 32)
 			error("pci-bad-secondary-bus", "bus", sec);
-		else
+		else {
+			int up = pci_parent;
+			pci_parent = me;
 			pci_bus(sec, pcie_type == 4 || pcie_type == 6, depth + 1);
+			pci_parent = up;
+		}
 	}
 	return hdr;
 }
@@ -1067,6 +1173,667 @@ static void report_pci(void)
 	kv_dec("functions", pci.functions);
 	kv_dec("reads", pci.reads);
 	kv_dec("writes", pci.writes);
+	eol();
+}
+
+/* ---- USB host controllers (pyhv.usb) ------------------------------------- */
+
+/*
+ * Each controller the walk found is brought up the way Linux's driver does
+ * (uhci_hcd, ehci_hcd, xhci_hcd) and every step's registers are reported as
+ * "@usb-step hc=N step=NAME ...".  Waits use the ACPI PM timer; every poll is
+ * bounded (4000 rounds and a time limit) and reports the rounds it took.
+ *
+ * DMA memory: DMA_SIZE bytes from the first page boundary after the image's
+ * .bss, cleared once (rep stosq) before the first controller is touched.
+ */
+extern u8 __memory_end[];
+
+#define DMA_SIZE	0x8000
+#define DMA_FRAMES	0x0000		/* UHCI frame list: 1024 dwords */
+#define DMA_DCBAA	0x1000		/* xHCI device context base address array (256) */
+#define DMA_SPARRAY	0x1800		/* xHCI scratchpad buffer array */
+#define DMA_CMDRING	0x1900		/* xHCI command ring: 6 TRBs, the last a Link */
+#define DMA_EVRING	0x1a00		/* xHCI event ring segment: 16 TRBs */
+#define DMA_ERST	0x1b00		/* xHCI event ring segment table: 1 entry */
+#define DMA_SCRATCH	0x2000		/* xHCI scratchpad buffers, a page each */
+#define XHCI_MAX_SCRATCH ((DMA_SIZE - DMA_SCRATCH) >> 12)
+#define EV_TRBS		16
+
+static u64 dma;
+
+static u32 pm_ticks(void)
+{
+	return acpi.pm_tmr ? inl(acpi.pm_tmr) & 0xffffff : 0;
+}
+
+/* Wait `us` microseconds by the PM timer (3.579545 MHz, 24 bits). */
+static void udelay(u32 us)
+{
+	if (!acpi.pm_tmr) {
+		delay((u64)us * 3000, (u64)us * 4);
+		return;
+	}
+	u32 t0 = pm_ticks(), want = (u32)((u64)us * 3579545 / 1000000) + 1;
+	for (u32 n = 0; n < 200000 && ((pm_ticks() - t0) & 0xffffff) < want; n++)
+		;
+}
+
+/* Poll until `done` holds, for at most about `ms` milliseconds and 4000
+ * rounds; the value is the rounds it took, 4000 when it never held. */
+#define POLL(done, ms) ({							\
+	u32 _n = 0, _t0 = pm_ticks();						\
+	while (!(done) && _n < 4000 &&						\
+	       ((pm_ticks() - _t0) & 0xffffff) < (u32)(ms) * 3580)		\
+		_n++;								\
+	(done) ? _n : 4000u; })
+
+static void wr64lh(u64 a, u64 v)
+{
+	wr32(a, (u32)v);
+	wr32(a + 4, (u32)(v >> 32));
+}
+
+static void cfg_wr8(u32 bdf, u32 reg, u8 v)
+{
+	pci.writes++;
+	if (pci.ecam) {
+		wr8(pci.ecam + ((u64)bdf << 12) + reg, v);
+		return;
+	}
+	outl(0xcf8, 0x80000000u | bdf << 8 | (reg & ~3u));
+	outb((u16)(0xcfc + (reg & 3)), v);
+}
+
+static u32 usb_hc;
+
+static void step(const char *name)
+{
+	line("usb-step");
+	kv_dec("hc", usb_hc);
+	kv_str("step", name);
+}
+
+static void kv_list(const char *k, u64 base, u32 stride, u32 n)
+{
+	key(k);
+	for (u32 i = 0; i < n; i++) {
+		if (i)
+			putc_(',');
+		put_hex(rd32(base + i * stride));
+	}
+	if (!n)
+		puts_("none");
+}
+
+/* PCI status register: Interrupt Status (INTx asserted by the function) */
+static u32 intsts(u32 bdf)
+{
+	return (cfg_rd(bdf, 0x04) >> 19) & 1;
+}
+
+/* UHCI 1.1 at I/O BAR 4, as uhci_hcd: uhci_reset_hc, configure_hc, start_rh */
+static void uhci_init(struct usbhc *u)
+{
+	u16 b = (u16)u->addr;
+	u32 leg = cfg_rd(u->bdf, 0xc0), n;
+	cfg_wr(u->bdf, 0xc0, (leg & 0xffff0000) | 0x8f00);	/* PIRQ, SMI off; R/WC cleared */
+	step("legsup");
+	kv_hex("found", leg & 0xffff);
+	kv_hex("written", 0x8f00);
+	kv_hex("now", cfg_rd(u->bdf, 0xc0) & 0xffff);
+	eol();
+
+	outw(b, 0x0004);			/* GRESET: held at least 10 ms */
+	udelay(11000);
+	outw(b, 0);
+	step("greset");
+	kv_hex("usbcmd", inw(b));
+	eol();
+
+	outw(b, 0x0002);			/* HCRESET */
+	n = POLL(!(inw(b) & 0x0002), 50);
+	step("hcreset");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", inw(b));
+	kv_hex("usbsts", inw(b + 2));
+	kv_hex("usbintr", inw(b + 4));
+	kv_hex("frnum", inw(b + 6));
+	kv_hex("flbase", inl(b + 8));
+	kv_hex("sofmod", inb(b + 0x0c));
+	eol();
+	outw(b + 4, 0);
+	outw(b, 0);
+
+	outb(b + 0x0c, 0x40);			/* SOF: 1 ms frames */
+	outl(b + 8, (u32)(dma + DMA_FRAMES));
+	outw(b + 6, 0);
+	cfg_wr(u->bdf, 0xc0, (leg & 0xffff0000) | 0x2000);	/* PIRQ on */
+	step("configure");
+	kv_hex("list", dma + DMA_FRAMES);
+	kv_hex("sofmod", inb(b + 0x0c));
+	kv_hex("flbase", inl(b + 8));
+	kv_hex("frnum", inw(b + 6));
+	kv_hex("legsup", cfg_rd(u->bdf, 0xc0) & 0xffff);
+	eol();
+
+	outw(b + 4, 0x000f);			/* timeout/CRC, resume, IOC, short packet */
+	outw(b, 0x00c1);			/* RS | CF | MAXP */
+	n = POLL(!(inw(b + 2) & 0x0020), 50);
+	u32 f0 = inw(b + 6);
+	udelay(5000);
+	u32 f1 = inw(b + 6);
+	step("run");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", inw(b));
+	kv_hex("usbsts", inw(b + 2));
+	kv_hex("usbintr", inw(b + 4));
+	kv_hex("frnum0", f0);
+	kv_hex("frnum1", f1);
+	kv_dec("advanced", ((f1 - f0) & 0x7ff) != 0);
+	kv_dec("intsts", intsts(u->bdf));
+	eol();
+	step("ports");
+	kv_hex("portsc1", inw(b + 0x10));
+	kv_hex("portsc2", inw(b + 0x12));
+	kv_hex("portsc3", inw(b + 0x14));	/* not a port: bit 7 clear */
+	eol();
+
+	outw(b, 0);
+	n = POLL(inw(b + 2) & 0x0020, 50);
+	step("stop");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", inw(b));
+	kv_hex("usbsts", inw(b + 2));
+	eol();
+	outw(b + 4, 0);
+}
+
+/* EHCI 1.0 at memory BAR 0: BIOS handoff (pci-quirks), ehci_halt, ehci_reset,
+ * CONFIGFLAG, ports, ehci_run, then halted again */
+static void ehci_init(struct usbhc *u)
+{
+	u64 m = u->addr;
+	u32 cap = rd32(m), hcs = rd32(m + 4), hcc = rd32(m + 8), n;
+	u64 op = m + (cap & 0xff);
+	u32 ports = hcs & 0xf, eecp = (hcc >> 8) & 0xff;
+	step("caps");
+	kv_hex("caplength", cap & 0xff);
+	kv_hex("hciversion", cap >> 16);
+	kv_hex("hcsparams", hcs);
+	kv_hex("hccparams", hcc);
+	kv_dec("ports", ports);
+	kv_hex("eecp", eecp);
+	eol();
+
+	if (eecp >= 0x40) {
+		u32 leg = cfg_rd(u->bdf, eecp), ctl = cfg_rd(u->bdf, eecp + 4);
+		step("handoff");
+		kv_hex("legsup", leg);
+		kv_hex("ctlsts", ctl);
+		if ((leg & 0xff) == 1) {		/* USB legacy support capability */
+			cfg_wr8(u->bdf, eecp + 3, 1);	/* HC OS Owned Semaphore */
+			n = POLL(!(cfg_rd(u->bdf, eecp) & (1 << 16)), 1000);
+			cfg_wr(u->bdf, eecp + 4, 0);	/* SMIs off, as Linux */
+			kv_dec("polls", n);
+			kv_hex("legsup_after", cfg_rd(u->bdf, eecp));
+			kv_hex("ctlsts_after", cfg_rd(u->bdf, eecp + 4));
+		}
+		eol();
+	}
+
+	wr32(op + 8, 0);
+	wr32(op, rd32(op) & ~1u);		/* halt */
+	n = POLL(rd32(op + 4) & 0x1000, 50);
+	step("halt");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	eol();
+
+	wr32(op, rd32(op) | 2);			/* HCRESET */
+	n = POLL(!(rd32(op) & 2), 250);
+	step("hcreset");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("usbintr", rd32(op + 8));
+	kv_hex("frindex", rd32(op + 0x0c));
+	kv_hex("configflag", rd32(op + 0x40));
+	kv_list("portsc", op + 0x44, 4, ports);
+	eol();
+
+	wr32(op + 0x40, 1);			/* CONFIGFLAG: every port to EHCI */
+	step("configflag");
+	kv_hex("configflag", rd32(op + 0x40));
+	kv_list("portsc", op + 0x44, 4, ports);
+	eol();
+
+	wr32(op + 8, 0x37);			/* INT, ERR, PCD, HSE, IAA */
+	wr32(op, (rd32(op) & 0x00ff0000) | 1);	/* RS, interrupt threshold kept */
+	n = POLL(!(rd32(op + 4) & 0x1000), 50);
+	step("run");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("usbintr", rd32(op + 8));
+	kv_dec("intsts", intsts(u->bdf));
+	eol();
+
+	wr32(op, rd32(op) & ~1u);
+	n = POLL(rd32(op + 4) & 0x1000, 50);
+	step("stop");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	eol();
+	wr32(op + 8, 0);
+}
+
+/* Give one command (already in the ring) to the xHC: ring doorbell 0, wait
+ * for its Command Completion Event at event ring slot `ev`, check the
+ * interrupt is pending, then acknowledge it as xhci_irq does: USBSTS.EINT,
+ * IMAN.IP, ERDP past the event with EHB. */
+static void xhci_command(struct usbhc *u, const char *name, u64 op, u64 db, u64 ir, u32 ev)
+{
+	u64 e = dma + DMA_EVRING + 16 * ev;
+	wr32(db, 0);
+	u32 n = POLL(rd32(e + 12) & 1, 100);
+	udelay(2000);				/* room for interrupt moderation */
+	step(name);
+	kv_dec("polls", n);
+	kv_hex("ptr", rd64(e));
+	kv_dec("cc", rd32(e + 8) >> 24);
+	kv_dec("slot", rd32(e + 12) >> 24);
+	kv_dec("type", (rd32(e + 12) >> 10) & 0x3f);
+	kv_dec("cycle", rd32(e + 12) & 1);
+	kv_hex("iman", rd32(ir));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("erdp", rd32(ir + 0x18));
+	kv_hex("crcr", rd32(op + 0x18));	/* CRR: the ring runs */
+	kv_dec("intsts", intsts(u->bdf));
+	eol();
+
+	wr32(op + 4, 0x8);			/* USBSTS.EINT (write 1 to clear) */
+	u32 s_eint = rd32(op + 4), i_eint = intsts(u->bdf);
+	wr32(ir, 0x3);				/* IMAN.IP (write 1 to clear), IE kept */
+	u32 m_ip = rd32(ir), i_ip = intsts(u->bdf);
+	wr64lh(ir + 0x18, (e + 16) | 0x8);	/* ERDP past the event, EHB cleared */
+	step(name);
+	puts_("-ack");
+	kv_hex("usbsts", s_eint);
+	kv_dec("intsts_eint", i_eint);
+	kv_hex("iman", m_ip);
+	kv_dec("intsts_ip", i_ip);
+	kv_hex("erdp", rd32(ir + 0x18) | (u64)rd32(ir + 0x1c) << 32);
+	kv_hex("iman_erdp", rd32(ir));
+	kv_hex("usbsts_erdp", rd32(op + 4));
+	kv_dec("intsts_erdp", intsts(u->bdf));
+	eol();
+}
+
+/* xHCI 1.x at 64-bit memory BAR 0, as xhci_hcd: halt, reset, MaxSlotsEn,
+ * DCBAAP (+ scratchpads), command ring, event ring, interrupter, run, No-Op
+ * and Enable Slot, ports, Supported Protocol capabilities, halt. */
+static void xhci_init(struct usbhc *u)
+{
+	u64 x = u->addr;
+	u32 c0 = rd32(x), hcs1 = rd32(x + 4), hcs2 = rd32(x + 8), hcs3 = rd32(x + 0x0c);
+	u32 hcc1 = rd32(x + 0x10), dboff = rd32(x + 0x14) & ~3u, rtsoff = rd32(x + 0x18) & ~0x1fu;
+	u64 op = x + (c0 & 0xff), db = x + dboff, ir = x + rtsoff + 0x20;
+	u32 slots = hcs1 & 0xff, ports = hcs1 >> 24, n, n2;
+	u32 nsp = ((hcs2 >> 16) & 0x3e0) | (hcs2 >> 27);
+	step("caps");
+	kv_hex("caplength", c0 & 0xff);
+	kv_hex("hciversion", c0 >> 16);
+	kv_hex("hcsparams1", hcs1);
+	kv_hex("hcsparams2", hcs2);
+	kv_hex("hcsparams3", hcs3);
+	kv_hex("hccparams1", hcc1);
+	kv_hex("dboff", dboff);
+	kv_hex("rtsoff", rtsoff);
+	kv_dec("slots", slots);
+	kv_dec("intrs", (hcs1 >> 8) & 0x7ff);
+	kv_dec("ports", ports);
+	kv_dec("scratchpads", nsp);
+	kv_dec("erstmax", (hcs2 >> 4) & 0xf);
+	eol();
+
+	wr32(op, rd32(op) & ~1u);		/* halt (R/S off) */
+	n = POLL(rd32(op + 4) & 1, 50);
+	step("halt");
+	kv_dec("polls", n);
+	kv_hex("usbsts", rd32(op + 4));
+	eol();
+
+	wr32(op, rd32(op) | 2);			/* HCRST */
+	n = POLL(!(rd32(op) & 2), 1000);
+	n2 = POLL(!(rd32(op + 4) & (1 << 11)), 1000);	/* CNR */
+	step("hcrst");
+	kv_dec("polls", n);
+	kv_dec("cnr_polls", n2);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("pagesize", rd32(op + 8));
+	kv_hex("config", rd32(op + 0x38));
+	kv_hex("dcbaap", rd32(op + 0x30) | (u64)rd32(op + 0x34) << 32);
+	eol();
+
+	wr32(op + 0x38, (rd32(op + 0x38) & ~0xffu) | slots);	/* MaxSlotsEn */
+	step("config");
+	kv_dec("maxslotsen", rd32(op + 0x38) & 0xff);
+	eol();
+
+	u64 *dcbaa = (u64 *)(dma + DMA_DCBAA), *spa = (u64 *)(dma + DMA_SPARRAY);
+	if (nsp > XHCI_MAX_SCRATCH) {
+		error("xhci-scratchpads", "asked", nsp);
+		return;
+	}
+	for (u32 i = 0; i < nsp; i++)
+		spa[i] = dma + DMA_SCRATCH + ((u64)i << 12);
+	dcbaa[0] = nsp ? dma + DMA_SPARRAY : 0;
+	wr64lh(op + 0x30, dma + DMA_DCBAA);
+	step("dcbaap");
+	kv_hex("written", dma + DMA_DCBAA);
+	kv_hex("dcbaap", rd32(op + 0x30) | (u64)rd32(op + 0x34) << 32);
+	kv_hex("entry0", dcbaa[0]);
+	kv_dec("scratchpads", nsp);
+	kv_list("pages", dma + DMA_SPARRAY, 8, nsp);
+	eol();
+
+	/* one segment of six TRBs, the last a Link back to the first that toggles
+	 * the cycle; the controller starts at TRB 4 (CRCR is 64-byte aligned) */
+	u64 ring = dma + DMA_CMDRING;
+	wr64lh(op + 0x18, (ring + 64) | 1);	/* CRCR: pointer, RCS = 1 */
+	step("cmdring");
+	kv_hex("ring", ring + 64);
+	kv_hex("crcr", rd32(op + 0x18) | (u64)rd32(op + 0x1c) << 32);
+	eol();
+
+	u64 erst = dma + DMA_ERST, evr = dma + DMA_EVRING;
+	wr64lh(erst, evr);
+	wr32(erst + 8, EV_TRBS);
+	wr32(ir + 0x08, 1);			/* ERSTSZ */
+	wr64lh(ir + 0x10, erst);		/* ERSTBA */
+	wr64lh(ir + 0x18, evr);			/* ERDP */
+	step("erst");
+	kv_hex("table", erst);
+	kv_hex("ring", evr);
+	kv_hex("erstsz", rd32(ir + 0x08));
+	kv_hex("erstba", rd32(ir + 0x10) | (u64)rd32(ir + 0x14) << 32);
+	kv_hex("erdp", rd32(ir + 0x18) | (u64)rd32(ir + 0x1c) << 32);
+	eol();
+
+	wr32(ir, 0x2);				/* IMAN.IE */
+	wr32(op, rd32(op) | 4);			/* USBCMD.INTE */
+	step("interrupter");
+	kv_hex("iman", rd32(ir));
+	kv_hex("imod", rd32(ir + 4));
+	kv_hex("usbcmd", rd32(op));
+	eol();
+
+	wr32(op, rd32(op) | 1);			/* R/S */
+	n = POLL(!(rd32(op + 4) & 1), 50);
+	step("run");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("crcr", rd32(op + 0x18));
+	eol();
+
+	for (u32 i = 0; i < 4; i++)		/* TRBs 0-3: consumed on an earlier pass */
+		wr32(ring + 16 * i + 12, 1);
+	wr64lh(ring + 64, 0);			/* TRB 4: No-Op command, cycle 1 */
+	wr32(ring + 64 + 8, 0);
+	wr32(ring + 64 + 12, 23 << 10 | 1);
+	wr64lh(ring + 80, ring);		/* TRB 5: Link to TRB 0, toggle cycle */
+	wr32(ring + 80 + 8, 0);
+	wr32(ring + 80 + 12, 6 << 10 | 2 | 1);
+	xhci_command(u, "noop", op, db, ir, 0);
+	wr64lh(ring, 0);			/* TRB 0, after the Link: Enable Slot, cycle 0 */
+	wr32(ring + 8, 0);
+	wr32(ring + 12, 9 << 10);
+	xhci_command(u, "enableslot", op, db, ir, 1);
+
+	step("ports");
+	kv_list("portsc", op + 0x400, 0x10, ports > 32 ? 32 : ports);
+	eol();
+
+	u32 off = (hcc1 >> 16) << 2;
+	for (u32 k = 0; off && k < 16; k++) {
+		u32 d = rd32(x + off);
+		if ((d & 0xff) == 2) {		/* Supported Protocol */
+			u32 pi = rd32(x + off + 8);
+			step("protocol");
+			kv_hex("offset", off);
+			kv_dec("major", d >> 24);
+			kv_dec("minor", (d >> 16) & 0xff);
+			kv_hex("name", rd32(x + off + 4));
+			kv_dec("first", pi & 0xff);
+			kv_dec("count", (pi >> 8) & 0xff);
+			kv_dec("psic", pi >> 28);
+			kv_dec("slottype", rd32(x + off + 12) & 0x1f);
+			eol();
+		} else {
+			step("xcap");
+			kv_hex("offset", off);
+			kv_dec("id", d & 0xff);
+			eol();
+		}
+		if (!((d >> 8) & 0xff))
+			break;
+		off += ((d >> 8) & 0xff) << 2;
+	}
+
+	wr32(op, rd32(op) & ~1u);
+	n = POLL(rd32(op + 4) & 1, 50);
+	step("stop");
+	kv_dec("polls", n);
+	kv_hex("usbcmd", rd32(op));
+	kv_hex("usbsts", rd32(op + 4));
+	kv_hex("crcr", rd32(op + 0x18));
+	eol();
+	wr32(ir, 0);
+	wr32(op, rd32(op) & ~4u);
+}
+
+static void report_usb(void)
+{
+	if (nusb && !dma) {
+		dma = ((u64)__memory_end + 0xfff) & ~0xfffUL;
+		u64 cnt = DMA_SIZE / 8;
+		__asm__ volatile("rep stosq" : "+D"(dma), "+c"(cnt) : "a"(0UL) : "memory");
+		dma -= DMA_SIZE;
+		u64 fl = dma + DMA_FRAMES;
+		cnt = 1024;
+		__asm__ volatile("rep stosl" : "+D"(fl), "+c"(cnt) : "a"(1U) : "memory");	/* terminate */
+	}
+	for (usb_hc = 0; usb_hc < nusb; usb_hc++) {
+		struct usbhc *u = &usb[usb_hc];
+		u32 pif = u->cls & 0xff;
+		const char *kind = pif == 0x00 ? "uhci" : pif == 0x10 ? "ohci" : pif == 0x20 ? "ehci" :
+			pif == 0x30 ? "xhci" : "other";
+		line("usb");
+		kv_dec("hc", usb_hc);
+		key("bdf");
+		put_hexn(u->bdf >> 8, 2);
+		putc_(':');
+		put_hexn((u->bdf >> 3) & 31, 2);
+		putc_('.');
+		putc_((char)('0' + (u->bdf & 7)));
+		kv_str("kind", kind);
+		kv_dec("bar", u->bar);
+		kv_str("space", u->io ? "io" : u->is64 ? "mem64" : "mem32");
+		kv_hex("base", u->addr);
+		kv_hex("size", u->size);
+		eol();
+		if (!u->size || !u->addr || (!u->io && !mapped(u->addr, u->size)) ||
+		    (u->io != (pif == 0x00)) || (pif != 0x00 && pif != 0x20 && pif != 0x30)) {
+			error("usb-skipped", "bdf", u->bdf);
+			continue;
+		}
+		u32 cmd = cfg_rd(u->bdf, 0x04) & 0xffff;
+		cfg_wr(u->bdf, 0x04, cmd | (u->io ? 1 : 2) | 4);	/* decode, bus master */
+		step("enable");
+		kv_hex("cmd", cmd);
+		kv_hex("now", cfg_rd(u->bdf, 0x04) & 0xffff);
+		eol();
+		if (pif == 0x00)
+			uhci_init(u);
+		else if (pif == 0x20)
+			ehci_init(u);
+		else
+			xhci_init(u);
+	}
+	line("usb-end");
+	kv_dec("controllers", nusb);
+	eol();
+}
+
+/* ---- BAR moves (pyhv.barmove) -------------------------------------------- */
+
+/*
+ * The first USB controller's interface BAR (and, when the controllers have
+ * both kinds, the first I/O BAR and the first memory BAR) moves to free room
+ * in the same bridge window (bus 0: I/O 0xc000-0xffff, memory
+ * 0xc0000000-0xfebfffff outside ECAM) with its decoding off, and back.  A
+ * register that identifies the controller is read at the new place and the
+ * old one (which must float: all ones), and again after the move back.
+ */
+static int ancestor(int b, int of)
+{
+	for (int i = 0; of >= 0 && i < MAX_BRIDGES; i++, of = bridges[of].parent)
+		if (of == b)
+			return 1;
+	return 0;
+}
+
+static u64 room_lo, room_hi;	/* [lo, hi) */
+
+static int room_ok(struct usbhc *u, u64 c)
+{
+	if (c == u->addr || c & (u->size - 1) || c < room_lo || c + u->size > room_hi)
+		return 0;
+	for (u32 i = 0; i < nranges; i++)
+		if (ranges[i].io == u->io && c < ranges[i].end && ranges[i].base < c + u->size &&
+		    (ranges[i].bridge < 0 || !ancestor(ranges[i].bridge, u->parent)))
+			return 0;
+	if (!u->io && pci.ecam && c < pci.ecam + ((u64)(pci.last_bus + 1) << 20) &&
+	    pci.ecam < c + u->size)
+		return 0;
+	return 1;
+}
+
+static u64 free_room(struct usbhc *u)
+{
+	int k = u->io ? 0 : u->pref ? 2 : 1;
+	if (u->parent < 0) {
+		room_lo = u->io ? 0xc000 : 0xc0000000;
+		room_hi = u->io ? 0x10000 : 0xfec00000;
+	} else {
+		if (k == 2 && bridges[u->parent].win[2][0] > bridges[u->parent].win[2][1])
+			k = 1;			/* no prefetchable window: the memory one */
+		room_lo = bridges[u->parent].win[k][0];
+		room_hi = bridges[u->parent].win[k][1] + 1;
+	}
+	u64 s = u->size;
+	if (room_ok(u, u->addr + s))
+		return u->addr + s;
+	if (u->addr >= s && room_ok(u, u->addr - s))
+		return u->addr - s;
+	for (u32 i = 0; i < nranges; i++) {
+		u64 up = (ranges[i].end + s - 1) & ~(s - 1);
+		if (room_ok(u, up))
+			return up;
+		if (ranges[i].base >= s && room_ok(u, (ranges[i].base - s) & ~(s - 1)))
+			return (ranges[i].base - s) & ~(s - 1);
+	}
+	if (room_ok(u, room_lo))
+		return room_lo;
+	return 0;
+}
+
+/* what identifies the controller: UHCI PORTSC1|PORTSC2 << 16 (bit 7 reads 1),
+ * EHCI and xHCI CAPLENGTH|HCIVERSION << 16 */
+static u32 bar_sig(struct usbhc *u, u64 a)
+{
+	return u->io ? inl((u16)(a + 0x10)) : rd32(a);
+}
+
+static void bar_program(struct usbhc *u, u64 a)
+{
+	u32 reg = 0x10 + 4 * u->bar, dec = u->io ? 1 : 2;
+	u32 cmd = cfg_rd(u->bdf, 0x04) & 0xffff;
+	cfg_wr(u->bdf, 0x04, cmd & ~dec);
+	cfg_wr(u->bdf, reg, (u32)a | u->flags);
+	if (u->is64)
+		cfg_wr(u->bdf, reg + 4, (u32)(a >> 32));
+	cfg_wr(u->bdf, 0x04, cmd);
+}
+
+static u64 bar_reg(struct usbhc *u)
+{
+	u32 reg = 0x10 + 4 * u->bar;
+	return cfg_rd(u->bdf, reg) | (u->is64 ? (u64)cfg_rd(u->bdf, reg + 4) << 32 : 0);
+}
+
+static void bar_move(struct usbhc *u)
+{
+	u64 from = u->addr, to = free_room(u);
+	line("barmove");
+	key("bdf");
+	put_hexn(u->bdf >> 8, 2);
+	putc_(':');
+	put_hexn((u->bdf >> 3) & 31, 2);
+	putc_('.');
+	putc_((char)('0' + (u->bdf & 7)));
+	kv_dec("bar", u->bar);
+	kv_str("space", u->io ? "io" : u->is64 ? "mem64" : "mem32");
+	kv_hex("size", u->size);
+	kv_str("room", u->parent < 0 ? "root" : "window");
+	kv_hex("room_lo", room_lo);
+	kv_hex("room_hi", room_hi);
+	kv_hex("from", from);
+	if (!to || (!u->io && !mapped(to, u->size))) {
+		kv_str("to", "none");
+		eol();
+		return;
+	}
+	kv_hex("to", to);
+	kv_hex("sig", bar_sig(u, from));
+	bar_program(u, to);
+	kv_hex("reg_moved", bar_reg(u));
+	kv_hex("at_new", bar_sig(u, to));
+	kv_hex("at_old", bar_sig(u, from));
+	bar_program(u, from);
+	kv_hex("reg_back", bar_reg(u));
+	kv_hex("at_orig", bar_sig(u, from));
+	kv_hex("at_new_after", bar_sig(u, to));
+	eol();
+}
+
+static void report_barmove(void)
+{
+	int io = -1, mem = -1;
+	for (u32 i = 0; i < nusb; i++) {
+		if (!usb[i].size || !usb[i].addr)
+			continue;
+		if (usb[i].io && io < 0)
+			io = (int)i;
+		if (!usb[i].io && mem < 0)
+			mem = (int)i;
+	}
+	if (io >= 0 && (mem < 0 || io < mem)) {
+		bar_move(&usb[io]);
+		if (mem >= 0)
+			bar_move(&usb[mem]);
+	} else if (mem >= 0) {
+		bar_move(&usb[mem]);
+		if (io >= 0)
+			bar_move(&usb[io]);
+	}
+	line("barmove-end");
+	kv_dec("moves", (io >= 0) + (mem >= 0));
 	eol();
 }
 
@@ -1255,8 +2022,13 @@ void guest_main(u32 proto, u64 info)
 	report_acpi();
 	start_aps();
 	report_rtc();
-	if (has_switch("pyhv.pci"))
+	int usb_sw = has_switch("pyhv.usb"), barmove_sw = has_switch("pyhv.barmove");
+	if (has_switch("pyhv.pci") || usb_sw || barmove_sw)
 		report_pci();
+	if (usb_sw)
+		report_usb();
+	if (barmove_sw)
+		report_barmove();
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))

@@ -5,6 +5,8 @@ assert report.complete
 assert report.cmdline == "console=ttyS0 hello"
 assert report.initrd.csum == initrd_checksum(initrd_bytes)
 assert report.pci_function("00:00.0").vendor == 0x8086    # pyhv.pci
+assert report.usb_controller("00:01.2").step("run")["usbcmd"] == 0xC1  # pyhv.usb
+assert report.barmoves[0]["at_new"] == report.barmoves[0]["sig"]     # pyhv.barmove
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import itertools
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 # tags whose line is the tag and one free-text field (the rest of the line)
 RAW_TAGS = {"cmdline", "rtc"}
 # fields kept as words although they may look like decimal numbers (hex digits
 # without 0x, as lspci writes them: class=060400, caps=10)
-WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}}
+WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}, "usb": {"bdf"}, "barmove": {"bdf"}}
+# @usb-step fields that are lists of hex numbers (``none``: empty)
+USB_LIST_FIELDS = {"portsc", "pages"}
 
 _ESC = re.compile(r"\\x([0-9a-fA-F]{2})")
 
@@ -178,6 +182,39 @@ class PciFunction:
         return self.layout == 1
 
 
+#: the value of a field of a @usb-step line
+StepValue = Union[int, str, list[int]]
+
+
+@dataclass
+class UsbController:
+    """One ``@usb`` line (a USB host controller the walk found) and the
+    ``@usb-step`` lines of its bring-up, in order."""
+
+    index: int
+    bdf: str
+    kind: str  # uhci | ehci | xhci | ohci | other
+    bar: int
+    space: str  # io | mem32 | mem64
+    base: int
+    size: int
+    steps: list[tuple[str, dict[str, StepValue]]] = field(default_factory=list)
+
+    def step(self, name: str) -> dict[str, StepValue]:
+        """The fields of the first step called ``name`` (KeyError: not reported)."""
+        for n, f in self.steps:
+            if n == name:
+                return f
+        raise KeyError(f"{self.bdf} ({self.kind}): no step {name!r} in the report")
+
+    def steps_named(self, name: str) -> list[dict[str, StepValue]]:
+        return [f for n, f in self.steps if n == name]
+
+    @property
+    def step_names(self) -> list[str]:
+        return [n for n, _f in self.steps]
+
+
 @dataclass
 class Report:
     lines: list[Line] = field(default_factory=list)
@@ -218,10 +255,19 @@ class Report:
     pci_config: dict[str, int | str] = field(default_factory=dict)
     pci: list[PciFunction] = field(default_factory=list)
     pci_end: dict[str, int | str] = field(default_factory=dict)
+    # pyhv.usb: each controller and its steps; pyhv.barmove: one dict per move
+    usb: list[UsbController] = field(default_factory=list)
+    usb_end: dict[str, int | str] = field(default_factory=dict)
+    barmoves: list[dict[str, int | str]] = field(default_factory=list)
+    barmove_end: dict[str, int | str] = field(default_factory=dict)
 
     def pci_function(self, bdf: str) -> Optional[PciFunction]:
         """The function the guest found at ``bdf`` (``00:02.0``), if any."""
         return next((f for f in self.pci if f.bdf == bdf), None)
+
+    def usb_controller(self, bdf: str) -> Optional[UsbController]:
+        """The USB host controller the guest brought up at ``bdf``, if any."""
+        return next((c for c in self.usb if c.bdf == bdf), None)
 
     def table(self, sig: str) -> AcpiTable | None:
         """The first ACPI table with that signature."""
@@ -345,11 +391,43 @@ def parse_report(text: str | bytes) -> Report:
             rep.pci.append(parse_pci(f))
         elif t == "pci-end":
             rep.pci_end = f
+        elif t == "usb":
+            rep.usb.append(UsbController(
+                index=_int(f, "hc"), bdf=str(f["bdf"]), kind=str(f["kind"]),
+                bar=_int(f, "bar"), space=str(f["space"]), base=_int(f, "base"),
+                size=_int(f, "size")))
+        elif t == "usb-step":
+            hc = next((c for c in rep.usb if c.index == f.get("hc")), None)
+            if hc is None:
+                rep.errors.append({"what": "usb-step-without-controller", **f})
+            else:
+                hc.steps.append((str(f.get("step")), _usb_step_fields(f)))
+        elif t == "usb-end":
+            rep.usb_end = f
+        elif t == "barmove":
+            rep.barmoves.append(f)
+        elif t == "barmove-end":
+            rep.barmove_end = f
         elif t == "error":
             rep.errors.append(f)
         elif t == "exception":
             rep.exceptions.append(f)
     return rep
+
+
+def _usb_step_fields(f: dict[str, int | str]) -> dict[str, StepValue]:
+    out: dict[str, StepValue] = {}
+    for k, v in f.items():
+        if k in ("hc", "step"):
+            continue
+        if k in USB_LIST_FIELDS:
+            if isinstance(v, int):  # one element: already a number
+                out[k] = [v]
+            else:
+                out[k] = [] if v == "none" else [int(x, 16) for x in v.split(",")]
+        else:
+            out[k] = v
+    return out
 
 
 def _blob(f: dict[str, int | str]) -> Blob:
