@@ -325,3 +325,13 @@ def test_serial_log_element() -> None:
     cfg = map_domain(xml.encode()).config
     assert cfg.serial == SerialConfig("pty", log_path="/var/log/nova/console.log")
     assert "logged to /var/log/nova/console.log" in cfg.serial.describe()
+
+
+def test_rng_models() -> None:
+    xml = dom(devices="<rng model='virtio-non-transitional'><backend model='random'>"
+                      "/dev/urandom</backend></rng>")
+    (rng,) = map_domain(xml.encode()).config.rngs
+    assert rng.source == "/dev/urandom" and rng.address is not None
+    xml = xml.replace("virtio-non-transitional", "virtio-transitional")
+    with pytest.raises(DomainXmlError, match="modern only"):
+        map_domain(xml.encode())

@@ -298,14 +298,15 @@ def test_virt_install(daemon, guests, tmp_path):
                    f"emulator={EMULATOR}",
          "--import", "--disk", "none", "--graphics", "none", "--noautoconsole",
          # the devices pyhv does not build yet (they join when their models land); the
-         # default USB controller (qemu-xhci) and pcie-root-ports are built
-         "--network", "none", "--memballoon", "none", "--rng", "none", "--channel", "none"],
+         # default USB controller (qemu-xhci), pcie-root-ports and virtio-rng are built
+         "--network", "none", "--memballoon", "none", "--channel", "none"],
         capture_output=True, text=True, timeout=180, env=daemon.client_env())
     try:
         assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
         assert state(daemon, name) == "running (booted)"
         xml = virsh(daemon, "dumpxml", name).stdout
         assert "model='qemu-xhci'" in xml and "model='pcie-root-port'" in xml
+        assert "<rng model='virtio'>" in xml
         con = Console(daemon, name)
         report = parse_report(con.read_until("@waiting"))
         assert report.cmdline == "pyhv.wait=powerbutton installed"

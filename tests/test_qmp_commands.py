@@ -305,7 +305,12 @@ def test_libvirt_probe_sequence() -> None:
     types = {t["name"]: t for t in c.ok("qom-list-types")}
     # only what the engine builds is offered (domcapabilities lists nothing else)
     assert "isa-serial" in types and "max-x86_64-cpu" in types
-    assert "virtio-blk-pci" not in types and "virtio-rng-pci" not in types
+    assert "virtio-blk-pci" not in types and "virtio-rng-pci" in types
+    # modern-only virtio: the "-non-transitional" name is what makes libvirt put
+    # virtio devices on PCI Express ports
+    assert "virtio-rng-pci-non-transitional" in types
+    assert "virtio-rng-pci-transitional" not in types
+    assert {"qemu-xhci", "piix3-usb-uhci", "ich9-usb-ehci1"} <= set(types)
     assert "secret" in types and "memory-backend-memfd" in types
     assert "tcg-accel" not in types  # KVM only: libvirt must not offer TCG
     assert not any(t.get("abstract") for t in types.values())

@@ -481,3 +481,18 @@ def test_usb_controllers_as_libvirt_passes_them() -> None:
     assert "masterbus 'usb.9' not found" in fails(
         head() + ["-device", j(driver="ich9-usb-uhci1", masterbus="usb.9", bus="pci.0",
                                addr="0x5"), "-kernel", "/k"])
+
+
+def test_virtio_rng_and_transitional_names() -> None:
+    """virtio-rng-pci and its modern-only name map to the same device; a transitional
+    device is refused with one line."""
+    rng = ["-object", j(qom_type="rng-random", id="objrng0", filename="/dev/urandom")]
+    for driver in ("virtio-rng-pci", "virtio-rng-pci-non-transitional"):
+        plan = build(head() + rng + ["-device", j(driver=driver, rng="objrng0", id="rng0",
+                                                   bus="pci.0", addr="0x5"), "-kernel", "/k"])
+        assert plan.config is not None
+        (r,) = plan.config.rngs
+        assert (r.source, r.id, r.address) == ("/dev/urandom", "rng0", PciAddress(0, 5))
+    text = fails(head() + rng + ["-device", j(driver="virtio-rng-pci-transitional",
+                                              rng="objrng0"), "-kernel", "/k"])
+    assert "transitional virtio devices" in text and "modern only" in text

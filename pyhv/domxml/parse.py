@@ -869,7 +869,12 @@ class _Mapper:
 
     def rng(self, el: Any) -> RngConfig:
         self.common(el)
-        self.choice(el, "model", ("virtio",), "virtio", "rng model")
+        if el.get("model") == "virtio-transitional":
+            self.fail(el, "model 'virtio-transitional' is not supported: pyhv's virtio "
+                          "devices are modern only (use 'virtio' or "
+                          "'virtio-non-transitional')")
+        self.choice(el, "model", ("virtio", "virtio-non-transitional"), "virtio",
+                    "rng model")
         back = self.child(el, "backend")
         if back is None:
             self.fail(el, "<backend model='random'>/dev/urandom</backend> is missing")

@@ -9,6 +9,7 @@ does on reboot.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
 from pyhv.engine.errors import EngineError
-from pyhv.engine.irq import GsiRouting
+from pyhv.engine.irq import GsiRouting, KvmMsiVectors
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
@@ -54,6 +55,7 @@ from pyhv.engine.vcpu import (
     init_fpu,
     init_lapic_lints,
 )
+from pyhv.engine.virtio.pci import NOTIFY_MULTIPLIER, VirtioPciFunction
 from pyhv.placement import pci_functions, place
 
 #: KVM needs three pages for the TSS and one for the identity map (VMX only),
@@ -113,6 +115,12 @@ class Platform:
     devices: DeviceManager = field(default_factory=DeviceManager)
     #: the VM's GSI routing table (MSI vectors join it)
     irq: Optional[GsiRouting] = None
+    #: (fd, callback, name) the owner's event loop watches: device work off the vCPUs
+    watches: list[tuple[int, Callable[[int], None], str]] = field(default_factory=list)
+    #: devices that arm timers through the loop (their ``schedule`` attribute)
+    timed: list[object] = field(default_factory=list)
+    #: called when the platform goes away
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -120,6 +128,12 @@ class Platform:
         for v in self.vcpus:
             v.fd.close()
         self.vcpus = []
+        for close in self.closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing must not stop the others
+                pass
+        self.closers = []
         self.vm.close()
 
 
@@ -182,10 +196,48 @@ def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, memory: GuestMemory
                hooks: Hooks, devices: DeviceManager) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses."""
     pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset)
+    for _bus, _dfn, fn, _parent in pci.root.walk():
+        if isinstance(fn, VirtioPciFunction):
+            fn.on_notify_moved = _ioeventfd_binder(vm, fn)
     pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
     for bus, dfn, fn, _parent in pci.root.walk():
         devices.add(fn.name, fn.kind, fn, bdf_text(bus, dfn))
     return pci
+
+
+def _ioeventfd_binder(vm: VmFd, fn: VirtioPciFunction) -> Callable[[Optional[int],
+                                                                     Optional[int]], None]:
+    """KVM signals a queue's eventfd itself when the guest writes its notify address:
+    no exit to pyhv; the binding follows BAR4 when the guest moves it."""
+    def bind(old: Optional[int], new: Optional[int]) -> None:
+        for q, fd in enumerate(fn.notify_fds):
+            if old is not None:
+                vm.ioeventfd(fd, old + NOTIFY_MULTIPLIER * q, 0, deassign=True)
+            if new is not None:
+                vm.ioeventfd(fd, new + NOTIFY_MULTIPLIER * q, 0)
+    return bind
+
+
+def attach_virtio(plat: Platform) -> None:
+    """MSI-X vectors through KVM, and the queue eventfds the machine's loop serves."""
+    assert plat.pci is not None and plat.irq is not None
+    for _bus, _dfn, fn, _parent in plat.pci.root.walk():
+        if not isinstance(fn, VirtioPciFunction):
+            continue
+        vectors = KvmMsiVectors(plat.irq, fn.msix.size)
+        fn.attach_msi(vectors)
+        plat.closers.append(vectors.close)
+        plat.closers.append(fn.close)
+        for q, fd in enumerate(fn.notify_fds):
+            plat.watches.append((fd, functools.partial(_serve, fn, q), f"{fn.name} queue {q}"))
+        if hasattr(fn.device, "close"):
+            plat.closers.append(fn.device.close)
+        if hasattr(fn.device, "schedule"):
+            plat.timed.append(fn.device)
+
+
+def _serve(fn: VirtioPciFunction, queue: int, _fd: int) -> None:
+    fn.process(queue)
 
 
 def isolate_failures(pio: Bus, mmio: Bus, devices: DeviceManager, hooks: Hooks) -> None:
@@ -296,6 +348,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
         pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices)
         plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices, irq=routing)
+        attach_virtio(plat)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)
         plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)

@@ -121,6 +121,8 @@ class Machine:
                                        self.config, self.host_serial, self._hooks(),
                                        self._cpuid)
         self.boots += 1
+        if self._loop is not None:
+            self._watch(self._loop)
         for v in self.platform.vcpus:
             v.start(paused=paused)
         self.state = MachineState.PAUSED if paused else MachineState.RUNNING
@@ -130,11 +132,26 @@ class Machine:
         its events, and console input into COM1 from the backend's input end."""
         self._loop = loop
         loop.add_reader(self.event_fd, lambda fd: self.process_events(), "machine events")
+        self._watch(loop)
         hs = self.host_serial
         if hs is not None and hs.input_fd is not None:
             pump = SerialInputPump(loop, hs.input_fd, self.serial_input)
             if pump.start():
                 self._input = pump
+
+    def _watch(self, loop: EventLoop) -> None:
+        """The platform's device work (queue eventfds, timers) on ``loop``."""
+        if self.platform is None:
+            return
+        for fd, callback, name in self.platform.watches:
+            loop.add_reader(fd, callback, name)
+        for dev in self.platform.timed:
+            dev.schedule = lambda delay, cb: loop.call_later(delay, cb)  # type: ignore
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self.platform is not None:
+            for fd, _cb, _name in self.platform.watches:
+                self._loop.remove_reader(fd)
 
     def _detach(self) -> None:
         if self._loop is not None:
@@ -146,6 +163,7 @@ class Machine:
             self._loop = None
 
     def _teardown_platform(self) -> None:
+        self._unwatch()
         if self.platform is not None:
             self.platform.close()
             self.platform = None
@@ -324,19 +342,33 @@ class Machine:
                                       ev.registers))
 
     def run(self, timeout: Optional[float] = None) -> MachineEvent:
-        """Process events until the machine powers off or crashes; the final event.
+        """Serve the machine until it powers off or crashes; the final event.
 
-        For callers without an event loop of their own (tests, benchmarks).
+        For callers without an event loop of their own (tests, benchmarks): a
+        private loop serves the machine's events and its devices meanwhile.
         """
-        import select
+        own = self._loop is None
+        loop = self._loop if self._loop is not None else EventLoop()
+        if own:
+            self.attach(loop)
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise EngineError(f"machine {self.config.name} still running after "
-                                  f"{timeout} s")
-            select.select([self.event_fd], [], [], wait)
-            self.process_events()
+        def stop_when_done(ev: MachineEvent) -> None:
+            if self.finished:
+                loop.stop()
+
+        self._subscribers.append(stop_when_done)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.finished:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise EngineError(f"machine {self.config.name} still running after "
+                                      f"{timeout} s")
+                loop.run(timeout=left)
+        finally:
+            self._subscribers.remove(stop_when_done)
+            if own:
+                self._detach()
+                loop.close()
         assert self.last_event is not None
         return self.last_event

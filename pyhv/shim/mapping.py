@@ -1051,6 +1051,11 @@ class _Builder:
     def device(self, opts: Opts, root: str) -> None:
         name = opts.need_str("driver")
         dtype = registry.find_device(name)
+        if dtype is None and name.endswith("-transitional") and \
+                not name.endswith("-non-transitional"):
+            raise _unsupported(opts.where, "transitional virtio devices (with a legacy I/O "
+                                           "BAR) are not supported: pyhv's virtio devices "
+                                           "are modern only")
         if dtype is None:
             raise _unsupported(opts.where, "device is not supported by pyhv")
         where = opts.where
@@ -1287,6 +1292,9 @@ class _Builder:
 
     def dev_virtconsole(self, spec: DeviceSpec, opts: Opts) -> None:
         self._port(spec, opts, True)
+
+    def dev_virtio_rng_pci_non_transitional(self, spec: DeviceSpec, opts: Opts) -> None:
+        self.dev_virtio_rng_pci(spec, opts)
 
     def dev_virtio_rng_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         filename: Optional[str] = None

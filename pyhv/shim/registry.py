@@ -177,6 +177,12 @@ _UHCI_PROPS = _PCI_COMMON + (
     PropInfo("maxframes", "uint32", default=128),
 )
 
+_RNG_PROPS = (
+    PropInfo("max-bytes", "uint64"),
+    PropInfo("period", "uint32", default=65536),
+    PropInfo("rng", "link<rng-backend>"),
+)
+
 #: the chipset's power management function: pyhv's ACPI offers S5 only, so S3
 #: and S4 are always disabled (libvirt reads these properties for <pm>)
 _PM_PROPS = (
@@ -246,11 +252,11 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
     _dev("virtconsole", "virtio-serial-bus", "Input", "virtio console port",
          "virtserialport", _PORT_PROPS),
     _dev("virtio-rng-pci", "PCI", "Misc", "virtio entropy source", "virtio-pci",
-         _VIRTIO_PCI + (
-             PropInfo("max-bytes", "uint64"),
-             PropInfo("period", "uint32", default=65536),
-             PropInfo("rng", "link<rng-backend>"),
-         ), alias="virtio-rng"),
+         _VIRTIO_PCI + _RNG_PROPS, alias="virtio-rng"),
+    # the modern-only name: what libvirt looks for to place virtio devices on PCI
+    # Express ports (and what model='virtio-non-transitional' asks for)
+    _dev("virtio-rng-pci-non-transitional", "PCI", "Misc",
+         "virtio entropy source (modern only)", "virtio-pci", _VIRTIO_PCI + _RNG_PROPS),
     _dev("virtio-balloon-pci", "PCI", "Misc", "virtio memory balloon", "virtio-pci",
          _VIRTIO_PCI + (
              PropInfo("deflate-on-oom", "bool", "on/off", False),
@@ -415,4 +421,7 @@ BUILT: frozenset[str] = frozenset({
     # USB host controllers (empty root hubs: no USB device can be attached yet)
     "piix3-usb-uhci", "ich9-usb-uhci1", "ich9-usb-uhci2", "ich9-usb-uhci3",
     "ich9-usb-ehci1", "qemu-xhci",
+    # virtio devices, as the engine builds them: modern only (a "-non-transitional"
+    # name tells libvirt so; "-transitional" ones are refused)
+    "virtio-rng-pci", "virtio-rng-pci-non-transitional",
 })

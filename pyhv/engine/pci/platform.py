@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from pyhv.config import ControllerConfig, VmConfig, machine_family
+from pyhv.config import ControllerConfig, PciAddress, VmConfig, machine_family
 from pyhv.engine import layout
 from pyhv.engine.bus import Bus
 from pyhv.engine.devices import InterruptLine
@@ -30,6 +30,7 @@ from pyhv.engine.pci.device import (
 from pyhv.engine.pci.firmware import PciFirmware
 from pyhv.engine.pci.root import ConfigIo, Ecam, PciRoot, bdf_text
 from pyhv.engine.resources import AddressAllocator
+from pyhv.engine.virtio.device import VirtioDevice
 
 #: IOAPIC pins PCI INTx lines are wired to (ACPI _PRT, level, active low)
 PCI_INTX_GSIS = (16, 17, 18, 19, 20, 21, 22, 23)
@@ -128,6 +129,18 @@ class PciPlatform:
         return lines
 
 
+def virtio_devices(cfg: VmConfig) -> list[tuple[str, PciAddress, VirtioDevice]]:
+    """(id, address, device model) of every virtio device the engine builds, from a
+    placed config (those support.py lists as not built are not here)."""
+    from pyhv.engine.virtio.rng import VirtioRng
+
+    out: list[tuple[str, PciAddress, VirtioDevice]] = []
+    for r in cfg.rngs:
+        assert r.address is not None and r.id is not None, "place the config first"
+        out.append((r.id, r.address, VirtioRng(r.source, r.rate_bytes, r.rate_period_ms)))
+    return out
+
+
 def _mark_multifunction(root: PciRoot) -> None:
     """Function 0 of a slot with other functions says so in its header type (only
     function 0, as QEMU does with libvirt's ``multifunction=on``)."""
@@ -183,6 +196,7 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
     host controllers.  ``memory`` is what the controllers DMA into (``None``: a
     description only, as ``pyhv domxml check`` prints it)."""
     from pyhv.engine.devices.usb import usb_controller
+    from pyhv.engine.virtio.pci import VirtioPciFunction
     from pyhv.placement import place
 
     cfg = place(cfg)
@@ -202,6 +216,11 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
         fn = usb_controller(USB_QEMU_NAMES[c.model], mem, name, express=express)
         parent = bridge_pos[a.bus] if a.bus else None
         endpoints.append((PciSlot(a.slot, a.function, parent), fn))
+    for ident, addr, device in virtio_devices(cfg):
+        express = family == "q35" and addr.bus != 0
+        vfn = VirtioPciFunction(device, mem, ident, express=express)
+        endpoints.append((PciSlot(addr.slot, addr.function,
+                                  bridge_pos[addr.bus] if addr.bus else None), vfn))
     return build_pci(family, cfg.memory, bridges, endpoints, on_reset)
 
 
