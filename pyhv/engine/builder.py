@@ -28,13 +28,14 @@ from pyhv.engine.boot import (
 from pyhv.engine.bus import Bus, Sink
 from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
+from pyhv.engine.devices import InterruptLine
 from pyhv.engine.devices.acpi_pm import AcpiPm
 from pyhv.engine.devices.i8042 import I8042
 from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
 from pyhv.engine.errors import EngineError
-from pyhv.engine.irq import GsiRouting, KvmMsiVectors
+from pyhv.engine.irq import GsiRouting, KvmMsiVectors, ResampleLine
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
@@ -192,14 +193,27 @@ def guest_topology(cfg: VmConfig) -> Topology:
     return Topology(t.sockets * t.dies, t.cores, t.threads)
 
 
+def intx_line(vm: VmFd, gsi: int, lines: list[ResampleLine]) -> InterruptLine:
+    """A PCI function's INTx: a resample irqfd (level semantics kept by KVM), or
+    KVM_IRQ_LINE where this KVM has no resample irqfd."""
+    try:
+        line = ResampleLine(vm, gsi)
+    except KvmError:
+        return IrqLine(vm, gsi)
+    lines.append(line)
+    return line
+
+
 def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, memory: GuestMemory,
-               hooks: Hooks, devices: DeviceManager) -> PciPlatform:
-    """The chipset's PCI functions and bridges, resources assigned, on the buses."""
+               hooks: Hooks, devices: DeviceManager,
+               lines: list[ResampleLine]) -> PciPlatform:
+    """The chipset's PCI functions and bridges, resources assigned, on the buses;
+    the INTx lines made are appended to ``lines`` (their resample fds need a loop)."""
     pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset)
     for _bus, _dfn, fn, _parent in pci.root.walk():
         if isinstance(fn, VirtioPciFunction):
             fn.on_notify_moved = _ioeventfd_binder(vm, fn)
-    pci.attach(pio, mmio, lambda gsi: IrqLine(vm, gsi))
+    pci.attach(pio, mmio, lambda gsi: intx_line(vm, gsi, lines))
     for bus, dfn, fn, _parent in pci.root.walk():
         devices.add(fn.name, fn.kind, fn, bdf_text(bus, dfn))
     return pci
@@ -346,8 +360,17 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         devices = DeviceManager()
         isolate_failures(pio, mmio, devices, hooks)
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
-        pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices)
+        lines: list[ResampleLine] = []
+        try:
+            pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines)
+        except BaseException:
+            for line in lines:
+                line.close()
+            raise
         plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices, irq=routing)
+        for line in lines:
+            plat.watches.append((line.resample_fd, line.resampled, f"INTx GSI {line.gsi}"))
+            plat.closers.append(line.close)
         attach_virtio(plat)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)

@@ -68,3 +68,47 @@ class KvmMsiVectors:
                 pass  # the VM is closed already: KVM dropped the binding with it
             os.close(fd)
         self.fds = []
+
+
+class ResampleLine:
+    """A level-triggered INTx line as an irqfd with a resample eventfd.
+
+    Asserting signals the irqfd (KVM raises the GSI: one eventfd write from any
+    thread, no ioctl).  KVM lowers the line itself when the guest EOIs it and
+    signals the resample eventfd; :meth:`resampled` (the machine's loop) then
+    raises it again if the device still asserts it.  Several functions may share
+    a GSI (the INTx swizzle): each has its own irqfd, KVM ORs them.
+    """
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self.gsi = gsi
+        self.level = False
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.resample_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            vm.irqfd(self.fd, gsi, resample_fd=self.resample_fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def set_level(self, asserted: bool) -> None:
+        self.level = asserted
+        if asserted:
+            os.eventfd_write(self.fd, 1)
+
+    def pulse(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def resampled(self, _fd: int = -1) -> None:
+        try:
+            os.eventfd_read(self.resample_fd)
+        except BlockingIOError:
+            return
+        if self.level:
+            os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.resample_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.resample_fd = -1
