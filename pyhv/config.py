@@ -588,7 +588,7 @@ def parse_size(text: str, default_unit: str = "M", what: str = "memory") -> int:
         raise ConfigError(f"{what} {text!r}: not a finite size (examples: 256M, 1G)")
     if value < 0:
         raise ConfigError(f"{what} {text!r}: negative size")
-    size = int(value * (1 << shifts[units[suffix]]))
-    if size > SIZE_MAX:
+    scale = 1 << shifts[units[suffix]]
+    if value > SIZE_MAX / scale:  # checked before multiplying: the float would overflow
         raise ConfigError(f"{what} {text!r}: larger than 16 EiB")
-    return size
+    return int(value * scale)

@@ -284,9 +284,27 @@ def test_elf_pvh_without_note_fails(tmp_path: Path) -> None:
     assert_one_line_error(exc, path, "no PVH entry note")
 
 
+def _patched(data: bytes, *fields: tuple[str, int, int]) -> bytes:
+    """``data`` with ``(struct format, offset, value)`` fields overwritten."""
+    out = bytearray(data)
+    for fmt, offset, value in fields:
+        struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
 def _bad_elves() -> list[tuple[bytes, list[str]]]:
     good = make_elf([(0x100000, 0x100000, b"\x90" * 0x1000, 0x1000)], entry=0x100000)
+    noted = make_elf([(0x100000, 0x100000, b"\x90" * 16, 16)], entry=0x100000,
+                     notes=[pvh_note(0x100000)])
     return [
+        # found by tests/fuzz (targets elf, kernel): offsets too large to seek to,
+        # sizes too large to allocate, header counts that took elftools seconds
+        (_patched(good, ("<Q", 32, 1 << 63)), ["corrupt ELF", "program headers"]),
+        (_patched(noted, ("<Q", 64 + 56 + 8, (1 << 64) - 16)), ["truncated ELF"]),
+        (_patched(noted, ("<Q", 64 + 56 + 32, 1 << 40)), ["truncated ELF"]),
+        (_patched(good, ("<Q", 64 + 8, 1 << 63)), ["truncated or corrupt ELF"]),
+        (_patched(good, ("<Q", 32, 0), ("<H", 54, 0), ("<H", 56, 0xFFC0)),
+         ["corrupt ELF (65472 program headers of 0 bytes"]),
         (make_elf([], entry=0x100000), ["ELF has no loadable segments"]),
         (make_elf([], entry=0x100000, elfclass=32), ["32-bit ELF", "64-bit"]),
         (make_elf([(0x100000, 0x100000, b"\0", 1)], 0x100000, machine=183),

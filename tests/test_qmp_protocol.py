@@ -87,6 +87,9 @@ def test_stream_not_lines() -> None:
     (b'\xff\xfe\n', "JSON parse error"),
     (b'{"execute": "\x01"}\n', "JSON parse error"),
     (b'{"execute": NaN}\n', "JSON parse error"),
+    # found by tests/fuzz (target qmp): an id of Infinity cannot be echoed back
+    (b'{"execute": "cont", "id": 1e999}\n', "JSON parse error, number 1e999 out of range"),
+    (b'{"execute": "cont", "arguments": {"a": -1.5E+400}}\n', "JSON parse error"),
     (b'[1, 2]\n', "QMP input must be a JSON object"),
     (b'"str"\n', "QMP input must be a JSON object"),
     (b'42\n', "QMP input must be a JSON object"),

@@ -110,6 +110,17 @@ def test_plain_argument_is_refused() -> None:
     assert "disk.img" in one_line(e)
 
 
+def test_line_breaks_in_the_option_at_fault_keep_the_message_one_line() -> None:
+    # found by tests/fuzz (target argv): the option named in a message held a CR
+    with pytest.raises(ShimUsageError) as e:
+        parse(["\r-m", "1G"])
+    assert one_line(e).startswith("pyhv-qemu: -m: plain arguments")
+    assert "\r" not in str(e.value)
+    with pytest.raises(ShimUsageError) as e:
+        parse(["-device", "virtio-rng-pci\n,id=a\n,=x"])
+    assert "\n" not in one_line(e)
+
+
 def test_merged_lists_later_keys_win() -> None:
     opts = parse(["-machine", "pc,usb=off", "-machine", "accel=kvm,usb=on"])
     m = merged(opts, "machine")

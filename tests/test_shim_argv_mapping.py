@@ -398,6 +398,12 @@ def test_netdev_errors() -> None:
     assert "not a MAC address" in fails(
         ["-kernel", "/k", "-netdev", "tap,id=n0,fd=40", "-device",
          "virtio-net-pci,netdev=n0,mac=nonsense"])
+    # found by tests/fuzz (target mapping): a multicast MAC escaped as a
+    # ConfigError that did not name the -device
+    assert fails(["-kernel", "/k", "-netdev", "tap,id=n0,fd=40", "-device",
+                  "virtio-net-pci,netdev=n0,mac=53:54:00:00:00:01"], ShimUsageError) == (
+        "pyhv-qemu: -device virtio-net-pci: net: mac '53:54:00:00:00:01' is a multicast "
+        "address")
 
 
 def test_block_errors() -> None:

@@ -27,7 +27,8 @@ class ShimError(PyhvError):
         self.where = where
         #: the reason, without the program name or the option
         self.detail = " ".join(detail.split())
-        head = f"{PROG}: {where}: " if where else f"{PROG}: "
+        # an option's argument may hold line breaks: the message stays one line
+        head = f"{PROG}: {' '.join(where.split())}: " if where else f"{PROG}: "
         super().__init__(head + self.detail)
 
 

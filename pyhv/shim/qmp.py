@@ -29,6 +29,7 @@ connection hold more than ``max_message`` bytes.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Optional, Union
@@ -107,6 +108,14 @@ def _encode(obj: dict[str, Any]) -> bytes:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 would come back as Infinity, which no reply can carry (an echoed id)
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
 
 
 @dataclass
@@ -265,7 +274,8 @@ class QmpConnection:
 
     def _parse(self, raw: bytes) -> Event:
         try:
-            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                             parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             return Rejected(GENERIC_ERROR, f"JSON parse error, {reason[:100]}")

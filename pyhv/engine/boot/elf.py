@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ XEN_NOTE_NAME = b"Xen"
 #: XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit physical PVH entry point
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 _NOTE_HEADER = struct.Struct("<III")
+#: size of an ELF64 program header
+PHDR_SIZE = 56
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def pvh_entry_from_notes(blobs: list[bytes]) -> int | None:
 
 
 def _read_exact(f: BinaryIO, offset: int, size: int, path: str) -> bytes:
+    if offset + size > f.seek(0, os.SEEK_END):  # a huge size would be allocated first
+        raise KernelError(f"{path}: truncated ELF (needs {size} bytes at offset 0x{offset:x})")
     f.seek(offset)
     data = f.read(size)
     if len(data) != size:
@@ -83,6 +88,16 @@ def _read_into(f: BinaryIO, offset: int, buf: memoryview) -> bool:
         buf[done:done + len(chunk)] = chunk
         done += len(chunk)
     return True
+
+
+def _check_program_headers(elf: ELFFile, f: BinaryIO, path: str) -> None:
+    """The program headers must be of ELF64 size and lie in the file (elftools
+    would parse tens of thousands of 0-byte headers in a 68-byte file)."""
+    size = f.seek(0, os.SEEK_END)
+    offset, count, entsize = elf["e_phoff"], elf.num_segments(), elf["e_phentsize"]
+    if count and (entsize != PHDR_SIZE or offset + count * entsize > size):
+        raise KernelError(f"{path}: corrupt ELF ({count} program headers of {entsize} bytes "
+                          f"at offset 0x{offset:x}, file is {size} bytes)")
 
 
 def _note_blobs(elf: ELFFile, f: BinaryIO, path: str) -> list[bytes]:
@@ -113,6 +128,7 @@ def load_elf(memory: GuestMemory, f: BinaryIO, path: str) -> ElfKernel:
             raise KernelError(f"{path}: {elf.elfclass}-bit ELF, need a 64-bit x86_64 kernel")
         if not elf.little_endian or elf["e_machine"] != "EM_X86_64":
             raise KernelError(f"{path}: ELF for {elf['e_machine']}, need x86_64")
+        _check_program_headers(elf, f, path)
         loads = [{k: int(seg[k]) for k in ("p_offset", "p_filesz", "p_memsz",
                                            "p_vaddr", "p_paddr")}
                  for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
@@ -135,7 +151,8 @@ def load_elf(memory: GuestMemory, f: BinaryIO, path: str) -> ElfKernel:
                                   f"needs {filesz} bytes at offset 0x{seg['p_offset']:x})")
             if memsz > filesz:
                 memory.fill(paddr + filesz, memsz - filesz)
-    except (ELFError, ConstructError, struct.error) as e:
+    except (ELFError, ConstructError, struct.error, OverflowError, ValueError) as e:
+        # OverflowError, ValueError: an offset too large to seek to
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KernelError(f"{path}: truncated or corrupt ELF ({detail})") from e
     except OSError as e:
