@@ -27,6 +27,7 @@ TARGETS: dict[str, str] = {
     "elf": "fuzz_elf",
     "kernel": "fuzz_kernel",
     "size": "fuzz_size",
+    "virtqueue": "fuzz_virtqueue",
 }
 
 #: targets that check the fuzzing machinery itself (a planted crash and hang)
