@@ -1,0 +1,420 @@
+"""virtio-blk (virtio 1.x, section 5.2): a disk on a host block backend.
+
+A request is a descriptor chain: a 16-byte header (type, reserved, sector) in
+device-readable buffers, then data (readable for writes, discard and
+write-zeroes segments; writable for reads and GET_ID), and a status byte, the
+last device-writable byte of the chain.  :func:`parse_request` turns a chain
+into a :class:`BlkRequest` without touching the backend (a pure function of the
+chain, guest memory and the disk's :class:`BlkLimits`): every check the guest
+can fail is made there, and a failed check becomes the request's status
+(IOERR or UNSUPP), never an exception.  :class:`VirtioBlk` executes what is
+left on its :class:`~pyhv.engine.block.BlockBackend` and completes the chain:
+
+* the used length counts the bytes written into device-writable buffers: the
+  data read (IN), the identifier (GET_ID), and the status byte;
+* a chain without a writable status byte (or one outside RAM) cannot be
+  answered: it goes back on the used ring with length 0, and so does a chain the
+  queue could not even walk; the queue goes on either way;
+* nothing outside the disk's sectors is ever read or written (the backend checks
+  again), and a read-only disk refuses writes, discards and write-zeroes with
+  IOERR before the backend sees them.
+
+Writes are made stable by FLUSH; a driver that did not accept VIRTIO_BLK_F_FLUSH
+gets every write flushed before it completes (the spec's rule for that case).
+Requests are served on the thread that calls :meth:`VirtioBlk.queue_notify`
+(the engine's loop), synchronously.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
+from pyhv.engine.memory import GuestMemoryError
+from pyhv.engine.virtio.device import TYPE_BLOCK, Interrupts, VirtioDevice
+from pyhv.engine.virtio.queue import ChainError, Descriptor, DescriptorChain, SplitQueue
+
+if TYPE_CHECKING:
+    from pyhv.config import DiskConfig
+    from pyhv.engine.memory import GuestMemory
+
+# feature bits (5.2.3)
+F_SIZE_MAX = 1 << 1
+F_SEG_MAX = 1 << 2
+F_GEOMETRY = 1 << 4
+F_RO = 1 << 5
+F_BLK_SIZE = 1 << 6
+F_FLUSH = 1 << 9
+F_TOPOLOGY = 1 << 10
+F_CONFIG_WCE = 1 << 11
+F_MQ = 1 << 12
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
+
+# request types (5.2.6)
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_GET_LIFETIME = 10
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+T_SECURE_ERASE = 14
+
+# status values
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+#: the flags of a discard / write-zeroes segment
+SEG_F_UNMAP = 1
+#: GET_ID answers this many bytes (the serial, zero padded)
+ID_BYTES = 20
+
+HEADER = struct.Struct("<IIQ")
+SEGMENT = struct.Struct("<QII")
+#: struct virtio_blk_config up to write_zeroes_may_unmap and its padding:
+#: capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size,
+#: topology (physical_block_exp, alignment_offset, min_io_size, opt_io_size),
+#: writeback, unused0, num_queues, max_discard_sectors, max_discard_seg,
+#: discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+#: write_zeroes_may_unmap, unused1[3]
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+QUEUE_SIZE = 256
+#: QEMU's limit per discard / write-zeroes segment (BDRV_REQUEST_MAX_SECTORS)
+MAX_RANGE_SECTORS = 0x3FFFFF
+MAX_DISCARD_SEG = 16
+MAX_WRITE_ZEROES_SEG = 16
+#: discard granularity the driver is told (8 sectors: a 4 KiB filesystem block)
+DISCARD_SECTOR_ALIGNMENT = 8
+#: the most request queues (one MSI-X vector each, plus the configuration vector, fit
+#: the transport's table)
+MAX_QUEUES = 64
+
+TYPE_NAMES = {T_IN: "IN", T_OUT: "OUT", T_FLUSH: "FLUSH", T_GET_ID: "GET_ID",
+              T_GET_LIFETIME: "GET_LIFETIME", T_DISCARD: "DISCARD",
+              T_WRITE_ZEROES: "WRITE_ZEROES", T_SECURE_ERASE: "SECURE_ERASE"}
+
+Extent = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BlkLimits:
+    """What a request is checked against."""
+
+    #: the disk's size in 512-byte sectors
+    capacity: int
+    readonly: bool = False
+    #: DISCARD was offered (discard='unmap')
+    discard: bool = False
+    write_zeroes: bool = True
+    max_discard_sectors: int = MAX_RANGE_SECTORS
+    max_discard_seg: int = MAX_DISCARD_SEG
+    max_write_zeroes_sectors: int = MAX_RANGE_SECTORS
+    max_write_zeroes_seg: int = MAX_WRITE_ZEROES_SEG
+
+
+@dataclass(frozen=True)
+class BlkRequest:
+    """One parsed request: what to do, or the status it already failed with."""
+
+    type: int
+    sector: int
+    #: data buffers in guest memory, (address, length) in order: device-readable for
+    #: OUT, device-writable for IN and GET_ID, empty otherwise
+    data: tuple[Extent, ...] = ()
+    data_len: int = 0
+    #: DISCARD / WRITE_ZEROES: (sector, sectors, unmap) per segment
+    ranges: tuple[tuple[int, int, bool], ...] = ()
+    #: where the status byte goes; None: the chain has none the device can write
+    status_addr: Optional[int] = None
+    #: set when parsing already decided the outcome (IOERR or UNSUPP)
+    status: Optional[int] = None
+    #: why, in words (for tracing and tests)
+    reason: str = ""
+
+    @property
+    def reportable(self) -> bool:
+        return self.status_addr is not None
+
+
+def _extents(descs: Sequence[Descriptor]) -> list[Extent]:
+    return [(d.addr, d.length) for d in descs if d.length]
+
+
+def _skip(extents: list[Extent], n: int) -> list[Extent]:
+    """The extents less their first ``n`` bytes."""
+    out = []
+    for addr, length in extents:
+        if n >= length:
+            n -= length
+            continue
+        out.append((addr + n, length - n))
+        n = 0
+    return out
+
+
+def _read(memory: "GuestMemory", extents: list[Extent], n: int) -> bytes:
+    """The first ``n`` bytes of the extents (GuestMemoryError if outside RAM)."""
+    out = bytearray()
+    for addr, length in extents:
+        if len(out) == n:
+            break
+        out += memory.read(addr, min(length, n - len(out)))
+    return bytes(out)
+
+
+def _in_range(sector: int, sectors: int, capacity: int) -> bool:
+    return sector <= capacity and sectors <= capacity - sector
+
+
+def parse_request(chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:
+    """Check one chain against the spec and the disk; never raises for what the driver
+    wrote (the result carries the status instead)."""
+    memory = chain.memory
+    writable = _extents(chain.writable)
+    if not writable:
+        return BlkRequest(-1, 0, reason="no device-writable status byte")
+    last_addr, last_len = writable[-1]
+    status_addr = last_addr + last_len - 1
+    if not memory.contains(status_addr, 1):
+        return BlkRequest(-1, 0, reason=f"status byte {status_addr:#x} is not guest RAM")
+    data_in = writable[:-1] + ([(last_addr, last_len - 1)] if last_len > 1 else [])
+    in_len = sum(n for _, n in data_in)
+
+    def fail(status: int, why: str, rtype: int = -1, sector: int = 0) -> BlkRequest:
+        return BlkRequest(rtype, sector, status_addr=status_addr, status=status, reason=why)
+
+    readable = _extents(chain.readable)
+    if sum(n for _, n in readable) < HEADER.size:
+        return fail(S_IOERR, "request header shorter than 16 bytes")
+    try:
+        rtype, _reserved, sector = HEADER.unpack(_read(memory, readable, HEADER.size))
+    except GuestMemoryError:
+        return fail(S_IOERR, "request header is not guest RAM")
+    data_out = _skip(readable, HEADER.size)
+    out_len = sum(n for _, n in data_out)
+    name = TYPE_NAMES.get(rtype, f"type {rtype}")
+
+    if rtype in (T_IN, T_OUT):
+        data, length = (data_in, in_len) if rtype == T_IN else (data_out, out_len)
+        if rtype == T_OUT and limits.readonly:
+            return fail(S_IOERR, "write to a read-only disk", rtype, sector)
+        if length % SECTOR_SIZE:
+            return fail(S_IOERR, f"{name} of {length} bytes, not whole sectors", rtype, sector)
+        if not _in_range(sector, length // SECTOR_SIZE, limits.capacity):
+            return fail(S_IOERR, f"{name} of {length // SECTOR_SIZE} sectors at {sector} is "
+                        f"beyond the disk's {limits.capacity}", rtype, sector)
+        return BlkRequest(rtype, sector, tuple(data), length, status_addr=status_addr)
+    if rtype == T_FLUSH:
+        return BlkRequest(rtype, sector, status_addr=status_addr)
+    if rtype == T_GET_ID:
+        return BlkRequest(rtype, sector, tuple(data_in), in_len, status_addr=status_addr)
+    if rtype in (T_DISCARD, T_WRITE_ZEROES):
+        discard = rtype == T_DISCARD
+        if limits.readonly:
+            return fail(S_IOERR, f"{name} on a read-only disk", rtype, sector)
+        if not (limits.discard if discard else limits.write_zeroes):
+            return fail(S_UNSUPP, f"{name} was not offered", rtype, sector)
+        if not out_len or out_len % SEGMENT.size:
+            return fail(S_IOERR, f"{name} payload of {out_len} bytes is not whole segments",
+                        rtype, sector)
+        count = out_len // SEGMENT.size
+        max_seg = limits.max_discard_seg if discard else limits.max_write_zeroes_seg
+        max_sectors = limits.max_discard_sectors if discard else \
+            limits.max_write_zeroes_sectors
+        if count > max_seg:
+            return fail(S_UNSUPP, f"{name} with {count} segments, more than {max_seg}",
+                        rtype, sector)
+        try:
+            raw = _read(memory, data_out, out_len)
+        except GuestMemoryError:
+            return fail(S_IOERR, f"{name} segments are not guest RAM", rtype, sector)
+        ranges = []
+        for start, sectors, flags in SEGMENT.iter_unpack(raw):
+            if flags & ~SEG_F_UNMAP or (discard and flags & SEG_F_UNMAP):
+                return fail(S_UNSUPP, f"{name} segment flags {flags:#x}", rtype, sector)
+            if sectors > max_sectors:
+                return fail(S_IOERR, f"{name} of {sectors} sectors, more than {max_sectors}",
+                            rtype, sector)
+            if not _in_range(start, sectors, limits.capacity):
+                return fail(S_IOERR, f"{name} of {sectors} sectors at {start} is beyond the "
+                            f"disk's {limits.capacity}", rtype, sector)
+            ranges.append((start, sectors, bool(flags & SEG_F_UNMAP)))
+        return BlkRequest(rtype, sector, ranges=tuple(ranges), status_addr=status_addr)
+    return fail(S_UNSUPP, f"unsupported request {name}", rtype, sector)
+
+
+def _is_zero(views: Sequence[memoryview]) -> bool:
+    """Whether the buffers hold only zero bytes (detect_zeroes)."""
+    chunk = 1 << 20
+    for v in views:
+        if v[:16].tobytes() != bytes(min(16, len(v))):
+            return False  # the common case, decided cheaply
+        for i in range(0, len(v), chunk):
+            piece = v[i:i + chunk]
+            if piece.tobytes() != bytes(len(piece)):
+                return False
+    return True
+
+
+class VirtioBlk(VirtioDevice):
+    device_type = TYPE_BLOCK
+    kind = "virtio-blk"
+
+    def __init__(self, backend: BlockBackend, serial: Optional[str] = None,
+                 num_queues: int = 1, queue_size: int = QUEUE_SIZE, discard: bool = False,
+                 detect_zeroes: str = "off") -> None:
+        super().__init__()
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ValueError(f"virtio-blk: {num_queues} queues, not 1 to {MAX_QUEUES}")
+        if detect_zeroes not in ("off", "on", "unmap"):
+            raise ValueError(f"virtio-blk: detect_zeroes {detect_zeroes!r}")
+        self.backend = backend
+        self.serial = serial
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.queue_sizes = (queue_size,) * num_queues
+        self.detect_zeroes = detect_zeroes
+        self.limits = BlkLimits(capacity=backend.size // SECTOR_SIZE,
+                                readonly=backend.readonly, discard=discard)
+        features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY | F_WRITE_ZEROES
+        if discard:
+            features |= F_DISCARD
+        if backend.readonly:
+            features |= F_RO
+        if num_queues > 1:
+            features |= F_MQ
+        self.features = features
+        #: the driver did not accept FLUSH: every write is made stable before completing
+        self.writethrough = False
+
+    @classmethod
+    def from_config(cls, disk: "DiskConfig", num_queues: int = 1) -> "VirtioBlk":
+        """The device for a configured disk, its backend opened (and locked)."""
+        return cls(open_disk(disk), serial=disk.serial, num_queues=num_queues,
+                   discard=disk.discard == "unmap", detect_zeroes=disk.detect_zeroes or "off")
+
+    # ---- configuration space -------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        align = getattr(self.backend, "request_alignment", 1)
+        exp = max(align // SECTOR_SIZE, 1).bit_length() - 1
+        return CONFIG.pack(
+            self.limits.capacity,
+            0,                                   # size_max (not offered)
+            self.queue_size - 2,                 # seg_max: the chain less header, status
+            0, 0, 0,                             # geometry (not offered)
+            SECTOR_SIZE,                         # blk_size
+            exp, 0, (1 << exp) if exp else 0, 0,  # topology
+            0, 0,                                # writeback (no CONFIG_WCE), unused0
+            self.num_queues,
+            self.limits.max_discard_sectors, self.limits.max_discard_seg,
+            DISCARD_SECTOR_ALIGNMENT,
+            self.limits.max_write_zeroes_sectors, self.limits.max_write_zeroes_seg,
+            int(self.backend.can_unmap))
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def activate(self, memory: "GuestMemory", queues: list[SplitQueue],
+                 interrupts: Interrupts, features: int) -> None:
+        super().activate(memory, queues, interrupts, features)
+        self.writethrough = not features & F_FLUSH
+
+    def reset(self) -> None:
+        super().reset()
+        self.writethrough = False
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ---- requests --------------------------------------------------------------------
+    def queue_notify(self, index: int) -> None:
+        if index >= len(self.queues):
+            return
+        q = self.queues[index]
+        memory, interrupts = self.memory, self.interrupts
+        assert memory is not None and interrupts is not None
+        while True:
+            head = self._next_head(q, memory)
+            try:
+                chain = q.pop(memory)
+            except ChainError:
+                # the queue took the chain but could not walk it: answer it empty
+                if head is not None:
+                    q.add_used(memory, head, 0)
+                continue
+            if chain is None:
+                break
+            q.add_used(memory, chain.head, self.handle(chain))
+        if q.needs_notification(memory):
+            interrupts.queue(index)
+
+    @staticmethod
+    def _next_head(q: SplitQueue, memory: "GuestMemory") -> Optional[int]:
+        """The head the queue will pop next (to answer a chain it cannot walk)."""
+        if not q.ready or not q.pending(memory):
+            return None
+        try:
+            return memory.read_u16(q.avail_addr + 4 + 2 * (q.next_avail % q.size))
+        except GuestMemoryError:
+            return None
+
+    def handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; the used length to report."""
+        req = parse_request(chain, self.limits)
+        if req.status_addr is None:
+            return 0
+        status, written = (req.status, 0) if req.status is not None else self._execute(req)
+        try:
+            chain.memory.write_u8(req.status_addr, status)
+        except GuestMemoryError:
+            return 0
+        return written + 1
+
+    def _execute(self, req: BlkRequest) -> tuple[int, int]:
+        """(status, bytes written into the data buffers) of a request that parsed."""
+        assert self.memory is not None
+        b = self.backend
+        try:
+            views = [self.memory.view(a, n) for a, n in req.data]
+        except GuestMemoryError:
+            return S_IOERR, 0
+        offset = req.sector * SECTOR_SIZE
+        try:
+            if req.type == T_IN:
+                b.read_into(offset, views)
+                return S_OK, req.data_len
+            if req.type == T_OUT:
+                if self.detect_zeroes != "off" and req.data_len and _is_zero(views):
+                    b.write_zeroes(offset, req.data_len, unmap=self.detect_zeroes == "unmap")
+                else:
+                    b.write_from(offset, views)
+                if self.writethrough:
+                    b.flush()
+                return S_OK, 0
+            if req.type == T_FLUSH:
+                b.flush()
+                return S_OK, 0
+            if req.type == T_GET_ID:
+                ident = (self.serial or "").encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+                n = min(req.data_len, ID_BYTES)
+                pos = 0
+                for v in views:
+                    take = min(len(v), n - pos)
+                    v[:take] = ident[pos:pos + take]
+                    pos += take
+                    if pos == n:
+                        break
+                return S_OK, n
+            for start, sectors, unmap in req.ranges:
+                if req.type == T_DISCARD:
+                    b.discard(start * SECTOR_SIZE, sectors * SECTOR_SIZE)
+                else:
+                    b.write_zeroes(start * SECTOR_SIZE, sectors * SECTOR_SIZE, unmap=unmap)
+            if self.writethrough:
+                b.flush()
+            return S_OK, 0
+        except BlockError:
+            return S_IOERR, 0
