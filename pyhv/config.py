@@ -204,6 +204,8 @@ class DiskConfig:
     serial: Optional[str] = None
     #: firmware boot order (1 first); direct kernel boot ignores it
     boot_order: Optional[int] = None
+    #: virtio-blk request queues (libvirt's ``<driver queues=>``, QEMU's num-queues)
+    queues: int = 1
     #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
     id: Optional[str] = None
     #: where the device sits; None: placed by :mod:`pyhv.placement`
@@ -220,6 +222,8 @@ class DiskConfig:
             raise ConfigError(f"{what}: serial {self.serial!r} is longer than 20 bytes")
         if self.boot_order is not None and self.boot_order < 1:
             raise ConfigError(f"{what}: boot order must be 1 or more")
+        if not 1 <= self.queues <= 64:
+            raise ConfigError(f"{what}: {self.queues} queues (1 to 64)")
 
 
 @dataclass(frozen=True)

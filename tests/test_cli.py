@@ -147,13 +147,23 @@ def test_domain_xml_errors(tmp_path):
     nokernel.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
                         "<os><type>hvm</type></os></domain>")
     assert_one_line_error(pyhv("run", str(nokernel)), "/domain/os/kernel")
-    disk = tmp_path / "disk.xml"
-    disk.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
-                    "<os><type>hvm</type><kernel>/k</kernel></os><devices>"
-                    "<disk type='file' device='disk'><source file='/x.img'/>"
-                    "<target dev='vda' bus='virtio'/></disk></devices></domain>")
-    assert_one_line_error(pyhv("run", str(disk)), "/domain/devices/disk",
+    fs = tmp_path / "fs.xml"
+    fs.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
+                  "<os><type>hvm</type><kernel>/k</kernel></os><devices>"
+                  "<filesystem type='mount'><source dir='/srv'/><target dir='srv'/>"
+                  "</filesystem></devices></domain>")
+    assert_one_line_error(pyhv("run", str(fs)), "/domain/devices/filesystem",
                           "not built by this engine yet")
+
+
+@pytest.mark.kvm
+def test_missing_disk_image(guests, tmp_path):
+    disk = tmp_path / "disk.xml"
+    disk.write_text(f"<domain type='kvm'><name>x</name><memory>65536</memory>"
+                    f"<os><type>hvm</type><kernel>{guests.pvh_elf}</kernel></os><devices>"
+                    f"<disk type='file' device='disk'><source file='/nonexistent.img'/>"
+                    f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    assert_one_line_error(pyhv("run", str(disk)), "/nonexistent.img")
 
 
 def test_extract_vmlinux_cli(guests, tmp_path):

@@ -40,7 +40,7 @@ needs_schema = pytest.mark.skipif(not domschema.available(),
                                   reason="libvirt's domain.rng is not installed")
 
 #: examples the engine can build today; the others map but are refused by `pyhv run`
-BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml"}
+BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml"}
 
 
 def schema_valid(xml: str) -> bool:
@@ -174,7 +174,8 @@ def test_round_trip(cfg: VmConfig) -> None:
 
 def test_support_messages() -> None:
     msgs = unsupported(_full_config())
-    assert "disk vda: virtio-blk is not built by this engine yet" in msgs
+    assert "filesystem srv: virtio-9p is not built by this engine yet" in msgs
+    assert not any(m.startswith("disk") for m in msgs)  # raw virtio disks are built
     assert any(m.startswith("filesystem srv: virtio-9p") for m in msgs)
     assert any(m.startswith("serial COM1: tcp") for m in msgs)
     assert any("hotplug" in m for m in msgs) and any("hugepage" in m for m in msgs)
@@ -233,8 +234,8 @@ ERRORS = [
     (dom(memory="<maxMemory slots='4' unit='GiB'>8</maxMemory>"
                 "<memory unit='MiB'>64</memory>"), ["/domain/maxMemory", "hotplug"]),
     (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='raw' "
-                 "queues='4'/><source file='/a'/><target dev='vda' bus='virtio'/></disk>"),
-     ["/domain/devices/disk/driver", "queues"]),
+                 "queues='99'/><source file='/a'/><target dev='vda' bus='virtio'/></disk>"),
+     ["/domain/devices/disk", "99 queues (1 to 64)"]),
     (dom(memory="<memory unit='KiB'>65537</memory>"), ["/domain/memory", "4 KiB"]),
 ]
 
@@ -289,13 +290,13 @@ def test_cli_exit_status(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "pyhv", "run", str(bad)], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "topology" in p.stderr
-    disk = tmp_path / "disk.xml"
-    disk.write_text(dom(devices="<disk type='file' device='disk'><source file='/a'/>"
-                                "<target dev='vda' bus='virtio'/></disk>"))
-    p = subprocess.run([sys.executable, "-m", "pyhv", "run", str(disk)], capture_output=True,
+    fs = tmp_path / "fs.xml"
+    fs.write_text(dom(devices="<filesystem type='mount'><source dir='/srv'/>"
+                              "<target dir='srv'/></filesystem>"))
+    p = subprocess.run([sys.executable, "-m", "pyhv", "run", str(fs)], capture_output=True,
                        text=True, timeout=60)
-    assert p.returncode == 2 and "/domain/devices/disk: disk vda: virtio-blk is not built" \
-        in p.stderr
+    assert p.returncode == 2 and \
+        "/domain/devices/filesystem: filesystem srv: virtio-9p is not built" in p.stderr
 
 
 def test_harmless_elements_accepted() -> None:

@@ -299,15 +299,15 @@ def test_registered_device_fault_marks_it_broken(guests, tmp_path):
 
 def test_the_engine_refuses_what_it_does_not_build(guests):
     """Not only the front ends: building a machine that needs an unbuilt device fails
-    with the same one line support.py gives (no machine without its disk)."""
-    from pyhv.config import DiskConfig, KernelBoot, VmConfig
+    with the same one line support.py gives (no machine without its filesystem)."""
+    from pyhv.config import FilesystemConfig, KernelBoot, VmConfig
     from pyhv.engine.errors import EngineError
     from pyhv.engine.machine import Machine
 
     m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf)), memory=64 * MiB,
-                         disks=(DiskConfig("/nonexistent.img", "vda"),)))
+                         filesystems=(FilesystemConfig("/srv", "srv"),)))
     try:
-        with pytest.raises(EngineError, match="disk vda: virtio-blk is not built"):
+        with pytest.raises(EngineError, match="filesystem srv: virtio-9p is not built"):
             m.start()
     finally:
         m.close()

@@ -305,7 +305,8 @@ def test_libvirt_probe_sequence() -> None:
     types = {t["name"]: t for t in c.ok("qom-list-types")}
     # only what the engine builds is offered (domcapabilities lists nothing else)
     assert "isa-serial" in types and "max-x86_64-cpu" in types
-    assert "virtio-blk-pci" not in types and "virtio-rng-pci" in types
+    assert "virtio-net-pci" not in types and "virtio-rng-pci" in types
+    assert "virtio-blk-pci" in types and "virtio-blk-pci-non-transitional" in types
     # modern-only virtio: the "-non-transitional" name is what makes libvirt put
     # virtio devices on PCI Express ports
     assert "virtio-rng-pci-non-transitional" in types
@@ -320,7 +321,7 @@ def test_libvirt_probe_sequence() -> None:
 
     props = {p["name"]: p for p in c.ok("device-list-properties", typename="PIIX4_PM")}
     assert props["disable_s3"]["default-value"] == 1  # S3/S4 off: pyhv offers S5 only
-    for absent in ("scsi-hd", "ide-hd", "virtio-blk-pci", "kvm-pit", "usb-host"):
+    for absent in ("scsi-hd", "ide-hd", "virtio-net-pci", "kvm-pit", "usb-host"):
         assert c.err("device-list-properties", typename=absent) == (
             "DeviceNotFound", f"Device '{absent}' not found")
     assert c.err("device-list-properties", typename="secret")[0] == "GenericError"

@@ -267,3 +267,21 @@ def test_bar4_moves_tell_the_ioeventfd_binding() -> None:
     assert moves[-1] == (0x10_0000_3000, 0x20_0000_3000)
     fn.config_write(COMMAND, 2, 0)
     assert moves[-1] == (0x20_0000_3000, None)
+
+
+def test_intx_status_bit_and_interrupt_disable() -> None:
+    """With INTx the PCI Status Interrupt Status bit is the OR of the ISR (virtio 1.x
+    4.1.4.5.1), and the line obeys the command register's Interrupt Disable."""
+    fn, drv, mem = make()
+    drv.negotiate(F_VERSION_1)
+    ring = Driver(mem, size=8)
+    drv.setup_queue(0, ring)
+    drv.w(0x14, 1, drv.status() | STATUS_DRIVER_OK)
+    fn.config_write(COMMAND, 2, fn.config.command | 0x400)   # Interrupt Disable
+    ring.add([], [8])
+    drv.kick(0)
+    assert fn.config.get(0x06, 2) & 0x08 and fn.intx.events == []
+    fn.config_write(COMMAND, 2, fn.config.command & ~0x400)  # enabled: the line rises
+    assert fn.intx.events == ["high"]
+    assert fn.bar_read(MODERN_BAR, 0x1000, 1) == 1           # reading the ISR clears both
+    assert not fn.config.get(0x06, 2) & 0x08 and fn.intx.events == ["high", "low"]

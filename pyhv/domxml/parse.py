@@ -595,6 +595,7 @@ class _Mapper:
         drv = self.child(el, "driver")
         fmt = "raw"
         cache = io = discard = dz = None
+        queues = 1
         if drv is not None:
             self.choice(drv, "name", ("qemu",), "qemu", "driver name")
             fmt = self.attr(drv, "type", "raw") or "raw"
@@ -609,6 +610,8 @@ class _Mapper:
             discard = self.choice(drv, "discard", ("unmap", "ignore"), None, "discard")
             dz = self.choice(drv, "detect_zeroes", ("off", "on", "unmap"), None,
                              "detect_zeroes")
+            if self.attr(drv, "queues") is not None:
+                queues = self.integer(drv, self.attr(drv, "queues"), "queues", 1)
         src = self.child(el, "source")
         attr = "file" if kind == "file" else "dev"
         path = self.attr(src, attr) if src is not None else None
@@ -638,7 +641,8 @@ class _Mapper:
             order = self.integer(boot, self.attr(boot, "order"), "boot order", 1)
         try:
             return DiskConfig(path, target, fmt, kind, "virtio", ro, shareable,  # type: ignore
-                              cache, io, discard, dz, serial, order)  # type: ignore[arg-type]
+                              cache, io, discard, dz, serial, order,  # type: ignore[arg-type]
+                              queues)
         except ConfigError as e:
             self.fail(el, str(e))
 

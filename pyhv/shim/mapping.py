@@ -1326,6 +1326,9 @@ class _Builder:
             free_page_reporting=opts.get_bool("free-page-reporting"), id=spec.id,
             address=self.config_address(spec))
 
+    def dev_virtio_blk_pci_non_transitional(self, spec: DeviceSpec, opts: Opts) -> None:
+        self.dev_virtio_blk_pci(spec, opts)
+
     def dev_virtio_blk_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         where = spec.where
         drive = opts.need_str("drive")
@@ -1361,6 +1364,7 @@ class _Builder:
                 detect_zeroes=info["detect_zeroes"],  # type: ignore[arg-type]
                 serial=opts.get_str("serial"),
                 boot_order=bootindex if bootindex is not None and bootindex >= 1 else None,
+                queues=opts.get_int("num-queues") or 1,
                 id=spec.id, address=self.config_address(spec)))
         except ConfigError as e:
             raise _usage(where, str(e)) from None

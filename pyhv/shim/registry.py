@@ -177,6 +177,29 @@ _UHCI_PROPS = _PCI_COMMON + (
     PropInfo("maxframes", "uint32", default=128),
 )
 
+_BLK_PROPS = (
+    _BOOTINDEX,
+    PropInfo("config-wce", "bool", "on/off", True),
+    PropInfo("discard", "bool", "on/off", True),
+    PropInfo("drive", "str", "Node name or ID of a block device to use as a backend"),
+    PropInfo("iothread", "link<iothread>"),
+    PropInfo("logical_block_size", "size",
+             "A power of two between 512 B and 2 MiB", 0),
+    PropInfo("num-queues", "uint16"),
+    PropInfo("physical_block_size", "size",
+             "A power of two between 512 B and 2 MiB", 0),
+    PropInfo("queue-size", "uint16", default=256),
+    PropInfo("rerror", "BlockdevOnError",
+             "Error handling policy, report/ignore/enospc/stop/auto", "auto"),
+    PropInfo("scsi", "bool", "on/off", False),
+    PropInfo("serial", "str"),
+    PropInfo("share-rw", "bool", default=False),
+    PropInfo("werror", "BlockdevOnError",
+             "Error handling policy, report/ignore/enospc/stop/auto", "auto"),
+    PropInfo("write-cache", "OnOffAuto", "on/off/auto", "auto"),
+    PropInfo("write-zeroes", "bool", "on/off", True),
+)
+
 _RNG_PROPS = (
     PropInfo("max-bytes", "uint64"),
     PropInfo("period", "uint32", default=65536),
@@ -266,28 +289,9 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
              PropInfo("iothread", "link<iothread>"),
          ), alias="virtio-balloon"),
     _dev("virtio-blk-pci", "PCI", "Storage", "virtio block device", "virtio-pci",
-         _VIRTIO_PCI + (
-             _BOOTINDEX,
-             PropInfo("config-wce", "bool", "on/off", True),
-             PropInfo("discard", "bool", "on/off", True),
-             PropInfo("drive", "str", "Node name or ID of a block device to use as a backend"),
-             PropInfo("iothread", "link<iothread>"),
-             PropInfo("logical_block_size", "size",
-                      "A power of two between 512 B and 2 MiB", 0),
-             PropInfo("num-queues", "uint16"),
-             PropInfo("physical_block_size", "size",
-                      "A power of two between 512 B and 2 MiB", 0),
-             PropInfo("queue-size", "uint16", default=256),
-             PropInfo("rerror", "BlockdevOnError",
-                      "Error handling policy, report/ignore/enospc/stop/auto", "auto"),
-             PropInfo("scsi", "bool", "on/off", False),
-             PropInfo("serial", "str"),
-             PropInfo("share-rw", "bool", default=False),
-             PropInfo("werror", "BlockdevOnError",
-                      "Error handling policy, report/ignore/enospc/stop/auto", "auto"),
-             PropInfo("write-cache", "OnOffAuto", "on/off/auto", "auto"),
-             PropInfo("write-zeroes", "bool", "on/off", True),
-         ), alias="virtio-blk"),
+         _VIRTIO_PCI + _BLK_PROPS, alias="virtio-blk"),
+    _dev("virtio-blk-pci-non-transitional", "PCI", "Storage",
+         "virtio block device (modern only)", "virtio-pci", _VIRTIO_PCI + _BLK_PROPS),
     _dev("virtio-net-pci", "PCI", "Network", "virtio network device", "virtio-pci",
          _VIRTIO_PCI + (
              _BOOTINDEX,
@@ -424,4 +428,5 @@ BUILT: frozenset[str] = frozenset({
     # virtio devices, as the engine builds them: modern only (a "-non-transitional"
     # name tells libvirt so; "-transitional" ones are refused)
     "virtio-rng-pci", "virtio-rng-pci-non-transitional",
+    "virtio-blk-pci", "virtio-blk-pci-non-transitional",
 })

@@ -1,8 +1,9 @@
 /*
  * pyhv test guest: reports what the VMM told it (boot protocol, command line,
  * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
- * the APs, enumerates PCI (pyhv.pci), then powers off through ACPI.  The
- * grammar is in README.md.
+ * the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
+ * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng (pyhv.virtio),
+ * then powers off through ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
  * here is written for a slow (emulated) CPU: few instructions, few port I/O.
@@ -37,6 +38,7 @@ static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
 static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
 static inline u64 rd64(u64 a) { return *(volatile u64 *)a; }
 static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
 static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 
 static inline u64 rdtsc(void)
@@ -919,6 +921,15 @@ static struct { u32 index; u64 value, size; } fbars[6];	/* the last function's *
 static u32 nfbars;
 static int pci_parent = -1;
 
+/* pyhv.virtio: the modern virtio functions found (vendor 0x1af4, device
+ * 0x1040-0x107f) and their BARs as the walk read them */
+#define MAX_VIRTIO 4
+static struct vdevrec {
+	u32 bdf, id;
+	u64 value[6], size[6];	/* BAR register(s) with flags, size; 0: none */
+} vdevs[MAX_VIRTIO];
+static u32 nvirtio;
+
 static void note_range(u64 base, u64 size, int io, int bridge)
 {
 	if (nranges < MAX_RANGES && size) {
@@ -975,6 +986,20 @@ static void pci_note_device(u32 bdf, u32 cls)
 		u->flags = (u32)v & (u->io ? 3 : 15);
 		u->addr = v & ~(u64)(u->io ? 3 : 15);
 		u->size = fbars[i].size;
+	}
+}
+
+static void pci_note_virtio(u32 bdf, u32 id)
+{
+	u32 dev = id >> 16;
+	if ((id & 0xffff) != 0x1af4 || dev < 0x1040 || dev > 0x107f || nvirtio >= MAX_VIRTIO)
+		return;
+	struct vdevrec *d = &vdevs[nvirtio++];
+	d->bdf = bdf;
+	d->id = id;
+	for (u32 i = 0; i < nfbars; i++) {
+		d->value[fbars[i].index] = fbars[i].value;
+		d->size[fbars[i].index] = fbars[i].size;
 	}
 }
 
@@ -1114,8 +1139,10 @@ static u32 pci_function(u32 bdf, u32 id, int depth)
 	if (!ncaps)
 		puts_("none");
 	eol();
-	if (type == 0)
+	if (type == 0) {
 		pci_note_device(bdf, cls);
+		pci_note_virtio(bdf, id);
+	}
 	if (type == 1) {
 		u32 bus = bdf >> 8, sec = (buses >> 8) & 0xff;
 		if (sec <= bus || sec > pci.last_bus || pci.seen[sec] || depth >= 32)
@@ -2002,6 +2029,736 @@ static void wait_powerbutton(void)
 	eol();
 }
 
+/* ---- virtio-pci (pyhv.virtio=msix|intx) ---------------------------------- */
+
+/*
+ * A small modern (virtio 1.x) virtio-pci driver, run on each virtio-rng
+ * (1af4:1044) the walk found (other modern virtio functions are listed with a
+ * "skipped" step): vendor capabilities parsed, the status dance, features,
+ * queue 0 with a few writable buffers (virtio-rng fills them), the used ring
+ * and the interrupt, then a driver that breaks the protocol (the available
+ * index runs ahead by more than the queue size) and must see NEEDS_RESET,
+ * then a reset and one more good request.  Every step is one
+ * "@virtio-step dev=N step=NAME ..." line of registers as read back.
+ *
+ * Interrupts: with MSI-X (pyhv.virtio=msix or plain pyhv.virtio) entry 0
+ * sends VIRTIO_VECTOR (queue 0) and entry 1 VIRTIO_CFG_VECTOR (configuration
+ * changes) to the BSP; with INTx (pyhv.virtio=intx) the IOAPIC pin named by
+ * the interrupt line register sends VIRTIO_VECTOR (level) and the handler
+ * reads the ISR.  Interrupts are taken for real (IDT gates, sti) but only
+ * inside bounded waits; everything else runs with IF clear.
+ */
+#define VIRTIO_VECTOR	  0x50
+#define VIRTIO_CFG_VECTOR 0x51
+#define VQ_WANT		8		/* queue size asked for (at most the device's) */
+#define VPOLL_FAIL	200000u		/* rounds of a poll whose condition never held */
+
+#define VS_ACK		0x01
+#define VS_DRIVER	0x02
+#define VS_DRIVER_OK	0x04
+#define VS_FEATURES_OK	0x08
+#define VS_NEEDS_RESET	0x40
+
+#define VF_EVENT_IDX	(1u << 29)	/* low half */
+#define VF_VERSION_1	(1u << 0)	/* high half: bit 32 */
+
+/* struct virtio_pci_common_cfg */
+#define VC_DFSELECT	0x00
+#define VC_DF		0x04
+#define VC_GFSELECT	0x08
+#define VC_GF		0x0c
+#define VC_MSIX		0x10
+#define VC_NUMQ		0x12
+#define VC_STATUS	0x14
+#define VC_GEN		0x15
+#define VC_QSELECT	0x16
+#define VC_QSIZE	0x18
+#define VC_QMSIX	0x1a
+#define VC_QENABLE	0x1c
+#define VC_QNOFF	0x1e
+#define VC_QDESC	0x20
+#define VC_QDRIVER	0x28
+#define VC_QDEVICE	0x30
+
+/* ring memory (vq_mem): descriptor table, available ring, used ring, buffers */
+#define VQ_DESC		0x000
+#define VQ_AVAIL	0x100
+#define VQ_USED		0x200
+#define VQ_BUFS		0x400
+#define VQ_MEM		0x1000
+
+static u8 vq_mem[VQ_MEM] __attribute__((aligned(4096)));
+/* page tables for BARs above the identity map (2 MiB pages, uncached) */
+static u64 hi_pdpt[512] __attribute__((aligned(4096)));
+static u64 hi_pd[512] __attribute__((aligned(4096)));
+static u64 hi_pdpt_slot, hi_pd_slot;	/* which PML4 / PDPT index (+1) they serve */
+
+static struct {
+	int msix;		/* 1: MSI-X, 0: INTx */
+	u32 dev, bdf;
+	u64 common, isr, device, notify;
+	u32 mult, qnoff, size;
+	u32 pcicfg;		/* configuration offset of the PCI-cfg capability */
+	u32 msix_cap, msix_size, msix_table_reg, msix_pba_reg;
+	u64 msix_table;
+	u32 cfg_entry;		/* MSI-X entry for configuration changes */
+	u32 line, ioapic_pin;	/* INTx: IOAPIC pin (0xff: none) */
+	u16 avail_idx;
+	/* interrupts taken: on VIRTIO_VECTOR, on VIRTIO_CFG_VECTOR, and (INTx)
+	 * those whose ISR read found a cause; ISR values read */
+	volatile u32 irqs, cfg_irqs, hits, isr_last, isr_all, isr_late;
+} vio;
+
+static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" : : "r"(v) : "memory"); }
+
+/* Make [addr, addr+len) reachable: below 4 GiB it is (entry.S); above, one more
+ * page directory (and PDPT above 512 GiB) of 2 MiB uncached pages.  0: it
+ * needs more tables than that. */
+static int map_high(u64 addr, u64 len)
+{
+	if (mapped(addr, len))
+		return 1;
+	if (!len || addr + len < addr || (addr + len - 1) >> 47)
+		return 0;
+	u64 cr3 = read_cr3(), *pml4 = (u64 *)(cr3 & 0xffffffffff000UL);
+	for (u64 va = addr & ~0x1fffffUL; va < addr + len; va += 0x200000) {
+		u64 i4 = va >> 39, i3 = va >> 30;
+		u64 *e4 = &pml4[i4 & 511];
+		if (!(*e4 & 1)) {
+			if (hi_pdpt_slot && hi_pdpt_slot != i4 + 1)
+				return 0;
+			hi_pdpt_slot = i4 + 1;
+			*e4 = (u64)hi_pdpt | 3;
+		}
+		u64 *pdpt = (u64 *)(*e4 & 0xffffffffff000UL);
+		u64 *e3 = &pdpt[i3 & 511];
+		if (!(*e3 & 1)) {
+			if (hi_pd_slot && hi_pd_slot != i3 + 1)
+				return 0;
+			hi_pd_slot = i3 + 1;
+			*e3 = (u64)hi_pd | 3;
+		} else if ((*e3 & 0xffffffffff000UL) != (u64)hi_pd) {
+			return 0;
+		}
+		hi_pd[(va >> 21) & 511] = va | 0x9b;	/* P RW PWT PCD PS */
+	}
+	write_cr3(cr3);
+	return 1;
+}
+
+static u32 ioapic_read(u32 reg)
+{
+	wr32(acpi.ioapic, reg);
+	return rd32(acpi.ioapic + 0x10);
+}
+
+/* the local APIC's IRR (pending) and ISR (in service) bit of a vector */
+static u32 lapic_irr(u32 v) { return (lapic_read(0x200 + 0x10 * (v >> 5)) >> (v & 31)) & 1; }
+static u32 lapic_isr(u32 v) { return (lapic_read(0x100 + 0x10 * (v >> 5)) >> (v & 31)) & 1; }
+
+struct interrupt_frame;
+
+__attribute__((interrupt)) static void virtio_queue_irq(struct interrupt_frame *f)
+{
+	(void)f;
+	if (!vio.msix) {
+		u32 v = rd8(vio.isr);	/* reading acknowledges: the device drops INTx */
+		if (v) {
+			vio.isr_last = v;
+			vio.hits++;
+		}
+		vio.isr_all |= v;
+		vio.isr_late |= v;
+	}
+	vio.irqs++;
+	lapic_write(0xb0, 0);
+}
+
+__attribute__((interrupt)) static void virtio_config_irq(struct interrupt_frame *f)
+{
+	(void)f;
+	vio.cfg_irqs++;
+	lapic_write(0xb0, 0);
+}
+
+/* Poll until `done` holds, at most `ms` milliseconds (PM timer) and VPOLL_FAIL
+ * rounds; the value is the rounds it took, VPOLL_FAIL when it never held. */
+#define VPOLL(done, ms) ({							\
+	u32 _n = 0, _t0 = pm_ticks();						\
+	while (!(done) && _n < VPOLL_FAIL &&					\
+	       ((pm_ticks() - _t0) & 0xffffff) < (u32)(ms) * 3580)		\
+		_n++;								\
+	(done) ? _n : VPOLL_FAIL; })
+
+/* Let interrupts in until `done` holds (bounded as VPOLL), then IF off again. */
+#define VWAIT_IRQ(done, ms) ({							\
+	__asm__ volatile("sti" ::: "memory");					\
+	u32 _r = VPOLL(done, ms);						\
+	__asm__ volatile("cli" ::: "memory");					\
+	_r; })
+
+static u8 vc8(u32 o) { return rd8(vio.common + o); }
+static u16 vc16(u32 o) { return rd16(vio.common + o); }
+static u32 vc32(u32 o) { return rd32(vio.common + o); }
+static u64 vc64(u32 o) { return vc32(o) | (u64)vc32(o + 4) << 32; }
+static void vw8(u32 o, u8 v) { wr8(vio.common + o, v); }
+static void vw16(u32 o, u16 v) { wr16(vio.common + o, v); }
+static void vw32(u32 o, u32 v) { wr32(vio.common + o, v); }
+static void vw64(u32 o, u64 v) { vw32(o, (u32)v); vw32(o + 4, (u32)(v >> 32)); }
+
+static void vstep(const char *name)
+{
+	line("virtio-step");
+	kv_dec("dev", vio.dev);
+	kv_str("step", name);
+}
+
+static void put_bdf(u32 bdf)
+{
+	put_hexn(bdf >> 8, 2);
+	putc_(':');
+	put_hexn((bdf >> 3) & 31, 2);
+	putc_('.');
+	putc_((char)('0' + (bdf & 7)));
+}
+
+/* reset: 0 written, read back until 0 (the device may take its time) */
+static void virtio_reset(const char *name)
+{
+	vw8(VC_STATUS, 0);
+	u32 n = VPOLL(vc8(VC_STATUS) == 0, 1000);
+	vw16(VC_QSELECT, 0);
+	vstep(name);
+	kv_dec("polls", n);
+	kv_hex("status", vc8(VC_STATUS));
+	kv_hex("config_vector", vc16(VC_MSIX));
+	kv_hex("queue_vector", vc16(VC_QMSIX));
+	kv_hex("queue_size", vc16(VC_QSIZE));
+	kv_hex("queue_enable", vc16(VC_QENABLE));
+	kv_hex("queue_desc", vc64(VC_QDESC));
+	kv_hex("queue_driver", vc64(VC_QDRIVER));
+	kv_hex("queue_device", vc64(VC_QDEVICE));
+	eol();
+}
+
+/* ACKNOWLEDGE, DRIVER, features (VERSION_1, RING_EVENT_IDX when offered),
+ * FEATURES_OK; quiet: only the last status is returned */
+static u32 virtio_negotiate(int quiet)
+{
+	vw8(VC_STATUS, VS_ACK);
+	u32 s1 = vc8(VC_STATUS);
+	vw8(VC_STATUS, VS_ACK | VS_DRIVER);
+	u32 s2 = vc8(VC_STATUS);
+	vw32(VC_DFSELECT, 0);
+	u32 lo = vc32(VC_DF);
+	vw32(VC_DFSELECT, 1);
+	u32 hi = vc32(VC_DF);
+	u32 want_lo = lo & VF_EVENT_IDX, want_hi = hi & VF_VERSION_1;
+	vw32(VC_GFSELECT, 0);
+	vw32(VC_GF, want_lo);
+	vw32(VC_GFSELECT, 1);
+	vw32(VC_GF, want_hi);
+	vw32(VC_GFSELECT, 0);
+	u32 glo = vc32(VC_GF);
+	vw32(VC_GFSELECT, 1);
+	u32 ghi = vc32(VC_GF);
+	vw8(VC_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK);
+	u32 s3 = vc8(VC_STATUS);
+	if (quiet)
+		return s3;
+	vstep("acknowledge");
+	kv_hex("status", s1);
+	eol();
+	vstep("driver");
+	kv_hex("status", s2);
+	eol();
+	vstep("features");
+	kv_hex("device_lo", lo);
+	kv_hex("device_hi", hi);
+	kv_hex("accepted_lo", want_lo);
+	kv_hex("accepted_hi", want_hi);
+	kv_hex("driver_lo", glo);
+	kv_hex("driver_hi", ghi);
+	kv_dec("event_idx", !!want_lo);
+	eol();
+	vstep("features-ok");
+	kv_hex("status", s3);
+	eol();
+	return s3;
+}
+
+/* the MSI-X capability's message control (upper half of its first dword) */
+static void msix_control(u32 ctrl)
+{
+	u32 c = cfg_rd(vio.bdf, vio.msix_cap);
+	cfg_wr(vio.bdf, vio.msix_cap, (c & 0xffff) | ctrl << 16);
+}
+
+/* MSI-X: entry 0 -> VIRTIO_VECTOR, entry `cfg_entry` -> VIRTIO_CFG_VECTOR, both
+ * fixed delivery to the BSP; enabled with the function masked, unmasked last.
+ * INTx: MSI-X left off, the IOAPIC pin = the line register routed (level). */
+static void virtio_interrupts(void)
+{
+	u32 bsp = lapic_id();
+	if (vio.msix) {
+		u64 t = vio.msix_table;
+		msix_control(0xc000);			/* enable + function mask */
+		for (u32 e = 0; e < 2 && e < vio.msix_size; e++) {
+			u64 te = t + 16 * (e ? vio.cfg_entry : 0);
+			wr32(te, 0xfee00000u | (bsp & 0xff) << 12);
+			wr32(te + 4, 0);
+			wr32(te + 8, e ? VIRTIO_CFG_VECTOR : VIRTIO_VECTOR);
+			wr32(te + 12, 0);		/* unmasked */
+		}
+		msix_control(0x8000);			/* function mask off */
+		vw16(VC_MSIX, (u16)vio.cfg_entry);
+		vstep("msix");
+		kv_hex("control", cfg_rd(vio.bdf, vio.msix_cap) >> 16);
+		kv_hex("entry0_addr", rd32(t));
+		kv_hex("entry0_data", rd32(t + 8));
+		kv_hex("entry0_ctrl", rd32(t + 12));
+		kv_dec("config_entry", vio.cfg_entry);
+		kv_hex("config_addr", rd32(t + 16 * vio.cfg_entry));
+		kv_hex("config_data", rd32(t + 16 * vio.cfg_entry + 8));
+		kv_hex("config_vector", vc16(VC_MSIX));
+		kv_dec("apic_id", bsp);
+		eol();
+		return;
+	}
+	u32 irq = cfg_rd(vio.bdf, 0x3c);
+	vio.line = irq & 0xff;
+	vio.ioapic_pin = 0xff;
+	if (acpi.have_ioapic && vio.line < 0xff) {
+		u32 max = (ioapic_read(0x01) >> 16) & 0xff;
+		u32 pin = vio.line - acpi.ioapic_gsi_base;
+		if (vio.line >= acpi.ioapic_gsi_base && pin <= max) {
+			vio.ioapic_pin = pin;
+			ioapic_write(0x11 + 2 * pin, bsp << 24);
+			ioapic_write(0x10 + 2 * pin, VIRTIO_VECTOR | 1 << 15);	/* level, high */
+		}
+	}
+	vstep("intx");
+	kv_dec("pin", (irq >> 8) & 0xff);
+	kv_dec("line", vio.line);
+	kv_hex("msix_control", vio.msix_cap ? cfg_rd(vio.bdf, vio.msix_cap) >> 16 : 0);
+	kv_hex("config_vector", vc16(VC_MSIX));
+	if (vio.ioapic_pin != 0xff) {
+		kv_dec("ioapic_pin", vio.ioapic_pin);
+		kv_hex("redir", ioapic_read(0x10 + 2 * vio.ioapic_pin));
+	} else {
+		kv_str("ioapic_pin", "none");
+	}
+	kv_dec("intsts", intsts(vio.bdf));
+	eol();
+}
+
+/* queue 0: size, addresses in vq_mem, MSI-X vector; quiet: no line */
+static void virtio_queue(int quiet)
+{
+	u64 m = (u64)vq_mem;
+	memset(vq_mem, 0, VQ_MEM);
+	vio.avail_idx = 0;
+	vw16(VC_QSELECT, 0);
+	u32 max = vc16(VC_QSIZE);
+	vio.size = max < VQ_WANT ? max : VQ_WANT;
+	vw16(VC_QSIZE, (u16)vio.size);
+	u32 qv_before = vc16(VC_QMSIX);
+	if (vio.msix)
+		vw16(VC_QMSIX, 0);
+	vw64(VC_QDESC, m + VQ_DESC);
+	vw64(VC_QDRIVER, m + VQ_AVAIL);
+	vw64(VC_QDEVICE, m + VQ_USED);
+	vio.qnoff = vc16(VC_QNOFF);
+	if (quiet)
+		return;
+	vstep("queue");
+	kv_dec("num_queues", vc16(VC_NUMQ));
+	kv_dec("max_size", max);
+	kv_dec("size", vc16(VC_QSIZE));
+	kv_hex("vector_before", qv_before);
+	kv_hex("vector", vc16(VC_QMSIX));
+	kv_hex("ring", m);
+	kv_hex("desc", vc64(VC_QDESC));
+	kv_hex("driver", vc64(VC_QDRIVER));
+	kv_hex("device", vc64(VC_QDEVICE));
+	kv_dec("notify_off", vio.qnoff);
+	kv_hex("enable", vc16(VC_QENABLE));
+	eol();
+}
+
+/* one writable buffer as its own chain, on the available ring (not yet published) */
+static void vq_add(u32 desc, u64 buf, u32 len)
+{
+	u64 d = (u64)vq_mem + VQ_DESC + 16 * desc, a = (u64)vq_mem + VQ_AVAIL;
+	wr32(d, (u32)buf);
+	wr32(d + 4, (u32)(buf >> 32));
+	wr32(d + 8, len);
+	wr16(d + 12, 2);			/* VIRTQ_DESC_F_WRITE */
+	wr16(d + 14, 0);
+	wr16(a + 4 + 2 * (vio.avail_idx % vio.size), (u16)desc);
+	vio.avail_idx++;
+}
+
+static void vq_publish_and_notify(u16 idx)
+{
+	wr16((u64)vq_mem + VQ_AVAIL + 2, idx);
+	__asm__ volatile("mfence" ::: "memory");
+	wr16(vio.notify + vio.qnoff * vio.mult, 0);	/* the queue's index */
+}
+
+static u32 used_idx(void) { return rd16((u64)vq_mem + VQ_USED + 2); }
+
+/* After the device used buffers or broke (IF clear): the interrupt as it is
+ * pending (local APIC IRR, PCI status, IOAPIC Remote IRR), then taken
+ * (`count`: interrupts on `counter` since `before`; with INTx those whose
+ * ISR read found a cause, `spurious` the others), the state after the
+ * handler's EOI, and what still arrives in the next 5 ms. */
+static void virtio_take_irq(u32 vector, volatile u32 *counter, u32 before)
+{
+	u32 irqs0 = vio.irqs, hits0 = vio.hits;
+	u32 n = VPOLL(lapic_irr(vector), 1000);
+	kv_dec("irr_polls", n);
+	kv_dec("irr", lapic_irr(vector));
+	kv_dec("intsts", intsts(vio.bdf));
+	if (!vio.msix && vio.ioapic_pin != 0xff)
+		kv_dec("remote_irr", (ioapic_read(0x10 + 2 * vio.ioapic_pin) >> 14) & 1);
+	vio.isr_last = 0;
+	n = VWAIT_IRQ(*counter != before, 1000);
+	kv_dec("irq_polls", n);
+	kv_dec("count", *counter - before);
+	if (!vio.msix) {
+		kv_hex("handler_isr", vio.isr_last);
+		kv_dec("spurious", (vio.irqs - irqs0) - (vio.hits - hits0));
+	}
+	kv_dec("irr_after", lapic_irr(vector));
+	kv_dec("inservice_after", lapic_isr(vector));
+	kv_dec("intsts_after", intsts(vio.bdf));
+	if (!vio.msix && vio.ioapic_pin != 0xff)
+		kv_dec("remote_irr_after", (ioapic_read(0x10 + 2 * vio.ioapic_pin) >> 14) & 1);
+	/* what still arrives in the next 5 ms (the device has nothing more to
+	 * say): counted, with the ISR the handler read (INTx) */
+	u32 all = vio.irqs + vio.cfg_irqs;
+	vio.isr_late = 0;
+	__asm__ volatile("sti" ::: "memory");
+	udelay(5000);
+	__asm__ volatile("cli" ::: "memory");
+	kv_dec("late", vio.irqs + vio.cfg_irqs - all);
+	if (!vio.msix)
+		kv_hex("late_isr", vio.isr_late);
+}
+
+/* The good requests: buffers of the given lengths, one chain each. */
+static void virtio_requests(const char *name, const u32 *lens, u32 n)
+{
+	u64 bufs = (u64)vq_mem + VQ_BUFS, b = bufs;
+	u32 first = vio.avail_idx, before = vio.msix ? vio.irqs : vio.hits;
+	for (u32 i = 0; i < n; i++) {
+		vq_add(i, b, lens[i]);
+		b += lens[i];
+	}
+	vq_publish_and_notify(vio.avail_idx);
+	u32 want = (first + n) & 0xffff;
+	u32 polls = VPOLL(used_idx() == want, 2000);
+	vstep(name);
+	kv_dec("polls", polls);
+	kv_dec("avail_idx", vio.avail_idx);
+	kv_dec("used_idx", used_idx());
+	kv_hex("used_flags", rd16((u64)vq_mem + VQ_USED));
+	kv_dec("avail_event", rd16((u64)vq_mem + VQ_USED + 4 + 8 * vio.size));
+	key("ids");
+	for (u32 i = 0; i < n; i++) {
+		if (i)
+			putc_(',');
+		put_dec(rd32((u64)vq_mem + VQ_USED + 4 + 8 * ((first + i) % vio.size)));
+	}
+	key("lens");
+	for (u32 i = 0; i < n; i++) {
+		if (i)
+			putc_(',');
+		put_dec(rd32((u64)vq_mem + VQ_USED + 8 + 8 * ((first + i) % vio.size)));
+	}
+	/* what the device wrote: buffers all zero, buffers of one repeated byte,
+	 * pairs of buffers whose first 16 bytes are equal */
+	u32 zero = 0, flat = 0, same = 0;
+	b = bufs;
+	for (u32 i = 0; i < n; i++) {
+		const u8 *p = (const u8 *)b;
+		u32 z = 1, f = 1;
+		for (u32 k = 0; k < lens[i]; k++) {
+			z &= p[k] == 0;
+			f &= p[k] == p[0];
+		}
+		zero += z;
+		flat += f;
+		u64 c = bufs;
+		for (u32 j = 0; j < i; j++) {
+			same += !memcmp((const void *)c, p, 16);
+			c += lens[j];
+		}
+		b += lens[i];
+	}
+	kv_dec("zero_bufs", zero);
+	kv_dec("flat_bufs", flat);
+	kv_dec("same_pairs", same);
+	virtio_take_irq(VIRTIO_VECTOR, vio.msix ? &vio.irqs : &vio.hits, before);
+	eol();
+}
+
+/* the driver breaks the protocol: the available index runs ahead of the
+ * device by more than the queue size, then a notification */
+static void virtio_break(void)
+{
+	u32 used = used_idx(), before = vio.msix ? vio.cfg_irqs : vio.hits;
+	u16 bad = (u16)(vio.avail_idx + vio.size + 1);
+	vq_publish_and_notify(bad);
+	u32 n = VPOLL(vc8(VC_STATUS) & VS_NEEDS_RESET, 2000);
+	vstep("break");
+	kv_dec("avail_idx", bad);
+	kv_dec("ahead", (u16)(bad - used));
+	kv_dec("polls", n);
+	kv_hex("status", vc8(VC_STATUS));
+	kv_dec("used_idx", used_idx());
+	kv_dec("used_before", used);
+	if (vio.msix)
+		virtio_take_irq(VIRTIO_CFG_VECTOR, &vio.cfg_irqs, before);
+	else
+		virtio_take_irq(VIRTIO_VECTOR, &vio.hits, before);
+	kv_hex("generation", vc8(VC_GEN));
+	eol();
+}
+
+static void virtio_run(struct vdevrec *d)
+{
+	u32 bdf = d->bdf;
+	memset(&vio, 0, sizeof(vio));
+	vio.msix = !has_switch("pyhv.virtio=intx");
+	vio.dev = (u32)(d - vdevs);
+	vio.bdf = bdf;
+
+	/* vendor capabilities (the first of each type) and MSI-X */
+	u32 found[6] = {0}, cbar[6] = {0}, coff[6] = {0}, clen[6] = {0}, caplen[6] = {0};
+	u32 nvendor = 0, ncaps = 0;
+	if (cfg_rd(bdf, 0x04) & (0x10 << 16)) {
+		for (u32 p = cfg_rd(bdf, 0x34) & 0xfc; p >= 0x40 && ncaps < 48; ncaps++) {
+			u32 c = cfg_rd(bdf, p);
+			if ((c & 0xff) == 0x09) {
+				u32 t = c >> 24;
+				nvendor++;
+				if (t >= 1 && t <= 5 && !found[t]) {
+					found[t] = p;
+					caplen[t] = (c >> 16) & 0xff;
+					cbar[t] = cfg_rd(bdf, p + 4) & 0xff;
+					coff[t] = cfg_rd(bdf, p + 8);
+					clen[t] = cfg_rd(bdf, p + 12);
+					if (t == 2)
+						vio.mult = cfg_rd(bdf, p + 16);
+				}
+			} else if ((c & 0xff) == 0x11 && !vio.msix_cap) {
+				vio.msix_cap = p;
+				vio.msix_size = ((c >> 16) & 0x7ff) + 1;
+				vio.msix_table_reg = cfg_rd(bdf, p + 4);
+				vio.msix_pba_reg = cfg_rd(bdf, p + 8);
+			}
+			p = (c >> 8) & 0xfc;
+		}
+	}
+	vio.pcicfg = found[5];
+	line("virtio");
+	kv_dec("dev", vio.dev);
+	key("bdf");
+	put_bdf(bdf);
+	key("id");
+	put_hexn(d->id & 0xffff, 4);
+	putc_(':');
+	put_hexn(d->id >> 16, 4);
+	kv_str("mode", vio.msix ? "msix" : "intx");
+	eol();
+
+	static const char *const names[6] = {0, "common", "notify", "isr", "device", "pcicfg"};
+	vstep("caps");
+	kv_dec("vendor_caps", nvendor);
+	for (u32 t = 1; t <= 5; t++) {
+		u32 nl = 0;
+		while (names[t][nl])
+			nl++;
+		char k[16];
+		memcpy(k, names[t], nl);
+		if (!found[t]) {
+			memcpy(k + nl, "_bar", 5);
+			kv_str(k, "none");
+			continue;
+		}
+		memcpy(k + nl, "_caplen", 8);
+		kv_dec(k, caplen[t]);
+		if (t == 5)
+			continue;	/* its bar/offset/length are the driver's to set */
+		memcpy(k + nl, "_bar", 5);
+		kv_dec(k, cbar[t]);
+		memcpy(k + nl, "_off", 5);
+		kv_hex(k, coff[t]);
+		memcpy(k + nl, "_len", 5);
+		kv_hex(k, clen[t]);
+	}
+	kv_dec("notify_mult", vio.mult);
+	kv_dec("msix_size", vio.msix_cap ? vio.msix_size : 0);
+	kv_dec("msix_table_bar", vio.msix_table_reg & 7);
+	kv_hex("msix_table_off", vio.msix_table_reg & ~7u);
+	kv_dec("msix_pba_bar", vio.msix_pba_reg & 7);
+	kv_hex("msix_pba_off", vio.msix_pba_reg & ~7u);
+	eol();
+
+	/* every structure in a memory BAR the walk saw, reachable */
+	u64 base[6] = {0};
+	for (u32 t = 1; t <= 4; t++) {
+		u32 b = cbar[t];
+		u64 v = b < 6 ? d->value[b] : 0;
+		if (!found[t] || !v || (v & 1) || coff[t] + (u64)clen[t] > d->size[b]) {
+			error("virtio-bad-cap", "type", t);
+			return;
+		}
+		u64 a = v & ~15UL;
+		if (!map_high(a, d->size[b])) {
+			error("virtio-unmappable", "addr", a);
+			return;
+		}
+		base[t] = a + coff[t];
+	}
+	vio.common = base[1];
+	vio.notify = base[2];
+	vio.isr = base[3];
+	vio.device = base[4];
+	if (vio.msix) {
+		u32 tb = vio.msix_table_reg & 7;
+		u64 tv = vio.msix_cap && tb < 6 ? d->value[tb] : 0;
+		if (!tv || (tv & 1) || !map_high(tv & ~15UL, d->size[tb])) {
+			error("virtio-no-msix", "bdf", bdf);
+			return;
+		}
+		vio.msix_table = (tv & ~15UL) + (vio.msix_table_reg & ~7u);
+		vio.cfg_entry = vio.msix_size > 1 ? 1 : 0;
+	}
+	u32 cb = cbar[1];
+	vstep("map");
+	kv_dec("bar", cb);
+	kv_str("space", (d->value[cb] & 6) == 4 ? "mem64" : "mem32");
+	kv_hex("base", d->value[cb] & ~15UL);
+	kv_hex("size", d->size[cb]);
+	kv_str("map", mapped(d->value[cb] & ~15UL, d->size[cb]) ? "low" : "high");
+	eol();
+
+	/* interrupts: IF clear, the 8259s masked (firmware may have left the
+	 * timer on), the local APIC on, the handlers in the IDT */
+	__asm__ volatile("cli" ::: "memory");
+	lapic_setup();
+	if (acpi.madt_flags & 1) {
+		outb(0x21, 0xff);
+		outb(0xa1, 0xff);
+	}
+	lapic_write(0x80, 0);
+	lapic_write(0xf0, 0x1ff);
+	set_gate(VIRTIO_VECTOR, (u64)virtio_queue_irq);
+	set_gate(VIRTIO_CFG_VECTOR, (u64)virtio_config_irq);
+
+	u32 cmd = cfg_rd(bdf, 0x04) & 0xffff;
+	cfg_wr(bdf, 0x04, (cmd | 0x6) & ~0x400u);	/* memory, bus master, INTx on */
+	vstep("enable");
+	kv_hex("cmd", cmd);
+	kv_hex("now", cfg_rd(bdf, 0x04) & 0xffff);
+	eol();
+
+	virtio_reset("reset");
+	virtio_negotiate(0);
+	virtio_interrupts();
+	virtio_queue(0);
+
+	vw16(VC_QENABLE, 1);
+	vstep("queue-enable");
+	kv_hex("enable", vc16(VC_QENABLE));
+	eol();
+
+	vw8(VC_STATUS, vc8(VC_STATUS) | VS_DRIVER_OK);
+	vstep("driver-ok");
+	kv_hex("status", vc8(VC_STATUS));
+	kv_hex("generation", vc8(VC_GEN));
+	if (vio.pcicfg) {	/* device_status again, through the PCI-cfg window */
+		u32 p = vio.pcicfg;
+		cfg_wr(bdf, p + 4, (cfg_rd(bdf, p + 4) & ~0xffu) | cbar[1]);
+		cfg_wr(bdf, p + 8, coff[1] + VC_STATUS);
+		cfg_wr(bdf, p + 12, 1);
+		kv_hex("pcicfg_status", cfg_rd(bdf, p + 16) & 0xff);
+	}
+	kv_hex("isr", rd8(vio.isr));
+	kv_dec("intsts", intsts(bdf));
+	eol();
+
+	static const u32 four[4] = {16, 16, 16, 64}, one[1] = {32};
+	virtio_requests("requests", four, 4);
+	virtio_break();
+
+	virtio_reset("reset2");
+	u32 s = virtio_negotiate(1);
+	if (vio.msix)
+		vw16(VC_MSIX, (u16)vio.cfg_entry);
+	virtio_queue(1);
+	vw16(VC_QENABLE, 1);
+	vw8(VC_STATUS, (u8)(s | VS_DRIVER_OK));
+	vstep("reinit");
+	kv_hex("features_ok", s);
+	kv_hex("status", vc8(VC_STATUS));
+	kv_hex("config_vector", vc16(VC_MSIX));
+	kv_hex("queue_vector", vc16(VC_QMSIX));
+	kv_dec("size", vc16(VC_QSIZE));
+	kv_hex("enable", vc16(VC_QENABLE));
+	eol();
+	virtio_requests("request2", one, 1);
+
+	/* leave it quiet: reset, MSI-X off, the IOAPIC pin masked */
+	vw8(VC_STATUS, 0);
+	u32 n = VPOLL(vc8(VC_STATUS) == 0, 1000);
+	if (vio.msix)
+		msix_control(0);
+	else if (vio.ioapic_pin != 0xff)
+		ioapic_write(0x10 + 2 * vio.ioapic_pin, 1 << 16);
+	vstep("stop");
+	kv_dec("polls", n);
+	kv_hex("status", vc8(VC_STATUS));
+	kv_hex("msix_control", vio.msix_cap ? cfg_rd(bdf, vio.msix_cap) >> 16 : 0);
+	kv_dec("irqs", vio.irqs);
+	kv_dec("cfg_irqs", vio.cfg_irqs);
+	kv_dec("hits", vio.hits);
+	kv_hex("isr_all", vio.isr_all);
+	eol();
+}
+
+static void report_virtio(void)
+{
+	for (u32 i = 0; i < nvirtio; i++) {
+		if (vdevs[i].id >> 16 == 0x1044) {	/* virtio-rng: what the requests fit */
+			virtio_run(&vdevs[i]);
+			continue;
+		}
+		vio.dev = i;
+		line("virtio");
+		kv_dec("dev", i);
+		key("bdf");
+		put_bdf(vdevs[i].bdf);
+		key("id");
+		put_hexn(vdevs[i].id & 0xffff, 4);
+		putc_(':');
+		put_hexn(vdevs[i].id >> 16, 4);
+		kv_str("mode", "none");
+		eol();
+		vstep("skipped");
+		kv_dec("type", (vdevs[i].id >> 16) - 0x1040);
+		eol();
+	}
+	line("virtio-end");
+	kv_dec("devices", nvirtio);
+	kv_str("mode", has_switch("pyhv.virtio=intx") ? "intx" : "msix");
+	eol();
+}
+
 /* ---- main ---------------------------------------------------------------- */
 
 void guest_main(u32 proto, u64 info)
@@ -2023,12 +2780,16 @@ void guest_main(u32 proto, u64 info)
 	start_aps();
 	report_rtc();
 	int usb_sw = has_switch("pyhv.usb"), barmove_sw = has_switch("pyhv.barmove");
-	if (has_switch("pyhv.pci") || usb_sw || barmove_sw)
+	int virtio_sw = has_switch("pyhv.virtio") || has_switch("pyhv.virtio=msix") ||
+		has_switch("pyhv.virtio=intx");
+	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw)
 		report_pci();
 	if (usb_sw)
 		report_usb();
 	if (barmove_sw)
 		report_barmove();
+	if (virtio_sw)
+		report_virtio();
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))

@@ -7,6 +7,7 @@ assert report.initrd.csum == initrd_checksum(initrd_bytes)
 assert report.pci_function("00:00.0").vendor == 0x8086    # pyhv.pci
 assert report.usb_controller("00:01.2").step("run")["usbcmd"] == 0xC1  # pyhv.usb
 assert report.barmoves[0]["at_new"] == report.barmoves[0]["sig"]     # pyhv.barmove
+assert report.virtio_function("00:02.0").step("requests")["lens"] == [16, 16, 16, 64]  # pyhv.virtio
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from typing import Optional, Union
 RAW_TAGS = {"cmdline", "rtc"}
 # fields kept as words although they may look like decimal numbers (hex digits
 # without 0x, as lspci writes them: class=060400, caps=10)
-WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}, "usb": {"bdf"}, "barmove": {"bdf"}}
+WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}, "usb": {"bdf"}, "barmove": {"bdf"},
+               "virtio": {"bdf", "id"}}
 # @usb-step fields that are lists of hex numbers (``none``: empty)
 USB_LIST_FIELDS = {"portsc", "pages"}
+# @virtio-step fields that are lists of numbers (each 0x hex or decimal)
+VIRTIO_LIST_FIELDS = {"ids", "lens"}
 
 _ESC = re.compile(r"\\x([0-9a-fA-F]{2})")
 
@@ -182,12 +186,35 @@ class PciFunction:
         return self.layout == 1
 
 
-#: the value of a field of a @usb-step line
+#: the value of a field of a @usb-step or @virtio-step line
 StepValue = Union[int, str, list[int]]
 
 
+class _Steps:
+    """Named steps in report order (``steps``: (name, fields) pairs)."""
+
+    steps: list[tuple[str, dict[str, StepValue]]]
+
+    def _what(self) -> str:
+        return repr(self)
+
+    def step(self, name: str) -> dict[str, StepValue]:
+        """The fields of the first step called ``name`` (KeyError: not reported)."""
+        for n, f in self.steps:
+            if n == name:
+                return f
+        raise KeyError(f"{self._what()}: no step {name!r} in the report")
+
+    def steps_named(self, name: str) -> list[dict[str, StepValue]]:
+        return [f for n, f in self.steps if n == name]
+
+    @property
+    def step_names(self) -> list[str]:
+        return [n for n, _f in self.steps]
+
+
 @dataclass
-class UsbController:
+class UsbController(_Steps):
     """One ``@usb`` line (a USB host controller the walk found) and the
     ``@usb-step`` lines of its bring-up, in order."""
 
@@ -200,19 +227,23 @@ class UsbController:
     size: int
     steps: list[tuple[str, dict[str, StepValue]]] = field(default_factory=list)
 
-    def step(self, name: str) -> dict[str, StepValue]:
-        """The fields of the first step called ``name`` (KeyError: not reported)."""
-        for n, f in self.steps:
-            if n == name:
-                return f
-        raise KeyError(f"{self.bdf} ({self.kind}): no step {name!r} in the report")
+    def _what(self) -> str:
+        return f"{self.bdf} ({self.kind})"
 
-    def steps_named(self, name: str) -> list[dict[str, StepValue]]:
-        return [f for n, f in self.steps if n == name]
 
-    @property
-    def step_names(self) -> list[str]:
-        return [n for n, _f in self.steps]
+@dataclass
+class VirtioFunction(_Steps):
+    """One ``@virtio`` line (a modern virtio-pci function the guest's driver ran
+    on) and its ``@virtio-step`` lines, in order."""
+
+    index: int
+    bdf: str
+    id: str  # vendor:device, hex digits
+    mode: str  # msix | intx
+    steps: list[tuple[str, dict[str, StepValue]]] = field(default_factory=list)
+
+    def _what(self) -> str:
+        return f"virtio {self.bdf} ({self.mode})"
 
 
 @dataclass
@@ -260,6 +291,9 @@ class Report:
     usb_end: dict[str, int | str] = field(default_factory=dict)
     barmoves: list[dict[str, int | str]] = field(default_factory=list)
     barmove_end: dict[str, int | str] = field(default_factory=dict)
+    # pyhv.virtio: each function the driver ran on and its steps
+    virtio: list[VirtioFunction] = field(default_factory=list)
+    virtio_end: dict[str, int | str] = field(default_factory=dict)
 
     def pci_function(self, bdf: str) -> Optional[PciFunction]:
         """The function the guest found at ``bdf`` (``00:02.0``), if any."""
@@ -268,6 +302,10 @@ class Report:
     def usb_controller(self, bdf: str) -> Optional[UsbController]:
         """The USB host controller the guest brought up at ``bdf``, if any."""
         return next((c for c in self.usb if c.bdf == bdf), None)
+
+    def virtio_function(self, bdf: str) -> Optional[VirtioFunction]:
+        """The virtio function the guest's driver ran on at ``bdf``, if any."""
+        return next((v for v in self.virtio if v.bdf == bdf), None)
 
     def table(self, sig: str) -> AcpiTable | None:
         """The first ACPI table with that signature."""
@@ -401,13 +439,26 @@ def parse_report(text: str | bytes) -> Report:
             if hc is None:
                 rep.errors.append({"what": "usb-step-without-controller", **f})
             else:
-                hc.steps.append((str(f.get("step")), _usb_step_fields(f)))
+                hc.steps.append((str(f.get("step")),
+                                 _step_fields(f, ("hc", "step"), USB_LIST_FIELDS, _hex_list)))
         elif t == "usb-end":
             rep.usb_end = f
         elif t == "barmove":
             rep.barmoves.append(f)
         elif t == "barmove-end":
             rep.barmove_end = f
+        elif t == "virtio":
+            rep.virtio.append(VirtioFunction(
+                index=_int(f, "dev"), bdf=str(f["bdf"]), id=str(f["id"]), mode=str(f["mode"])))
+        elif t == "virtio-step":
+            dev = next((v for v in rep.virtio if v.index == f.get("dev")), None)
+            if dev is None:
+                rep.errors.append({"what": "virtio-step-without-function", **f})
+            else:
+                dev.steps.append((str(f.get("step")), _step_fields(
+                    f, ("dev", "step"), VIRTIO_LIST_FIELDS, _list_value)))
+        elif t == "virtio-end":
+            rep.virtio_end = f
         elif t == "error":
             rep.errors.append(f)
         elif t == "exception":
@@ -415,16 +466,35 @@ def parse_report(text: str | bytes) -> Report:
     return rep
 
 
-def _usb_step_fields(f: dict[str, int | str]) -> dict[str, StepValue]:
+def _hex_list(text: str) -> list[int]:
+    """``a,b,c`` of hex digits (``0x`` optional)."""
+    return [int(x, 16) for x in text.split(",")]
+
+
+def _list_value(text: str) -> list[int]:
+    """``a,b,c`` each ``0x`` hex or decimal."""
+    out = []
+    for x in text.split(","):
+        v = _value(x)
+        if not isinstance(v, int):
+            raise ValueError(f"list element {x!r} of {text!r} is not a number")
+        out.append(v)
+    return out
+
+
+def _step_fields(f: dict[str, int | str], skip: tuple[str, ...], lists: set[str],
+                 parse_list) -> dict[str, StepValue]:
+    """A step line's fields without ``skip``; ``lists`` fields as lists of numbers
+    (``none``: empty; one element arrives already parsed as a number)."""
     out: dict[str, StepValue] = {}
     for k, v in f.items():
-        if k in ("hc", "step"):
+        if k in skip:
             continue
-        if k in USB_LIST_FIELDS:
-            if isinstance(v, int):  # one element: already a number
+        if k in lists:
+            if isinstance(v, int):
                 out[k] = [v]
             else:
-                out[k] = [] if v == "none" else [int(x, 16) for x in v.split(",")]
+                out[k] = [] if v == "none" else parse_list(v)
         else:
             out[k] = v
     return out

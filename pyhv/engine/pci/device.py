@@ -17,8 +17,12 @@ from pyhv.engine.bus import Bus, BusError, Region
 from pyhv.engine.pci.config import (
     CAP_ID_EXP,
     CAP_ID_PM,
+    CMD_INTX_DISABLE,
+    COMMAND,
     INTERRUPT_LINE,
     SECONDARY_BUS,
+    STATUS,
+    STATUS_INTERRUPT,
     SUBORDINATE_BUS,
     ConfigSpace,
     pack,
@@ -70,6 +74,9 @@ class PciFunction:
         self._regions = {i: Region(self, i) for i in config.bars}
         #: the model raised while serving the guest: its BARs stay off the buses
         self.broken = False
+        #: the function wants its INTx asserted (the line also obeys Interrupt Disable)
+        self._intx_pending = False
+        self._intx_level = False
 
     # ---- wiring (the platform) ----------------------------------------------------
     def attach(self, buses: PciBuses) -> None:
@@ -82,6 +89,22 @@ class PciFunction:
         self.intx = line
         self.config.set8(INTERRUPT_LINE, gsi)
         self._initial = bytes(self.config.data)
+        if self._intx_level:
+            line.set_level(True)  # a newly wired line learns what is pending
+
+    def drive_intx(self, pending: bool) -> None:
+        """The function wants its INTx asserted or not: the PCI Status register's
+        Interrupt Status bit says so, and the line follows unless the command
+        register's Interrupt Disable is set (PCI 3.0, 6.2.2 and 6.2.3)."""
+        self._intx_pending = pending
+        status = self.config.get(STATUS, 2)
+        self.config.set16(STATUS, status | STATUS_INTERRUPT if pending
+                          else status & ~STATUS_INTERRUPT)
+        level = pending and not self.config.command & CMD_INTX_DISABLE
+        if level != self._intx_level:
+            self._intx_level = level
+            if self.intx is not None:
+                self.intx.set_level(level)
 
     def snapshot_as_initial(self) -> None:
         """What the function looks like after firmware set-up is what reset restores."""
@@ -94,6 +117,8 @@ class PciFunction:
     def config_write(self, offset: int, size: int, value: int) -> None:
         for index in self.config.write(offset, size, value):
             self._remap(index)
+        if offset <= COMMAND + 1 < offset + size:  # Interrupt Disable may have changed
+            self.drive_intx(self._intx_pending)
 
     def _remap(self, index: int) -> None:
         if self.buses is None or self.broken:
@@ -145,6 +170,7 @@ class PciFunction:
         self.config.data[:] = self._initial
         for index in self.config.bars:
             self._remap(index)
+        self.drive_intx(False)
 
     def detach(self) -> None:
         """Take every BAR off the buses (the platform is going away)."""

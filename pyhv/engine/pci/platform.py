@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from pyhv.config import ControllerConfig, PciAddress, VmConfig, machine_family
 from pyhv.engine import layout
+from pyhv.engine.block import BlockError
 from pyhv.engine.bus import Bus
 from pyhv.engine.devices import InterruptLine
 from pyhv.engine.memory import GuestMemory
@@ -129,16 +130,57 @@ class PciPlatform:
         return lines
 
 
-def virtio_devices(cfg: VmConfig) -> list[tuple[str, PciAddress, VirtioDevice]]:
+def virtio_devices(cfg: VmConfig, open_files: bool = True
+                   ) -> list[tuple[str, PciAddress, VirtioDevice]]:
     """(id, address, device model) of every virtio device the engine builds, from a
-    placed config (those support.py lists as not built are not here)."""
+    placed config (those support.py lists as not built are not here).  Without
+    ``open_files`` (a description only) no disk image is opened."""
+    from pyhv.engine.virtio.blk import VirtioBlk
     from pyhv.engine.virtio.rng import VirtioRng
 
     out: list[tuple[str, PciAddress, VirtioDevice]] = []
+    for d in cfg.disks:
+        assert d.address is not None and d.id is not None, "place the config first"
+        if open_files:
+            blk = VirtioBlk.from_config(d, d.queues)
+        else:
+            blk = VirtioBlk(_Unopened(d.path, d.readonly), d.serial, d.queues)
+        out.append((d.id, d.address, blk))
     for r in cfg.rngs:
         assert r.address is not None and r.id is not None, "place the config first"
         out.append((r.id, r.address, VirtioRng(r.source, r.rate_bytes, r.rate_period_ms)))
     return out
+
+
+class _Unopened:
+    """A disk's place in a description (``pyhv domxml check``): the image is not
+    opened, its size not known."""
+
+    def __init__(self, path: str, readonly: bool) -> None:
+        self.path, self.readonly = path, readonly
+        self.size = 0
+        self.can_unmap = False
+
+    def _unopened(self) -> BlockError:
+        return BlockError(f"{self.path}: not opened (a description only)")
+
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        raise self._unopened()
+
+    def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        raise self._unopened()
+
+    def flush(self) -> None:
+        raise self._unopened()
+
+    def discard(self, offset: int, length: int) -> None:
+        raise self._unopened()
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        raise self._unopened()
+
+    def close(self) -> None:
+        return None
 
 
 def _mark_multifunction(root: PciRoot) -> None:
@@ -216,7 +258,7 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
         fn = usb_controller(USB_QEMU_NAMES[c.model], mem, name, express=express)
         parent = bridge_pos[a.bus] if a.bus else None
         endpoints.append((PciSlot(a.slot, a.function, parent), fn))
-    for ident, addr, device in virtio_devices(cfg):
+    for ident, addr, device in virtio_devices(cfg, open_files=memory is not None):
         express = family == "q35" and addr.bus != 0
         vfn = VirtioPciFunction(device, mem, ident, express=express)
         endpoints.append((PciSlot(addr.slot, addr.function,

@@ -150,8 +150,7 @@ class VirtioPciFunction(PciFunction):
         self.isr = 0
         for q in self.queues:
             q.reset()
-        if self.intx is not None:
-            self.intx.set_level(False)
+        self.drive_intx(False)
 
     @property
     def offered(self) -> int:
@@ -175,8 +174,7 @@ class VirtioPciFunction(PciFunction):
                 self.msix.notify(vector)
             return
         self.isr |= isr_bit
-        if self.intx is not None:
-            self.intx.set_level(True)
+        self.drive_intx(True)
 
     def _needs_reset(self, why: str) -> None:
         self.broken_reason = why
@@ -219,8 +217,7 @@ class VirtioPciFunction(PciFunction):
             return self._common_read(offset - COMMON_OFFSET, size)
         if ISR_OFFSET <= offset < ISR_OFFSET + ISR_LENGTH:
             value, self.isr = self.isr, 0  # reading acknowledges
-            if self.intx is not None:
-                self.intx.set_level(False)
+            self.drive_intx(False)
             return value if offset == ISR_OFFSET else 0
         if DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_LENGTH:
             cfg = self.device.config_bytes()

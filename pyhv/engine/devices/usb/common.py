@@ -27,16 +27,13 @@ from typing import TYPE_CHECKING, Callable
 from pyhv.engine.errors import EngineError
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.pci.config import (
-    CMD_INTX_DISABLE,
     CMD_MASTER,
-    STATUS,
-    STATUS_INTERRUPT,
     ConfigSpace,
 )
 from pyhv.engine.pci.device import PciFunction
 
 if TYPE_CHECKING:
-    from pyhv.engine.devices import InterruptLine
+    pass
 
 Clock = Callable[[], float]
 
@@ -64,7 +61,6 @@ class UsbHostController(PciFunction):
         super().__init__(config, name)
         self.memory = memory
         self.clock = clock
-        self._level = False
 
     # ---- subclass interface ------------------------------------------------------
     def _reg_read(self, index: int, offset: int) -> int:
@@ -103,15 +99,6 @@ class UsbHostController(PciFunction):
                 self._reg_write(index, dword, (data >> (32 * i)) & 0xFFFFFFFF, mask)
         self._update_irq()
 
-    def set_intx(self, line: "InterruptLine", gsi: int) -> None:
-        super().set_intx(line, gsi)
-        if self._level:
-            line.set_level(True)  # a newly wired line learns what is pending
-
-    def config_write(self, offset: int, size: int, value: int) -> None:
-        super().config_write(offset, size, value)
-        self._update_irq()  # Interrupt Disable may have changed
-
     def reset(self) -> None:
         super().reset()
         self._power_on()
@@ -119,15 +106,7 @@ class UsbHostController(PciFunction):
 
     # ---- helpers -------------------------------------------------------------------
     def _update_irq(self) -> None:
-        pending = self._irq_pending()
-        status = self.config.get(STATUS, 2)
-        self.config.set16(STATUS, status | STATUS_INTERRUPT if pending
-                          else status & ~STATUS_INTERRUPT)
-        level = pending and not self.config.command & CMD_INTX_DISABLE
-        if level != self._level:
-            self._level = level
-            if self.intx is not None:
-                self.intx.set_level(level)
+        self.drive_intx(self._irq_pending())
 
     def _dma_check(self) -> None:
         if not self.config.command & CMD_MASTER:
