@@ -513,3 +513,37 @@ def test_guest_sees_the_pci_addresses_libvirt_shows(daemon, guests, tmp_path, ex
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_virt_install_with_a_disk(daemon, guests, tmp_path):
+    """virt-install --disk path=IMG (q35, root ports, xHCI, rng as it chooses): the raw
+    disk is built, and virsh domblklist/domblkinfo/domblkstat answer from pyhv."""
+    if not shutil.which("virt-install"):
+        pytest.skip("virt-install is not installed")
+    name = "withdisk"
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (8 << 20))
+    p = subprocess.run(
+        ["virt-install", "--connect", daemon.uri, "--name", name, "--memory", "64",
+         "--vcpus", "1", "--osinfo", "debian11",
+         "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton,"
+                   f"emulator={EMULATOR}",
+         "--import", "--disk", f"path={image}", "--graphics", "none", "--noautoconsole",
+         # still to come: virtio-net, the balloon and the agent channel
+         "--network", "none", "--memballoon", "none", "--channel", "none"],
+        capture_output=True, text=True, timeout=180, env=daemon.client_env())
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
+        assert state(daemon, name) == "running (booted)"
+        assert str(image) in virsh(daemon, "domblklist", name).stdout
+        info = virsh(daemon, "domblkinfo", name, "vda").stdout
+        assert re.search(r"Capacity:\s+8388608", info), info
+        stat = virsh(daemon, "domblkstat", name, "vda").stdout
+        assert re.search(r"rd_req\s+\d+", stat) and re.search(r"flush_operations\s+\d+", stat)
+        # the image is locked as QEMU locks it: a second writer is refused
+        q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
+                           capture_output=True, text=True, timeout=60)
+        assert q.returncode != 0 and "lock" in (q.stdout + q.stderr).lower()
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

@@ -64,6 +64,15 @@ class FakeMachine:
     def set_balloon(self, target: int) -> None:
         self.balloon = target
 
+    def block_devices(self):
+        from pyhv.shim.commands import BlockDevice
+
+        return [BlockDevice("/machine/peripheral/virtio-disk0/virtio-backend",
+                            "libvirt-1-format", "libvirt-1-storage", "/img/a.raw", False,
+                            "file", 1 << 30, 4096,
+                            {"rd_bytes": 512, "wr_bytes": 1024, "rd_operations": 1,
+                             "wr_operations": 2, "flush_operations": 3})]
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
 
@@ -420,9 +429,19 @@ def test_vcpus_chardevs_and_qom() -> None:
 
     assert c.ok("query-name") == {"name": "guest1"}
     assert c.ok("query-uuid") == {"UUID": "c7a5fdbd-edaf-9455-926a-d65c16db1809"}
-    assert c.ok("query-iothreads") == [] and c.ok("query-block") == []
-    assert c.ok("query-named-block-nodes", flat=True) == []
-    assert c.ok("query-blockstats", **{"query-nodes": False}) == []
+    assert c.ok("query-iothreads") == []
+    qdev = "/machine/peripheral/virtio-disk0/virtio-backend"
+    (blk,) = c.ok("query-block")
+    assert blk["qdev"] == qdev and blk["inserted"]["node-name"] == "libvirt-1-format"
+    assert blk["inserted"]["image"]["virtual-size"] == 1 << 30
+    nodes = c.ok("query-named-block-nodes", flat=True)
+    assert [(n["node-name"], n["drv"]) for n in nodes] == [
+        ("libvirt-1-format", "raw"), ("libvirt-1-storage", "file")]
+    assert all(n["image"]["actual-size"] == 4096 for n in nodes)
+    (stats,) = c.ok("query-blockstats", **{"query-nodes": False})
+    assert stats["qdev"] == qdev and stats["stats"]["wr_operations"] == 2
+    assert [x["node-name"] for x in c.ok("query-blockstats", **{"query-nodes": True})] == [
+        "libvirt-1-format", "libvirt-1-storage"]
     assert {"name": "SHUTDOWN"} in c.ok("query-events")
 
 

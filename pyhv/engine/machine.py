@@ -254,6 +254,19 @@ class Machine:
             return []
         return [(r.id, r.kind, r.where, r.broken) for r in self.platform.devices.records()]
 
+    def disks(self) -> dict[str, object]:
+        """The virtio-blk device models of the running platform, by disk id."""
+        from pyhv.engine.virtio.blk import VirtioBlk
+        from pyhv.engine.virtio.pci import VirtioPciFunction
+
+        out: dict[str, object] = {}
+        if self.platform is not None:
+            for rec in self.platform.devices.records():
+                fn = rec.device
+                if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioBlk):
+                    out[rec.id] = fn.device
+        return out
+
     def cpuid(self) -> list:
         """The CPUID table vCPU 0 was given."""
         return list(self.platform.cpuid0) if self.platform is not None else []

@@ -105,6 +105,26 @@ class MachineControl(Protocol):
         """(set id, ((fd, opaque), ...)) of each ``-add-fd`` set."""
         ...
 
+    def block_devices(self) -> Sequence["BlockDevice"]:
+        """The disks, as query-block and query-blockstats describe them."""
+        ...
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """One disk: its device (``qdev``), its format node and the file node below."""
+
+    qdev: str
+    node: str
+    file_node: Optional[str]
+    path: str
+    readonly: bool
+    file_driver: str
+    #: bytes the guest sees, and bytes the image takes on the host
+    size: int
+    actual_size: Optional[int]
+    stats: dict[str, int]
+
 
 # ------------------------------------------------------------------ QOM types
 
@@ -392,14 +412,40 @@ class Commands:
     def cmd_query_iothreads(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         return []
 
+    def _disks(self) -> Sequence[BlockDevice]:
+        return self.machine.block_devices() if self.machine else ()
+
+    @staticmethod
+    def _node(d: BlockDevice, node: str, drv: str) -> dict[str, Any]:
+        image: dict[str, Any] = {"filename": d.path, "format": drv, "virtual-size": d.size}
+        if d.actual_size is not None:
+            image["actual-size"] = d.actual_size
+        return {"node-name": node, "file": d.path, "ro": d.readonly, "drv": drv,
+                "image": image}
+
     def cmd_query_named_block_nodes(self, args: dict[str, Any], conn: QmpConnection) -> Any:
-        return []
+        out = []
+        for d in self._disks():
+            out.append(self._node(d, d.node, "raw"))
+            if d.file_node:
+                out.append(self._node(d, d.file_node, d.file_driver))
+        return out
 
     def cmd_query_block(self, args: dict[str, Any], conn: QmpConnection) -> Any:
-        return []
+        return [{"device": "", "qdev": d.qdev, "type": "unknown", "removable": False,
+                 "locked": False, "inserted": self._node(d, d.node, "raw")}
+                for d in self._disks()]
 
     def cmd_query_blockstats(self, args: dict[str, Any], conn: QmpConnection) -> Any:
-        return []
+        if args.get("query-nodes"):
+            out = []
+            for d in self._disks():
+                out.append({"node-name": d.node, "stats": dict(d.stats)})
+                if d.file_node:
+                    out.append({"node-name": d.file_node, "stats": dict(d.stats)})
+            return out
+        return [{"device": "", "qdev": d.qdev, "node-name": d.node, "stats": dict(d.stats)}
+                for d in self._disks()]
 
     def cmd_query_chardev(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         chardevs = self.machine.chardevs() if self.machine else ()

@@ -181,6 +181,8 @@ class DiskSpec:
     addr: Optional[PciAddress] = None
     #: the node name or ``-drive`` id it was built from
     node: str = ""
+    #: the file/host_device node under it (``-blockdev`` chains)
+    file_node: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -969,6 +971,7 @@ class _Builder:
             "block": proto.get("driver") == "host_device",
             "aio": aio,
             "detect_zeroes": zeroes,
+            "file_node": cur,
         }, node
 
     def disk_from_drive(self, did: str, where: str) -> dict[str, object]:
@@ -1351,7 +1354,7 @@ class _Builder:
             spec.id, path, fd, bool(info["read_only"]), bool(info["direct"]),
             bool(info["no_flush"]), bool(info["discard"]), opts.get_str("serial"),
             bootindex, opts.get_int("num-queues"), opts.get_int("queue-size"),
-            spec.addr, drive))
+            spec.addr, drive, info.get("file_node")))  # type: ignore[arg-type]
         write_cache = opts.get_str("write-cache", "auto")
         cache = _cache_mode(info, write_cache != "auto" and not parse_bool(
             write_cache, "write-cache", where))

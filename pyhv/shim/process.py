@@ -8,7 +8,7 @@ import signal
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pyhv.engine.eventloop import EventLoop
-from pyhv.shim.commands import Commands, CpuidWord, QmpSession, VcpuInfo
+from pyhv.shim.commands import BlockDevice, Commands, CpuidWord, QmpSession, VcpuInfo
 from pyhv.shim.errors import ShimError
 from pyhv.shim.qmp import QmpError
 
@@ -146,6 +146,29 @@ class ShimMachine:
 
     def set_balloon(self, target: int) -> None:
         raise QmpError("No balloon device has been activated", "DeviceNotActive")
+
+    def block_devices(self) -> Sequence[BlockDevice]:
+        import dataclasses
+
+        models = self.machine.disks()
+        out = []
+        for spec in self.plan.disks:
+            if spec.id is None or spec.path is None:
+                continue
+            model = models.get(spec.id)
+            stats = dataclasses.asdict(model.stats) if model is not None else {}  # type: ignore
+            size = model.backend.size if model is not None else 0  # type: ignore
+            try:
+                actual: Optional[int] = os.stat(spec.path).st_blocks * 512
+            except OSError:
+                actual = None
+            out.append(BlockDevice(
+                f"/machine/peripheral/{spec.id}/virtio-backend", spec.node or spec.id,
+                spec.file_node, spec.path, spec.read_only,
+                "host_device" if spec.path.startswith("/dev/") else "file", size, actual,
+                stats or {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0,
+                          "wr_operations": 0, "flush_operations": 0}))
+        return out
 
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(n, [(e.fd, e.opaque) for e in entries])

@@ -28,6 +28,7 @@ Requests are served on the thread that calls :meth:`VirtioBlk.queue_notify`
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -261,6 +262,35 @@ def _is_zero(views: Sequence[memoryview]) -> bool:
     return True
 
 
+@dataclass
+class BlkStats:
+    """What QMP's query-blockstats reports (completed requests only)."""
+
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    rd_operations: int = 0
+    wr_operations: int = 0
+    flush_operations: int = 0
+    rd_total_time_ns: int = 0
+    wr_total_time_ns: int = 0
+    flush_total_time_ns: int = 0
+    wr_highest_offset: int = 0
+
+    def count(self, kind: int, length: int, offset: int, ns: int) -> None:
+        if kind == T_IN:
+            self.rd_bytes += length
+            self.rd_operations += 1
+            self.rd_total_time_ns += ns
+        elif kind == T_OUT:
+            self.wr_bytes += length
+            self.wr_operations += 1
+            self.wr_total_time_ns += ns
+            self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
+        elif kind == T_FLUSH:
+            self.flush_operations += 1
+            self.flush_total_time_ns += ns
+
+
 class VirtioBlk(VirtioDevice):
     device_type = TYPE_BLOCK
     kind = "virtio-blk"
@@ -274,6 +304,7 @@ class VirtioBlk(VirtioDevice):
         if detect_zeroes not in ("off", "on", "unmap"):
             raise ValueError(f"virtio-blk: detect_zeroes {detect_zeroes!r}")
         self.backend = backend
+        self.stats = BlkStats()
         self.serial = serial
         self.num_queues = num_queues
         self.queue_size = queue_size
@@ -375,6 +406,14 @@ class VirtioBlk(VirtioDevice):
 
     def _execute(self, req: BlkRequest) -> tuple[int, int]:
         """(status, bytes written into the data buffers) of a request that parsed."""
+        start = time.perf_counter_ns()
+        status, written = self._run(req)
+        if status == S_OK:
+            self.stats.count(req.type, req.data_len, req.sector * SECTOR_SIZE,
+                             time.perf_counter_ns() - start)
+        return status, written
+
+    def _run(self, req: BlkRequest) -> tuple[int, int]:
         assert self.memory is not None
         b = self.backend
         try:
