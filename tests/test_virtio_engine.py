@@ -27,52 +27,74 @@ pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 
 
+class HostDriver:
+    """The guest driver's part, played from the host through the machine's MMIO bus
+    (the device cannot tell) with rings in guest RAM the tiny guest never uses."""
+
+    def __init__(self, m: Machine, fn: VirtioPciFunction) -> None:
+        self.m = m
+        self.bar4 = fn.mapped[MODERN_BAR]
+        assert self.bar4 is not None
+
+    def w(self, off: int, size: int, value: int) -> None:
+        self.m.platform.mmio.write(self.bar4 + off, size, value)
+
+    def r(self, off: int, size: int) -> int:
+        return self.m.platform.mmio.read(self.bar4 + off, size)
+
+    def bring_up(self) -> Driver:
+        """Negotiate VERSION_1, set up queue 0 (8 entries at 32 MiB), DRIVER_OK."""
+        self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        self.w(0x08, 4, 1)
+        self.w(0x0C, 4, F_VERSION_1 >> 32)
+        self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        assert self.r(0x14, 1) & STATUS_FEATURES_OK
+        ring = Driver(self.m.memory, size=8, base=32 * MiB, heap=33 * MiB)
+        for off, size, value in ((0x16, 2, 0), (0x18, 2, 8), (0x20, 8, ring.desc),
+                                 (0x28, 8, ring.avail), (0x30, 8, ring.used), (0x1C, 2, 1)):
+            self.w(off, size, value)
+        self.w(0x14, 1, self.r(0x14, 1) | STATUS_DRIVER_OK)
+        return ring
+
+    def kick_and_wait(self, loop: EventLoop, ring: Driver) -> list[tuple[int, int]]:
+        """Notify queue 0; the machine's loop serves its eventfd off the vCPUs."""
+        self.w(0x3000, 2, 0)
+        deadline = time.monotonic() + 10
+        used: list[tuple[int, int]] = []
+        while not used and time.monotonic() < deadline:
+            loop.run(timeout=0.05)
+            used = ring.take_used()
+        return used
+
+
+def _machine(guests, tmp_path, **kw) -> Machine:
+    return Machine(VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="pyhv.wait=powerbutton"),
+                            memory=64 * MiB,
+                            serial=SerialConfig("file", str(tmp_path / "out.txt")), **kw))
+
+
+def _virtio_function(m: Machine) -> VirtioPciFunction:
+    (fn,) = [f for _b, _d, f, _p in m.platform.pci.root.walk()
+             if isinstance(f, VirtioPciFunction)]
+    return fn
+
+
 @pytest.mark.parametrize("machine", ["pc", "q35"])
 def test_virtio_rng_served_by_the_loop(guests, tmp_path, machine):
-    cfg = VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="pyhv.wait=powerbutton"),
-                   memory=64 * MiB, machine=machine, rngs=(RngConfig(),),
-                   serial=SerialConfig("file", str(tmp_path / "out.txt")))
-    m = Machine(cfg)
+    m = _machine(guests, tmp_path, machine=machine, rngs=(RngConfig(),))
     loop = EventLoop()
     try:
         m.start()
         m.attach(loop)
-        plat = m.platform
-        (fn,) = [f for _b, _d, f, _p in plat.pci.root.walk() if isinstance(f, VirtioPciFunction)]
-        assert fn.name == "rng0" and plat.devices.get("rng0") is not None
-        bar4 = fn.mapped[MODERN_BAR]
-        assert bar4 is not None and bar4 >= plat.pci.mmio64[0]
-
-        def w(off: int, size: int, value: int) -> None:
-            plat.mmio.write(bar4 + off, size, value)
-
-        def r(off: int, size: int) -> int:
-            return plat.mmio.read(bar4 + off, size)
-
-        w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        w(0x08, 4, 1)
-        w(0x0C, 4, F_VERSION_1 >> 32)
-        w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        assert r(0x14, 1) & STATUS_FEATURES_OK
-        # rings in guest RAM the tiny guest does not use (32 MiB up)
-        ring = Driver(m.memory, size=8, base=32 * MiB, heap=33 * MiB)
-        w(0x16, 2, 0)
-        w(0x18, 2, 8)
-        w(0x20, 8, ring.desc)
-        w(0x28, 8, ring.avail)
-        w(0x30, 8, ring.used)
-        w(0x1C, 2, 1)
-        w(0x14, 1, r(0x14, 1) | STATUS_DRIVER_OK)
+        fn = _virtio_function(m)
+        assert fn.name == "rng0" and m.platform.devices.get("rng0") is not None
+        assert fn.mapped[MODERN_BAR] >= m.platform.pci.mmio64[0]
+        drv = HostDriver(m, fn)
+        ring = drv.bring_up()
         head, outs = ring.add([], [32])
-        w(0x3000, 2, 0)                         # the notify register of queue 0
-        deadline = time.monotonic() + 10
-        used: list = []
-        while not used and time.monotonic() < deadline:
-            loop.run(timeout=0.05)              # the loop serves the queue's eventfd
-            used = ring.take_used()
-        assert used == [(head, 32)]
+        assert drv.kick_and_wait(loop, ring) == [(head, 32)]
         assert m.memory.read(outs[0][0], 32) != bytes(32)
-        assert r(0x1000, 1) == 1                # INTx path: ISR says "queue"
+        assert drv.r(0x1000, 1) == 1                # INTx path: ISR says "queue"
     finally:
         m.close()
         loop.close()
@@ -85,44 +107,20 @@ def test_virtio_blk_in_a_machine(guests, tmp_path):
 
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * (1 << 20))
-    cfg = VmConfig(KernelBoot(str(guests.pvh_elf), cmdline="pyhv.wait=powerbutton"),
-                   memory=64 * MiB, disks=(DiskConfig(str(image), "vda", serial="SN42"),),
-                   serial=SerialConfig("file", str(tmp_path / "out.txt")))
-    m = Machine(cfg)
+    m = _machine(guests, tmp_path, disks=(DiskConfig(str(image), "vda", serial="SN42"),))
     loop = EventLoop()
     try:
         m.start()
         m.attach(loop)
-        plat = m.platform
-        (fn,) = [f for _b, _d, f, _p in plat.pci.root.walk() if isinstance(f, VirtioPciFunction)]
+        fn = _virtio_function(m)
         assert fn.config.get(2, 2) == 0x1042 and fn.name == "virtio-disk0"
-        bar4 = fn.mapped[MODERN_BAR]
-
-        def w(off: int, size: int, value: int) -> None:
-            plat.mmio.write(bar4 + off, size, value)
-
-        assert plat.mmio.read(bar4 + 0x2000, 8) == 2048          # capacity in sectors
-        w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        w(0x08, 4, 1)
-        w(0x0C, 4, F_VERSION_1 >> 32)
-        w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        ring = Driver(m.memory, size=8, base=32 * MiB, heap=33 * MiB)
-        w(0x16, 2, 0)
-        w(0x18, 2, 8)
-        w(0x20, 8, ring.desc)
-        w(0x28, 8, ring.avail)
-        w(0x30, 8, ring.used)
-        w(0x1C, 2, 1)
-        w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+        drv = HostDriver(m, fn)
+        assert drv.r(0x2000, 8) == 2048                          # capacity in sectors
+        ring = drv.bring_up()
         header = (1).to_bytes(4, "little") + bytes(4) + (3).to_bytes(8, "little")  # OUT @3
         head, outs = ring.add([header, b"pyhv" * 128], [1])
-        w(0x3000, 2, 0)
-        deadline = time.monotonic() + 10
-        used: list = []
-        while not used and time.monotonic() < deadline:
-            loop.run(timeout=0.05)
-            used = ring.take_used()
-        assert used == [(head, 1)] and m.memory.read(outs[0][0], 1) == b"\0"  # VIRTIO_BLK_S_OK
+        assert drv.kick_and_wait(loop, ring) == [(head, 1)]
+        assert m.memory.read(outs[0][0], 1) == b"\0"             # VIRTIO_BLK_S_OK
         with open(image, "rb") as f:
             f.seek(3 * 512)
             assert f.read(512) == b"pyhv" * 128
