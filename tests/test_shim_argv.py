@@ -243,3 +243,14 @@ def test_command_line_options_advertise_what_libvirt_checks() -> None:
     assert {"guest", "debug-threads"} <= set(opts["name"])
     assert "strict" in opts["boot-opts"] and "dies" in opts["smp-opts"]
     assert "numa" not in opts and "reconnect" not in opts["chardev"]
+
+
+def test_sizes_that_overflow_in_the_product() -> None:
+    """Found by tests/fuzz (target size): '.3e308' is finite, times 1 MiB it is not."""
+    from pyhv.shim.argv import parse_size
+    from pyhv.shim.errors import ShimError
+
+    for text in (".3e308", "1e300G", "1.7e308"):
+        with pytest.raises(ShimError, match="expects a size"):
+            parse_size(text, "size", "-m", 20)
+    assert parse_size("1.5G", "size", "-m", 20) == 3 << 29

@@ -180,7 +180,8 @@ def parse_size(value: object, what: str, where: Optional[str], default_shift: in
                 number = float(t) if "." in t else int(t, 10)
         except ValueError:
             number = -1.0
-        if 0 <= number < float("inf"):
+        # compared before multiplying: a finite number times the unit can overflow
+        if 0 <= number < (1 << 64) / (1 << shift):
             size = int(number * (1 << shift))
             if size < 1 << 64:
                 return size
