@@ -298,8 +298,9 @@ def test_virt_install(daemon, guests, tmp_path):
                    f"emulator={EMULATOR}",
          "--import", "--disk", "none", "--graphics", "none", "--noautoconsole",
          # the devices pyhv does not build yet (they join when their models land); the
-         # default USB controller (qemu-xhci), pcie-root-ports and virtio-rng are built
-         "--network", "none", "--memballoon", "none", "--channel", "none"],
+         # default USB controller (qemu-xhci), pcie-root-ports, virtio-rng and the
+         # balloon are built
+         "--network", "none", "--channel", "none"],
         capture_output=True, text=True, timeout=180, env=daemon.client_env())
     try:
         assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
@@ -529,8 +530,8 @@ def test_virt_install_with_a_disk(daemon, guests, tmp_path):
          "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton,"
                    f"emulator={EMULATOR}",
          "--import", "--disk", f"path={image}", "--graphics", "none", "--noautoconsole",
-         # still to come: virtio-net, the balloon and the agent channel
-         "--network", "none", "--memballoon", "none", "--channel", "none"],
+         # still to come: virtio-net and the agent channel
+         "--network", "none", "--channel", "none"],
         capture_output=True, text=True, timeout=180, env=daemon.client_env())
     try:
         assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
@@ -540,6 +541,11 @@ def test_virt_install_with_a_disk(daemon, guests, tmp_path):
         assert re.search(r"Capacity:\s+8388608", info), info
         stat = virsh(daemon, "domblkstat", name, "vda").stdout
         assert re.search(r"rd_req\s+\d+", stat) and re.search(r"flush_operations\s+\d+", stat)
+        # the balloon virt-install adds: libvirt reads and sets it over QMP
+        mem = virsh(daemon, "dommemstat", name).stdout
+        assert re.search(r"actual\s+65536", mem), mem
+        virsh(daemon, "setmem", name, "49152")  # the guest has no balloon driver to obey
+        virsh(daemon, "dommemstat", name, "--period", "2", "--live")
         # the image is locked as QEMU locks it: a second writer is refused
         q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
                            capture_output=True, text=True, timeout=60)

@@ -64,6 +64,15 @@ class FakeMachine:
     def set_balloon(self, target: int) -> None:
         self.balloon = target
 
+    def balloon_path(self) -> Optional[str]:
+        return "/machine/peripheral/balloon0" if self.balloon is not None else None
+
+    def balloon_stats(self) -> dict:
+        return {"stats": {"stat-free-memory": 123}, "last-update": 42}
+
+    def set_balloon_stats_period(self, seconds: int) -> None:
+        self.stats_period = seconds
+
     def block_devices(self):
         from pyhv.shim.commands import BlockDevice
 
@@ -455,6 +464,18 @@ def test_balloon() -> None:
     c.ok("balloon", value=1 << 30)
     assert m.balloon == 1 << 30
     assert c.err("balloon", value=0)[0] == "GenericError"
+    # what libvirt does for dommemstat: find the balloon's properties, set the period,
+    # read the statistics
+    path = "/machine/peripheral/balloon0"
+    names = {p["name"] for p in c.ok("qom-list", path=path)}
+    assert {"guest-stats", "guest-stats-polling-interval"} <= names
+    c.ok("qom-set", path=path, property="guest-stats-polling-interval", value=5)
+    assert m.stats_period == 5
+    assert c.ok("qom-get", path=path, property="guest-stats")["last-update"] == 42
+    assert c.err("qom-set", path=path, property="guest-stats-polling-interval",
+                 value=-1)[0] == "GenericError"
+    assert c.err("qom-set", path="/machine/peripheral/nope", property="x",
+                 value=1)[0] == "DeviceNotFound"
 
 
 def test_reconnect_queries() -> None:

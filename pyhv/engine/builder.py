@@ -97,6 +97,8 @@ class Hooks:
     on_serial_space: Callable[[], None]
     #: a device model raised: it was taken off the buses (id, kind, reason)
     on_device_broken: Callable[[str, str, str], None] = lambda ident, kind, why: None
+    #: the guest changed the balloon's size: the memory it now has, in bytes
+    on_balloon: Callable[[int], None] = lambda actual: None
 
 
 @dataclass
@@ -232,7 +234,7 @@ def _ioeventfd_binder(vm: VmFd, fn: VirtioPciFunction) -> Callable[[Optional[int
     return bind
 
 
-def attach_virtio(plat: Platform) -> None:
+def attach_virtio(plat: Platform, hooks: Hooks) -> None:
     """MSI-X vectors through KVM, and the queue eventfds the machine's loop serves."""
     assert plat.pci is not None and plat.irq is not None
     for _bus, _dfn, fn, _parent in plat.pci.root.walk():
@@ -248,6 +250,8 @@ def attach_virtio(plat: Platform) -> None:
             plat.closers.append(fn.device.close)
         if hasattr(fn.device, "schedule"):
             plat.timed.append(fn.device)
+        if hasattr(fn.device, "on_actual"):
+            fn.device.on_actual = hooks.on_balloon
 
 
 def _serve(fn: VirtioPciFunction, queue: int, _fd: int) -> None:
@@ -371,7 +375,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         for line in lines:
             plat.watches.append((line.resample_fd, line.resampled, f"INTx GSI {line.gsi}"))
             plat.closers.append(line.close)
-        attach_virtio(plat)
+        attach_virtio(plat, hooks)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)
         plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)

@@ -113,7 +113,8 @@ class Machine:
                      on_vcpu_event=lambda ev: self._post("vcpu", ev),
                      on_serial_space=lambda: self._post("serial-space", None),
                      on_device_broken=lambda ident, kind, why: self._post(
-                         "device-broken", (ident, kind, why)))
+                         "device-broken", (ident, kind, why)),
+                     on_balloon=lambda actual: self._post("balloon", actual))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
@@ -254,6 +255,18 @@ class Machine:
             return []
         return [(r.id, r.kind, r.where, r.broken) for r in self.platform.devices.records()]
 
+    def balloon(self) -> Optional[object]:
+        """The virtio-balloon device model of the running platform, if any."""
+        from pyhv.engine.virtio.balloon import VirtioBalloon
+        from pyhv.engine.virtio.pci import VirtioPciFunction
+
+        if self.platform is not None:
+            for rec in self.platform.devices.records():
+                fn = rec.device
+                if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioBalloon):
+                    return fn.device
+        return None
+
     def disks(self) -> dict[str, object]:
         """The virtio-blk device models of the running platform, by disk id."""
         from pyhv.engine.virtio.blk import VirtioBlk
@@ -329,6 +342,8 @@ class Machine:
             elif kind == "vcpu":
                 assert isinstance(payload, VcpuEvent)
                 self._vcpu_event(payload)
+            elif kind == "balloon":
+                self._emit(MachineEvent("balloon-change", str(payload)))
             elif kind == "device-broken":
                 assert isinstance(payload, tuple)
                 ident, dkind, why = (str(x) for x in payload)

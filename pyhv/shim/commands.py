@@ -101,6 +101,16 @@ class MachineControl(Protocol):
 
     def set_balloon(self, target: int) -> None: ...
 
+    def balloon_path(self) -> Optional[str]:
+        """``/machine/peripheral/ID`` of the balloon device (None: no balloon)."""
+        ...
+
+    def balloon_stats(self) -> dict[str, Any]:
+        """QEMU's ``guest-stats`` of the balloon: {"stats": {...}, "last-update": s}."""
+        ...
+
+    def set_balloon_stats_period(self, seconds: int) -> None: ...
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         """(set id, ((fd, opaque), ...)) of each ``-add-fd`` set."""
         ...
@@ -534,13 +544,34 @@ class Commands:
                 for v in self._vcpus()]
         if self._cpu(path):
             return [{"name": n, "type": t} for n, t in _CPU_PROPS]
+        if self.machine is not None and path == self.machine.balloon_path():
+            return [{"name": "type", "type": "string"},
+                    {"name": "guest-stats-polling-interval", "type": "int"},
+                    {"name": "guest-stats", "type": "guest-stats"}]
         raise QmpError(f"Device '{args['path']}' not found", DEVICE_NOT_FOUND)
 
     def _cpu_type(self) -> str:
         return self.machine.cpu_type if self.machine else "qemu64-x86_64-cpu"
 
+    def cmd_qom_set(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        path, prop, value = args["path"].rstrip("/"), args["property"], args["value"]
+        if self.machine is None or path != self.machine.balloon_path():
+            raise QmpError(f"Device '{args['path']}' not found", DEVICE_NOT_FOUND)
+        if prop != "guest-stats-polling-interval":
+            raise QmpError(f"Property 'virtio-balloon-pci.{prop}' not found")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 31:
+            raise QmpError("balloon statistics polling interval must be a non-negative "
+                           "number of seconds")
+        self.machine.set_balloon_stats_period(value)
+
     def cmd_qom_get(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         path, prop = args["path"], args["property"]
+        if self.machine is not None and path.rstrip("/") == self.machine.balloon_path():
+            if prop == "guest-stats":
+                return self.machine.balloon_stats()
+            if prop == "type":
+                return "virtio-balloon-pci"
+            raise QmpError(f"Property 'virtio-balloon-pci.{prop}' not found")
         cpu = self._cpu(path)
         if cpu is None or self.machine is None:
             raise QmpError(f"Device '{path}' not found", DEVICE_NOT_FOUND)

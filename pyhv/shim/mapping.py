@@ -1318,6 +1318,9 @@ class _Builder:
         except ConfigError as e:
             raise _unsupported(spec.where, str(e)) from None
 
+    def dev_virtio_balloon_pci_non_transitional(self, spec: DeviceSpec, opts: Opts) -> None:
+        self.dev_virtio_balloon_pci(spec, opts)
+
     def dev_virtio_balloon_pci(self, spec: DeviceSpec, opts: Opts) -> None:
         if self.balloon is not None:
             raise _unsupported(spec.where, "only one memory balloon is supported")

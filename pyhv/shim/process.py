@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pyhv.engine.eventloop import EventLoop
 from pyhv.shim.commands import BlockDevice, Commands, CpuidWord, QmpSession, VcpuInfo
@@ -141,11 +141,33 @@ class ShimMachine:
     def peripherals(self) -> Sequence[tuple[str, str]]:
         return [(d.id, d.driver) for d in self.plan.devices if d.id]
 
+    def _balloon(self) -> Any:
+        return self.machine.balloon()
+
     def balloon_actual(self) -> Optional[int]:
-        return None
+        b = self._balloon()
+        return b.actual_bytes() if b is not None else None
 
     def set_balloon(self, target: int) -> None:
-        raise QmpError("No balloon device has been activated", "DeviceNotActive")
+        b = self._balloon()
+        if b is None:
+            raise QmpError("No balloon device has been activated", "DeviceNotActive")
+        b.set_target(target)
+
+    def balloon_path(self) -> Optional[str]:
+        cfg = self.plan.config
+        if cfg is None or cfg.balloon is None or self._balloon() is None:
+            return None
+        return f"/machine/peripheral/{cfg.balloon.id}"
+
+    def balloon_stats(self) -> dict[str, Any]:
+        b = self._balloon()
+        return b.guest_stats() if b is not None else {"stats": {}, "last-update": 0}
+
+    def set_balloon_stats_period(self, seconds: int) -> None:
+        b = self._balloon()
+        if b is not None:
+            b.set_stats_period(seconds)
 
     def block_devices(self) -> Sequence[BlockDevice]:
         import dataclasses
@@ -287,6 +309,8 @@ class ShimProcess:
         assert self.machine is not None and self.control is not None
         if ev.kind == "device-broken":
             self.log(ev.message)
+        elif ev.kind == "balloon-change":
+            self.broadcast("BALLOON_CHANGE", {"actual": int(ev.detail)})
         elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":

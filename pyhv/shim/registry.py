@@ -200,6 +200,14 @@ _BLK_PROPS = (
     PropInfo("write-zeroes", "bool", "on/off", True),
 )
 
+_BALLOON_PROPS = (
+    PropInfo("deflate-on-oom", "bool", "on/off", False),
+    PropInfo("free-page-hint", "bool", "on/off", False),
+    PropInfo("free-page-reporting", "bool", "on/off", False),
+    PropInfo("guest-stats-polling-interval", "int"),
+    PropInfo("iothread", "link<iothread>"),
+)
+
 _RNG_PROPS = (
     PropInfo("max-bytes", "uint64"),
     PropInfo("period", "uint32", default=65536),
@@ -281,13 +289,9 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
     _dev("virtio-rng-pci-non-transitional", "PCI", "Misc",
          "virtio entropy source (modern only)", "virtio-pci", _VIRTIO_PCI + _RNG_PROPS),
     _dev("virtio-balloon-pci", "PCI", "Misc", "virtio memory balloon", "virtio-pci",
-         _VIRTIO_PCI + (
-             PropInfo("deflate-on-oom", "bool", "on/off", False),
-             PropInfo("free-page-hint", "bool", "on/off", False),
-             PropInfo("free-page-reporting", "bool", "on/off", False),
-             PropInfo("guest-stats-polling-interval", "int"),
-             PropInfo("iothread", "link<iothread>"),
-         ), alias="virtio-balloon"),
+         _VIRTIO_PCI + _BALLOON_PROPS, alias="virtio-balloon"),
+    _dev("virtio-balloon-pci-non-transitional", "PCI", "Misc",
+         "virtio memory balloon (modern only)", "virtio-pci", _VIRTIO_PCI + _BALLOON_PROPS),
     _dev("virtio-blk-pci", "PCI", "Storage", "virtio block device", "virtio-pci",
          _VIRTIO_PCI + _BLK_PROPS, alias="virtio-blk"),
     _dev("virtio-blk-pci-non-transitional", "PCI", "Storage",
@@ -429,4 +433,5 @@ BUILT: frozenset[str] = frozenset({
     # name tells libvirt so; "-transitional" ones are refused)
     "virtio-rng-pci", "virtio-rng-pci-non-transitional",
     "virtio-blk-pci", "virtio-blk-pci-non-transitional",
+    "virtio-balloon-pci", "virtio-balloon-pci-non-transitional",
 })

@@ -316,6 +316,7 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
                returns="[ObjectTypeInfo]"),
     CommandDef("qom-list", (req("path", "str"),), returns="[ObjectPropertyInfo]"),
     CommandDef("qom-get", (req("path", "str"), req("property", "str")), returns="any"),
+    CommandDef("qom-set", (req("path", "str"), req("property", "str"), req("value", "any"))),
     CommandDef("qom-list-properties", (req("typename", "str"),),
                returns="[ObjectPropertyInfo]"),
     CommandDef("device-list-properties", (req("typename", "str"),),
@@ -369,6 +370,7 @@ EVENTS: Final[tuple[EventDef, ...]] = (
     EventDef("STOP"),
     EventDef("RESUME"),
     EventDef("GUEST_PANICKED", (req("action", "GuestPanicAction"),)),
+    EventDef("BALLOON_CHANGE", (req("actual", "int"),)),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)

@@ -135,6 +135,7 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True
     """(id, address, device model) of every virtio device the engine builds, from a
     placed config (those support.py lists as not built are not here).  Without
     ``open_files`` (a description only) no disk image is opened."""
+    from pyhv.engine.virtio.balloon import VirtioBalloon
     from pyhv.engine.virtio.blk import VirtioBlk
     from pyhv.engine.virtio.rng import VirtioRng
 
@@ -149,6 +150,16 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True
     for r in cfg.rngs:
         assert r.address is not None and r.id is not None, "place the config first"
         out.append((r.id, r.address, VirtioRng(r.source, r.rate_bytes, r.rate_period_ms)))
+    b = cfg.balloon
+    if b is not None:
+        assert b.address is not None and b.id is not None, "place the config first"
+        # the statistics queue is always offered (as QEMU does), so that a period
+        # set while the guest runs (virsh dommemstat --period) works
+        balloon = VirtioBalloon(cfg.memory, b.stats_period, b.autodeflate,
+                                b.free_page_reporting, stats_vq=True)
+        if cfg.current_memory is not None:
+            balloon.set_target(cfg.current_memory)
+        out.append((b.id, b.address, balloon))
     return out
 
 
