@@ -40,7 +40,8 @@ needs_schema = pytest.mark.skipif(not domschema.available(),
                                   reason="libvirt's domain.rng is not installed")
 
 #: examples the engine can build today; the others map but are refused by `pyhv run`
-BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml"}
+BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml",
+             "q35-platform.xml"}
 
 
 def schema_valid(xml: str) -> bool:
