@@ -22,7 +22,7 @@ that
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pyhv.engine.errors import EngineError
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
@@ -140,6 +140,47 @@ def merge(old: int, value: int, mask: int, writable: int) -> int:
     """``old`` with the ``writable`` bits that ``mask`` covers taken from ``value``."""
     m = mask & writable
     return (old & ~m) | (value & m)
+
+
+class FrameCounter:
+    """A (micro)frame index: it advances with the clock while the controller runs
+    and holds its value while it is halted, when the driver may write it."""
+
+    def __init__(self, clock: Callable[[], float], period: float, mask: int) -> None:
+        self.clock = clock
+        self.period = period
+        self.mask = mask
+        #: the value while halted; the value at the start while running
+        self.base = 0
+        self.started: Optional[float] = None
+
+    @property
+    def running(self) -> bool:
+        return self.started is not None
+
+    def elapsed(self) -> int:
+        """Whole periods since the start (0 while halted)."""
+        return 0 if self.started is None else ticks(self.started, self.clock(), self.period)
+
+    @property
+    def value(self) -> int:
+        return (self.base + self.elapsed()) & self.mask
+
+    def start(self) -> None:
+        self.started = self.clock()
+
+    def stop(self) -> None:
+        self.base = self.value
+        self.started = None
+
+    def reset(self) -> None:
+        self.base = 0
+        self.started = None
+
+    def write(self, value: int, mask: int) -> None:
+        """A driver write (ignored while running, as the specifications say)."""
+        if self.started is None:
+            self.base = merge(self.base, value, mask, self.mask)
 
 
 def ticks(start: float, now: float, period: float) -> int:

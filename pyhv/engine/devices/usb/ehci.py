@@ -41,16 +41,15 @@ BIOS ever owns the controller, so the handoff Linux does completes at once.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from pyhv.engine.devices.usb.common import (
     FLADJ,
     SBRN,
     Clock,
     DmaError,
+    FrameCounter,
     UsbHostController,
     merge,
-    ticks,
 )
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.config import Bar, ConfigSpace
@@ -169,8 +168,7 @@ class EhciController(UsbHostController):
         self.async_ = 0
         self.configured = 0
         self.ports = [PORT_OWNER] * PORTS
-        self._frindex = 0          # while halted; FRINDEX at start while running
-        self._started: Optional[float] = None
+        self._frame = FrameCounter(self._now, MICROFRAME, FRINDEX_MASK)
         self._rolled = 0           # frame list rollovers noticed since the start
         self._power_on()
 
@@ -184,41 +182,34 @@ class EhciController(UsbHostController):
         self.async_ = 0
         self.configured = 0
         self.ports = [PORT_OWNER] * PORTS
-        self._frindex = 0
-        self._started = None
+        self._frame.reset()
         self._rolled = 0
 
     @property
     def running(self) -> bool:
-        return self._started is not None
-
-    def _elapsed(self) -> int:
-        if self._started is None:
-            return 0
-        return ticks(self._started, self._now(), MICROFRAME)
+        return self._frame.running
 
     @property
     def frindex(self) -> int:
-        return (self._frindex + self._elapsed()) & FRINDEX_MASK
+        return self._frame.value
 
     def _tick(self) -> None:
-        if self._started is None:
+        if not self.running:
             return
-        start = self._frindex & FRINDEX_MASK
-        rolled = (start + self._elapsed()) // FRINDEX_ROLL - start // FRINDEX_ROLL
+        start = self._frame.base & FRINDEX_MASK
+        rolled = (start + self._frame.elapsed()) // FRINDEX_ROLL - start // FRINDEX_ROLL
         if rolled > self._rolled:
             self._rolled = rolled
             self.sts |= STS_FLR
 
     def _start(self) -> None:
-        self._started = self._now()
+        self._frame.start()
         self._rolled = 0
         self.cmd |= CMD_RS
 
     def _stop(self) -> None:
         self._tick()
-        self._frindex = self.frindex
-        self._started = None
+        self._frame.stop()
         self.cmd &= ~CMD_RS
 
     def _address(self, low: int) -> int:
@@ -226,7 +217,7 @@ class EhciController(UsbHostController):
 
     def _fetch_schedules(self) -> None:
         """Read the first word of each enabled schedule, as a running controller does."""
-        if self._started is None:
+        if not self.running:
             return
         try:
             if self.cmd & CMD_PSE:
@@ -293,8 +284,7 @@ class EhciController(UsbHostController):
         elif offset == USBINTR:
             self.intr = merge(self.intr, value, mask, STS_W1C)
         elif offset == FRINDEX:
-            if not self.running:  # written only while halted
-                self._frindex = merge(self._frindex, value, mask, FRINDEX_MASK)
+            self._frame.write(value, mask)  # written only while halted
         elif offset == CTRLDSSEGMENT:
             self.segment = merge(self.segment, value, mask, 0xFFFFFFFF)
             self._fetch_schedules()

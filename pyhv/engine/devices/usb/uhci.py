@@ -36,15 +36,14 @@ writes 0x8f00 to clear the trap bits, then 0x2000).
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from pyhv.engine.devices.usb.common import (
     SBRN,
     Clock,
     DmaError,
+    FrameCounter,
     UsbHostController,
     merge,
-    ticks,
 )
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.config import Bar, ConfigSpace
@@ -147,8 +146,7 @@ class UhciController(UsbHostController):
         self.flbase = 0
         self.sofmod = SOFMOD_DEFAULT
         self.ports = [0] * PORTS
-        self._frnum = 0           # FRNUM while halted, FRNUM at start while running
-        self._started: Optional[float] = None
+        self._frame = FrameCounter(self._now, FRAME_PERIOD, FRNUM_MASK)
         self._power_on()
 
     # ---- state ------------------------------------------------------------------------
@@ -159,32 +157,28 @@ class UhciController(UsbHostController):
         self.flbase = 0
         self.sofmod = SOFMOD_DEFAULT
         self.ports = [0] * PORTS
-        self._frnum = 0
-        self._started = None
+        self._frame.reset()
 
     @property
     def running(self) -> bool:
-        return self._started is not None
+        return self._frame.running
 
     @property
     def frnum(self) -> int:
-        if self._started is None:
-            return self._frnum
-        return (self._frnum + ticks(self._started, self._now(), FRAME_PERIOD)) & FRNUM_MASK
+        return self._frame.value
 
     def _start(self) -> None:
-        self._started = self._now()
+        self._frame.start()
         self.cmd |= CMD_RS
         self._fetch_frame()
 
     def _stop(self) -> None:
-        self._frnum = self.frnum
-        self._started = None
+        self._frame.stop()
         self.cmd &= ~CMD_RS
 
     def _fetch_frame(self) -> None:
         """Read the current frame list entry, as the controller does each frame."""
-        if self._started is None:
+        if not self.running:
             return
         try:
             self._dma_read32(self.flbase + (self.frnum & 0x3FF) * 4)
@@ -240,8 +234,8 @@ class UhciController(UsbHostController):
         elif offset == USBINTR:
             self.intr = merge(self.intr, value, mask, 0xF)
         elif offset == FRNUM:
-            if not self.running:  # "cannot be written unless the controller is stopped"
-                self._frnum = merge(self._frnum, value, mask, FRNUM_MASK)
+            # "cannot be written unless the controller is stopped"
+            self._frame.write(value, mask)
         elif offset == SOFMOD:
             self.sofmod = merge(self.sofmod, value, mask, 0x7F)
         elif PORTSC1 <= offset < PORTSC1 + 2 * PORTS:

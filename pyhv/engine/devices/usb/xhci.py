@@ -41,16 +41,15 @@ Controller Error.  Both halt the controller until the guest resets it.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from pyhv.engine.devices.usb.common import (
     FLADJ,
     SBRN,
     Clock,
     DmaError,
+    FrameCounter,
     UsbHostController,
     merge,
-    ticks,
 )
 from pyhv.engine.devices.usb.xhci_commands import execute_command
 from pyhv.engine.devices.usb.xhci_rings import (
@@ -201,8 +200,7 @@ class XhciController(UsbHostController):
         self.scratchpad: list[int] = []
         self.cmd_ring = CommandRing(self._dma_read)
         self.interrupter = Interrupter(self._dma_read, self._dma_write, 1 << ERST_MAX_EXP)
-        self._mfindex = 0
-        self._started: Optional[float] = None
+        self._frame = FrameCounter(self._now, MICROFRAME, MFINDEX_MASK)
         self._stalled = False
         self._power_on()
 
@@ -219,24 +217,21 @@ class XhciController(UsbHostController):
         self.scratchpad = []
         self.cmd_ring.reset()
         self.interrupter.reset()
-        self._mfindex = 0
-        self._started = None
+        self._frame.reset()
         self._stalled = False
 
     @property
     def running(self) -> bool:
-        return self._started is not None
+        return self._frame.running
 
     @property
     def mfindex(self) -> int:
-        if self._started is None:
-            return self._mfindex
-        return (self._mfindex + ticks(self._started, self._now(), MICROFRAME)) & MFINDEX_MASK
+        return self._frame.value
 
     def _start(self) -> None:
         if self.sts & STS_HCE:
             return  # only a reset recovers from a Host Controller Error
-        self._started = self._now()
+        self._frame.start()
         self.cmd |= CMD_RS
         try:
             self.scratchpad = []
@@ -248,8 +243,7 @@ class XhciController(UsbHostController):
             self._host_system_error()
 
     def _stop(self) -> None:
-        self._mfindex = self.mfindex
-        self._started = None
+        self._frame.stop()
         self.cmd &= ~CMD_RS
         self.cmd_ring.running = False
         self._stalled = False
