@@ -109,13 +109,11 @@ class PciPlatform:
     def tree(self) -> list[str]:
         """The hierarchy as ``pyhv domxml check`` prints it."""
         lines = []
+        depths: dict[int, int] = {}          # id(bridge) -> depth; walk yields parents first
         for bus, dfn, fn, parent in self.root.walk():
             c = fn.config
-            depth = 0
-            p = parent
-            while p is not None:
-                depth += 1
-                p = next((q for _b, _d, f, q in self.root.walk() if f is p), None)
+            depth = 0 if parent is None else depths[id(parent)] + 1
+            depths[id(fn)] = depth
             ident = f"{c.get(0, 2):04x}:{c.get(2, 2):04x} class {c.get(0x0A, 2):04x}"
             extra = []
             for index, bar in sorted(c.bars.items()):
