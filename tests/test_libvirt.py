@@ -539,6 +539,11 @@ def test_virt_install_with_a_disk(daemon, guests, tmp_path):
         assert str(image) in virsh(daemon, "domblklist", name).stdout
         info = virsh(daemon, "domblkinfo", name, "vda").stdout
         assert re.search(r"Capacity:\s+8388608", info), info
+        # virsh blockresize: libvirt's block_resize reaches the image and the device
+        virsh(daemon, "blockresize", name, "vda", "16M")
+        assert image.stat().st_size == 16 << 20
+        info = virsh(daemon, "domblkinfo", name, "vda").stdout
+        assert re.search(r"Capacity:\s+16777216", info), info
         stat = virsh(daemon, "domblkstat", name, "vda").stdout
         assert re.search(r"rd_req\s+\d+", stat) and re.search(r"flush_operations\s+\d+", stat)
         # the balloon virt-install adds: libvirt reads and sets it over QMP

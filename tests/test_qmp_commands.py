@@ -82,6 +82,9 @@ class FakeMachine:
                             {"rd_bytes": 512, "wr_bytes": 1024, "rd_operations": 1,
                              "wr_operations": 2, "flush_operations": 3})]
 
+    def resize_block(self, qdev: str, size: int) -> None:
+        self.calls.append(f"resize {qdev} {size}")
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
 
@@ -452,6 +455,26 @@ def test_vcpus_chardevs_and_qom() -> None:
     assert [x["node-name"] for x in c.ok("query-blockstats", **{"query-nodes": True})] == [
         "libvirt-1-format", "libvirt-1-storage"]
     assert {"name": "SHUTDOWN"} in c.ok("query-events")
+
+
+def test_block_resize() -> None:
+    """block_resize finds the disk by either of its nodes (libvirt's blockdev names)
+    or its device id, and refuses what QEMU refuses."""
+    m = FakeMachine()
+    c = negotiated(m)
+    qdev = "/machine/peripheral/virtio-disk0/virtio-backend"
+    assert c.ok("block_resize", **{"node-name": "libvirt-1-format", "size": 2 << 30}) == {}
+    assert c.ok("block_resize", **{"node-name": "libvirt-1-storage", "size": 4096}) == {}
+    assert c.ok("block_resize", device="virtio-disk0", size=512) == {}
+    assert m.calls[-3:] == [f"resize {qdev} {2 << 30}", f"resize {qdev} 4096",
+                            f"resize {qdev} 512"]
+    assert c.err("block_resize", **{"node-name": "nope", "size": 1})[1] == \
+        "Cannot find device= nor node-name=nope"
+    assert c.err("block_resize", size=1)[1] == "Either 'device' or 'node-name' must be set"
+    assert c.err("block_resize", **{"node-name": "libvirt-1-format", "size": -1})[1] == \
+        "Parameter 'size' expects a >0 size"
+    assert c.err("block_resize", **{"node-name": "libvirt-1-format"})[0] == "GenericError"
+    assert len(m.calls) == 3
 
 
 def test_balloon() -> None:

@@ -475,6 +475,36 @@ def test_out_of_range_sectors(env) -> None:
         e.dev.backend.write_from(64 * SECTOR, [memoryview(bytearray(101))])
 
 
+def test_resize_grows_and_shrinks_what_the_driver_sees(env) -> None:
+    """block_resize: the file and the capacity follow, each change is a configuration
+    interrupt with a new generation, and requests are checked against the new size."""
+    e = env(size=64 * SECTOR, msix=True)
+    e.drv.w(0x10, 2, 1)                                  # msix_config: vector 1
+    generation = e.drv.r(0x15, 1)
+    e.dev.resize(128 * SECTOR)
+    assert os.path.getsize(e.path) == 128 * SECTOR
+    assert e.drv.r(0x2000, 8) == 128 and e.dev.limits.capacity == 128
+    assert e.drv.r(0x15, 1) == (generation + 1) & 0xFF and e.msi.fired == [1]
+    assert e.write(127, pattern(SECTOR)) == (S_OK, 1)
+    assert e.host(127 * SECTOR, SECTOR) == pattern(SECTOR)
+    assert e.read(100, 1)[0] == S_OK
+    e.dev.resize(32 * SECTOR + 100)                      # a partial sector is not exposed
+    assert os.path.getsize(e.path) == 32 * SECTOR + 100
+    assert e.drv.r(0x2000, 8) == 32 and e.msi.fired[-1] == 1
+    assert e.read(32, 1)[:2] == (S_IOERR, 1)
+    assert e.read(31, 1)[0] == S_OK
+    with pytest.raises(BlockError, match="size of -1"):
+        e.dev.resize(-1)
+    assert e.dev.limits.capacity == 32
+
+
+def test_resize_of_a_read_only_disk_is_refused(env) -> None:
+    e = env(size=64 * SECTOR, readonly=True)
+    with pytest.raises(BlockError, match="read-only"):
+        e.dev.resize(128 * SECTOR)
+    assert os.path.getsize(e.path) == 64 * SECTOR and e.drv.r(0x2000, 8) == 64
+
+
 # ---- malformed requests ----------------------------------------------------------------
 def test_short_header(env) -> None:
     e = env()
@@ -810,6 +840,11 @@ def test_block_device(loop_device) -> None:
         assert e.simple(T_FLUSH) == (S_OK, 1)
         assert e.read(8, 2)[2] == pattern(2 * SECTOR)
         assert e.read(4096, 1)[:2] == (S_IOERR, 1)
+        with pytest.raises(BlockError, match="cannot grow a block device"):
+            e.dev.resize(4 * MiB)
+        e.dev.resize(MiB)                   # a block device may show less of itself
+        assert e.dev.limits.capacity == MiB // SECTOR
+        assert e.read(MiB // SECTOR, 1)[:2] == (S_IOERR, 1)
     finally:
         e.dev.close()
         e.fn.close()

@@ -124,6 +124,23 @@ def test_virtio_blk_in_a_machine(guests, tmp_path):
         with open(image, "rb") as f:
             f.seek(3 * 512)
             assert f.read(512) == b"pyhv" * 128
+
+        # block_resize: the file grows, the capacity and the configuration generation
+        # move, the driver gets a configuration interrupt, and the new sectors serve
+        drv.r(0x1000, 1)                                         # read ISR: clears it
+        generation = drv.r(0x15, 1)
+        m.disks()["virtio-disk0"].resize(2 << 20)
+        assert image.stat().st_size == 2 << 20
+        assert drv.r(0x2000, 8) == 4096
+        assert drv.r(0x15, 1) == (generation + 1) & 0xFF
+        assert drv.r(0x1000, 1) == 2                             # ISR: "configuration"
+        header = (1).to_bytes(4, "little") + bytes(4) + (4000).to_bytes(8, "little")
+        head, outs = ring.add([header, b"grow" * 128], [1])
+        assert drv.kick_and_wait(loop, ring) == [(head, 1)]
+        assert m.memory.read(outs[0][0], 1) == b"\0"
+        with open(image, "rb") as f:
+            f.seek(4000 * 512)
+            assert f.read(512) == b"grow" * 128
     finally:
         m.close()
         loop.close()

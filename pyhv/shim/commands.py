@@ -119,6 +119,11 @@ class MachineControl(Protocol):
         """The disks, as query-block and query-blockstats describe them."""
         ...
 
+    def resize_block(self, qdev: str, size: int) -> None:
+        """Resize the disk whose device is ``qdev`` (a :class:`BlockDevice`'s) to
+        ``size`` bytes; a failure raises :class:`QmpError`."""
+        ...
+
 
 @dataclass(frozen=True)
 class BlockDevice:
@@ -134,6 +139,12 @@ class BlockDevice:
     size: int
     actual_size: Optional[int]
     stats: dict[str, int]
+
+    @property
+    def qdev_id(self) -> str:
+        """The ``-device`` id (``/machine/peripheral/ID/...``)."""
+        parts = self.qdev.split("/")
+        return parts[3] if len(parts) > 3 and parts[2] == "peripheral" else self.qdev
 
 
 # ------------------------------------------------------------------ QOM types
@@ -456,6 +467,21 @@ class Commands:
             return out
         return [{"device": "", "qdev": d.qdev, "node-name": d.node, "stats": dict(d.stats)}
                 for d in self._disks()]
+
+    def cmd_block_resize(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        device, node = args.get("device"), args.get("node-name")
+        if device is None and node is None:
+            raise QmpError("Either 'device' or 'node-name' must be set")
+        size = args["size"]
+        if size < 0:
+            raise QmpError("Parameter 'size' expects a >0 size")
+        for d in self._disks():
+            names = (d.node, d.file_node) if node is not None else (d.qdev_id,)
+            if (node if node is not None else device) in names:
+                assert self.machine is not None
+                self.machine.resize_block(d.qdev, size)
+                return
+        raise QmpError(f"Cannot find device={device or ''} nor node-name={node or ''}")
 
     def cmd_query_chardev(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         chardevs = self.machine.chardevs() if self.machine else ()

@@ -192,6 +192,21 @@ class ShimMachine:
                           "wr_operations": 0, "flush_operations": 0}))
         return out
 
+    def resize_block(self, qdev: str, size: int) -> None:
+        from pyhv.engine.block import BlockError
+
+        for spec in self.plan.disks:
+            if spec.id is not None and qdev == f"/machine/peripheral/{spec.id}/virtio-backend":
+                model = self.machine.disks().get(spec.id)
+                if model is None:
+                    break
+                try:
+                    model.resize(size)  # type: ignore[attr-defined]
+                except BlockError as e:
+                    raise QmpError(str(e)) from None
+                return
+        raise QmpError(f"Cannot find device={qdev}", "DeviceNotFound")
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(n, [(e.fd, e.opaque) for e in entries])
                 for n, entries in sorted(self.plan.options.fdsets.items())]

@@ -345,6 +345,8 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
     CommandDef("query-migrate", returns="MigrationInfo"),
     CommandDef("query-fdsets", returns="[FdsetInfo]"),
     CommandDef("balloon", (req("value", "int"),)),
+    CommandDef("block_resize", (opt("device", "str"), opt("node-name", "str"),
+                                req("size", "int"))),
     CommandDef("cont"),
     CommandDef("stop"),
     CommandDef("system_powerdown"),

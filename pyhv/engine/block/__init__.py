@@ -68,6 +68,9 @@ class BlockBackend(Protocol):
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """``length`` bytes at ``offset`` read back as zeroes afterwards."""
 
+    def resize(self, size: int) -> None:
+        """Make the disk ``size`` bytes long (QMP block_resize)."""
+
     def close(self) -> None:
         """Release the file and its locks."""
 

@@ -392,6 +392,31 @@ class RawBackend:
             self.write_from(offset + done, [zeroes[:n]])
             done += n
 
+    def resize(self, size: int) -> None:
+        """Grow or shrink the disk to ``size`` bytes.  A regular file is truncated
+        (growing leaves a hole that reads as zeroes); a block device cannot grow past
+        what the kernel reports, but may show less of itself, as QEMU allows."""
+        if self.fd < 0:
+            raise BlockError(f"{self.path}: the image is closed")
+        if size < 0:
+            raise BlockError(f"{self.path}: a size of {size} bytes")
+        if self.readonly:
+            raise BlockError(f"{self.path}: the image is open read-only and cannot be "
+                             f"resized")
+        if self.is_block:
+            device = os.lseek(self.fd, 0, os.SEEK_END)
+            if size > device:
+                raise BlockError(f"{self.path}: cannot grow a block device past its "
+                                 f"{device} bytes")
+        else:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                raise BlockError(f"{self.path}: cannot resize the image to {size} bytes: "
+                                 f"{e.strerror}") from e
+            self._sync_metadata()
+        self.size = size
+
     def close(self) -> None:
         """Close the image; its locks go with the file description."""
         for fd in (self._buffered, self.fd):

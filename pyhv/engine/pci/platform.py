@@ -188,6 +188,9 @@ class _Unopened:
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         raise self._unopened()
 
+    def resize(self, size: int) -> None:
+        raise self._unopened()
+
     def close(self) -> None:
         return None
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
@@ -359,6 +359,16 @@ class VirtioBlk(VirtioDevice):
 
     def close(self) -> None:
         self.backend.close()
+
+    def resize(self, size: int) -> None:
+        """Resize the disk to ``size`` bytes (QMP block_resize): the backend first,
+        then the capacity requests are checked against, then the driver is told by a
+        configuration interrupt (Linux rereads the capacity and logs the change)."""
+        self.backend.resize(size)
+        self.limits = replace(self.limits, capacity=self.backend.size // SECTOR_SIZE)
+        interrupts = self.interrupts
+        if interrupts is not None:
+            interrupts.config()
 
     # ---- requests --------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:

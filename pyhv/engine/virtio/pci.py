@@ -87,6 +87,8 @@ class _Interrupts:
         self.fn.raise_interrupt(self.fn.queue_vectors[index], 0x1)
 
     def config(self) -> None:
+        # a driver reading the structure across the change sees the generation move
+        self.fn.config_generation = (self.fn.config_generation + 1) & 0xFF
         self.fn.raise_interrupt(self.fn.config_vector, 0x2)
 
 
