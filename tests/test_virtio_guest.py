@@ -177,14 +177,16 @@ def run_qemu(kernel: Path, out: Path, name: str, mode: str) -> tuple[Report, str
     return parse_report(text), text, done.stderr
 
 
-def the_function(r: Report, output: str, name: str, mode: str) -> VirtioFunction:
-    """The report is complete and clean, with one virtio function where it belongs."""
+def the_function(r: Report, output: str, name: str, mode: str, device: str = "1af4:1044",
+                 steps_of: Callable[[str], list[str]] = steps) -> VirtioFunction:
+    """The report is complete and clean, with one virtio function (``device``) where it
+    belongs, having taken the steps ``steps_of(mode)``."""
     assert r.complete, output[-3000:]
     assert not r.errors and not r.exceptions, (r.errors, r.exceptions)
-    assert [(v.bdf, v.id, v.mode) for v in r.virtio] == [(MACHINES[name][3], "1af4:1044", mode)]
+    assert [(v.bdf, v.id, v.mode) for v in r.virtio] == [(MACHINES[name][3], device, mode)]
     assert r.virtio_end == {"devices": 1, "mode": mode}
     v = r.virtio[0]
-    assert v.step_names == steps(mode), v.step_names
+    assert v.step_names == steps_of(mode), v.step_names
     for step_name, f in v.steps:
         for k, val in f.items():
             if k == "polls" or k.endswith("_polls"):
@@ -401,7 +403,7 @@ EXCLUDED = {
 }
 
 
-def _bits(mask: int) -> Callable[[StepValue], StepValue]:
+def only_bits(mask: int) -> Callable[[StepValue], StepValue]:
     def keep(v: StepValue) -> StepValue:
         return v & mask if isinstance(v, int) else v
     return keep
@@ -409,10 +411,10 @@ def _bits(mask: int) -> Callable[[StepValue], StepValue]:
 
 #: (step, field) compared in part
 NORMALIZED: dict[tuple[str, str], Callable[[StepValue], StepValue]] = {
-    ("enable", "now"): _bits(0x406),                # memory, master set; INTx not disabled
-    ("features", "device_lo"): _bits(EVENT_IDX_LO),  # what the driver takes
-    ("features", "device_hi"): _bits(VERSION_1_HI),
-    ("break", "handler_isr"): _bits(0x2),            # Device Configuration Interrupt
+    ("enable", "now"): only_bits(0x406),                 # memory, master set; INTx not disabled
+    ("features", "device_lo"): only_bits(EVENT_IDX_LO),  # what the driver takes
+    ("features", "device_hi"): only_bits(VERSION_1_HI),
+    ("break", "handler_isr"): only_bits(0x2),            # Device Configuration Interrupt
 }
 
 

@@ -2,8 +2,8 @@
  * pyhv test guest: reports what the VMM told it (boot protocol, command line,
  * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
  * the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
- * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng (pyhv.virtio),
- * then powers off through ACPI.  The grammar is in README.md.
+ * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
+ * (pyhv.virtio), then powers off through ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
  * here is written for a slow (emulated) CPU: few instructions, few port I/O.
@@ -2033,8 +2033,9 @@ static void wait_powerbutton(void)
 
 /*
  * A small modern (virtio 1.x) virtio-pci driver, run on each virtio-rng
- * (1af4:1044) the walk found (other modern virtio functions are listed with a
- * "skipped" step): vendor capabilities parsed, the status dance, features,
+ * (1af4:1044) and virtio-blk (1af4:1042) the walk found (other modern virtio
+ * functions are listed with a "skipped" step; virtio-blk gets the requests of
+ * vblk_requests instead of the rng's): vendor capabilities parsed, the status dance, features,
  * queue 0 with a few writable buffers (virtio-rng fills them), the used ring
  * and the interrupt, then a driver that breaks the protocol (the available
  * index runs ahead by more than the queue size) and must see NEEDS_RESET,
@@ -2060,6 +2061,14 @@ static void wait_powerbutton(void)
 #define VS_NEEDS_RESET	0x40
 
 #define VF_EVENT_IDX	(1u << 29)	/* low half */
+/* virtio-blk feature bits (low half) */
+#define VBF_RO		(1u << 5)
+#define VBF_BLK_SIZE	(1u << 6)
+#define VBF_FLUSH	(1u << 9)
+#define VBF_DISCARD	(1u << 13)
+#define VBF_WRITE_ZEROES (1u << 14)
+#define VBF_WANT	(VF_EVENT_IDX | VBF_RO | VBF_BLK_SIZE | VBF_FLUSH | VBF_DISCARD | \
+			 VBF_WRITE_ZEROES)
 #define VF_VERSION_1	(1u << 0)	/* high half: bit 32 */
 
 /* struct virtio_pci_common_cfg */
@@ -2096,6 +2105,8 @@ static u64 hi_pdpt_slot, hi_pd_slot;	/* which PML4 / PDPT index (+1) they serve 
 static struct {
 	int msix;		/* 1: MSI-X, 0: INTx */
 	u32 dev, bdf;
+	u32 want_lo;		/* low feature bits the driver takes when offered */
+	u32 accepted_lo;
 	u64 common, isr, device, notify;
 	u32 mult, qnoff, size;
 	u32 pcicfg;		/* configuration offset of the PCI-cfg capability */
@@ -2254,7 +2265,8 @@ static u32 virtio_negotiate(int quiet)
 	u32 lo = vc32(VC_DF);
 	vw32(VC_DFSELECT, 1);
 	u32 hi = vc32(VC_DF);
-	u32 want_lo = lo & VF_EVENT_IDX, want_hi = hi & VF_VERSION_1;
+	u32 want_lo = lo & vio.want_lo, want_hi = hi & VF_VERSION_1;
+	vio.accepted_lo = want_lo;
 	vw32(VC_GFSELECT, 0);
 	vw32(VC_GF, want_lo);
 	vw32(VC_GFSELECT, 1);
@@ -2280,7 +2292,7 @@ static u32 virtio_negotiate(int quiet)
 	kv_hex("accepted_hi", want_hi);
 	kv_hex("driver_lo", glo);
 	kv_hex("driver_hi", ghi);
-	kv_dec("event_idx", !!want_lo);
+	kv_dec("event_idx", !!(want_lo & VF_EVENT_IDX));
 	eol();
 	vstep("features-ok");
 	kv_hex("status", s3);
@@ -2528,11 +2540,181 @@ static void virtio_break(void)
 	eol();
 }
 
+
+/* ---- virtio-blk requests ------------------------------------------------- */
+
+/* where a request's parts lie in vq_mem: header, status byte, write-zeroes
+ * segment, identifier, one sector of data */
+#define VB_HDR		(VQ_BUFS + 0x000)
+#define VB_STATUS	(VQ_BUFS + 0x010)
+#define VB_SEG		(VQ_BUFS + 0x020)
+#define VB_ID		(VQ_BUFS + 0x040)
+#define VB_DATA		(VQ_BUFS + 0x200)
+#define VB_SECTOR	512
+#define VB_IN		0
+#define VB_OUT		1
+#define VB_FLUSH	4
+#define VB_GET_ID	8
+#define VB_WRITE_ZEROES	13
+#define VB_PATTERN(i)	((u8)((i) * 7 + 3))
+
+static u32 vblk_before;	/* the interrupt counter before the request */
+
+static void vq_desc(u32 i, u64 buf, u32 len, u16 flags, u16 next)
+{
+	u64 d = (u64)vq_mem + VQ_DESC + 16 * i;
+	wr32(d, (u32)buf);
+	wr32(d + 4, (u32)(buf >> 32));
+	wr32(d + 8, len);
+	wr16(d + 12, flags);
+	wr16(d + 14, next);
+}
+
+/* One request as a chain: header (device-readable), `len` bytes at `data`
+ * (device-readable, or device-writable when `in`; none when len is 0), the
+ * status byte (device-writable, 0xff before).  used_event is the used index
+ * before it, so the device interrupts for this one (RING_EVENT_IDX).  Starts
+ * the step's line: `type`, `sector`, `status`, the used element (`used_id`,
+ * `used_len`); the caller adds its fields, then vblk_done(). */
+static void vblk_request(const char *name, u32 type, u64 sector, u64 data, u32 len, int in)
+{
+	u64 m = (u64)vq_mem, a = m + VQ_AVAIL;
+	wr32(m + VB_HDR, type);
+	wr32(m + VB_HDR + 4, 0);
+	wr32(m + VB_HDR + 8, (u32)sector);
+	wr32(m + VB_HDR + 12, (u32)(sector >> 32));
+	wr8(m + VB_STATUS, 0xff);
+	u32 n = 0;
+	vq_desc(n++, m + VB_HDR, 16, 1, 1);			/* NEXT */
+	if (len) {
+		vq_desc(n, data, len, (u16)(1 | (in ? 2 : 0)), (u16)(n + 1));
+		n++;
+	}
+	vq_desc(n, m + VB_STATUS, 1, 2, 0);			/* WRITE */
+	u32 used = used_idx();
+	wr16(a + 4 + 2 * vio.size, (u16)used);			/* used_event */
+	wr16(a + 4 + 2 * (vio.avail_idx % vio.size), 0);	/* head: descriptor 0 */
+	vio.avail_idx++;
+	vblk_before = vio.msix ? vio.irqs : vio.hits;
+	vq_publish_and_notify(vio.avail_idx);
+	u32 want = (used + 1) & 0xffff;
+	u32 polls = VPOLL(used_idx() == want, 2000);
+	u64 e = m + VQ_USED + 4 + 8 * (used % vio.size);
+	vstep(name);
+	kv_dec("polls", polls);
+	kv_dec("type", type);
+	kv_dec("sector", sector);
+	kv_dec("used_idx", used_idx());
+	kv_hex("status", rd8(m + VB_STATUS));
+	kv_dec("used_id", rd32(e));
+	kv_dec("used_len", rd32(e + 4));
+}
+
+static void vblk_done(void)
+{
+	virtio_take_irq(VIRTIO_VECTOR, vio.msix ? &vio.irqs : &vio.hits, vblk_before);
+	eol();
+}
+
+/* bytes of the data sector that differ from the pattern; from zero (`zero`) */
+static u32 vblk_diff(int zero)
+{
+	const u8 *p = vq_mem + VB_DATA;
+	u32 n = 0;
+	for (u32 i = 0; i < VB_SECTOR; i++)
+		n += p[i] != (zero ? 0 : VB_PATTERN(i));
+	return n;
+}
+
+/* virtio-blk: the device configuration, then GET_ID, a write of the pattern
+ * to sector 1, FLUSH, sector 1 read back, sector 0 read, WRITE_ZEROES on
+ * sector 2 (when offered) and sector 2 read back, a read at sector
+ * `capacity` (beyond the disk) */
+/* A one-sector read into the data buffer, first filled with 0xa5 so that what the
+ * device left alone can be told apart; the caller adds its fields, then vblk_done(). */
+static void vblk_read(const char *name, u64 sector)
+{
+	memset(vq_mem + VB_DATA, 0xa5, VB_SECTOR);
+	vblk_request(name, VB_IN, sector, (u64)vq_mem + VB_DATA, VB_SECTOR, 1);
+}
+
+static void vblk_requests(void)
+{
+	u64 m = (u64)vq_mem, dv = vio.device;
+	u32 g0 = vc8(VC_GEN);
+	u64 cap = rd32(dv) | (u64)rd32(dv + 4) << 32;
+	u32 seg_max = rd32(dv + 12), blk_size = rd32(dv + 20), numq = rd16(dv + 34);
+	u32 wz_sectors = rd32(dv + 48), wz_seg = rd32(dv + 52);
+	u32 g1 = vc8(VC_GEN);
+	u32 f = vio.accepted_lo;
+	vstep("blk-config");
+	kv_dec("capacity", cap);
+	kv_dec("blk_size", blk_size);
+	kv_dec("seg_max", seg_max);
+	kv_dec("num_queues", numq);
+	kv_dec("max_write_zeroes_sectors", wz_sectors);
+	kv_dec("max_write_zeroes_seg", wz_seg);
+	kv_dec("generation", g1);
+	kv_dec("stable", g0 == g1);
+	kv_dec("ro", !!(f & VBF_RO));
+	kv_dec("flush", !!(f & VBF_FLUSH));
+	kv_dec("blk_size_f", !!(f & VBF_BLK_SIZE));
+	kv_dec("write_zeroes", !!(f & VBF_WRITE_ZEROES));
+	kv_dec("discard", !!(f & VBF_DISCARD));
+	eol();
+
+	memset(vq_mem + VB_ID, 0, 20);
+	vblk_request("get-id", VB_GET_ID, 0, m + VB_ID, 20, 1);
+	u32 idn = 0;
+	while (idn < 20 && vq_mem[VB_ID + idn])
+		idn++;
+	key("serial");
+	put_escaped(vq_mem + VB_ID, idn, 0);
+	kv_dec("serial_len", idn);
+	vblk_done();
+
+	for (u32 i = 0; i < VB_SECTOR; i++)
+		vq_mem[VB_DATA + i] = VB_PATTERN(i);
+	vblk_request("write", VB_OUT, 1, m + VB_DATA, VB_SECTOR, 0);
+	vblk_done();
+
+	vblk_request("flush", VB_FLUSH, 0, 0, 0, 0);
+	vblk_done();
+
+	vblk_read("read", 1);
+	kv_dec("diff", vblk_diff(0));
+	vblk_done();
+
+	vblk_read("read0", 0);
+	kv_hex("csum", checksum(m + VB_DATA, VB_SECTOR));
+	vblk_done();
+
+	if (f & VBF_WRITE_ZEROES) {
+		wr32(m + VB_SEG, 2);		/* sector 2, 1 sector, flags 0 */
+		wr32(m + VB_SEG + 4, 0);
+		wr32(m + VB_SEG + 8, 1);
+		wr32(m + VB_SEG + 12, 0);
+		vblk_request("write-zeroes", VB_WRITE_ZEROES, 0, m + VB_SEG, 16, 0);
+		vblk_done();
+		vblk_read("read2", 2);
+		kv_dec("nonzero", vblk_diff(1));
+		vblk_done();
+	}
+
+	vblk_read("read-oob", cap);
+	u32 kept = 0;	/* bytes of the buffer the device left alone */
+	for (u32 i = 0; i < VB_SECTOR; i++)
+		kept += vq_mem[VB_DATA + i] == 0xa5;
+	kv_dec("kept", kept);
+	vblk_done();
+}
+
 static void virtio_run(struct vdevrec *d)
 {
 	u32 bdf = d->bdf;
 	memset(&vio, 0, sizeof(vio));
 	vio.msix = !has_switch("pyhv.virtio=intx");
+	vio.want_lo = d->id >> 16 == 0x1042 ? VBF_WANT : VF_EVENT_IDX;
 	vio.dev = (u32)(d - vdevs);
 	vio.bdf = bdf;
 
@@ -2692,6 +2874,10 @@ static void virtio_run(struct vdevrec *d)
 	kv_dec("intsts", intsts(bdf));
 	eol();
 
+	if (d->id >> 16 == 0x1042) {
+		vblk_requests();
+		goto stop;
+	}
 	static const u32 four[4] = {16, 16, 16, 64}, one[1] = {32};
 	virtio_requests("requests", four, 4);
 	virtio_break();
@@ -2713,6 +2899,7 @@ static void virtio_run(struct vdevrec *d)
 	eol();
 	virtio_requests("request2", one, 1);
 
+stop:
 	/* leave it quiet: reset, MSI-X off, the IOAPIC pin masked */
 	vw8(VC_STATUS, 0);
 	u32 n = VPOLL(vc8(VC_STATUS) == 0, 1000);
@@ -2734,7 +2921,8 @@ static void virtio_run(struct vdevrec *d)
 static void report_virtio(void)
 {
 	for (u32 i = 0; i < nvirtio; i++) {
-		if (vdevs[i].id >> 16 == 0x1044) {	/* virtio-rng: what the requests fit */
+		u32 type = vdevs[i].id >> 16;
+		if (type == 0x1044 || type == 0x1042) {	/* virtio-rng, virtio-blk */
 			virtio_run(&vdevs[i]);
 			continue;
 		}
