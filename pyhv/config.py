@@ -206,6 +206,10 @@ class DiskConfig:
     boot_order: Optional[int] = None
     #: virtio-blk request queues (libvirt's ``<driver queues=>``, QEMU's num-queues)
     queues: int = 1
+    #: what a failed write (libvirt's ``error_policy``, QEMU's werror) or read
+    #: (``rerror_policy``, rerror) does; None: QEMU's default (see error_policies)
+    error_policy: Optional[Literal["report", "ignore", "stop", "enospace"]] = None
+    rerror_policy: Optional[Literal["report", "ignore", "stop"]] = None
     #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
     id: Optional[str] = None
     #: where the device sits; None: placed by :mod:`pyhv.placement`
@@ -224,6 +228,21 @@ class DiskConfig:
             raise ConfigError(f"{what}: boot order must be 1 or more")
         if not 1 <= self.queues <= 64:
             raise ConfigError(f"{what}: {self.queues} queues (1 to 64)")
+        if self.error_policy not in (None, "report", "ignore", "stop", "enospace"):
+            raise ConfigError(f"{what}: error policy {self.error_policy!r} is not one of "
+                              f"report, ignore, stop, enospace")
+        if self.rerror_policy not in (None, "report", "ignore", "stop"):
+            raise ConfigError(f"{what}: read error policy {self.rerror_policy!r} is not one "
+                              f"of report, ignore, stop")
+
+    def error_policies(self) -> tuple[str, str]:
+        """(werror, rerror) in QEMU's words.  As libvirt has it, ``error_policy``
+        covers reads too unless ``rerror_policy`` is given (``enospace`` means
+        nothing for reads); QEMU's defaults are enospc for writes, report for reads."""
+        write = self.error_policy or "enospace"
+        read = self.rerror_policy or (self.error_policy if self.error_policy != "enospace"
+                                      else None) or "report"
+        return ("enospc" if write == "enospace" else write), read
 
 
 @dataclass(frozen=True)

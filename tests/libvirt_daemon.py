@@ -109,6 +109,20 @@ class LibvirtDaemon:
                 return self.base / name / path[len(fixed):].lstrip("/")
         return Path(path)
 
+    def in_namespace(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a command in the daemons' mount namespace (a mount made there is seen by
+        libvirtd and its emulators; one made outside is not: propagation is private)."""
+        pid = self._pid("libvirtd")
+        assert pid is not None, "libvirtd is not running"
+        return subprocess.run(["nsenter", "-t", str(pid), "-m", *argv], capture_output=True,
+                              text=True, timeout=60)
+
+    def namespace_path(self, path: os.PathLike[str] | str) -> Path:
+        """``path`` as the daemons see it, reachable from here (through /proc)."""
+        pid = self._pid("libvirtd")
+        assert pid is not None, "libvirtd is not running"
+        return Path(f"/proc/{pid}/root") / str(path).lstrip("/")
+
     def domain_log(self, name: str) -> Path:
         """The QEMU driver's log of domain ``name`` (argv at the top, then emulator stderr)."""
         return self.host_path(f"/var/log/libvirt/qemu/{name}.log")

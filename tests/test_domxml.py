@@ -102,6 +102,7 @@ def test_example_details() -> None:
     # placed as QEMU places -device without addr on pc: slots 2, 3... (1 is PIIX3)
     assert [d.address for d in disks] == [PciAddress(0, 2), PciAddress(0, 3)]
     assert disks[1].source_type == "block" and disks[1].readonly and disks[1].shareable
+    assert (disks[1].error_policy, disks[1].rerror_policy) == ("stop", "report")
     cons = load_domain(str(ex / "consoles.xml"), buildable=False)
     assert cons.serial.kind == "pty"
     assert [(p.target, p.index, p.chardev.kind) for p in cons.extra_serials] == [
@@ -135,7 +136,8 @@ def _full_config() -> VmConfig:
         serial=SerialConfig("tcp", host="127.0.0.1", port=4444, log_path="/var/log/c.log",
                             log_append=True),
         emulator="/usr/bin/pyhv-qemu", boot_order=("hd", "network"),
-        disks=(DiskConfig("/img/a.raw", "vda", cache="unsafe", boot_order=1),
+        disks=(DiskConfig("/img/a.raw", "vda", cache="unsafe", boot_order=1,
+                          error_policy="enospace", rerror_policy="stop"),
                DiskConfig("/dev/sdb", "vdc", source_type="block", readonly=True,
                           serial="SN1")),
         filesystems=(FilesystemConfig("/srv", "srv", accessmode="squash", readonly=True),
@@ -237,6 +239,10 @@ ERRORS = [
     (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='raw' "
                  "queues='99'/><source file='/a'/><target dev='vda' bus='virtio'/></disk>"),
      ["/domain/devices/disk", "99 queues (1 to 64)"]),
+    (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='raw' "
+                 "rerror_policy='enospace'/><source file='/a'/>"
+                 "<target dev='vda' bus='virtio'/></disk>"),
+     ["/domain/devices", "schema"]),
     (dom(memory="<memory unit='KiB'>65537</memory>"), ["/domain/memory", "4 KiB"]),
 ]
 

@@ -558,3 +558,56 @@ def test_virt_install_with_a_disk(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_a_full_disk_pauses_the_domain_until_resume(daemon, guests, tmp_path):
+    """QEMU's default werror=enospc under libvirt: the image lives on a tmpfs that is
+    full, so the guest's first write (the test guest's virtio-blk driver) fails with
+    ENOSPC.  pyhv holds the request and sends BLOCK_IO_ERROR then STOP: libvirt shows
+    "paused (I/O error)" and virsh domblkerror "no space".  Room is made, virsh resume
+    retries the write, the guest finishes its report and the sector is on disk."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    # mounted where libvirtd and the emulator see it; reached from here through /proc
+    mounted = daemon.in_namespace("mount", "-t", "tmpfs", "-o", "size=256k", "pyhv-test",
+                                  str(mnt))
+    assert mounted.returncode == 0, mounted.stderr
+    name = "fulldisk"
+    try:
+        image = mnt / "disk.img"
+        here = daemon.namespace_path(mnt)
+        with open(here / "disk.img", "wb") as f:
+            f.truncate(1 << 20)                      # sparse: every write needs a page
+        filler = here / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\xff" * 4096):
+                pass
+        except OSError:
+            pass                                     # ENOSPC: the tmpfs is full
+        finally:
+            os.close(fd)
+        out = tmp_path / "serial.log"
+        devices = (f"<serial type='file'><source path='{out}'/><target port='0'/></serial>"
+                   "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                   f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>")
+        define(daemon, tmp_path, name,
+               domain_xml(name, guests.pvh_elf, "pyhv.pci pyhv.virtio=msix", devices))
+        virsh(daemon, "start", name)
+        st = wait_state(daemon, name, "paused (I/O error)")
+        assert st == "paused (I/O error)", st + log_tail(daemon, (name,))
+        assert re.search(r"vda:\s+no space", virsh(daemon, "domblkerror", name).stdout)
+        filler.unlink()
+        virsh(daemon, "resume", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        report = parse_report(out.read_text())
+        assert report.complete and not report.errors, report.errors
+        steps = dict(report.virtio[0].steps)
+        assert steps["write"]["status"] == 0 and steps["read"]["diff"] == 0
+        with open(here / "disk.img", "rb") as f:
+            f.seek(512)
+            assert f.read(512) == bytes((i * 7 + 3) & 0xFF for i in range(512))
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+        daemon.in_namespace("umount", "-l", str(mnt))

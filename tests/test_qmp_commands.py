@@ -22,6 +22,7 @@ class FakeMachine:
     cpu_type: str = "host-x86_64-cpu"
     state: str = "prelaunch"
     balloon: Optional[int] = None
+    io_status: Optional[str] = None
     calls: list[str] = field(default_factory=list)
 
     def status(self) -> str:
@@ -80,7 +81,7 @@ class FakeMachine:
                             "libvirt-1-format", "libvirt-1-storage", "/img/a.raw", False,
                             "file", 1 << 30, 4096,
                             {"rd_bytes": 512, "wr_bytes": 1024, "rd_operations": 1,
-                             "wr_operations": 2, "flush_operations": 3})]
+                             "wr_operations": 2, "flush_operations": 3}, self.io_status)]
 
     def resize_block(self, qdev: str, size: int) -> None:
         self.calls.append(f"resize {qdev} {size}")
@@ -409,7 +410,8 @@ def test_guest_lifecycle() -> None:
 
 
 def test_vcpus_chardevs_and_qom() -> None:
-    c = negotiated(FakeMachine())
+    m = FakeMachine()
+    c = negotiated(m)
     cpus = c.ok("query-cpus-fast")
     assert [(x["cpu-index"], x["thread-id"], x["qom-path"]) for x in cpus] == [
         (0, 4001, "/machine/unattached/device[0]"), (1, 4002, "/machine/unattached/device[1]")]
@@ -446,6 +448,9 @@ def test_vcpus_chardevs_and_qom() -> None:
     (blk,) = c.ok("query-block")
     assert blk["qdev"] == qdev and blk["inserted"]["node-name"] == "libvirt-1-format"
     assert blk["inserted"]["image"]["virtual-size"] == 1 << 30
+    assert "io-status" not in blk                  # errors never stop this disk
+    m.io_status = "nospace"                        # werror=enospc stopped the machine
+    assert c.ok("query-block")[0]["io-status"] == "nospace"
     nodes = c.ok("query-named-block-nodes", flat=True)
     assert [(n["node-name"], n["drv"]) for n in nodes] == [
         ("libvirt-1-format", "raw"), ("libvirt-1-storage", "file")]

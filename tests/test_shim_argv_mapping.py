@@ -298,6 +298,27 @@ def test_drive_if_none_and_if_virtio() -> None:
         ("/a,b.img", "none", False, "file"), ("/dev/sdb", None, True, "block")]
 
 
+def test_werror_and_rerror() -> None:
+    """libvirt's error_policy='stop' arrives as werror=stop,rerror=stop on the device;
+    QEMU's defaults (enospc, report) are made explicit; -drive carries them too."""
+    node = ["-blockdev", '{"driver":"file","filename":"/a.img","node-name":"s"}',
+            "-blockdev", '{"driver":"raw","node-name":"f","file":"s"}']
+    c = build(["-kernel", "/k", *node, "-device",
+               "virtio-blk-pci,drive=f,id=virtio-disk0,werror=stop,rerror=stop"]).config
+    assert c is not None and c.disks[0].error_policies() == ("stop", "stop")
+    c = build(["-kernel", "/k", *node, "-device", "virtio-blk-pci,drive=f,werror=ignore"]).config
+    assert c is not None and c.disks[0].error_policies() == ("ignore", "report")
+    c = build(["-kernel", "/k", *node, "-device", "virtio-blk-pci,drive=f"]).config
+    assert c is not None and c.disks[0].error_policies() == ("enospc", "report")
+    c = build(["-kernel", "/k", "-drive", "file=/a.img,if=none,id=d,werror=report,"
+               "rerror=ignore", "-device", "virtio-blk-pci,drive=d"]).config
+    assert c is not None and c.disks[0].error_policies() == ("report", "ignore")
+    assert "rerror=enospc" in fails(["-kernel", "/k", *node, "-device",
+                                     "virtio-blk-pci,drive=f,rerror=enospc"])
+    assert "parameter 'werror' expects" in fails(["-kernel", "/k", *node, "-device",
+                                                 "virtio-blk-pci,drive=f,werror=pause"])
+
+
 def test_vhost_user_fs_needs_shared_memory() -> None:
     base = ["-kernel", "/k", "-chardev", "socket,id=chr-vu-fs0,path=/run/fs.sock",
             "-device", '{"driver":"vhost-user-fs-pci","id":"fs0","chardev":"chr-vu-fs0",'

@@ -21,7 +21,7 @@ import pytest
 from test_virtio_pci import MsiLog, PciDriver
 from virtio_driver import Driver, memory
 
-from pyhv.config import DiskConfig
+from pyhv.config import ConfigError, DiskConfig
 from pyhv.engine.block import (
     BlockError,
     ImageLockedError,
@@ -51,6 +51,7 @@ from pyhv.engine.virtio.blk import (
     T_IN,
     T_OUT,
     T_WRITE_ZEROES,
+    BlkIoError,
     BlkLimits,
     VirtioBlk,
     parse_request,
@@ -340,6 +341,100 @@ def test_a_failed_flush_fails_every_later_flush(env, monkeypatch) -> None:
     monkeypatch.setattr(os, "fdatasync", real)
     assert e.simple(T_FLUSH) == (S_IOERR, 1)      # the page cache may have lost writes
     assert e.read(0, 1)[0] == S_OK                 # reads go on
+
+
+# ---- error policies (werror/rerror) -----------------------------------------------------
+def failing(monkeypatch, name: str, err: int) -> list[int]:
+    """os.preadv or os.pwritev fails with ``err`` while the returned list is non-empty."""
+    real = getattr(os, name)
+    armed = [1]
+
+    def call(fd, views, pos):
+        if armed:
+            raise OSError(err, os.strerror(err))
+        return real(fd, views, pos)
+
+    monkeypatch.setattr(os, name, call)
+    return armed
+
+
+def policy_env(env, werror: str = "enospc", rerror: str = "report"):
+    e = env()
+    e.dev.werror, e.dev.rerror = werror, rerror
+    seen: list[BlkIoError] = []
+    e.dev.on_io_error = seen.append
+    return e, seen
+
+
+def test_report_ignore_and_the_default_enospc(env, monkeypatch) -> None:
+    e, seen = policy_env(env)                            # QEMU's defaults
+    armed = failing(monkeypatch, "pwritev", errno.EIO)
+    assert e.write(4, pattern(SECTOR)) == (S_IOERR, 1)   # enospc: EIO is reported
+    assert seen == [BlkIoError("write", "report", False, "Input/output error")]
+    assert not e.dev.stopped and e.dev.io_status == "ok"
+    e.dev.werror = "ignore"
+    assert e.write(4, pattern(SECTOR)) == (S_OK, 1)      # ignored: the guest sees success
+    assert seen[-1].action == "ignore" and e.dev.stats.wr_operations == 0
+    armed.clear()
+    rfail = failing(monkeypatch, "preadv", errno.EIO)
+    assert e.read(0, 1)[:2] == (S_IOERR, 1)              # rerror report
+    assert seen[-1] == BlkIoError("read", "report", False, "Input/output error")
+    rfail.clear()
+    assert e.write(4, pattern(SECTOR)) == (S_OK, 1)
+    assert e.host(4 * SECTOR, SECTOR) == pattern(SECTOR)
+
+
+@pytest.mark.parametrize("werror,err,status", [("enospc", errno.ENOSPC, "nospace"),
+                                               ("stop", errno.EIO, "failed")])
+def test_stop_holds_the_request_until_retry(env, monkeypatch, werror, err, status) -> None:
+    e, seen = policy_env(env, werror=werror)
+    armed = failing(monkeypatch, "pwritev", err)
+    ring = e.rings[0]
+    head, outs = ring.add([hdr(T_OUT, 8), pattern(SECTOR)], [1])
+    e.drv.kick(0)
+    assert ring.take_used() == [] and e.dev.stopped and e.dev.io_status == status
+    assert seen == [BlkIoError("write", "stop", err == errno.ENOSPC, os.strerror(err))]
+    head2, outs2 = ring.add([hdr(T_IN, 0)], [SECTOR, 1])   # queued while stopped
+    e.drv.kick(0)
+    assert ring.take_used() == [] and len(seen) == 1       # nothing moves
+    e.dev.retry()                                          # resumed, still failing
+    assert ring.take_used() == [] and e.dev.stopped and len(seen) == 2
+    armed.clear()                                          # the host made room
+    e.dev.retry()
+    assert ring.take_used() == [(head, 1), (head2, SECTOR + 1)]
+    assert e.status(outs) == S_OK and e.status(outs2) == S_OK
+    assert not e.dev.stopped and e.dev.io_status == "ok"
+    assert e.host(8 * SECTOR, SECTOR) == pattern(SECTOR)
+
+
+def test_a_read_stop_and_reset_drops_what_was_held(env, monkeypatch) -> None:
+    e, seen = policy_env(env, rerror="stop")
+    failing(monkeypatch, "preadv", errno.EIO)
+    ring = e.rings[0]
+    ring.add([hdr(T_IN, 0)], [SECTOR, 1])
+    e.drv.kick(0)
+    assert e.dev.stopped and seen[-1].operation == "read" and seen[-1].action == "stop"
+    e.dev.reset()
+    assert not e.dev.stopped and e.dev.io_status == "ok"
+
+
+@pytest.mark.parametrize("policy,rpolicy,want", [
+    (None, None, ("enospc", "report")),
+    ("stop", None, ("stop", "stop")),            # libvirt: error_policy covers reads
+    ("enospace", None, ("enospc", "report")),    # ... but enospace means nothing for reads
+    ("ignore", "report", ("ignore", "report")),
+    ("report", "stop", ("report", "stop")),
+])
+def test_error_policies_from_libvirts_attributes(policy, rpolicy, want) -> None:
+    d = DiskConfig("/x.img", "vda", error_policy=policy, rerror_policy=rpolicy)
+    assert d.error_policies() == want
+
+
+def test_bad_error_policies_are_refused() -> None:
+    with pytest.raises(ConfigError, match="error policy 'pause'"):
+        DiskConfig("/x.img", "vda", error_policy="pause")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="read error policy 'enospace'"):
+        DiskConfig("/x.img", "vda", rerror_policy="enospace")  # type: ignore[arg-type]
 
 
 # ---- GET_ID -------------------------------------------------------------------------

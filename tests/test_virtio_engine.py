@@ -144,3 +144,60 @@ def test_virtio_blk_in_a_machine(guests, tmp_path):
     finally:
         m.close()
         loop.close()
+
+
+def test_an_error_policy_stop_pauses_the_machine_and_resume_retries(guests, tmp_path,
+                                                                     monkeypatch):
+    """error_policy='stop': a write the host fails is held, the machine tells its
+    subscribers (BLOCK_IO_ERROR) and pauses; once the host is fixed, resume runs the
+    request again and the driver gets its answer."""
+    import errno
+    import os
+
+    from pyhv.config import DiskConfig
+    from pyhv.engine.machine import MachineState
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    m = _machine(guests, tmp_path, disks=(DiskConfig(str(image), "vda",
+                                                     error_policy="stop"),))
+    loop = EventLoop()
+    events = []
+    real = os.pwritev
+    armed = [1]
+
+    def pwritev(fd, views, pos):
+        if armed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, views, pos)
+
+    try:
+        m.start()
+        m.attach(loop)
+        m.subscribe(events.append)
+        drv = HostDriver(m, _virtio_function(m))
+        ring = drv.bring_up()
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        header = (1).to_bytes(4, "little") + bytes(4) + (5).to_bytes(8, "little")
+        head, outs = ring.add([header, b"held" * 128], [1])
+        drv.w(0x3000, 2, 0)
+        deadline = time.monotonic() + 10
+        while m.state is not MachineState.PAUSED and time.monotonic() < deadline:
+            loop.run(timeout=0.05)
+        assert m.state is MachineState.PAUSED
+        kinds = [ev.kind for ev in events]
+        assert kinds[-2:] == ["block-io-error", "paused"], kinds
+        err = events[-2]
+        assert err.detail == "virtio-disk0" and err.data.action == "stop"
+        assert err.data.operation == "write" and err.data.reason == "Input/output error"
+        assert ring.take_used() == []
+        armed.clear()
+        m.resume()
+        assert ring.take_used() == [(head, 1)]
+        assert m.memory.read(outs[0][0], 1) == b"\0"
+        with open(image, "rb") as f:
+            f.seek(5 * 512)
+            assert f.read(512) == b"held" * 128
+    finally:
+        m.close()
+        loop.close()

@@ -72,6 +72,8 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
         flags += [f"{k}={v}" for k, v in (("cache", d.cache), ("io", d.io),
                                           ("discard", d.discard),
                                           ("detect_zeroes", d.detect_zeroes),
+                                          ("error_policy", d.error_policy),
+                                          ("rerror_policy", d.rerror_policy),
                                           ("serial", d.serial), ("boot", d.boot_order))
                   if v is not None]
         rows.append((d, f"disk {d.target or f'#{i}'}: virtio-blk, {d.source_type} {d.path} "

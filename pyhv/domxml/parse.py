@@ -594,7 +594,7 @@ class _Mapper:
         self.attr(el, "snapshot")
         drv = self.child(el, "driver")
         fmt = "raw"
-        cache = io = discard = dz = None
+        cache = io = discard = dz = policy = rpolicy = None
         queues = 1
         if drv is not None:
             self.choice(drv, "name", ("qemu",), "qemu", "driver name")
@@ -612,6 +612,10 @@ class _Mapper:
                              "detect_zeroes")
             if self.attr(drv, "queues") is not None:
                 queues = self.integer(drv, self.attr(drv, "queues"), "queues", 1)
+            policy = self.choice(drv, "error_policy", ("stop", "report", "ignore", "enospace"),
+                                 None, "error_policy")
+            rpolicy = self.choice(drv, "rerror_policy", ("stop", "report", "ignore"), None,
+                                  "rerror_policy")
         src = self.child(el, "source")
         attr = "file" if kind == "file" else "dev"
         path = self.attr(src, attr) if src is not None else None
@@ -642,7 +646,8 @@ class _Mapper:
         try:
             return DiskConfig(path, target, fmt, kind, "virtio", ro, shareable,  # type: ignore
                               cache, io, discard, dz, serial, order,  # type: ignore[arg-type]
-                              queues)
+                              queues, error_policy=policy,  # type: ignore[arg-type]
+                              rerror_policy=rpolicy)  # type: ignore[arg-type]
         except ConfigError as e:
             self.fail(el, str(e))
 

@@ -164,7 +164,8 @@ def to_xml(cfg: VmConfig) -> str:
         el = _sub(devices, "disk", type=d.source_type, device="disk")
         _sub(el, "driver", name="qemu", type=d.format, cache=d.cache, io=d.io,
              discard=d.discard, detect_zeroes=d.detect_zeroes,
-             queues=str(d.queues) if d.queues != 1 else None)
+             queues=str(d.queues) if d.queues != 1 else None,
+             error_policy=d.error_policy, rerror_policy=d.rerror_policy)
         _sub(el, "source", **{"file" if d.source_type == "file" else "dev": d.path})
         _sub(el, "target", dev=target, bus="virtio")
         if d.boot_order is not None:

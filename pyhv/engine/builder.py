@@ -99,6 +99,8 @@ class Hooks:
     on_device_broken: Callable[[str, str, str], None] = lambda ident, kind, why: None
     #: the guest changed the balloon's size: the memory it now has, in bytes
     on_balloon: Callable[[int], None] = lambda actual: None
+    #: a disk request failed on the host (disk id, BlkIoError); called on the loop
+    on_block_error: Callable[[str, object], None] = lambda ident, err: None
 
 
 @dataclass
@@ -252,6 +254,8 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
             plat.timed.append(fn.device)
         if hasattr(fn.device, "on_actual"):
             fn.device.on_actual = hooks.on_balloon
+        if hasattr(fn.device, "on_io_error"):
+            fn.device.on_io_error = functools.partial(hooks.on_block_error, fn.name)
 
 
 def _serve(fn: VirtioPciFunction, queue: int, _fd: int) -> None:

@@ -11,6 +11,7 @@ something is posted, so a front end's epoll loop can wait on it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import queue
@@ -47,7 +48,9 @@ class MachineEvent:
     or ``host``), ``crashed`` (detail: the exit kind, e.g. ``triple-fault``;
     ``message`` and ``registers`` say more), ``paused``, ``resumed``,
     ``power-button``, ``device-broken`` (detail: the device id; a device model
-    failed and no longer answers, everything else goes on).
+    failed and no longer answers, everything else goes on), ``block-io-error``
+    (detail: the disk id; ``data`` the :class:`~pyhv.engine.virtio.blk.BlkIoError`;
+    on action ``stop`` the machine pauses right after).
     """
 
     kind: str
@@ -55,6 +58,7 @@ class MachineEvent:
     message: str = ""
     registers: str = ""
     timestamp: float = 0.0
+    data: object = None
 
 
 Subscriber = Callable[[MachineEvent], None]
@@ -114,7 +118,9 @@ class Machine:
                      on_serial_space=lambda: self._post("serial-space", None),
                      on_device_broken=lambda ident, kind, why: self._post(
                          "device-broken", (ident, kind, why)),
-                     on_balloon=lambda actual: self._post("balloon", actual))
+                     on_balloon=lambda actual: self._post("balloon", actual),
+                     on_block_error=lambda ident, err: self._post("block-io-error",
+                                                                  (ident, err)))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
@@ -204,6 +210,8 @@ class Machine:
             for v in self.platform.vcpus:
                 v.resume()
             self._emit(MachineEvent("resumed"))
+            for disk in self.disks().values():   # requests held by an error policy
+                disk.retry()  # type: ignore[attr-defined]
 
     def reset(self, source: str = "host") -> None:
         """Reboot: a fresh platform over the same RAM, the kernel loaded anew.
@@ -302,8 +310,7 @@ class Machine:
             os.eventfd_write(self.event_fd, 1)
 
     def _emit(self, event: MachineEvent) -> None:
-        event = MachineEvent(event.kind, event.detail, event.message, event.registers,
-                             time.time())
+        event = dataclasses.replace(event, timestamp=time.time())
         self.last_event = event
         for cb in list(self._subscribers):
             cb(event)
@@ -344,6 +351,14 @@ class Machine:
                 self._vcpu_event(payload)
             elif kind == "balloon":
                 self._emit(MachineEvent("balloon-change", str(payload)))
+            elif kind == "block-io-error":
+                assert isinstance(payload, tuple)
+                ident, err = payload
+                self._emit(MachineEvent("block-io-error", str(ident),
+                                        f"disk {ident}: {err.action} on a {err.operation} "
+                                        f"error: {err.reason}", data=err))
+                if err.action == "stop":
+                    self.pause()
             elif kind == "device-broken":
                 assert isinstance(payload, tuple)
                 ident, dkind, why = (str(x) for x in payload)

@@ -139,6 +139,8 @@ class BlockDevice:
     size: int
     actual_size: Optional[int]
     stats: dict[str, int]
+    #: QMP's io-status ("ok", "failed", "nospace"); None: errors never stop this disk
+    io_status: Optional[str] = None
 
     @property
     def qdev_id(self) -> str:
@@ -453,9 +455,14 @@ class Commands:
         return out
 
     def cmd_query_block(self, args: dict[str, Any], conn: QmpConnection) -> Any:
-        return [{"device": "", "qdev": d.qdev, "type": "unknown", "removable": False,
-                 "locked": False, "inserted": self._node(d, d.node, "raw")}
-                for d in self._disks()]
+        out = []
+        for d in self._disks():
+            info = {"device": "", "qdev": d.qdev, "type": "unknown", "removable": False,
+                    "locked": False, "inserted": self._node(d, d.node, "raw")}
+            if d.io_status is not None:
+                info["io-status"] = d.io_status
+            out.append(info)
+        return out
 
     def cmd_query_blockstats(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         if args.get("query-nodes"):

@@ -377,6 +377,8 @@ _CPU_PROPERTIES = {
     "tsc-frequency", "kvm-no-smi-migration",
 }
 
+#: QEMU's BlockdevOnError values (werror=, rerror=)
+ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 _COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 
 
@@ -994,6 +996,8 @@ class _Builder:
             "block": filename.startswith("/dev/"),
             "aio": opts.choice("aio", ("native", "threads", "io_uring")),
             "detect_zeroes": opts.choice("detect-zeroes", ("off", "on", "unmap")),
+            "werror": opts.choice("werror", ERROR_ACTIONS),
+            "rerror": opts.choice("rerror", ERROR_ACTIONS),
         }
 
     def read_netdevs(self) -> None:
@@ -1361,6 +1365,10 @@ class _Builder:
         write_cache = opts.get_str("write-cache", "auto")
         cache = _cache_mode(info, write_cache != "auto" and not parse_bool(
             write_cache, "write-cache", where))
+        werror = opts.choice("werror", ERROR_ACTIONS) or info.get("werror") or "auto"
+        rerror = opts.choice("rerror", ERROR_ACTIONS) or info.get("rerror") or "auto"
+        if rerror == "enospc":
+            raise _usage(where, "rerror=enospc is not supported (enospc is for writes)")
         try:
             self.disk_configs.append(DiskConfig(
                 path, format="raw", source_type="block" if info["block"] else "file",
@@ -1371,6 +1379,11 @@ class _Builder:
                 serial=opts.get_str("serial"),
                 boot_order=bootindex if bootindex is not None and bootindex >= 1 else None,
                 queues=opts.get_int("num-queues") or 1,
+                # QEMU's own defaults made explicit: libvirt's rule that error_policy
+                # covers reads as well is libvirt's, already applied to this argv
+                error_policy="enospace" if werror in ("auto", "enospc")
+                else werror,  # type: ignore[arg-type]
+                rerror_policy="report" if rerror == "auto" else rerror,  # type: ignore
                 id=spec.id, address=self.config_address(spec)))
         except ConfigError as e:
             raise _usage(where, str(e)) from None

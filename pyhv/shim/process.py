@@ -189,7 +189,9 @@ class ShimMachine:
                 spec.file_node, spec.path, spec.read_only,
                 "host_device" if spec.path.startswith("/dev/") else "file", size, actual,
                 stats or {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0,
-                          "wr_operations": 0, "flush_operations": 0}))
+                          "wr_operations": 0, "flush_operations": 0},
+                model.io_status if model is not None and model.can_stop  # type: ignore
+                else None))
         return out
 
     def resize_block(self, qdev: str, size: int) -> None:
@@ -326,6 +328,17 @@ class ShimProcess:
             self.log(ev.message)
         elif ev.kind == "balloon-change":
             self.broadcast("BALLOON_CHANGE", {"actual": int(ev.detail)})
+        elif ev.kind == "block-io-error":
+            self.log(ev.message)
+            err: Any = ev.data
+            spec = next((d for d in self.plan.disks if d.id == ev.detail), None)
+            data = {"device": "", "operation": err.operation, "action": err.action,
+                    "reason": err.reason}
+            if spec is not None:
+                data["node-name"] = spec.node or spec.id
+            if err.action == "stop" or err.nospace:
+                data["nospace"] = err.nospace
+            self.broadcast("BLOCK_IO_ERROR", data)
         elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":

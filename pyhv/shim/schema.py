@@ -158,6 +158,9 @@ TYPES: Final[tuple[TypeDef, ...]] = (
     Enum("QMPCapability", ("oob",)),
     Enum("ShutdownCause", SHUTDOWN_CAUSES),
     Enum("GuestPanicAction", ("pause", "poweroff", "run")),
+    Enum("IoOperationType", ("read", "write")),
+    Enum("BlockErrorAction", ("ignore", "report", "stop")),
+    Enum("BlockDeviceIoStatus", ("ok", "failed", "nospace")),
     # ---- QOM and machine description
     Struct("ObjectTypeInfo", (req("name", "str"), opt("abstract", "bool"), opt("parent", "str"))),
     Struct("ObjectPropertyInfo", (req("name", "str"), req("type", "str"),
@@ -244,7 +247,8 @@ TYPES: Final[tuple[TypeDef, ...]] = (
                                req("ro", "bool"), req("drv", "str"))),
     Struct("BlockInfo", (req("device", "str"), opt("qdev", "str"), req("type", "str"),
                          req("removable", "bool"), req("locked", "bool"),
-                         opt("inserted", "BlockDeviceInfo"))),
+                         opt("inserted", "BlockDeviceInfo"),
+                         opt("io-status", "BlockDeviceIoStatus"))),
     Struct("BlockDeviceStats", (opt("rd_total_time_ns", "int"), opt("wr_total_time_ns", "int"),
                                 opt("flush_total_time_ns", "int"),
                                 opt("wr_highest_offset", "int"),
@@ -373,6 +377,10 @@ EVENTS: Final[tuple[EventDef, ...]] = (
     EventDef("RESUME"),
     EventDef("GUEST_PANICKED", (req("action", "GuestPanicAction"),)),
     EventDef("BALLOON_CHANGE", (req("actual", "int"),)),
+    EventDef("BLOCK_IO_ERROR", (req("device", "str"), opt("node-name", "str"),
+                                req("operation", "IoOperationType"),
+                                req("action", "BlockErrorAction"), opt("nospace", "bool"),
+                                req("reason", "str"))),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)

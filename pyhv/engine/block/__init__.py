@@ -22,7 +22,7 @@ the engine's loop without changing the interface.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 from pyhv.engine.errors import EngineError
 
@@ -35,6 +35,12 @@ SECTOR_SIZE = 512
 
 class BlockError(EngineError):
     """A disk image cannot be opened or an I/O on it failed (one line, names the file)."""
+
+    @property
+    def errno(self) -> Optional[int]:
+        """The host's errno behind the failure (raised ``from`` an OSError), if any."""
+        cause = self.__cause__
+        return cause.errno if isinstance(cause, OSError) else None
 
 
 class ImageLockedError(BlockError):

@@ -21,16 +21,26 @@ left on its :class:`~pyhv.engine.block.BlockBackend` and completes the chain:
 
 Writes are made stable by FLUSH; a driver that did not accept VIRTIO_BLK_F_FLUSH
 gets every write flushed before it completes (the spec's rule for that case).
+
+A request the host fails is handled by the disk's error policy, QEMU's
+``rerror``/``werror`` (libvirt's ``rerror_policy``/``error_policy``): ``report``
+completes it with IOERR, ``ignore`` with OK, ``stop`` holds it (its queues
+stand still) and asks the machine to pause; :meth:`VirtioBlk.retry` runs it
+again when the machine resumes.  ``enospc`` stops on ENOSPC and reports
+anything else (QEMU's default for writes; reads default to ``report``).  Each
+failure is told to ``on_io_error`` (QMP's BLOCK_IO_ERROR).
 Requests are served on the thread that calls :meth:`VirtioBlk.queue_notify`
 (the engine's loop), synchronously.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
 from pyhv.engine.memory import GuestMemoryError
@@ -291,18 +301,46 @@ class BlkStats:
             self.flush_total_time_ns += ns
 
 
+#: what a failed request does (QEMU's BlockdevOnError less ``auto``)
+ERROR_POLICIES = ("report", "ignore", "stop", "enospc")
+
+
+@dataclass(frozen=True)
+class BlkIoError:
+    """One request the host failed, as QMP's BLOCK_IO_ERROR tells it."""
+
+    operation: str          # "read" or "write" (flush, discard and write-zeroes: write)
+    action: str             # "report", "ignore" or "stop"
+    nospace: bool
+    reason: str
+
+
+class _Held(Exception):
+    """The request stopped on an error: it stays unanswered until :meth:`retry`."""
+
+
 class VirtioBlk(VirtioDevice):
     device_type = TYPE_BLOCK
     kind = "virtio-blk"
 
     def __init__(self, backend: BlockBackend, serial: Optional[str] = None,
                  num_queues: int = 1, queue_size: int = QUEUE_SIZE, discard: bool = False,
-                 detect_zeroes: str = "off") -> None:
+                 detect_zeroes: str = "off", werror: str = "enospc",
+                 rerror: str = "report") -> None:
         super().__init__()
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"virtio-blk: {num_queues} queues, not 1 to {MAX_QUEUES}")
         if detect_zeroes not in ("off", "on", "unmap"):
             raise ValueError(f"virtio-blk: detect_zeroes {detect_zeroes!r}")
+        for name, policy in (("werror", werror), ("rerror", rerror)):
+            if policy not in ERROR_POLICIES:
+                raise ValueError(f"virtio-blk: {name} {policy!r}")
+        self.werror, self.rerror = werror, rerror
+        #: told of every failed request (the machine pauses on action "stop")
+        self.on_io_error: Callable[[BlkIoError], None] = lambda err: None
+        #: QMP's io-status: "ok", "failed" or "nospace" (the last stop's cause)
+        self.io_status = "ok"
+        self._held: Optional[tuple[int, DescriptorChain]] = None
         self.backend = backend
         self.stats = BlkStats()
         self.serial = serial
@@ -326,8 +364,15 @@ class VirtioBlk(VirtioDevice):
     @classmethod
     def from_config(cls, disk: "DiskConfig", num_queues: int = 1) -> "VirtioBlk":
         """The device for a configured disk, its backend opened (and locked)."""
+        werror, rerror = disk.error_policies()
         return cls(open_disk(disk), serial=disk.serial, num_queues=num_queues,
-                   discard=disk.discard == "unmap", detect_zeroes=disk.detect_zeroes or "off")
+                   discard=disk.discard == "unmap", detect_zeroes=disk.detect_zeroes or "off",
+                   werror=werror, rerror=rerror)
+
+    @property
+    def can_stop(self) -> bool:
+        """An error may stop the machine (QEMU then reports ``io-status``)."""
+        return "stop" in (self.werror, self.rerror) or "enospc" in (self.werror, self.rerror)
 
     # ---- configuration space -------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -356,6 +401,8 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.writethrough = False
+        self._held = None
+        self.io_status = "ok"
 
     def close(self) -> None:
         self.backend.close()
@@ -372,8 +419,8 @@ class VirtioBlk(VirtioDevice):
 
     # ---- requests --------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
-        if index >= len(self.queues):
-            return
+        if index >= len(self.queues) or self._held is not None:
+            return  # stopped on an error: nothing moves until retry()
         q = self.queues[index]
         memory, interrupts = self.memory, self.interrupts
         assert memory is not None and interrupts is not None
@@ -388,9 +435,36 @@ class VirtioBlk(VirtioDevice):
                 continue
             if chain is None:
                 break
-            q.add_used(memory, chain.head, self.handle(chain))
+            try:
+                used = self.handle(chain)
+            except _Held:
+                self._held = (index, chain)
+                break
+            q.add_used(memory, chain.head, used)
         if q.needs_notification(memory):
             interrupts.queue(index)
+
+    @property
+    def stopped(self) -> bool:
+        """A request waits for :meth:`retry` (the machine paused on its error)."""
+        return self._held is not None
+
+    def retry(self) -> None:
+        """The machine resumed: run the held request again (it may stop again), then
+        serve whatever the driver queued meanwhile."""
+        held, self._held = self._held, None
+        if held is None or self.memory is None:
+            return
+        index, chain = held
+        self.io_status = "ok"
+        try:
+            used = self.handle(chain)
+        except _Held:
+            self._held = held
+            return
+        self.queues[index].add_used(self.memory, chain.head, used)
+        for i in range(len(self.queues)):
+            self.queue_notify(i)
 
     @staticmethod
     def _next_head(q: SplitQueue, memory: "GuestMemory") -> Optional[int]:
@@ -415,9 +489,24 @@ class VirtioBlk(VirtioDevice):
         return written + 1
 
     def _execute(self, req: BlkRequest) -> tuple[int, int]:
-        """(status, bytes written into the data buffers) of a request that parsed."""
+        """(status, bytes written into the data buffers) of a request that parsed;
+        raises :class:`_Held` when the error policy stops on its failure."""
         start = time.perf_counter_ns()
-        status, written = self._run(req)
+        try:
+            status, written = self._run(req)
+        except BlockError as e:
+            read = req.type == T_IN
+            policy = self.rerror if read else self.werror
+            nospace = e.errno == errno.ENOSPC
+            action = ("stop" if nospace else "report") if policy == "enospc" else policy
+            if action == "stop":
+                self.io_status = "nospace" if nospace else "failed"
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            self.on_io_error(BlkIoError("read" if read else "write", action, nospace, reason))
+            if action == "stop":
+                raise _Held() from e
+            # failures are not counted in the statistics, ignored or not
+            return (S_OK, 0) if action == "ignore" else (S_IOERR, 0)
         if status == S_OK:
             self.stats.count(req.type, req.data_len, req.sector * SECTOR_SIZE,
                              time.perf_counter_ns() - start)
@@ -431,39 +520,36 @@ class VirtioBlk(VirtioDevice):
         except GuestMemoryError:
             return S_IOERR, 0
         offset = req.sector * SECTOR_SIZE
-        try:
-            if req.type == T_IN:
-                b.read_into(offset, views)
-                return S_OK, req.data_len
-            if req.type == T_OUT:
-                if self.detect_zeroes != "off" and req.data_len and _is_zero(views):
-                    b.write_zeroes(offset, req.data_len, unmap=self.detect_zeroes == "unmap")
-                else:
-                    b.write_from(offset, views)
-                if self.writethrough:
-                    b.flush()
-                return S_OK, 0
-            if req.type == T_FLUSH:
-                b.flush()
-                return S_OK, 0
-            if req.type == T_GET_ID:
-                ident = (self.serial or "").encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
-                n = min(req.data_len, ID_BYTES)
-                pos = 0
-                for v in views:
-                    take = min(len(v), n - pos)
-                    v[:take] = ident[pos:pos + take]
-                    pos += take
-                    if pos == n:
-                        break
-                return S_OK, n
-            for start, sectors, unmap in req.ranges:
-                if req.type == T_DISCARD:
-                    b.discard(start * SECTOR_SIZE, sectors * SECTOR_SIZE)
-                else:
-                    b.write_zeroes(start * SECTOR_SIZE, sectors * SECTOR_SIZE, unmap=unmap)
+        if req.type == T_IN:
+            b.read_into(offset, views)
+            return S_OK, req.data_len
+        if req.type == T_OUT:
+            if self.detect_zeroes != "off" and req.data_len and _is_zero(views):
+                b.write_zeroes(offset, req.data_len, unmap=self.detect_zeroes == "unmap")
+            else:
+                b.write_from(offset, views)
             if self.writethrough:
                 b.flush()
             return S_OK, 0
-        except BlockError:
-            return S_IOERR, 0
+        if req.type == T_FLUSH:
+            b.flush()
+            return S_OK, 0
+        if req.type == T_GET_ID:
+            ident = (self.serial or "").encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+            n = min(req.data_len, ID_BYTES)
+            pos = 0
+            for v in views:
+                take = min(len(v), n - pos)
+                v[:take] = ident[pos:pos + take]
+                pos += take
+                if pos == n:
+                    break
+            return S_OK, n
+        for start, sectors, unmap in req.ranges:
+            if req.type == T_DISCARD:
+                b.discard(start * SECTOR_SIZE, sectors * SECTOR_SIZE)
+            else:
+                b.write_zeroes(start * SECTOR_SIZE, sectors * SECTOR_SIZE, unmap=unmap)
+        if self.writethrough:
+            b.flush()
+        return S_OK, 0
