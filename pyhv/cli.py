@@ -109,7 +109,7 @@ def run_machine(config: "object") -> int:
     import signal
 
     from pyhv.engine.eventloop import EventLoop
-    from pyhv.engine.machine import Machine, MachineEvent
+    from pyhv.engine.machine import Machine, MachineEvent, MachineState
 
     machine = Machine(config)  # type: ignore[arg-type]
     loop = EventLoop()
@@ -117,12 +117,14 @@ def run_machine(config: "object") -> int:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w)
     stop_signal: list[int] = []
+    resume_asked: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop_signal.append(signum)
+        (resume_asked if signum == signal.SIGCONT else stop_signal).append(signum)
 
+    # SIGCONT resumes a guest a disk error policy paused (there is no monitor here)
     old_handlers = {s: signal.signal(s, on_signal)
-                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCONT)}
 
     def on_wakeup(fd: int) -> None:
         try:
@@ -134,10 +136,20 @@ def run_machine(config: "object") -> int:
             print(f"pyhv: terminating on signal {stop_signal[0]}", file=sys.stderr)
             machine.power_off("host")
             loop.stop()
+        elif resume_asked:
+            resume_asked.clear()
+            if machine.state is MachineState.PAUSED:
+                print("pyhv: resuming on SIGCONT", file=sys.stderr)
+                machine.resume()
 
     def on_event(ev: MachineEvent) -> None:
         if ev.kind == "device-broken":
             print(f"pyhv: {ev.message}", file=sys.stderr)
+        if ev.kind == "block-io-error":
+            print(f"pyhv: {ev.message}", file=sys.stderr)
+            if getattr(ev.data, "action", None) == "stop":
+                print(f"pyhv: the guest is paused; fix the cause, then kill -CONT "
+                      f"{os.getpid()} to retry", file=sys.stderr)
         if ev.kind == "crashed":
             status["code"] = EXIT_TRIPLE_FAULT if ev.detail == "triple-fault" \
                 else EXIT_INTERNAL_ERROR

@@ -358,3 +358,71 @@ def test_serial_input_from_pty(guests):
     finally:
         proc.kill()
         proc.communicate()
+
+
+FULL_DISK_CHILD = r"""
+import json, os, signal, subprocess, sys
+mnt, xml, repo = sys.argv[1], sys.argv[2], sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "pyhv-test", mnt], check=True)
+with open(os.path.join(mnt, "disk.img"), "wb") as f:
+    f.truncate(1 << 20)
+fd = os.open(os.path.join(mnt, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while os.write(fd, b"\xff" * 4096):
+        pass
+except OSError:
+    pass
+os.close(fd)
+p = subprocess.Popen([sys.executable, "-m", "pyhv", "run", xml], cwd=repo,
+                     stderr=subprocess.PIPE, text=True)
+err = []
+for line in p.stderr:
+    err.append(line)
+    if "kill -CONT" in line:
+        os.unlink(os.path.join(mnt, "filler"))
+        p.send_signal(signal.SIGCONT)
+        break
+err.append(p.stderr.read())
+rc = p.wait(timeout=120)
+with open(os.path.join(mnt, "disk.img"), "rb") as f:
+    f.seek(512)
+    sector = f.read(512).hex()
+print(json.dumps({"rc": rc, "stderr": "".join(err), "sector": sector}))
+"""
+
+
+def test_a_full_disk_pauses_until_sigcont(guests, tmp_path):
+    """pyhv run has no monitor: a write that finds the disk full (QEMU's default
+    werror=enospc) pauses the guest with one line saying how to resume; SIGCONT
+    retries the write and the guest goes on to its end.  The tmpfs that fills up is
+    mounted in a private mount namespace of the test's own."""
+    import json
+
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is not installed")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = tmp_path / "serial.txt"
+    xml = tmp_path / "full.xml"
+    xml.write_text(f"<domain type='kvm'><name>full</name><memory>65536</memory>"
+                   f"<os><type>hvm</type><kernel>{guests.pvh_elf}</kernel>"
+                   f"<cmdline>pyhv.pci pyhv.virtio=msix</cmdline></os><devices>"
+                   f"<serial type='file'><source path='{out}'/></serial>"
+                   f"<disk type='file' device='disk'><source file='{mnt}/disk.img'/>"
+                   f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    child = tmp_path / "child.py"
+    child.write_text(FULL_DISK_CHILD)
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                        str(child), str(mnt), str(xml), str(REPO)],
+                       capture_output=True, text=True, timeout=180)
+    if p.returncode != 0 and "unshare" in p.stderr:
+        pytest.skip(f"no private mount namespace here: {p.stderr.strip()}")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["rc"] == 0, res["stderr"]
+    assert "disk virtio-disk0: stop on a write error: No space left on device" \
+        in res["stderr"], res["stderr"]
+    assert "pyhv: resuming on SIGCONT" in res["stderr"]
+    assert "Traceback" not in res["stderr"]
+    assert bytes.fromhex(res["sector"]) == bytes((i * 7 + 3) & 0xFF for i in range(512))
+    assert "@end" in out.read_text(), res["stderr"]
