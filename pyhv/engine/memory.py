@@ -67,6 +67,9 @@ class GuestMemory:
                     f"guest memory regions overlap at 0x{b.guest_addr:x}")
         self.regions: tuple[GuestRegion, ...] = tuple(ordered)
         self._views = [memoryview(r.buffer) for r in ordered]
+        #: (first, one past the last) guest address of each region: the hot lookup
+        self._bounds: tuple[tuple[int, int], ...] = tuple((r.guest_addr, r.end)
+                                                          for r in ordered)
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -136,8 +139,9 @@ class GuestMemory:
         """Index of the region holding all of ``[addr, addr+size)``, or raise."""
         if size < 0 or addr < 0:
             raise InvalidGuestAddress(addr, size)
-        for i, r in enumerate(self.regions):
-            if r.guest_addr <= addr and addr + size <= r.end:
+        end = addr + size
+        for i, (first, last) in enumerate(self._bounds):
+            if first <= addr and end <= last:
                 return i
         raise InvalidGuestAddress(addr, size)
 
@@ -216,6 +220,7 @@ class GuestMemory:
         for v in self._views:
             v.release()
         self._views = []
+        self._bounds = ()
         regions, self.regions = self.regions, ()
         busy = None
         for fd in {r.fd for r in regions if r.fd >= 0}:
