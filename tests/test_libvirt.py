@@ -611,3 +611,41 @@ def test_a_full_disk_pauses_the_domain_until_resume(daemon, guests, tmp_path):
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
         daemon.in_namespace("umount", "-l", str(mnt))
+
+
+def test_block_write_threshold_event(daemon, guests, tmp_path):
+    """virsh domblkthreshold arms QMP block-set-write-threshold (domstats shows it);
+    the guest's first write past it (the test guest's virtio-blk driver writes sector
+    1, bytes 512-1023) becomes BLOCK_WRITE_THRESHOLD, which virsh event reports with
+    the threshold and the excess."""
+    name = "threshold"
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    devices = ("<serial type='file'><source path='/dev/null'/><target port='0'/></serial>"
+               "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+               f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>")
+    define(daemon, tmp_path, name,
+           domain_xml(name, guests.pvh_elf, "pyhv.pci pyhv.virtio=msix pyhv.wait=powerbutton",
+                      devices))
+    events = None
+    try:
+        virsh(daemon, "start", "--paused", name)
+        virsh(daemon, "domblkthreshold", name, "vda", "600")
+        stats = virsh(daemon, "domstats", "--block", name).stdout
+        assert re.search(r"block\.0\.threshold=600\b", stats), stats
+        events = subprocess.Popen(["virsh", "-c", daemon.uri, "event", name,
+                                   "--event", "block-threshold", "--timeout", "60"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=daemon.client_env())
+        time.sleep(1)                                # virsh event registers first
+        virsh(daemon, "resume", name)
+        out, err = events.communicate(timeout=90)
+        assert "block-threshold" in out and "vda" in out, out + err
+        assert re.search(r"\b600\b.*\b424\b", out), out
+        stats = virsh(daemon, "domstats", "--block", name).stdout
+        assert not re.search(r"block\.0\.threshold=", stats), stats   # disarmed
+    finally:
+        if events is not None and events.poll() is None:
+            events.kill()
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

@@ -23,6 +23,7 @@ class FakeMachine:
     state: str = "prelaunch"
     balloon: Optional[int] = None
     io_status: Optional[str] = None
+    threshold: tuple[int, Optional[str]] = (0, None)
     calls: list[str] = field(default_factory=list)
 
     def status(self) -> str:
@@ -81,10 +82,15 @@ class FakeMachine:
                             "libvirt-1-format", "libvirt-1-storage", "/img/a.raw", False,
                             "file", 1 << 30, 4096,
                             {"rd_bytes": 512, "wr_bytes": 1024, "rd_operations": 1,
-                             "wr_operations": 2, "flush_operations": 3}, self.io_status)]
+                             "wr_operations": 2, "flush_operations": 3}, self.io_status,
+                            *self.threshold)]
 
     def resize_block(self, qdev: str, size: int) -> None:
         self.calls.append(f"resize {qdev} {size}")
+
+    def set_write_threshold(self, qdev: str, node: str, threshold: int) -> None:
+        self.calls.append(f"threshold {qdev} {node} {threshold}")
+        self.threshold = (threshold, node)
 
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
@@ -480,6 +486,26 @@ def test_block_resize() -> None:
         "Parameter 'size' expects a >0 size"
     assert c.err("block_resize", **{"node-name": "libvirt-1-format"})[0] == "GenericError"
     assert len(m.calls) == 3
+
+
+def test_block_set_write_threshold() -> None:
+    """The threshold is set through a node and shows on that node only (libvirt's
+    domstats block.N.threshold reads query-named-block-nodes)."""
+    m = FakeMachine()
+    c = negotiated(m)
+    nodes = c.ok("query-named-block-nodes", flat=True)
+    assert [n["write_threshold"] for n in nodes] == [0, 0]
+    assert c.ok("block-set-write-threshold",
+                **{"node-name": "libvirt-1-storage", "write-threshold": 1 << 20}) == {}
+    assert m.calls[-1] == ("threshold /machine/peripheral/virtio-disk0/virtio-backend "
+                           f"libvirt-1-storage {1 << 20}")
+    nodes = c.ok("query-named-block-nodes", flat=True)
+    assert [(n["node-name"], n["write_threshold"]) for n in nodes] == [
+        ("libvirt-1-format", 0), ("libvirt-1-storage", 1 << 20)]
+    assert c.err("block-set-write-threshold",
+                 **{"node-name": "nope", "write-threshold": 1}) == \
+        ("GenericError", "Device 'nope' not found")
+    assert {"name": "BLOCK_WRITE_THRESHOLD"} in c.ok("query-events")
 
 
 def test_balloon() -> None:

@@ -437,6 +437,24 @@ def test_bad_error_policies_are_refused() -> None:
         DiskConfig("/x.img", "vda", rerror_policy="enospace")  # type: ignore[arg-type]
 
 
+# ---- write threshold (QMP block-set-write-threshold) -------------------------------------
+def test_write_threshold_fires_once_on_the_first_write_past_it(env) -> None:
+    e = env()
+    fired: list[tuple[int, int]] = []
+    e.dev.on_threshold = lambda past, at: fired.append((past, at))
+    e.dev.write_threshold = 8 * SECTOR
+    assert e.write(7, pattern(SECTOR)) == (S_OK, 1)          # ends at the threshold
+    assert e.read(100, 4)[0] == S_OK                          # reads never count
+    assert fired == [] and e.dev.write_threshold == 8 * SECTOR
+    assert e.write(7, pattern(2 * SECTOR)) == (S_OK, 1)      # one sector past it
+    assert fired == [(SECTOR, 8 * SECTOR)] and e.dev.write_threshold == 0
+    assert e.write(500, pattern(SECTOR)) == (S_OK, 1)        # disarmed
+    assert fired == [(SECTOR, 8 * SECTOR)]
+    e.dev.write_threshold = 64 * SECTOR                      # re-armed: write-zeroes
+    assert e.simple(T_WRITE_ZEROES, seg(10, 2) + seg(100, 4)) == (S_OK, 1)
+    assert fired[-1] == (40 * SECTOR, 64 * SECTOR)
+
+
 # ---- GET_ID -------------------------------------------------------------------------
 @pytest.mark.parametrize("serial,want", [
     ("pyhv-disk-1", b"pyhv-disk-1".ljust(20, b"\0")),

@@ -101,6 +101,8 @@ class Hooks:
     on_balloon: Callable[[int], None] = lambda actual: None
     #: a disk request failed on the host (disk id, BlkIoError); called on the loop
     on_block_error: Callable[[str, object], None] = lambda ident, err: None
+    #: a write reached past a disk's write threshold (disk id, bytes past, threshold)
+    on_block_threshold: Callable[[str, int, int], None] = lambda ident, past, at: None
 
 
 @dataclass
@@ -256,6 +258,8 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
             fn.device.on_actual = hooks.on_balloon
         if hasattr(fn.device, "on_io_error"):
             fn.device.on_io_error = functools.partial(hooks.on_block_error, fn.name)
+        if hasattr(fn.device, "on_threshold"):
+            fn.device.on_threshold = functools.partial(hooks.on_block_threshold, fn.name)
 
 
 def _serve(fn: VirtioPciFunction, queue: int, _fd: int) -> None:

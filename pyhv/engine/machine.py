@@ -50,7 +50,8 @@ class MachineEvent:
     ``power-button``, ``device-broken`` (detail: the device id; a device model
     failed and no longer answers, everything else goes on), ``block-io-error``
     (detail: the disk id; ``data`` the :class:`~pyhv.engine.virtio.blk.BlkIoError`;
-    on action ``stop`` the machine pauses right after).
+    on action ``stop`` the machine pauses right after), ``block-write-threshold``
+    (detail: the disk id; ``data``: (bytes past the threshold, the threshold)).
     """
 
     kind: str
@@ -120,7 +121,9 @@ class Machine:
                          "device-broken", (ident, kind, why)),
                      on_balloon=lambda actual: self._post("balloon", actual),
                      on_block_error=lambda ident, err: self._post("block-io-error",
-                                                                  (ident, err)))
+                                                                  (ident, err)),
+                     on_block_threshold=lambda ident, past, at: self._post(
+                         "block-threshold", (ident, past, at)))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
@@ -359,6 +362,12 @@ class Machine:
                                         f"error: {err.reason}", data=err))
                 if err.action == "stop":
                     self.pause()
+            elif kind == "block-threshold":
+                assert isinstance(payload, tuple)
+                ident, past, at = payload
+                self._emit(MachineEvent("block-write-threshold", str(ident),
+                                        f"disk {ident}: a write went {past} bytes past the "
+                                        f"write threshold {at}", data=(past, at)))
             elif kind == "device-broken":
                 assert isinstance(payload, tuple)
                 ident, dkind, why = (str(x) for x in payload)

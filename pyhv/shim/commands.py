@@ -124,6 +124,11 @@ class MachineControl(Protocol):
         ``size`` bytes; a failure raises :class:`QmpError`."""
         ...
 
+    def set_write_threshold(self, qdev: str, node: str, threshold: int) -> None:
+        """Arm (0: disarm) the write threshold of the disk ``qdev``, set through
+        ``node`` (the node BLOCK_WRITE_THRESHOLD names)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BlockDevice:
@@ -141,6 +146,9 @@ class BlockDevice:
     stats: dict[str, int]
     #: QMP's io-status ("ok", "failed", "nospace"); None: errors never stop this disk
     io_status: Optional[str] = None
+    #: the armed write threshold (0: none) and the node it was set on
+    write_threshold: int = 0
+    threshold_node: Optional[str] = None
 
     @property
     def qdev_id(self) -> str:
@@ -443,8 +451,9 @@ class Commands:
         image: dict[str, Any] = {"filename": d.path, "format": drv, "virtual-size": d.size}
         if d.actual_size is not None:
             image["actual-size"] = d.actual_size
+        threshold = d.write_threshold if node == d.threshold_node else 0
         return {"node-name": node, "file": d.path, "ro": d.readonly, "drv": drv,
-                "image": image}
+                "image": image, "write_threshold": threshold}
 
     def cmd_query_named_block_nodes(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         out = []
@@ -489,6 +498,18 @@ class Commands:
                 self.machine.resize_block(d.qdev, size)
                 return
         raise QmpError(f"Cannot find device={device or ''} nor node-name={node or ''}")
+
+    def cmd_block_set_write_threshold(self, args: dict[str, Any],
+                                      conn: QmpConnection) -> None:
+        node, threshold = args["node-name"], args["write-threshold"]
+        if threshold < 0:
+            raise QmpError("Parameter 'write-threshold' expects uint64")
+        for d in self._disks():
+            if node in (d.node, d.file_node):
+                assert self.machine is not None
+                self.machine.set_write_threshold(d.qdev, node, threshold)
+                return
+        raise QmpError(f"Device '{node}' not found")
 
     def cmd_query_chardev(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         chardevs = self.machine.chardevs() if self.machine else ()

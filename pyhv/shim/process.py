@@ -52,6 +52,8 @@ class ShimMachine:
         self.machine = machine
         self.emit = emit
         self.stop_process = stop_process
+        #: disk id -> the node its write threshold was set through
+        self._threshold_nodes: dict[str, str] = {}
         cfg = plan.config
         assert cfg is not None
         self.name = plan.options.name
@@ -191,8 +193,24 @@ class ShimMachine:
                 stats or {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0,
                           "wr_operations": 0, "flush_operations": 0},
                 model.io_status if model is not None and model.can_stop  # type: ignore
-                else None))
+                else None,
+                model.write_threshold if model is not None else 0,  # type: ignore
+                self._threshold_nodes.get(spec.id)))
         return out
+
+    def set_write_threshold(self, qdev: str, node: str, threshold: int) -> None:
+        for spec in self.plan.disks:
+            if spec.id is not None and qdev == f"/machine/peripheral/{spec.id}/virtio-backend":
+                model = self.machine.disks().get(spec.id)
+                if model is not None:
+                    model.write_threshold = threshold  # type: ignore[attr-defined]
+                    self._threshold_nodes[spec.id] = node
+                    return
+        raise QmpError(f"Device '{node}' not found")
+
+    def threshold_node(self, disk_id: str) -> Optional[str]:
+        """The node a write threshold of disk ``disk_id`` was set through."""
+        return self._threshold_nodes.get(disk_id)
 
     def resize_block(self, qdev: str, size: int) -> None:
         from pyhv.engine.block import BlockError
@@ -339,6 +357,14 @@ class ShimProcess:
             if err.action == "stop" or err.nospace:
                 data["nospace"] = err.nospace
             self.broadcast("BLOCK_IO_ERROR", data)
+        elif ev.kind == "block-write-threshold":
+            amounts: Any = ev.data
+            past, at = amounts
+            node = self.control.threshold_node(ev.detail)
+            if node is not None:
+                self.broadcast("BLOCK_WRITE_THRESHOLD", {"node-name": node,
+                                                         "amount-exceeded": past,
+                                                         "write-threshold": at})
         elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":

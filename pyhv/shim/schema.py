@@ -244,7 +244,8 @@ TYPES: Final[tuple[TypeDef, ...]] = (
                          req("virtual-size", "int"), opt("actual-size", "int"))),
     Struct("BlockDeviceInfo", (req("node-name", "str"), req("file", "str"),
                                opt("image", "ImageInfo"),
-                               req("ro", "bool"), req("drv", "str"))),
+                               req("ro", "bool"), req("drv", "str"),
+                               req("write_threshold", "int"))),
     Struct("BlockInfo", (req("device", "str"), opt("qdev", "str"), req("type", "str"),
                          req("removable", "bool"), req("locked", "bool"),
                          opt("inserted", "BlockDeviceInfo"),
@@ -351,6 +352,8 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
     CommandDef("balloon", (req("value", "int"),)),
     CommandDef("block_resize", (opt("device", "str"), opt("node-name", "str"),
                                 req("size", "int"))),
+    CommandDef("block-set-write-threshold", (req("node-name", "str"),
+                                             req("write-threshold", "int"))),
     CommandDef("cont"),
     CommandDef("stop"),
     CommandDef("system_powerdown"),
@@ -381,6 +384,8 @@ EVENTS: Final[tuple[EventDef, ...]] = (
                                 req("operation", "IoOperationType"),
                                 req("action", "BlockErrorAction"), opt("nospace", "bool"),
                                 req("reason", "str"))),
+    EventDef("BLOCK_WRITE_THRESHOLD", (req("node-name", "str"), req("amount-exceeded", "int"),
+                                       req("write-threshold", "int"))),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)

@@ -341,6 +341,11 @@ class VirtioBlk(VirtioDevice):
         #: QMP's io-status: "ok", "failed" or "nospace" (the last stop's cause)
         self.io_status = "ok"
         self._held: Optional[tuple[int, DescriptorChain]] = None
+        #: QMP block-set-write-threshold: the first write reaching past this byte
+        #: offset is told to ``on_threshold`` (bytes past it, the threshold), and the
+        #: threshold is disarmed; 0: off
+        self.write_threshold = 0
+        self.on_threshold: Callable[[int, int], None] = lambda exceeded, threshold: None
         self.backend = backend
         self.stats = BlkStats()
         self.serial = serial
@@ -492,6 +497,8 @@ class VirtioBlk(VirtioDevice):
         """(status, bytes written into the data buffers) of a request that parsed;
         raises :class:`_Held` when the error policy stops on its failure."""
         start = time.perf_counter_ns()
+        if self.write_threshold and req.type in (T_OUT, T_WRITE_ZEROES, T_DISCARD):
+            self._check_threshold(req)
         try:
             status, written = self._run(req)
         except BlockError as e:
@@ -511,6 +518,17 @@ class VirtioBlk(VirtioDevice):
             self.stats.count(req.type, req.data_len, req.sector * SECTOR_SIZE,
                              time.perf_counter_ns() - start)
         return status, written
+
+    def _check_threshold(self, req: BlkRequest) -> None:
+        """As QEMU: checked before the write is made (whether it then succeeds or not)."""
+        if req.type == T_OUT:
+            end = req.sector * SECTOR_SIZE + req.data_len
+        else:
+            end = max(((s + n) * SECTOR_SIZE for s, n, _u in req.ranges), default=0)
+        threshold = self.write_threshold
+        if end > threshold:
+            self.write_threshold = 0
+            self.on_threshold(end - threshold, threshold)
 
     def _run(self, req: BlkRequest) -> tuple[int, int]:
         assert self.memory is not None
