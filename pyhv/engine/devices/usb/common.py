@@ -21,7 +21,6 @@ that
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from pyhv.engine.errors import EngineError
@@ -56,11 +55,19 @@ class UsbHostController(PciFunction):
 
     kind = "usb-controller"
 
-    def __init__(self, config: ConfigSpace, memory: GuestMemory, name: str = "",
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: ConfigSpace, memory: GuestMemory, name: str,
+                 clock: Clock, frame_period: float, frame_mask: int) -> None:
         super().__init__(config, name)
         self.memory = memory
         self.clock = clock
+        #: the (micro)frame counter: UHCI FRNUM, EHCI FRINDEX, xHCI MFINDEX
+        self._frame = FrameCounter(self._now, frame_period, frame_mask)
+        self._power_on()
+
+    @property
+    def running(self) -> bool:
+        """The schedule runs (Run/Stop set and the controller not halted)."""
+        return self._frame.running
 
     # ---- subclass interface ------------------------------------------------------
     def _reg_read(self, index: int, offset: int) -> int:

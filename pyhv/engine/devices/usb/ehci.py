@@ -47,7 +47,6 @@ from pyhv.engine.devices.usb.common import (
     SBRN,
     Clock,
     DmaError,
-    FrameCounter,
     UsbHostController,
     merge,
 )
@@ -158,19 +157,9 @@ class EhciController(UsbHostController):
 
     def __init__(self, memory: GuestMemory, model: str = "ich9-usb-ehci1", name: str = "",
                  clock: Clock = time.monotonic) -> None:
-        super().__init__(ehci_config(model), memory, name or model, clock)
         self.model = model
-        self.cmd = CMD_DEFAULT
-        self.sts = 0
-        self.intr = 0
-        self.segment = 0
-        self.periodic = 0
-        self.async_ = 0
-        self.configured = 0
-        self.ports = [PORT_OWNER] * PORTS
-        self._frame = FrameCounter(self._now, MICROFRAME, FRINDEX_MASK)
-        self._rolled = 0           # frame list rollovers noticed since the start
-        self._power_on()
+        super().__init__(ehci_config(model), memory, name or model, clock, MICROFRAME,
+                         FRINDEX_MASK)
 
     # ---- state -------------------------------------------------------------------------
     def _power_on(self) -> None:
@@ -183,11 +172,7 @@ class EhciController(UsbHostController):
         self.configured = 0
         self.ports = [PORT_OWNER] * PORTS
         self._frame.reset()
-        self._rolled = 0
-
-    @property
-    def running(self) -> bool:
-        return self._frame.running
+        self._rolled = 0           # frame list rollovers noticed since the start
 
     @property
     def frindex(self) -> int:

@@ -41,7 +41,6 @@ from pyhv.engine.devices.usb.common import (
     SBRN,
     Clock,
     DmaError,
-    FrameCounter,
     UsbHostController,
     merge,
 )
@@ -138,16 +137,9 @@ class UhciController(UsbHostController):
 
     def __init__(self, memory: GuestMemory, model: str = "piix3-usb-uhci",
                  name: str = "", clock: Clock = time.monotonic) -> None:
-        super().__init__(uhci_config(model), memory, name or model, clock)
         self.model = model
-        self.cmd = 0
-        self.sts = 0
-        self.intr = 0
-        self.flbase = 0
-        self.sofmod = SOFMOD_DEFAULT
-        self.ports = [0] * PORTS
-        self._frame = FrameCounter(self._now, FRAME_PERIOD, FRNUM_MASK)
-        self._power_on()
+        super().__init__(uhci_config(model), memory, name or model, clock, FRAME_PERIOD,
+                         FRNUM_MASK)
 
     # ---- state ------------------------------------------------------------------------
     def _power_on(self) -> None:
@@ -158,10 +150,6 @@ class UhciController(UsbHostController):
         self.sofmod = SOFMOD_DEFAULT
         self.ports = [0] * PORTS
         self._frame.reset()
-
-    @property
-    def running(self) -> bool:
-        return self._frame.running
 
     @property
     def frnum(self) -> int:

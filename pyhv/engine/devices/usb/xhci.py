@@ -47,7 +47,6 @@ from pyhv.engine.devices.usb.common import (
     SBRN,
     Clock,
     DmaError,
-    FrameCounter,
     UsbHostController,
     merge,
 )
@@ -184,25 +183,12 @@ class XhciController(UsbHostController):
 
     def __init__(self, memory: GuestMemory, name: str = "qemu-xhci",
                  clock: Clock = time.monotonic, express: bool = False) -> None:
-        super().__init__(xhci_config(express), memory, name, clock)
         self.model = "qemu-xhci"
         self.max_slots = MAX_SLOTS
         self.port_majors = (3,) * USB3_PORTS + (2,) * USB2_PORTS
-        self.cmd = 0
-        self.sts = 0
-        self.dnctrl = 0
-        self.dcbaap = 0
-        self.max_slots_en = 0
-        self.ports = [0] * MAX_PORTS
-        self.portpmsc = [0] * MAX_PORTS
-        self.slots: set[int] = set()
-        #: what the guest's scratchpad buffer array held when the controller started
-        self.scratchpad: list[int] = []
         self.cmd_ring = CommandRing(self._dma_read)
         self.interrupter = Interrupter(self._dma_read, self._dma_write, 1 << ERST_MAX_EXP)
-        self._frame = FrameCounter(self._now, MICROFRAME, MFINDEX_MASK)
-        self._stalled = False
-        self._power_on()
+        super().__init__(xhci_config(express), memory, name, clock, MICROFRAME, MFINDEX_MASK)
 
     # ---- state -------------------------------------------------------------------------
     def _power_on(self) -> None:
@@ -213,16 +199,13 @@ class XhciController(UsbHostController):
         self.max_slots_en = 0
         self.ports = [PORT_PP | (PLS_RXDETECT << PORT_PLS_SHIFT)] * MAX_PORTS
         self.portpmsc = [0] * MAX_PORTS
-        self.slots = set()
-        self.scratchpad = []
+        self.slots: set[int] = set()
+        #: what the guest's scratchpad buffer array held when the controller started
+        self.scratchpad: list[int] = []
         self.cmd_ring.reset()
         self.interrupter.reset()
         self._frame.reset()
         self._stalled = False
-
-    @property
-    def running(self) -> bool:
-        return self._frame.running
 
     @property
     def mfindex(self) -> int:
