@@ -187,7 +187,7 @@ class ShimMachine:
             except OSError:
                 actual = None
             out.append(BlockDevice(
-                f"/machine/peripheral/{spec.id}/virtio-backend", spec.node or spec.id,
+                self._qdev(spec.id), spec.node or spec.id,
                 spec.file_node, spec.path, spec.read_only,
                 "host_device" if spec.path.startswith("/dev/") else "file", size, actual,
                 stats or {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0,
@@ -198,15 +198,22 @@ class ShimMachine:
                 self._threshold_nodes.get(spec.id)))
         return out
 
-    def set_write_threshold(self, qdev: str, node: str, threshold: int) -> None:
+    @staticmethod
+    def _qdev(disk_id: str) -> str:
+        return f"/machine/peripheral/{disk_id}/virtio-backend"
+
+    def _disk(self, qdev: str) -> tuple[str, Any]:
+        """(disk id, VirtioBlk) of the disk whose device is ``qdev``."""
+        models = self.machine.disks()
         for spec in self.plan.disks:
-            if spec.id is not None and qdev == f"/machine/peripheral/{spec.id}/virtio-backend":
-                model = self.machine.disks().get(spec.id)
-                if model is not None:
-                    model.write_threshold = threshold  # type: ignore[attr-defined]
-                    self._threshold_nodes[spec.id] = node
-                    return
-        raise QmpError(f"Device '{node}' not found")
+            if spec.id is not None and qdev == self._qdev(spec.id) and spec.id in models:
+                return spec.id, models[spec.id]
+        raise QmpError(f"Cannot find device={qdev}", "DeviceNotFound")
+
+    def set_write_threshold(self, qdev: str, node: str, threshold: int) -> None:
+        disk_id, model = self._disk(qdev)
+        model.write_threshold = threshold
+        self._threshold_nodes[disk_id] = node
 
     def threshold_node(self, disk_id: str) -> Optional[str]:
         """The node a write threshold of disk ``disk_id`` was set through."""
@@ -215,17 +222,11 @@ class ShimMachine:
     def resize_block(self, qdev: str, size: int) -> None:
         from pyhv.engine.block import BlockError
 
-        for spec in self.plan.disks:
-            if spec.id is not None and qdev == f"/machine/peripheral/{spec.id}/virtio-backend":
-                model = self.machine.disks().get(spec.id)
-                if model is None:
-                    break
-                try:
-                    model.resize(size)  # type: ignore[attr-defined]
-                except BlockError as e:
-                    raise QmpError(str(e)) from None
-                return
-        raise QmpError(f"Cannot find device={qdev}", "DeviceNotFound")
+        _disk_id, model = self._disk(qdev)
+        try:
+            model.resize(size)
+        except BlockError as e:
+            raise QmpError(str(e)) from None
 
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(n, [(e.fd, e.opaque) for e in entries])

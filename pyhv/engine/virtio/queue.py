@@ -90,21 +90,7 @@ class ChainReader:
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or :class:`ChainError` if the chain is shorter."""
-        if n > self.available:
-            raise ChainError(f"request needs {n} more bytes, the driver gave {self.available}")
-        out = bytearray()
-        while len(out) < n:
-            d = self.buffers[self._i]
-            take = min(n - len(out), d.length - self._off)
-            try:
-                out += self.memory.view(d.addr + self._off, take)
-            except GuestMemoryError as e:
-                raise ChainError(f"buffer {d.addr:#x}+{d.length:#x} is not guest RAM") from e
-            self._off += take
-            if self._off == d.length:
-                self._i, self._off = self._i + 1, 0
-        self.available -= n
-        return bytes(out)
+        return b"".join(self.views(n))
 
     def views(self, n: int) -> Iterator[memoryview]:
         """The next ``n`` bytes as views into guest memory (zero copy)."""
