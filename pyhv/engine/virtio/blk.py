@@ -377,7 +377,7 @@ class VirtioBlk(VirtioDevice):
     @property
     def can_stop(self) -> bool:
         """An error may stop the machine (QEMU then reports ``io-status``)."""
-        return "stop" in (self.werror, self.rerror) or "enospc" in (self.werror, self.rerror)
+        return bool({"stop", "enospc"} & {self.werror, self.rerror})
 
     # ---- configuration space -------------------------------------------------------
     def config_bytes(self) -> bytes:
