@@ -109,6 +109,8 @@ class PciAddress:
 
 
 ControllerType = Literal["pci", "usb", "virtio-serial"]
+#: ports per virtio-serial controller (the most pyhv builds; QEMU's default)
+MAX_VIRTIO_PORTS = 31
 #: PCI controller models pyhv builds (the roots are implicit: pci-root, pcie-root)
 PCI_BRIDGE_MODELS = ("pcie-root-port", "pci-bridge")
 #: USB host controller models pyhv builds (libvirt's names; QEMU's are in the engine)
@@ -146,6 +148,9 @@ class ControllerConfig:
                               f"{', '.join(USB_MODELS)})")
         if self.type == "pci" and self.index == 0:
             raise ConfigError("PCI controller 0 is the root bus (pci-root/pcie-root)")
+        if self.max_ports is not None and not 1 <= self.max_ports <= MAX_VIRTIO_PORTS:
+            raise ConfigError(f"virtio-serial controller {self.index}: {self.max_ports} "
+                              f"ports (built: 1-{MAX_VIRTIO_PORTS})")
 
     @property
     def label(self) -> str:
@@ -316,8 +321,17 @@ class SerialPortConfig:
     target: Literal["isa-serial", "virtio"] = "isa-serial"
     #: isa-serial: the COM port index (1 = COM2); virtio: the console number (hvcN)
     index: int = 1
+    #: virtio: the virtio-serial controller (its index) and the port number on it
+    #: (None: placed by :mod:`pyhv.placement`; the first console gets port 0)
+    controller: int = 0
+    port: Optional[int] = None
+    #: virtio: libvirt's alias (``console1``), the port's id in QMP events
+    id: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port < MAX_VIRTIO_PORTS:
+            raise ConfigError(f"virtio console port {self.port}: ports are 0-"
+                              f"{MAX_VIRTIO_PORTS - 1}")
         if self.target == "isa-serial" and not 1 <= self.index <= 3:
             raise ConfigError(f"serial port {self.index}: isa-serial ports are 1-3 "
                               "besides COM1 (0)")
@@ -331,10 +345,21 @@ class ChannelConfig:
 
     name: str
     chardev: SerialConfig = field(default_factory=lambda: SerialConfig("pty"))
+    #: the virtio-serial controller (its index) and the port number on it (None:
+    #: placed by :mod:`pyhv.placement`, from 1: port 0 is a console's)
+    controller: int = 0
+    port: Optional[int] = None
+    #: libvirt's alias (``channel0``), the port's id in QMP events
+    id: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("channel: needs a name")
+        if len(self.name.encode()) > 255:
+            raise ConfigError(f"channel {self.name[:20]}...: name longer than 255 bytes")
+        if self.port is not None and not 1 <= self.port < MAX_VIRTIO_PORTS:
+            raise ConfigError(f"channel {self.name}: port {self.port}: channels use ports "
+                              f"1-{MAX_VIRTIO_PORTS - 1} (0 is a console's)")
         if self.chardev.kind not in ("unix", "pty", "file", "null", "fd", "tcp"):
             raise ConfigError(f"channel {self.name}: {self.chardev.kind} is not a channel "
                               "backend (unix, pty, file, null, fd, tcp)")

@@ -9,7 +9,8 @@ slot of the root bus (after the chipset's own: 00:00 host bridge, and 00:01
 PIIX3 on pc, 00:1f ICH9 on q35), then the first free slot of a ``pci-bridge``,
 then an empty ``pcie-root-port``.  Devices are placed in this order:
 controllers (a virtio-serial controller is added when virtio consoles or channels
-need one), disks, filesystems, NICs, rngs, the balloon.
+need one), disks, filesystems, NICs, rngs, the balloon.  Virtio consoles and
+channels get their port numbers on their controller last (:func:`_place_ports`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import replace
 from typing import Optional, Sequence, TypeVar, Union
 
 from pyhv.config import (
+    MAX_VIRTIO_PORTS,
     BalloonConfig,
     ConfigError,
     ControllerConfig,
@@ -148,7 +150,53 @@ def place(cfg: VmConfig) -> VmConfig:
         (balloon,) = _assign((out.balloon,), "balloon", buses)
         out = replace(out, balloon=balloon)
     _check_functions(out, buses)
-    return out
+    return _place_ports(out)
+
+
+def _place_ports(cfg: VmConfig) -> VmConfig:
+    """An id and a port number on every virtio console and channel: numbers given are
+    kept and checked; the first console without one gets port 0 (the console port
+    of a driver without MULTIPORT), the rest the lowest free number from 1, as QEMU
+    numbers ``virtconsole``/``virtserialport`` without ``nr``."""
+    limits = {c.index: c.max_ports or MAX_VIRTIO_PORTS
+              for c in cfg.controllers if c.type == "virtio-serial"}
+    used: dict[int, dict[int, str]] = {i: {} for i in limits}
+
+    def take(controller: int, port: Optional[int], label: str, console: bool) -> int:
+        if controller not in limits:
+            raise ConfigError(f"{label}: virtio-serial controller {controller} does not "
+                              "exist")
+        taken, limit = used[controller], limits[controller]
+        if port is None:
+            first = 0 if console and 0 not in taken else 1
+            port = next((n for n in range(first, limit) if n not in taken), None)
+            if port is None:
+                raise ConfigError(f"{label}: virtio-serial controller {controller} has no "
+                                  f"free port (it has {limit})")
+        elif port >= limit:
+            raise ConfigError(f"{label}: port {port} is past the {limit} ports of "
+                              f"virtio-serial controller {controller}")
+        elif port in taken:
+            raise ConfigError(f"{label}: port {port} of virtio-serial controller "
+                              f"{controller} is taken by {taken[port]}")
+        taken[port] = label
+        return port
+
+    # given numbers first, so that nothing numbered here takes them
+    serials = list(cfg.extra_serials)
+    channels = list(cfg.channels)
+    for given in (True, False):
+        for i, p in enumerate(serials):
+            if p.target == "virtio" and (p.port is not None) == given:
+                label = f"console hvc{p.index}"
+                serials[i] = replace(p, port=take(p.controller, p.port, label, True),
+                                     id=p.id or f"console{p.index}")
+        for i, ch in enumerate(channels):
+            if (ch.port is not None) == given:
+                label = f"channel {ch.name}"
+                channels[i] = replace(ch, port=take(ch.controller, ch.port, label, False),
+                                      id=ch.id or f"channel{i}")
+    return replace(cfg, extra_serials=tuple(serials), channels=tuple(channels))
 
 
 def _controller_id(c: ControllerConfig) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from pyhv.config import (
     BalloonConfig,
+    ChannelConfig,
     ConfigError,
     ControllerConfig,
     DiskConfig,
@@ -13,6 +14,8 @@ from pyhv.config import (
     NetConfig,
     PciAddress,
     RngConfig,
+    SerialConfig,
+    SerialPortConfig,
     VmConfig,
 )
 from pyhv.domxml import DomainXmlError, map_domain
@@ -157,3 +160,57 @@ def test_domain_xml_placement_errors(devices: str, needle: str) -> None:
     with pytest.raises(DomainXmlError) as e:
         map_domain(XML.format(machine="pc", devices=devices).encode())
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- virtio-serial ports -------------------------------------------------------------------
+
+def _console(port: int | None = None, index: int = 0) -> SerialPortConfig:
+    return SerialPortConfig(SerialConfig("null"), "virtio", index, port=port)
+
+
+def test_virtio_ports_numbered_as_qemu_numbers_them() -> None:
+    cfg = place(vm(extra_serials=(_console(), _console(index=1)),
+                   channels=(ChannelConfig("org.qemu.guest_agent.0"),
+                             ChannelConfig("b", port=5), ChannelConfig("c"))))
+    (vs,) = cfg.controllers
+    assert (vs.type, vs.id) == ("virtio-serial", "virtio-serial0")
+    # the first console takes port 0, everything else the lowest free from 1, around
+    # the numbers given
+    assert [(p.port, p.id) for p in cfg.extra_serials] == [(0, "console0"), (1, "console1")]
+    assert [(c.port, c.id) for c in cfg.channels] == \
+        [(2, "channel0"), (5, "channel1"), (3, "channel2")]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"channels": (ChannelConfig("a", port=1), ChannelConfig("b", port=1))},
+     "channel b: port 1 of virtio-serial controller 0 is taken by channel a"),
+    ({"channels": (ChannelConfig("a", controller=1),)},
+     "channel a: virtio-serial controller 1 does not exist"),
+    ({"channels": (ChannelConfig("a", port=4),),
+      "controllers": (ControllerConfig("virtio-serial", "virtio-serial", max_ports=4),)},
+     "channel a: port 4 is past the 4 ports of virtio-serial controller 0"),
+    ({"channels": (ChannelConfig("a"), ChannelConfig("b")),
+      "controllers": (ControllerConfig("virtio-serial", "virtio-serial", max_ports=2),)},
+     "channel b: virtio-serial controller 0 has no free port (it has 2)"),
+])
+def test_virtio_port_errors_name_the_port(kw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        place(vm(**kw))
+    assert needle in str(e.value)
+
+
+def test_domain_xml_virtio_serial_addresses_and_aliases() -> None:
+    devices = """
+      <controller type='virtio-serial' index='0'><alias name='virtio-serial0'/></controller>
+      <console type='pty'><target type='virtio' port='0'/><alias name='console1'/>
+        <address type='virtio-serial' controller='0' bus='0' port='0'/></console>
+      <channel type='unix'><source mode='bind' path='/run/agent.sock'/>
+        <target type='virtio' name='org.qemu.guest_agent.0' state='disconnected'/>
+        <alias name='channel0'/>
+        <address type='virtio-serial' controller='0' bus='0' port='1'/></channel>"""
+    cfg = place(map_domain(XML.format(machine="pc", devices=devices).encode()).config)
+    (con,) = cfg.extra_serials
+    (ch,) = cfg.channels
+    assert (con.id, con.controller, con.port) == ("console1", 0, 0)
+    assert (ch.id, ch.controller, ch.port, ch.chardev.path) == \
+        ("channel0", 0, 1, "/run/agent.sock")

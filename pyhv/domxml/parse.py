@@ -564,6 +564,25 @@ class _Mapper:
             for sub in el.findall(tag):
                 self.ignore(sub)
 
+    def alias(self, el: Any) -> Optional[str]:
+        alias = el.find("alias")
+        return (alias.get("name") or None) if alias is not None else None
+
+    def port_address(self, el: Any) -> tuple[int, Optional[int]]:
+        """A virtio console's or channel's ``<address type='virtio-serial'>``: the
+        controller's index and the port number (None: placed by pyhv)."""
+        addr = el.find("address")
+        if addr is None:
+            return 0, None
+        if addr.get("type") != "virtio-serial":
+            self.fail(addr, f"address type {addr.get('type')!r} is not a virtio-serial "
+                            "port's (type='virtio-serial')")
+        if self.integer(addr, addr.get("bus", "0"), "virtio-serial bus") != 0:
+            self.fail(addr, "a virtio-serial controller has one bus (bus='0')")
+        controller = self.integer(addr, addr.get("controller", "0"), "controller")
+        port = addr.get("port")
+        return controller, (self.integer(addr, port, "port") if port is not None else None)
+
     def placed(self, el: Any, record: _P) -> _P:
         """``record`` with the element's alias and PCI address, when it has them."""
         alias = el.find("alias")
@@ -846,7 +865,12 @@ class _Mapper:
                 isa.append((0, el, self.chardev(el, "console")))
                 continue
             chardev = self.chardev(el, "console")
-            virtio.append((el, SerialPortConfig(chardev, "virtio", virtio_index)))
+            controller, port = self.port_address(el)
+            try:
+                virtio.append((el, SerialPortConfig(chardev, "virtio", virtio_index,
+                                                    controller, port, self.alias(el))))
+            except ConfigError as e:
+                self.fail(el, str(e))
             virtio_index += 1
         for port, el, chardev in sorted(isa, key=lambda t: t[0]):
             if port == 0:
@@ -871,8 +895,9 @@ class _Mapper:
         if not name:
             self.fail(tgt, "a virtio channel needs a name")
         chardev = self.chardev(el, "channel")
+        controller, port = self.port_address(el)
         try:
-            return ChannelConfig(name, chardev)
+            return ChannelConfig(name, chardev, controller, port, self.alias(el))
         except ConfigError as e:
             self.fail(el, str(e))
 

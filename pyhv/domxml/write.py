@@ -71,6 +71,15 @@ def _placed(el: Any, rec: Any) -> None:
              multifunction="on" if a.multifunction else None)
 
 
+def _port_placed(el: Any, rec: Any) -> None:
+    """A virtio console's or channel's alias and port, as libvirt writes them."""
+    if rec.id:
+        _sub(el, "alias", name=rec.id)
+    if rec.port is not None:
+        _sub(el, "address", type="virtio-serial", controller=str(rec.controller), bus="0",
+             port=str(rec.port))
+
+
 def to_xml(cfg: VmConfig) -> str:
     from lxml import etree
 
@@ -220,9 +229,11 @@ def to_xml(cfg: VmConfig) -> str:
                     key=lambda p: p.index):
         el = _chardev(devices, "console", p.chardev)
         _sub(el, "target", type="virtio", port=str(p.index))
+        _port_placed(el, p)
     for ch in cfg.channels:
         el = _chardev(devices, "channel", ch.chardev)
         _sub(el, "target", type="virtio", name=ch.name)
+        _port_placed(el, ch)
     _sub(devices, "input", type="keyboard", bus="ps2")
     _sub(devices, "input", type="mouse", bus="ps2")
     if cfg.balloon is None:

@@ -1283,12 +1283,14 @@ class _Builder:
         name = opts.get_str("name")
         ports.append(PortSpec(spec.id, nr, cd, name, console))
         chardev = self.serial_config(cd, where)
+        controller = list(self.vserial).index(spec.bus)
         try:
             if console:
                 index = sum(1 for p in self.extra_serials if p.target == "virtio")
-                self.extra_serials.append(SerialPortConfig(chardev, "virtio", index))
+                self.extra_serials.append(SerialPortConfig(chardev, "virtio", index,
+                                                           controller, nr, spec.id))
             elif name:
-                self.channels.append(ChannelConfig(name, chardev))
+                self.channels.append(ChannelConfig(name, chardev, controller, nr, spec.id))
             else:
                 self.note(f"{where}: a port without a name is not built")
         except ConfigError as e:
