@@ -167,6 +167,9 @@ def run_machine(config: "object") -> int:
         if hs.pty_path:
             print(f"pyhv: char device redirected to {hs.pty_path} (label serial0)",
                   file=sys.stderr)
+        for ident, path in machine.port_ptys():
+            print(f"pyhv: char device redirected to {path} (label {ident})",
+                  file=sys.stderr)
         machine.attach(loop)
         loop.add_reader(wake_r, on_wakeup, "signals")
         if not machine.finished:

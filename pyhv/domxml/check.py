@@ -102,20 +102,20 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
         rows.append((b, f"memballoon: virtio-balloon{extra}", ("balloon", 0)))
     for rec, desc, subject in rows:
         out.append(PlannedDevice(f"pci {rec.address}", f"{desc} [{rec.id}]", subject))
-    ports = [(i, p) for i, p in enumerate(cfg.extra_serials) if p.target == "virtio"]
-    if ports or cfg.channels:
-        out.append(PlannedDevice("virtio-serial", "virtio-serial controller"))
-        port = 0
-        for i, p in ports:
-            out.append(PlannedDevice(f"  vport {port}", f"{serial_label(cfg, i)}: "
-                                                        f"virtio-console, {p.chardev.describe()}",
-                                     ("serial", i)))
-            port += 1
-        for i, ch in enumerate(cfg.channels):
-            out.append(PlannedDevice(f"  vport {port}", f"channel {ch.name}: "
-                                                        f"{ch.chardev.describe()}",
-                                     ("channel", i)))
-            port += 1
+    # the ports, by controller and number, with their ids
+    ports: list[tuple[int, int, str, Optional[tuple[str, int]]]] = []
+    for i, p in enumerate(cfg.extra_serials):
+        if p.target == "virtio" and p.port is not None:
+            ports.append((p.controller, p.port, f"{serial_label(cfg, i)}: virtio-console, "
+                                                f"{p.chardev.describe()} [{p.id}]",
+                          ("serial", i)))
+    for i, ch in enumerate(cfg.channels):
+        if ch.port is not None:
+            ports.append((ch.controller, ch.port, f"channel {ch.name}: "
+                                                  f"{ch.chardev.describe()} [{ch.id}]",
+                          ("channel", i)))
+    for controller, port, desc, subject in sorted(ports):
+        out.append(PlannedDevice(f"  virtio-serial{controller} port {port}", desc, subject))
     return out
 
 

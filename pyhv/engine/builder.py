@@ -26,6 +26,7 @@ from pyhv.engine.boot import (
     load_kernel,
 )
 from pyhv.engine.bus import Bus, Sink
+from pyhv.engine.chardev import EMPTY_ENDS, PortEnds
 from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
 from pyhv.engine.devices import InterruptLine
@@ -103,6 +104,8 @@ class Hooks:
     on_block_error: Callable[[str, object], None] = lambda ident, err: None
     #: a write reached past a disk's write threshold (disk id, bytes past, threshold)
     on_block_threshold: Callable[[str, int, int], None] = lambda ident, past, at: None
+    #: the guest opened or closed a virtio-serial port (port id, open); on the loop
+    on_port_open: Callable[[str, bool], None] = lambda ident, is_open: None
 
 
 @dataclass
@@ -126,6 +129,8 @@ class Platform:
     watches: list[tuple[int, Callable[[int], None], str]] = field(default_factory=list)
     #: devices that arm timers through the loop (their ``schedule`` attribute)
     timed: list[object] = field(default_factory=list)
+    #: devices with host ends the loop serves (their ``start(loop)``/``stop()``)
+    served: list[object] = field(default_factory=list)
     #: called when the platform goes away
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -212,10 +217,10 @@ def intx_line(vm: VmFd, gsi: int, lines: list[ResampleLine]) -> InterruptLine:
 
 def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, memory: GuestMemory,
                hooks: Hooks, devices: DeviceManager,
-               lines: list[ResampleLine]) -> PciPlatform:
+               lines: list[ResampleLine], port_ends: PortEnds) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses;
     the INTx lines made are appended to ``lines`` (their resample fds need a loop)."""
-    pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset)
+    pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset, port_ends=port_ends)
     for _bus, _dfn, fn, _parent in pci.root.walk():
         if isinstance(fn, VirtioPciFunction):
             fn.on_notify_moved = _ioeventfd_binder(vm, fn)
@@ -254,6 +259,10 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
             plat.closers.append(fn.device.close)
         if hasattr(fn.device, "schedule"):
             plat.timed.append(fn.device)
+        if hasattr(fn.device, "start"):
+            plat.served.append(fn.device)
+        if hasattr(fn.device, "on_port_open"):
+            fn.device.on_port_open = hooks.on_port_open
         if hasattr(fn.device, "on_actual"):
             fn.device.on_actual = hooks.on_balloon
         if hasattr(fn.device, "on_io_error"):
@@ -355,10 +364,12 @@ def trace_to_stderr(bus_name: str) -> Callable[[str, int, int, int], None]:
 
 def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
                     host_serial: HostSerial, hooks: Hooks,
-                    supported_cpuid: list) -> Platform:
+                    supported_cpuid: list, port_ends: PortEnds = EMPTY_ENDS) -> Platform:
     """Everything the machine is made of, before anything runs in it: the KVM VM and
     its memory and irqchip, the buses, every device, the vCPUs (not yet started).
-    A cold boot (:func:`cold_boot`) or, later, a restore then gives it its state."""
+    A cold boot (:func:`cold_boot`) or, later, a restore then gives it its state.
+    ``port_ends`` are the host ends of virtio consoles and channels (they belong to
+    the caller and outlive the platform; a port without one has none)."""
     problems = unsupported(cfg)
     if problems:
         raise EngineError(problems[0])
@@ -374,7 +385,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
         lines: list[ResampleLine] = []
         try:
-            pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines)
+            pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines, port_ends)
         except BaseException:
             for line in lines:
                 line.close()
@@ -404,10 +415,10 @@ def cold_boot(plat: Platform, memory: GuestMemory, cfg: VmConfig) -> None:
 
 def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
                    host_serial: HostSerial, hooks: Hooks,
-                   supported_cpuid: list) -> Platform:
+                   supported_cpuid: list, port_ends: PortEnds = EMPTY_ENDS) -> Platform:
     """:func:`create_platform`, then :func:`cold_boot`."""
     plat = create_platform(kvm, memory, host_addrs, cfg, host_serial, hooks,
-                           supported_cpuid)
+                           supported_cpuid, port_ends)
     try:
         cold_boot(plat, memory, cfg)
     except BaseException:

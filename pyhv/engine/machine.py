@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 import queue
 import threading
@@ -23,12 +24,14 @@ from typing import Callable, Optional
 from pyhv.config import VmConfig
 from pyhv.engine import layout
 from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
+from pyhv.engine.chardev import HostEnd, PtyEnd, open_port_ends
 from pyhv.engine.console import HostSerial, SerialInputPump, open_serial
 from pyhv.engine.errors import EngineError
 from pyhv.engine.eventloop import EventLoop
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
+from pyhv.placement import place
 
 
 class MachineState(enum.Enum):
@@ -47,8 +50,10 @@ class MachineEvent:
     ``guest-reset`` when a reset ends the machine), ``reset`` (detail: ``guest``
     or ``host``), ``crashed`` (detail: the exit kind, e.g. ``triple-fault``;
     ``message`` and ``registers`` say more), ``paused``, ``resumed``,
-    ``power-button``, ``device-broken`` (detail: the device id; a device model
-    failed and no longer answers, everything else goes on), ``block-io-error``
+    ``power-button``, ``vserport-change`` (detail: a virtio-serial port's id;
+    ``data``: whether the guest now has it open), ``device-broken`` (detail: the
+    device id; a device model failed and no longer answers, everything else goes
+    on), ``block-io-error``
     (detail: the disk id; ``data`` the :class:`~pyhv.engine.virtio.blk.BlkIoError`;
     on action ``stop`` the machine pauses right after), ``block-write-threshold``
     (detail: the disk id; ``data``: (bytes past the threshold, the threshold)).
@@ -63,6 +68,13 @@ class MachineEvent:
 
 
 Subscriber = Callable[[MachineEvent], None]
+
+
+def _schedule(loop: EventLoop, device: object, delay: float,
+              work: Callable[[], None]) -> None:
+    """A device's timer: its work runs on ``loop`` as its transport runs queue work."""
+    guard = getattr(device, "guard", None)
+    loop.call_later(delay, work if guard is None else functools.partial(guard, work))
 
 
 class Machine:
@@ -88,6 +100,11 @@ class Machine:
         self._cpuid: list = []
         self._loop: Optional[EventLoop] = None
         self._input: Optional[SerialInputPump] = None
+        #: the host ends of virtio consoles and channels (opened at start, kept
+        #: across guest resets like the serial backend)
+        self.port_ends: dict[tuple[int, int], HostEnd] = {}
+        #: the ids of the virtio-serial ports the guest has open
+        self.open_ports: set[str] = set()
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -110,6 +127,8 @@ class Machine:
         self._cpuid = self._kvm.get_supported_cpuid()
         if self.host_serial is None:
             self.host_serial = open_serial(self.config.serial)
+        if not self.port_ends:
+            self.port_ends = open_port_ends(place(self.config))
         self._boot(paused)
 
     def _hooks(self) -> Hooks:
@@ -123,13 +142,15 @@ class Machine:
                      on_block_error=lambda ident, err: self._post("block-io-error",
                                                                   (ident, err)),
                      on_block_threshold=lambda ident, past, at: self._post(
-                         "block-threshold", (ident, past, at)))
+                         "block-threshold", (ident, past, at)),
+                     on_port_open=lambda ident, is_open: self._post(
+                         "port-open", (ident, is_open)))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
         self.platform = build_platform(self._kvm, self.memory, self._host_addrs,
                                        self.config, self.host_serial, self._hooks(),
-                                       self._cpuid)
+                                       self._cpuid, self.port_ends)
         self.boots += 1
         if self._loop is not None:
             self._watch(self._loop)
@@ -156,12 +177,16 @@ class Machine:
         for fd, callback, name in self.platform.watches:
             loop.add_reader(fd, callback, name)
         for dev in self.platform.timed:
-            dev.schedule = lambda delay, cb: loop.call_later(delay, cb)  # type: ignore
+            dev.schedule = functools.partial(_schedule, loop, dev)  # type: ignore
+        for dev in self.platform.served:
+            dev.start(loop)  # type: ignore
 
     def _unwatch(self) -> None:
         if self._loop is not None and self.platform is not None:
             for fd, _cb, _name in self.platform.watches:
                 self._loop.remove_reader(fd)
+            for dev in self.platform.served:
+                dev.stop()  # type: ignore
 
     def _detach(self) -> None:
         if self._loop is not None:
@@ -173,6 +198,8 @@ class Machine:
             self._loop = None
 
     def _teardown_platform(self) -> None:
+        for ident in sorted(self.open_ports):  # the guest's ports close with it
+            self._post("port-open", (ident, False))
         self._unwatch()
         if self.platform is not None:
             self.platform.close()
@@ -186,6 +213,9 @@ class Machine:
             self.state = MachineState.SHUTDOWN
         if self.host_serial is not None and self._own_serial:
             self.host_serial.close()
+        for end in self.port_ends.values():
+            end.close()
+        self.port_ends = {}
         self._pins = []
         if self.memory is not None:
             try:
@@ -265,6 +295,13 @@ class Machine:
         if self.platform is None:
             return []
         return [(r.id, r.kind, r.where, r.broken) for r in self.platform.devices.records()]
+
+    def port_ptys(self) -> list[tuple[str, str]]:
+        """(port id, pty path) of every virtio console and channel on a pty."""
+        ids = {(p.controller, p.port): p.id for p in place(self.config).extra_serials}
+        ids.update({(c.controller, c.port): c.id for c in place(self.config).channels})
+        return [(ids.get(key) or f"port {key[1]}", end.path)
+                for key, end in sorted(self.port_ends.items()) if isinstance(end, PtyEnd)]
 
     def balloon(self) -> Optional[object]:
         """The virtio-balloon device model of the running platform, if any."""
@@ -368,6 +405,16 @@ class Machine:
                 self._emit(MachineEvent("block-write-threshold", str(ident),
                                         f"disk {ident}: a write went {past} bytes past the "
                                         f"write threshold {at}", data=(past, at)))
+            elif kind == "port-open":
+                assert isinstance(payload, tuple)
+                ident, is_open = payload
+                if is_open:
+                    self.open_ports.add(str(ident))
+                else:
+                    self.open_ports.discard(str(ident))
+                self._emit(MachineEvent("vserport-change", str(ident),
+                                        f"the guest {'opened' if is_open else 'closed'} "
+                                        f"port {ident}", data=bool(is_open)))
             elif kind == "device-broken":
                 assert isinstance(payload, tuple)
                 ident, dkind, why = (str(x) for x in payload)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyhv.config import VmConfig
+from pyhv.config import SerialConfig, VmConfig
 
 NOT_BUILT = "is not built by this engine yet"
 #: COM1's host ends the engine's console can serve
@@ -102,14 +102,19 @@ def issues(cfg: VmConfig) -> list[Issue]:
     for i in range(len(cfg.nets)):
         add("net", i, net_label(cfg, i), f"virtio-net {NOT_BUILT}")
     for i, p in enumerate(cfg.extra_serials):
-        if p.target == "virtio":
-            add("serial", i, serial_label(cfg, i), f"virtio-console {NOT_BUILT}")
-        else:
+        if p.target != "virtio":
             add("serial", i, serial_label(cfg, i), f"isa-serial ports besides COM1 are "
                                                    f"{NOT_BUILT[3:]}")
+        elif _logged(p.chardev):
+            add("serial", i, serial_label(cfg, i), f"a log of a virtio console {NOT_BUILT}")
     for i, c in enumerate(cfg.channels):
-        add("channel", i, f"channel {c.name}", f"virtio-serial {NOT_BUILT}")
+        if _logged(c.chardev):
+            add("channel", i, f"channel {c.name}", f"a log of a channel {NOT_BUILT}")
     return out
+
+
+def _logged(chardev: SerialConfig) -> bool:
+    return chardev.log_path is not None or chardev.log_fd is not None
 
 
 def net_label(cfg: VmConfig, i: int) -> str:

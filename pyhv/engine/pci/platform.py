@@ -17,6 +17,7 @@ from pyhv.config import ControllerConfig, PciAddress, VmConfig, machine_family
 from pyhv.engine import layout
 from pyhv.engine.block import BlockError
 from pyhv.engine.bus import Bus
+from pyhv.engine.chardev import EMPTY_ENDS, PortEnds
 from pyhv.engine.devices import InterruptLine
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.device import (
@@ -128,16 +129,24 @@ class PciPlatform:
         return lines
 
 
-def virtio_devices(cfg: VmConfig, open_files: bool = True
+def virtio_devices(cfg: VmConfig, open_files: bool = True,
+                   port_ends: PortEnds = EMPTY_ENDS
                    ) -> list[tuple[str, PciAddress, VirtioDevice]]:
     """(id, address, device model) of every virtio device the engine builds, from a
     placed config (those support.py lists as not built are not here).  Without
-    ``open_files`` (a description only) no disk image is opened."""
+    ``open_files`` (a description only) no disk image is opened.  Virtio consoles
+    and channels get their host end from ``port_ends`` (none when it has none)."""
     from pyhv.engine.virtio.balloon import VirtioBalloon
     from pyhv.engine.virtio.blk import VirtioBlk
+    from pyhv.engine.virtio.console import VirtioConsole, console_ports
     from pyhv.engine.virtio.rng import VirtioRng
 
     out: list[tuple[str, PciAddress, VirtioDevice]] = []
+    for c in cfg.controllers:
+        if c.type == "virtio-serial":
+            assert c.address is not None and c.id is not None, "place the config first"
+            ports = console_ports(cfg, c.index, port_ends)
+            out.append((c.id, c.address, VirtioConsole(ports, c.max_ports or 31)))
     for d in cfg.disks:
         assert d.address is not None and d.id is not None, "place the config first"
         if open_files:
@@ -245,10 +254,12 @@ USB_QEMU_NAMES = {"piix3-uhci": "piix3-usb-uhci", "ich9-ehci1": "ich9-usb-ehci1"
 
 
 def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
-                    on_reset: Optional[Callable[[], None]] = None) -> PciPlatform:
+                    on_reset: Optional[Callable[[], None]] = None,
+                    port_ends: PortEnds = EMPTY_ENDS) -> PciPlatform:
     """The PCI platform of a (placed) config: chipset, bridges and root ports, USB
     host controllers.  ``memory`` is what the controllers DMA into (``None``: a
-    description only, as ``pyhv domxml check`` prints it)."""
+    description only, as ``pyhv domxml check`` prints it); ``port_ends`` the host
+    ends of virtio consoles and channels by (controller index, port)."""
     from pyhv.engine.devices.usb import usb_controller
     from pyhv.engine.virtio.pci import VirtioPciFunction
     from pyhv.placement import place
@@ -270,9 +281,11 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
         fn = usb_controller(USB_QEMU_NAMES[c.model], mem, name, express=express)
         parent = bridge_pos[a.bus] if a.bus else None
         endpoints.append((PciSlot(a.slot, a.function, parent), fn))
-    for ident, addr, device in virtio_devices(cfg, open_files=memory is not None):
+    for ident, addr, device in virtio_devices(cfg, open_files=memory is not None,
+                                              port_ends=port_ends):
         express = family == "q35" and addr.bus != 0
-        vfn = VirtioPciFunction(device, mem, ident, express=express)
+        vfn = VirtioPciFunction(device, mem, ident, express=express,
+                                notify=memory is not None)
         endpoints.append((PciSlot(addr.slot, addr.function,
                                   bridge_pos[addr.bus] if addr.bus else None), vfn))
     return build_pci(family, cfg.memory, bridges, endpoints, on_reset)

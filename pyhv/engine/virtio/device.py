@@ -11,7 +11,7 @@ protocol raises :class:`QueueError`; the transport then sets NEEDS_RESET.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.virtio.queue import SplitQueue
@@ -57,6 +57,9 @@ class VirtioDevice:
         self.queues: list[SplitQueue] = []
         self.interrupts: Optional[Interrupts] = None
         self.acked_features = 0
+        #: runs host-side work (a timer, a host end's event) as the transport runs
+        #: queue work: under its lock, a broken device set to NEEDS_RESET
+        self.guard: Callable[[Callable[[], None]], None] = lambda work: work()
 
     # ---- configuration space -------------------------------------------------
     def config_bytes(self) -> bytes:

@@ -96,7 +96,7 @@ class VirtioPciFunction(PciFunction):
     kind = "virtio-pci"
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, name: str = "",
-                 express: bool = False) -> None:
+                 express: bool = False, notify: bool = True) -> None:
         t = device.device_type
         cfg = ConfigSpace(VIRTIO_VENDOR, MODERN_DEVICE_BASE + t, CLASS_CODES.get(t, 0xFF0000),
                           revision=1, subsystem_vendor=QEMU_SUBSYSTEM_VENDOR,
@@ -124,12 +124,16 @@ class VirtioPciFunction(PciFunction):
         # length, data)
         self.pci_cfg = self._vendor_cap(CAP_PCI_CFG, 0, 0, bytes(4),
                                         wmask=bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12)
-        #: queue index -> eventfd the notify register signals
-        self.notify_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        #: queue index -> eventfd the notify register signals (none in a description:
+        #: ``notify=False``, nothing will run)
+        self.notify_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                           for _ in range(nq if notify else 0)]
         #: (re)binds the notify addresses to the eventfds when BAR4 moves (KVM ioeventfd)
         self.on_notify_moved: Optional[Callable[[Optional[int], Optional[int]], None]] = None
-        self._work = threading.Lock()
+        # reentrant: host work (a host end's event) may lead to more of it
+        self._work = threading.RLock()
         self.broken_reason: Optional[str] = None
+        device.guard = self.host_work
         self._reset_transport()
         self.snapshot_as_initial()
 
@@ -363,6 +367,17 @@ class VirtioPciFunction(PciFunction):
                 return
             try:
                 self.device.queue_notify(index)
+            except VirtioError as e:
+                self._needs_reset(str(e))
+
+    def host_work(self, work: Callable[[], None]) -> None:
+        """Run device work the host side started (a timer, input on a host end), as
+        :meth:`process` runs queue work: under the lock, not on a broken device."""
+        with self._work:
+            if self.status & STATUS_NEEDS_RESET:
+                return
+            try:
+                work()
             except VirtioError as e:
                 self._needs_reset(str(e))
 

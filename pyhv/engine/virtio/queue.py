@@ -47,6 +47,9 @@ class ChainError(VirtioError):
     """One descriptor chain is malformed or points outside guest RAM: the request
     fails, the queue goes on."""
 
+    #: the chain's head, when :meth:`SplitQueue.pop` took it (to answer it empty)
+    head: Optional[int] = None
+
 
 @dataclass(frozen=True)
 class Descriptor:
@@ -214,7 +217,11 @@ class SplitQueue:
         if head >= self.size:
             raise QueueError(f"available ring names descriptor {head} of a queue of "
                              f"{self.size}")
-        return DescriptorChain(memory, head, self._walk(memory, head))
+        try:
+            return DescriptorChain(memory, head, self._walk(memory, head))
+        except ChainError as e:
+            e.head = head
+            raise
 
     def _walk(self, memory: GuestMemory, head: int) -> list[Descriptor]:
         out: list[Descriptor] = []
