@@ -297,10 +297,9 @@ def test_virt_install(daemon, guests, tmp_path):
          "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton installed,"
                    f"emulator={EMULATOR}",
          "--import", "--disk", "none", "--graphics", "none", "--noautoconsole",
-         # the devices pyhv does not build yet (they join when their models land); the
-         # default USB controller (qemu-xhci), pcie-root-ports, virtio-rng and the
-         # balloon are built
-         "--network", "none", "--channel", "none"],
+         # virtio-net is not built yet; the default USB controller (qemu-xhci),
+         # pcie-root-ports, virtio-rng, the balloon and the agent channel are
+         "--network", "none"],
         capture_output=True, text=True, timeout=180, env=daemon.client_env())
     try:
         assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
@@ -530,13 +529,19 @@ def test_virt_install_with_a_disk(daemon, guests, tmp_path):
          "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton,"
                    f"emulator={EMULATOR}",
          "--import", "--disk", f"path={image}", "--graphics", "none", "--noautoconsole",
-         # still to come: virtio-net and the agent channel
-         "--network", "none", "--channel", "none"],
+         # still to come: virtio-net
+         "--network", "none"],
         capture_output=True, text=True, timeout=180, env=daemon.client_env())
     try:
         assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
         assert state(daemon, name) == "running (booted)"
         assert str(image) in virsh(daemon, "domblklist", name).stdout
+        # the guest agent channel virt-install adds: a virtio-serial port on the unix
+        # socket libvirt opened; this guest has no agent, so libvirt shows it closed
+        xml = virsh(daemon, "dumpxml", name).stdout
+        assert re.search(r"<channel type='unix'>.*?name='org.qemu.guest_agent.0' "
+                         r"state='disconnected'", xml, re.S), xml
+        assert "<controller type='virtio-serial'" in xml
         info = virsh(daemon, "domblkinfo", name, "vda").stdout
         assert re.search(r"Capacity:\s+8388608", info), info
         # virsh blockresize: libvirt's block_resize reaches the image and the device

@@ -107,7 +107,14 @@ class ShimMachine:
         out = []
         com1 = self._com1_chardev()
         hs = self.machine.host_serial
+        ports = self._port_chardevs()
         for cid, cd in self.plan.options.chardevs.items():
+            port = ports.get(cid)
+            end = self.machine.port_ends.get(port[1]) if port is not None else None
+            if end is not None:
+                assert port is not None
+                out.append((cid, end.filename, port[0] in self.machine.open_ports))
+                continue
             if cid == com1 and hs is not None and hs.pty_path:
                 filename = f"pty:{hs.pty_path}"
             elif cd.backend == "socket":
@@ -119,6 +126,15 @@ class ShimMachine:
             else:
                 filename = cd.backend
             out.append((cid, filename, cid == com1))
+        return out
+
+    def _port_chardevs(self) -> dict[str, tuple[str, tuple[int, int]]]:
+        """chardev id → (port id, (controller index, port number)) of every virtio
+        console and channel."""
+        out = {}
+        for index, vs in enumerate(self.plan.virtio_serial):
+            for p in vs.ports:
+                out[p.chardev.id] = (p.id or "", (index, p.nr))
         return out
 
     def _com1_chardev(self) -> Optional[str]:
@@ -366,6 +382,8 @@ class ShimProcess:
                 self.broadcast("BLOCK_WRITE_THRESHOLD", {"node-name": node,
                                                          "amount-exceeded": past,
                                                          "write-threshold": at})
+        elif ev.kind == "vserport-change":
+            self.broadcast("VSERPORT_CHANGE", {"id": ev.detail, "open": bool(ev.data)})
         elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":

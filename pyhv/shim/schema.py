@@ -386,6 +386,7 @@ EVENTS: Final[tuple[EventDef, ...]] = (
                                 req("reason", "str"))),
     EventDef("BLOCK_WRITE_THRESHOLD", (req("node-name", "str"), req("amount-exceeded", "int"),
                                        req("write-threshold", "int"))),
+    EventDef("VSERPORT_CHANGE", (req("id", "str"), req("open", "bool"))),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)
