@@ -3,7 +3,8 @@
  * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
  * the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
  * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
- * (pyhv.virtio), then powers off through ACPI.  The grammar is in README.md.
+ * (pyhv.virtio) and virtio-console (pyhv.virtio-console), then powers off
+ * through ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
  * here is written for a slow (emulated) CPU: few instructions, few port I/O.
@@ -2029,13 +2030,16 @@ static void wait_powerbutton(void)
 	eol();
 }
 
-/* ---- virtio-pci (pyhv.virtio=msix|intx) ---------------------------------- */
+/* ---- virtio-pci (pyhv.virtio=msix|intx, pyhv.virtio-console=msix|intx) -- */
 
 /*
  * A small modern (virtio 1.x) virtio-pci driver, run on each virtio-rng
- * (1af4:1044) and virtio-blk (1af4:1042) the walk found (other modern virtio
- * functions are listed with a "skipped" step; virtio-blk gets the requests of
- * vblk_requests instead of the rng's): vendor capabilities parsed, the status dance, features,
+ * (1af4:1044) and virtio-blk (1af4:1042) the walk found with pyhv.virtio, and
+ * on each virtio-console (1af4:1043) with pyhv.virtio-console (other modern
+ * virtio functions are listed with a "skipped" step; virtio-blk gets the
+ * requests of vblk_requests instead of the rng's, virtio-console the
+ * conversation of vcon_run on queues 0-5 instead of queue 0): vendor
+ * capabilities parsed, the status dance, features,
  * queue 0 with a few writable buffers (virtio-rng fills them), the used ring
  * and the interrupt, then a driver that breaks the protocol (the available
  * index runs ahead by more than the queue size) and must see NEEDS_RESET,
@@ -2047,7 +2051,8 @@ static void wait_powerbutton(void)
  * changes) to the BSP; with INTx (pyhv.virtio=intx) the IOAPIC pin named by
  * the interrupt line register sends VIRTIO_VECTOR (level) and the handler
  * reads the ISR.  Interrupts are taken for real (IDT gates, sti) but only
- * inside bounded waits; everything else runs with IF clear.
+ * inside bounded waits; everything else runs with IF clear (virtio-console:
+ * all its queues on entry 0, and IF set from DRIVER_OK until the reset).
  */
 #define VIRTIO_VECTOR	  0x50
 #define VIRTIO_CFG_VECTOR 0x51
@@ -2070,6 +2075,8 @@ static void wait_powerbutton(void)
 #define VBF_WANT	(VF_EVENT_IDX | VBF_RO | VBF_BLK_SIZE | VBF_FLUSH | VBF_DISCARD | \
 			 VBF_WRITE_ZEROES)
 #define VF_VERSION_1	(1u << 0)	/* high half: bit 32 */
+/* virtio-console feature bits (low half) */
+#define VCF_MULTIPORT	(1u << 1)
 
 /* struct virtio_pci_common_cfg */
 #define VC_DFSELECT	0x00
@@ -2089,14 +2096,25 @@ static void wait_powerbutton(void)
 #define VC_QDRIVER	0x28
 #define VC_QDEVICE	0x30
 
-/* ring memory (vq_mem): descriptor table, available ring, used ring, buffers */
+/* a queue's ring page: descriptor table, available ring, used ring, buffers */
 #define VQ_DESC		0x000
 #define VQ_AVAIL	0x100
 #define VQ_USED		0x200
 #define VQ_BUFS		0x400
 #define VQ_MEM		0x1000
+#define VQ_MAX		6		/* queues set up at most (virtio-console: 0-5) */
 
-static u8 vq_mem[VQ_MEM] __attribute__((aligned(4096)));
+/* One virtqueue as the driver keeps it: queue `index` of the device, its ring
+ * page, the size in use, queue_notify_off, the next available index and the
+ * used elements consumed so far.  rng and blk use vqs[0] only. */
+struct vq {
+	u8 *mem;
+	u32 index, size, qnoff;
+	u16 avail_idx, used_seen;
+};
+
+static u8 vq_pages[VQ_MAX][VQ_MEM] __attribute__((aligned(4096)));
+static struct vq vqs[VQ_MAX];
 /* page tables for BARs above the identity map (2 MiB pages, uncached) */
 static u64 hi_pdpt[512] __attribute__((aligned(4096)));
 static u64 hi_pd[512] __attribute__((aligned(4096)));
@@ -2108,13 +2126,13 @@ static struct {
 	u32 want_lo;		/* low feature bits the driver takes when offered */
 	u32 accepted_lo;
 	u64 common, isr, device, notify;
-	u32 mult, qnoff, size;
+	u32 mult;		/* notify_off_multiplier */
 	u32 pcicfg;		/* configuration offset of the PCI-cfg capability */
+	u32 common_bar, common_off;	/* where the common structure lies */
 	u32 msix_cap, msix_size, msix_table_reg, msix_pba_reg;
 	u64 msix_table;
 	u32 cfg_entry;		/* MSI-X entry for configuration changes */
 	u32 line, ioapic_pin;	/* INTx: IOAPIC pin (0xff: none) */
-	u16 avail_idx;
 	/* interrupts taken: on VIRTIO_VECTOR, on VIRTIO_CFG_VECTOR, and (INTx)
 	 * those whose ISR read found a cause; ISR values read */
 	volatile u32 irqs, cfg_irqs, hits, isr_last, isr_all, isr_late;
@@ -2365,61 +2383,90 @@ static void virtio_interrupts(void)
 	eol();
 }
 
-/* queue 0: size, addresses in vq_mem, MSI-X vector; quiet: no line */
-static void virtio_queue(int quiet)
+/* Queue `index` (selected, left selected) into `q` on ring page `index`: size
+ * min(max, VQ_WANT), the three addresses, MSI-X vector 0; the page is zeroed
+ * first when `clear`.  Returns the device's maximum size. */
+static u32 vq_setup(struct vq *q, u32 index, int clear)
 {
-	u64 m = (u64)vq_mem;
-	memset(vq_mem, 0, VQ_MEM);
-	vio.avail_idx = 0;
-	vw16(VC_QSELECT, 0);
+	q->mem = vq_pages[index];
+	q->index = index;
+	u64 m = (u64)q->mem;
+	if (clear)
+		memset(q->mem, 0, VQ_MEM);
+	q->avail_idx = q->used_seen = 0;
+	vw16(VC_QSELECT, (u16)index);
 	u32 max = vc16(VC_QSIZE);
-	vio.size = max < VQ_WANT ? max : VQ_WANT;
-	vw16(VC_QSIZE, (u16)vio.size);
-	u32 qv_before = vc16(VC_QMSIX);
+	q->size = max < VQ_WANT ? max : VQ_WANT;
+	vw16(VC_QSIZE, (u16)q->size);
 	if (vio.msix)
 		vw16(VC_QMSIX, 0);
 	vw64(VC_QDESC, m + VQ_DESC);
 	vw64(VC_QDRIVER, m + VQ_AVAIL);
 	vw64(VC_QDEVICE, m + VQ_USED);
-	vio.qnoff = vc16(VC_QNOFF);
-	if (quiet)
-		return;
-	vstep("queue");
+	q->qnoff = vc16(VC_QNOFF);
+	return max;
+}
+
+/* the selected queue's registers after vq_setup (a `queue` step's fields) */
+static void vq_report(struct vq *q, u32 max, u32 vector_before)
+{
 	kv_dec("num_queues", vc16(VC_NUMQ));
 	kv_dec("max_size", max);
 	kv_dec("size", vc16(VC_QSIZE));
-	kv_hex("vector_before", qv_before);
+	kv_hex("vector_before", vector_before);
 	kv_hex("vector", vc16(VC_QMSIX));
-	kv_hex("ring", m);
+	kv_hex("ring", (u64)q->mem);
 	kv_hex("desc", vc64(VC_QDESC));
 	kv_hex("driver", vc64(VC_QDRIVER));
 	kv_hex("device", vc64(VC_QDEVICE));
-	kv_dec("notify_off", vio.qnoff);
+	kv_dec("notify_off", q->qnoff);
 	kv_hex("enable", vc16(VC_QENABLE));
+}
+
+/* queue 0 (rng, blk) on a zeroed page; quiet: no line */
+static void virtio_queue(int quiet)
+{
+	vw16(VC_QSELECT, 0);
+	u32 qv_before = vc16(VC_QMSIX);
+	u32 max = vq_setup(&vqs[0], 0, 1);
+	if (quiet)
+		return;
+	vstep("queue");
+	vq_report(&vqs[0], max, qv_before);
 	eol();
 }
 
-/* one writable buffer as its own chain, on the available ring (not yet published) */
-static void vq_add(u32 desc, u64 buf, u32 len)
+/* descriptor `i` of q: `len` bytes at `buf`, flags (1 NEXT, 2 WRITE), next */
+static void vq_desc(struct vq *q, u32 i, u64 buf, u32 len, u16 flags, u16 next)
 {
-	u64 d = (u64)vq_mem + VQ_DESC + 16 * desc, a = (u64)vq_mem + VQ_AVAIL;
+	u64 d = (u64)q->mem + VQ_DESC + 16 * i;
 	wr32(d, (u32)buf);
 	wr32(d + 4, (u32)(buf >> 32));
 	wr32(d + 8, len);
-	wr16(d + 12, 2);			/* VIRTQ_DESC_F_WRITE */
-	wr16(d + 14, 0);
-	wr16(a + 4 + 2 * (vio.avail_idx % vio.size), (u16)desc);
-	vio.avail_idx++;
+	wr16(d + 12, flags);
+	wr16(d + 14, next);
 }
 
-static void vq_publish_and_notify(u16 idx)
+/* one buffer as its own chain (`flags` 2: device-writable, 0: device-readable),
+ * on the available ring (not yet published) */
+static void vq_add(struct vq *q, u32 desc, u64 buf, u32 len, u16 flags)
 {
-	wr16((u64)vq_mem + VQ_AVAIL + 2, idx);
-	__asm__ volatile("mfence" ::: "memory");
-	wr16(vio.notify + vio.qnoff * vio.mult, 0);	/* the queue's index */
+	vq_desc(q, desc, buf, len, flags, 0);
+	wr16((u64)q->mem + VQ_AVAIL + 4 + 2 * (q->avail_idx % q->size), (u16)desc);
+	q->avail_idx++;
 }
 
-static u32 used_idx(void) { return rd16((u64)vq_mem + VQ_USED + 2); }
+static void vq_publish_and_notify(struct vq *q, u16 idx)
+{
+	wr16((u64)q->mem + VQ_AVAIL + 2, idx);
+	__asm__ volatile("mfence" ::: "memory");
+	wr16(vio.notify + q->qnoff * vio.mult, (u16)q->index);	/* the queue's index */
+}
+
+static u32 used_idx(struct vq *q) { return rd16((u64)q->mem + VQ_USED + 2); }
+/* the used element at used index `i`: id, len */
+static u32 used_id(struct vq *q, u32 i) { return rd32((u64)q->mem + VQ_USED + 4 + 8 * (i % q->size)); }
+static u32 used_len(struct vq *q, u32 i) { return rd32((u64)q->mem + VQ_USED + 8 + 8 * (i % q->size)); }
 
 /* After the device used buffers or broke (IF clear): the interrupt as it is
  * pending (local APIC IRR, PCI status, IOAPIC Remote IRR), then taken
@@ -2463,32 +2510,33 @@ static void virtio_take_irq(u32 vector, volatile u32 *counter, u32 before)
 /* The good requests: buffers of the given lengths, one chain each. */
 static void virtio_requests(const char *name, const u32 *lens, u32 n)
 {
-	u64 bufs = (u64)vq_mem + VQ_BUFS, b = bufs;
-	u32 first = vio.avail_idx, before = vio.msix ? vio.irqs : vio.hits;
+	struct vq *q = &vqs[0];
+	u64 bufs = (u64)q->mem + VQ_BUFS, b = bufs;
+	u32 first = q->avail_idx, before = vio.msix ? vio.irqs : vio.hits;
 	for (u32 i = 0; i < n; i++) {
-		vq_add(i, b, lens[i]);
+		vq_add(q, i, b, lens[i], 2);	/* VIRTQ_DESC_F_WRITE */
 		b += lens[i];
 	}
-	vq_publish_and_notify(vio.avail_idx);
+	vq_publish_and_notify(q, q->avail_idx);
 	u32 want = (first + n) & 0xffff;
-	u32 polls = VPOLL(used_idx() == want, 2000);
+	u32 polls = VPOLL(used_idx(q) == want, 2000);
 	vstep(name);
 	kv_dec("polls", polls);
-	kv_dec("avail_idx", vio.avail_idx);
-	kv_dec("used_idx", used_idx());
-	kv_hex("used_flags", rd16((u64)vq_mem + VQ_USED));
-	kv_dec("avail_event", rd16((u64)vq_mem + VQ_USED + 4 + 8 * vio.size));
+	kv_dec("avail_idx", q->avail_idx);
+	kv_dec("used_idx", used_idx(q));
+	kv_hex("used_flags", rd16((u64)q->mem + VQ_USED));
+	kv_dec("avail_event", rd16((u64)q->mem + VQ_USED + 4 + 8 * q->size));
 	key("ids");
 	for (u32 i = 0; i < n; i++) {
 		if (i)
 			putc_(',');
-		put_dec(rd32((u64)vq_mem + VQ_USED + 4 + 8 * ((first + i) % vio.size)));
+		put_dec(used_id(q, first + i));
 	}
 	key("lens");
 	for (u32 i = 0; i < n; i++) {
 		if (i)
 			putc_(',');
-		put_dec(rd32((u64)vq_mem + VQ_USED + 8 + 8 * ((first + i) % vio.size)));
+		put_dec(used_len(q, first + i));
 	}
 	/* what the device wrote: buffers all zero, buffers of one repeated byte,
 	 * pairs of buffers whose first 16 bytes are equal */
@@ -2521,16 +2569,17 @@ static void virtio_requests(const char *name, const u32 *lens, u32 n)
  * device by more than the queue size, then a notification */
 static void virtio_break(void)
 {
-	u32 used = used_idx(), before = vio.msix ? vio.cfg_irqs : vio.hits;
-	u16 bad = (u16)(vio.avail_idx + vio.size + 1);
-	vq_publish_and_notify(bad);
+	struct vq *q = &vqs[0];
+	u32 used = used_idx(q), before = vio.msix ? vio.cfg_irqs : vio.hits;
+	u16 bad = (u16)(q->avail_idx + q->size + 1);
+	vq_publish_and_notify(q, bad);
 	u32 n = VPOLL(vc8(VC_STATUS) & VS_NEEDS_RESET, 2000);
 	vstep("break");
 	kv_dec("avail_idx", bad);
 	kv_dec("ahead", (u16)(bad - used));
 	kv_dec("polls", n);
 	kv_hex("status", vc8(VC_STATUS));
-	kv_dec("used_idx", used_idx());
+	kv_dec("used_idx", used_idx(q));
 	kv_dec("used_before", used);
 	if (vio.msix)
 		virtio_take_irq(VIRTIO_CFG_VECTOR, &vio.cfg_irqs, before);
@@ -2543,7 +2592,7 @@ static void virtio_break(void)
 
 /* ---- virtio-blk requests ------------------------------------------------- */
 
-/* where a request's parts lie in vq_mem: header, status byte, write-zeroes
+/* where a request's parts lie in queue 0's ring page: header, status byte, write-zeroes
  * segment, identifier, one sector of data */
 #define VB_HDR		(VQ_BUFS + 0x000)
 #define VB_STATUS	(VQ_BUFS + 0x010)
@@ -2560,16 +2609,6 @@ static void virtio_break(void)
 
 static u32 vblk_before;	/* the interrupt counter before the request */
 
-static void vq_desc(u32 i, u64 buf, u32 len, u16 flags, u16 next)
-{
-	u64 d = (u64)vq_mem + VQ_DESC + 16 * i;
-	wr32(d, (u32)buf);
-	wr32(d + 4, (u32)(buf >> 32));
-	wr32(d + 8, len);
-	wr16(d + 12, flags);
-	wr16(d + 14, next);
-}
-
 /* One request as a chain: header (device-readable), `len` bytes at `data`
  * (device-readable, or device-writable when `in`; none when len is 0), the
  * status byte (device-writable, 0xff before).  used_event is the used index
@@ -2578,36 +2617,36 @@ static void vq_desc(u32 i, u64 buf, u32 len, u16 flags, u16 next)
  * `used_len`); the caller adds its fields, then vblk_done(). */
 static void vblk_request(const char *name, u32 type, u64 sector, u64 data, u32 len, int in)
 {
-	u64 m = (u64)vq_mem, a = m + VQ_AVAIL;
+	struct vq *q = &vqs[0];
+	u64 m = (u64)q->mem, a = m + VQ_AVAIL;
 	wr32(m + VB_HDR, type);
 	wr32(m + VB_HDR + 4, 0);
 	wr32(m + VB_HDR + 8, (u32)sector);
 	wr32(m + VB_HDR + 12, (u32)(sector >> 32));
 	wr8(m + VB_STATUS, 0xff);
 	u32 n = 0;
-	vq_desc(n++, m + VB_HDR, 16, 1, 1);			/* NEXT */
+	vq_desc(q, n++, m + VB_HDR, 16, 1, 1);			/* NEXT */
 	if (len) {
-		vq_desc(n, data, len, (u16)(1 | (in ? 2 : 0)), (u16)(n + 1));
+		vq_desc(q, n, data, len, (u16)(1 | (in ? 2 : 0)), (u16)(n + 1));
 		n++;
 	}
-	vq_desc(n, m + VB_STATUS, 1, 2, 0);			/* WRITE */
-	u32 used = used_idx();
-	wr16(a + 4 + 2 * vio.size, (u16)used);			/* used_event */
-	wr16(a + 4 + 2 * (vio.avail_idx % vio.size), 0);	/* head: descriptor 0 */
-	vio.avail_idx++;
+	vq_desc(q, n, m + VB_STATUS, 1, 2, 0);			/* WRITE */
+	u32 used = used_idx(q);
+	wr16(a + 4 + 2 * q->size, (u16)used);			/* used_event */
+	wr16(a + 4 + 2 * (q->avail_idx % q->size), 0);		/* head: descriptor 0 */
+	q->avail_idx++;
 	vblk_before = vio.msix ? vio.irqs : vio.hits;
-	vq_publish_and_notify(vio.avail_idx);
+	vq_publish_and_notify(q, q->avail_idx);
 	u32 want = (used + 1) & 0xffff;
-	u32 polls = VPOLL(used_idx() == want, 2000);
-	u64 e = m + VQ_USED + 4 + 8 * (used % vio.size);
+	u32 polls = VPOLL(used_idx(q) == want, 2000);
 	vstep(name);
 	kv_dec("polls", polls);
 	kv_dec("type", type);
 	kv_dec("sector", sector);
-	kv_dec("used_idx", used_idx());
+	kv_dec("used_idx", used_idx(q));
 	kv_hex("status", rd8(m + VB_STATUS));
-	kv_dec("used_id", rd32(e));
-	kv_dec("used_len", rd32(e + 4));
+	kv_dec("used_id", used_id(q, used));
+	kv_dec("used_len", used_len(q, used));
 }
 
 static void vblk_done(void)
@@ -2619,7 +2658,7 @@ static void vblk_done(void)
 /* bytes of the data sector that differ from the pattern; from zero (`zero`) */
 static u32 vblk_diff(int zero)
 {
-	const u8 *p = vq_mem + VB_DATA;
+	const u8 *p = vqs[0].mem + VB_DATA;
 	u32 n = 0;
 	for (u32 i = 0; i < VB_SECTOR; i++)
 		n += p[i] != (zero ? 0 : VB_PATTERN(i));
@@ -2634,13 +2673,14 @@ static u32 vblk_diff(int zero)
  * device left alone can be told apart; the caller adds its fields, then vblk_done(). */
 static void vblk_read(const char *name, u64 sector)
 {
-	memset(vq_mem + VB_DATA, 0xa5, VB_SECTOR);
-	vblk_request(name, VB_IN, sector, (u64)vq_mem + VB_DATA, VB_SECTOR, 1);
+	memset(vqs[0].mem + VB_DATA, 0xa5, VB_SECTOR);
+	vblk_request(name, VB_IN, sector, (u64)vqs[0].mem + VB_DATA, VB_SECTOR, 1);
 }
 
 static void vblk_requests(void)
 {
-	u64 m = (u64)vq_mem, dv = vio.device;
+	u8 *mem = vqs[0].mem;
+	u64 m = (u64)mem, dv = vio.device;
 	u32 g0 = vc8(VC_GEN);
 	u64 cap = rd32(dv) | (u64)rd32(dv + 4) << 32;
 	u32 seg_max = rd32(dv + 12), blk_size = rd32(dv + 20), numq = rd16(dv + 34);
@@ -2663,18 +2703,18 @@ static void vblk_requests(void)
 	kv_dec("discard", !!(f & VBF_DISCARD));
 	eol();
 
-	memset(vq_mem + VB_ID, 0, 20);
+	memset(mem + VB_ID, 0, 20);
 	vblk_request("get-id", VB_GET_ID, 0, m + VB_ID, 20, 1);
 	u32 idn = 0;
-	while (idn < 20 && vq_mem[VB_ID + idn])
+	while (idn < 20 && mem[VB_ID + idn])
 		idn++;
 	key("serial");
-	put_escaped(vq_mem + VB_ID, idn, 0);
+	put_escaped(mem + VB_ID, idn, 0);
 	kv_dec("serial_len", idn);
 	vblk_done();
 
 	for (u32 i = 0; i < VB_SECTOR; i++)
-		vq_mem[VB_DATA + i] = VB_PATTERN(i);
+		mem[VB_DATA + i] = VB_PATTERN(i);
 	vblk_request("write", VB_OUT, 1, m + VB_DATA, VB_SECTOR, 0);
 	vblk_done();
 
@@ -2704,17 +2744,355 @@ static void vblk_requests(void)
 	vblk_read("read-oob", cap);
 	u32 kept = 0;	/* bytes of the buffer the device left alone */
 	for (u32 i = 0; i < VB_SECTOR; i++)
-		kept += vq_mem[VB_DATA + i] == 0xa5;
+		kept += mem[VB_DATA + i] == 0xa5;
 	kv_dec("kept", kept);
 	vblk_done();
+}
+
+/* DRIVER_OK: device_status, config_generation, device_status again through the
+ * PCI-cfg window, the ISR (a read acknowledges), the PCI interrupt status */
+static void virtio_driver_ok(void)
+{
+	u32 bdf = vio.bdf;
+	vw8(VC_STATUS, vc8(VC_STATUS) | VS_DRIVER_OK);
+	vstep("driver-ok");
+	kv_hex("status", vc8(VC_STATUS));
+	kv_hex("generation", vc8(VC_GEN));
+	if (vio.pcicfg) {	/* device_status again, through the PCI-cfg window */
+		u32 p = vio.pcicfg;
+		cfg_wr(bdf, p + 4, (cfg_rd(bdf, p + 4) & ~0xffu) | vio.common_bar);
+		cfg_wr(bdf, p + 8, vio.common_off + VC_STATUS);
+		cfg_wr(bdf, p + 12, 1);
+		kv_hex("pcicfg_status", cfg_rd(bdf, p + 16) & 0xff);
+	}
+	kv_hex("isr", rd8(vio.isr));
+	kv_dec("intsts", intsts(bdf));
+	eol();
+}
+
+/* ---- virtio-console (pyhv.virtio-console=msix|intx) ---------------------- */
+
+/*
+ * virtio 1.2 5.3 with VIRTIO_CONSOLE_F_MULTIPORT: queues 0/1 port 0's
+ * receiveq/transmitq, 2/3 the control receiveq (device to driver) and
+ * transmitq, 4/5 port 1's; only these six are set up.  Every buffer is
+ * VCON_BUF bytes at VQ_BUFS + VCON_BUF * i of its queue's ring page, always
+ * behind descriptor i (transmit queues: i = the available index modulo the
+ * size, one buffer in flight).  Interrupts stay on from DRIVER_OK to the
+ * reset (the handlers count them); the driver polls the used rings, reading
+ * the control receiveq in every wait (vcon_ctrl_poll: one `ctrl` line a
+ * message, whatever step it arrives in).
+ */
+#define VCON_BUF	64
+#define VCON_RX_BUFS	4		/* buffers on each port's receiveq */
+#define VCON_P0_RX	0
+#define VCON_P0_TX	1
+#define VCON_CTRL_RX	2
+#define VCON_CTRL_TX	3
+#define VCON_P1_RX	4
+#define VCON_P1_TX	5
+#define VCON_QUEUES	6
+#define VCON_HOST_MS	3000		/* waits for the host end (within the PM timer's wrap) */
+/* control events */
+#define VCON_DEVICE_READY 0
+#define VCON_DEVICE_ADD	1
+#define VCON_PORT_READY	3
+#define VCON_CONSOLE_PORT 4
+#define VCON_PORT_OPEN	6
+#define VCON_PORT_NAME	7
+
+static struct {
+	/* ports (bit = id, ids below 32) the control messages named: added,
+	 * console, named, host end open (the last PORT_OPEN's value) */
+	u32 added, consoles, named, host_open;
+	u32 msgs;			/* control messages received */
+	u8 name[VCON_BUF];		/* port 1's name as sent */
+	u32 name_len;
+	u8 line[VCON_BUF - 5];		/* what port 1 received ("echo:" + it fits a buffer) */
+	u32 line_len, line_done, rx_bufs;
+} vcon;
+
+/* `len` bytes (at most VCON_BUF) on transmit queue q, published, notified;
+ * the used index polled: the rounds (VPOLL_FAIL: never used) */
+static u32 vcon_send(struct vq *q, const void *data, u32 len)
+{
+	u32 d = q->avail_idx % q->size;
+	u64 b = (u64)q->mem + VQ_BUFS + VCON_BUF * d;
+	memcpy((void *)b, data, len);
+	vq_add(q, d, b, len, 0);
+	vq_publish_and_notify(q, q->avail_idx);
+	u32 n = VPOLL(used_idx(q) == q->avail_idx, 1000);
+	q->used_seen = q->avail_idx;
+	return n;
+}
+
+/* the last buffer sent on q as used: `prefix`polls, used_idx, used_id, used_len */
+static void vcon_sent(struct vq *q, u32 polls, const char *prefix)
+{
+	u32 i = (u16)(q->avail_idx - 1), n = 0;
+	char k[24];
+	static const char *const names[4] = {"polls", "used_idx", "used_id", "used_len"};
+	u32 v[4] = {polls, used_idx(q), used_id(q, i), used_len(q, i)};
+	while (prefix[n] && n < 12) {
+		k[n] = prefix[n];
+		n++;
+	}
+	for (u32 f = 0; f < 4; f++) {
+		u32 m = 0;
+		while ((k[n + m] = names[f][m]))
+			m++;
+		kv_dec(k, v[f]);
+	}
+}
+
+/* a control message: le32 id, le16 event, le16 value */
+static u32 vcon_ctrl(u32 id, u32 event, u32 value)
+{
+	u8 m[8];
+	for (u32 i = 0; i < 4; i++)
+		m[i] = (u8)(id >> (8 * i));
+	m[4] = (u8)event;
+	m[5] = (u8)(event >> 8);
+	m[6] = (u8)value;
+	m[7] = (u8)(value >> 8);
+	return vcon_send(&vqs[VCON_CTRL_TX], m, 8);
+}
+
+/* a receive buffer back on its queue, zeroed, notified */
+static void vcon_rx_refill(struct vq *q, u32 d)
+{
+	u64 b = (u64)q->mem + VQ_BUFS + VCON_BUF * d;
+	memset((void *)b, 0, VCON_BUF);
+	vq_add(q, d, b, VCON_BUF, 2);
+	vq_publish_and_notify(q, q->avail_idx);
+}
+
+/* Every control message used since the last call, in order: the state above
+ * updated, DEVICE_ADD answered with PORT_READY(id, 1), one `ctrl` line each
+ * (seq, event, id, value, the used len; PORT_NAME: name_len and the name
+ * escaped; DEVICE_ADD: the answer's used element), the buffer put back. */
+static void vcon_ctrl_poll(void)
+{
+	struct vq *q = &vqs[VCON_CTRL_RX];
+	while (q->used_seen != (u16)used_idx(q)) {
+		u32 i = q->used_seen++, d = used_id(q, i), len = used_len(q, i);
+		if (d >= q->size) {
+			error("virtio-console-bad-used-id", "id", d);
+			continue;
+		}
+		u64 b = (u64)q->mem + VQ_BUFS + VCON_BUF * d;
+		u32 id = rd32(b), ev = rd16(b + 4), val = rd16(b + 6);
+		u32 bit = id < 32 ? 1u << id : 0, answer = VPOLL_FAIL + 1;
+		u32 nlen = len > VCON_BUF ? VCON_BUF - 8 : len > 8 ? len - 8 : 0;
+		vcon.msgs++;
+		if (ev == VCON_DEVICE_ADD) {
+			vcon.added |= bit;
+			answer = vcon_ctrl(id, VCON_PORT_READY, 1);
+		} else if (ev == VCON_CONSOLE_PORT && val) {
+			vcon.consoles |= bit;
+		} else if (ev == VCON_PORT_NAME) {
+			vcon.named |= bit;
+			if (id == 1) {
+				memcpy(vcon.name, (const void *)(b + 8), nlen);
+				vcon.name_len = nlen;
+			}
+		} else if (ev == VCON_PORT_OPEN) {
+			vcon.host_open = val ? vcon.host_open | bit : vcon.host_open & ~bit;
+		}
+		vstep("ctrl");
+		kv_dec("seq", vcon.msgs);
+		kv_dec("event", ev);
+		kv_dec("id", id);
+		kv_dec("value", val);
+		kv_dec("len", len);
+		if (ev == VCON_PORT_NAME) {
+			kv_dec("name_len", nlen);
+			if (nlen) {
+				key("name");
+				put_escaped((const u8 *)(b + 8), nlen, 0);
+			}
+		}
+		if (answer <= VPOLL_FAIL) {
+			kv_dec("answer", VCON_PORT_READY);
+			vcon_sent(&vqs[VCON_CTRL_TX], answer, "answer_");
+		}
+		eol();
+		vcon_rx_refill(q, d);
+	}
+}
+
+/* Port 1's receiveq: the bytes of every used buffer appended to vcon.line
+ * (buffers put back) until a newline or a full line; 1 then. */
+static int vcon_rx_line(void)
+{
+	struct vq *q = &vqs[VCON_P1_RX];
+	while (!vcon.line_done && q->used_seen != (u16)used_idx(q)) {
+		u32 i = q->used_seen++, d = used_id(q, i), len = used_len(q, i);
+		if (d >= q->size) {
+			error("virtio-console-bad-used-id", "id", d);
+			continue;
+		}
+		const u8 *b = q->mem + VQ_BUFS + VCON_BUF * d;
+		for (u32 k = 0; k < len && k < VCON_BUF; k++) {
+			if (vcon.line_len < sizeof(vcon.line))
+				vcon.line[vcon.line_len++] = b[k];
+			if (b[k] == '\n')
+				vcon.line_done = 1;
+		}
+		if (vcon.line_len == sizeof(vcon.line))
+			vcon.line_done = 1;
+		vcon.rx_bufs++;
+		vcon_rx_refill(q, d);
+	}
+	return vcon.line_done;
+}
+
+/* Wait (interrupts on) until `done` holds, reading control messages each
+ * round; bounded as VPOLL. */
+#define VCON_WAIT(done, ms) ({							\
+	u32 _n = 0, _t0 = pm_ticks();						\
+	while ((vcon_ctrl_poll(), !(done)) && _n < VPOLL_FAIL &&		\
+	       ((pm_ticks() - _t0) & 0xffffff) < (u32)(ms) * 3580)		\
+		_n++;								\
+	(done) ? _n : VPOLL_FAIL; })
+
+static void vcon_run(void)
+{
+	u64 dv = vio.device;
+	u32 n;
+	memset(&vcon, 0, sizeof(vcon));
+	vstep("console-config");
+	kv_dec("cols", rd16(dv));
+	kv_dec("rows", rd16(dv + 2));
+	kv_dec("max_nr_ports", rd32(dv + 4));
+	kv_dec("multiport", !!(vio.accepted_lo & VCF_MULTIPORT));
+	kv_hex("generation", vc8(VC_GEN));
+	eol();
+	if (!(vio.accepted_lo & VCF_MULTIPORT)) {
+		error("virtio-console-no-multiport", 0, 0);
+		return;
+	}
+
+	/* queues 0-5 set up and enabled, the others left alone */
+	for (u32 i = 0; i < VCON_QUEUES; i++) {
+		vw16(VC_QSELECT, (u16)i);
+		u32 before = vc16(VC_QMSIX);
+		u32 max = vq_setup(&vqs[i], i, 0);
+		vw16(VC_QENABLE, 1);
+		vstep("queue");
+		kv_dec("index", i);
+		vq_report(&vqs[i], max, before);
+		eol();
+	}
+	u32 numq = vc16(VC_NUMQ), others = 0;
+	for (u32 i = VCON_QUEUES; i < numq && i < 256; i++) {
+		vw16(VC_QSELECT, (u16)i);
+		others += vc16(VC_QENABLE) != 0;
+	}
+
+	/* receive buffers: the control receiveq full, VCON_RX_BUFS on each port's */
+	static const u32 rxq[3] = {VCON_P0_RX, VCON_CTRL_RX, VCON_P1_RX};
+	for (u32 r = 0; r < 3; r++) {
+		struct vq *q = &vqs[rxq[r]];
+		u32 nb = rxq[r] == VCON_CTRL_RX ? q->size : VCON_RX_BUFS;
+		for (u32 d = 0; d < nb && d < q->size; d++)
+			vq_add(q, d, (u64)q->mem + VQ_BUFS + VCON_BUF * d, VCON_BUF, 2);
+		wr16((u64)q->mem + VQ_AVAIL + 2, q->avail_idx);
+	}
+	vstep("fill");
+	kv_dec("others_enabled", others);
+	kv_dec("rx0", vqs[VCON_P0_RX].avail_idx);
+	kv_dec("ctrl_rx", vqs[VCON_CTRL_RX].avail_idx);
+	kv_dec("rx1", vqs[VCON_P1_RX].avail_idx);
+	eol();
+
+	virtio_driver_ok();
+	__asm__ volatile("sti" ::: "memory");
+	for (u32 r = 0; r < 3; r++)
+		vq_publish_and_notify(&vqs[rxq[r]], vqs[rxq[r]].avail_idx);
+
+	n = vcon_ctrl(0, VCON_DEVICE_READY, 1);
+	vstep("device-ready");
+	vcon_sent(&vqs[VCON_CTRL_TX], n, "");
+	eol();
+
+	/* both ports added (each answered PORT_READY), port 0 the console,
+	 * port 1 named */
+	n = VCON_WAIT((vcon.added & 3) == 3 && (vcon.consoles & 1) && (vcon.named & 2), 2000);
+	vstep("ports");
+	kv_dec("polls", n);
+	kv_hex("added", vcon.added);
+	kv_hex("consoles", vcon.consoles);
+	kv_hex("named", vcon.named);
+	kv_hex("host_open", vcon.host_open);
+	kv_dec("name_len", vcon.name_len);
+	eol();
+
+	for (u32 port = 0; port < 2; port++) {
+		n = vcon_ctrl(port, VCON_PORT_OPEN, 1);
+		vstep("open");
+		kv_dec("port", port);
+		vcon_sent(&vqs[VCON_CTRL_TX], n, "");
+		eol();
+	}
+
+	static const char hello0[] = "hello hvc0\n", hello1[] = "hello port1\n";
+	n = vcon_send(&vqs[VCON_P0_TX], hello0, sizeof(hello0) - 1);
+	vstep("write0");
+	kv_dec("len", sizeof(hello0) - 1);
+	vcon_sent(&vqs[VCON_P0_TX], n, "");
+	eol();
+
+	/* the host end of port 1 connected (maybe already) */
+	u32 early = !!(vcon.host_open & 2);
+	n = VCON_WAIT(vcon.host_open & 2, VCON_HOST_MS);
+	vstep("wait-open");
+	kv_dec("polls", n);
+	kv_dec("early", early);
+	kv_dec("open", !!(vcon.host_open & 2));
+	eol();
+
+	n = vcon_send(&vqs[VCON_P1_TX], hello1, sizeof(hello1) - 1);
+	vstep("write1");
+	kv_dec("len", sizeof(hello1) - 1);
+	vcon_sent(&vqs[VCON_P1_TX], n, "");
+	eol();
+
+	n = VCON_WAIT(vcon_rx_line(), VCON_HOST_MS);
+	vstep("read1");
+	kv_dec("polls", n);
+	kv_dec("len", vcon.line_len);
+	key("data");
+	put_escaped(vcon.line, vcon.line_len, 0);
+	kv_dec("bufs", vcon.rx_bufs);
+	eol();
+
+	u8 echo[VCON_BUF];
+	memcpy(echo, "echo:", 5);
+	memcpy(echo + 5, vcon.line, vcon.line_len);
+	n = vcon_send(&vqs[VCON_P1_TX], echo, 5 + vcon.line_len);
+	vstep("echo");
+	kv_dec("len", 5 + vcon.line_len);
+	vcon_sent(&vqs[VCON_P1_TX], n, "");
+	eol();
+
+	n = vcon_ctrl(1, VCON_PORT_OPEN, 0);
+	vcon_ctrl_poll();
+	vstep("close");
+	vcon_sent(&vqs[VCON_CTRL_TX], n, "");
+	kv_dec("rx0_used", used_idx(&vqs[VCON_P0_RX]));
+	kv_dec("msgs", vcon.msgs);
+	eol();
+	__asm__ volatile("cli" ::: "memory");
 }
 
 static void virtio_run(struct vdevrec *d)
 {
 	u32 bdf = d->bdf;
 	memset(&vio, 0, sizeof(vio));
-	vio.msix = !has_switch("pyhv.virtio=intx");
-	vio.want_lo = d->id >> 16 == 0x1042 ? VBF_WANT : VF_EVENT_IDX;
+	u32 type = d->id >> 16;
+	vio.msix = !has_switch(type == 0x1043 ? "pyhv.virtio-console=intx" : "pyhv.virtio=intx");
+	vio.want_lo = type == 0x1042 ? VBF_WANT : type == 0x1043 ? VCF_MULTIPORT : VF_EVENT_IDX;
 	vio.dev = (u32)(d - vdevs);
 	vio.bdf = bdf;
 
@@ -2746,6 +3124,8 @@ static void virtio_run(struct vdevrec *d)
 		}
 	}
 	vio.pcicfg = found[5];
+	vio.common_bar = cbar[1];
+	vio.common_off = coff[1];
 	line("virtio");
 	kv_dec("dev", vio.dev);
 	key("bdf");
@@ -2852,6 +3232,11 @@ static void virtio_run(struct vdevrec *d)
 	virtio_reset("reset");
 	virtio_negotiate(0);
 	virtio_interrupts();
+
+	if (d->id >> 16 == 0x1043) {
+		vcon_run();
+		goto stop;
+	}
 	virtio_queue(0);
 
 	vw16(VC_QENABLE, 1);
@@ -2859,20 +3244,7 @@ static void virtio_run(struct vdevrec *d)
 	kv_hex("enable", vc16(VC_QENABLE));
 	eol();
 
-	vw8(VC_STATUS, vc8(VC_STATUS) | VS_DRIVER_OK);
-	vstep("driver-ok");
-	kv_hex("status", vc8(VC_STATUS));
-	kv_hex("generation", vc8(VC_GEN));
-	if (vio.pcicfg) {	/* device_status again, through the PCI-cfg window */
-		u32 p = vio.pcicfg;
-		cfg_wr(bdf, p + 4, (cfg_rd(bdf, p + 4) & ~0xffu) | cbar[1]);
-		cfg_wr(bdf, p + 8, coff[1] + VC_STATUS);
-		cfg_wr(bdf, p + 12, 1);
-		kv_hex("pcicfg_status", cfg_rd(bdf, p + 16) & 0xff);
-	}
-	kv_hex("isr", rd8(vio.isr));
-	kv_dec("intsts", intsts(bdf));
-	eol();
+	virtio_driver_ok();
 
 	if (d->id >> 16 == 0x1042) {
 		vblk_requests();
@@ -2918,11 +3290,12 @@ stop:
 	eol();
 }
 
-static void report_virtio(void)
+static void report_virtio(int virtio_sw, int console_sw)
 {
 	for (u32 i = 0; i < nvirtio; i++) {
 		u32 type = vdevs[i].id >> 16;
-		if (type == 0x1044 || type == 0x1042) {	/* virtio-rng, virtio-blk */
+		if (((type == 0x1044 || type == 0x1042) && virtio_sw) ||	/* rng, blk */
+		    (type == 0x1043 && console_sw)) {			/* console */
 			virtio_run(&vdevs[i]);
 			continue;
 		}
@@ -2943,7 +3316,8 @@ static void report_virtio(void)
 	}
 	line("virtio-end");
 	kv_dec("devices", nvirtio);
-	kv_str("mode", has_switch("pyhv.virtio=intx") ? "intx" : "msix");
+	kv_str("mode", has_switch(virtio_sw ? "pyhv.virtio=intx" : "pyhv.virtio-console=intx") ?
+	       "intx" : "msix");
 	eol();
 }
 
@@ -2970,14 +3344,16 @@ void guest_main(u32 proto, u64 info)
 	int usb_sw = has_switch("pyhv.usb"), barmove_sw = has_switch("pyhv.barmove");
 	int virtio_sw = has_switch("pyhv.virtio") || has_switch("pyhv.virtio=msix") ||
 		has_switch("pyhv.virtio=intx");
-	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw)
+	int console_sw = has_switch("pyhv.virtio-console") ||
+		has_switch("pyhv.virtio-console=msix") || has_switch("pyhv.virtio-console=intx");
+	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw || console_sw)
 		report_pci();
 	if (usb_sw)
 		report_usb();
 	if (barmove_sw)
 		report_barmove();
-	if (virtio_sw)
-		report_virtio();
+	if (virtio_sw || console_sw)
+		report_virtio(virtio_sw, console_sw);
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))

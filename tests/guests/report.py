@@ -24,7 +24,7 @@ RAW_TAGS = {"cmdline", "rtc"}
 # fields kept as words although they may look like decimal numbers (hex digits
 # without 0x, as lspci writes them: class=060400, caps=10)
 WORD_FIELDS = {"pci": {"bdf", "id", "class", "caps"}, "usb": {"bdf"}, "barmove": {"bdf"},
-               "virtio": {"bdf", "id"}, "virtio-step": {"serial"}}
+               "virtio": {"bdf", "id"}, "virtio-step": {"serial", "name", "data"}}
 # @usb-step fields that are lists of hex numbers (``none``: empty)
 USB_LIST_FIELDS = {"portsc", "pages"}
 # @virtio-step fields that are lists of numbers (each 0x hex or decimal)
