@@ -92,7 +92,7 @@ class Console:
     """The guest's serial console through libvirt (what `virsh console` uses): a
     blocking console stream drained by a thread."""
 
-    def __init__(self, d: LibvirtDaemon, name: str) -> None:
+    def __init__(self, d: LibvirtDaemon, name: str, devname: str | None = None) -> None:
         import threading
 
         import libvirt
@@ -100,7 +100,7 @@ class Console:
         self.conn = libvirt.open(d.uri)
         self.dom = self.conn.lookupByName(name)
         self.stream = self.conn.newStream(0)
-        self.dom.openConsole(None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self.dom.openConsole(devname, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self.text = ""
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
@@ -652,5 +652,54 @@ def test_block_write_threshold_event(daemon, guests, tmp_path):
     finally:
         if events is not None and events.poll() is None:
             events.kill()
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+
+
+def test_virtio_console_and_channel(daemon, guests, tmp_path):
+    """A virtio console (`virsh console --devname console1` reads the guest's hvc0
+    through the pty query-chardev named) and a named channel on a unix socket: the
+    guest opening the port shows in libvirt's live XML (state='connected', from
+    VSERPORT_CHANGE), bytes go both ways, and the close shows too."""
+    import socket
+
+    name = "vserial"
+    sock = tmp_path / "test.sock"
+    devices = ("<serial type='pty'><target port='0'/></serial>"
+               "<console type='pty'><target type='serial'/></console>"
+               "<console type='pty'><target type='virtio'/></console>"
+               f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+               "<target type='virtio' name='org.pyhv.test.0'/></channel>")
+    define(daemon, tmp_path, name, domain_xml(
+        name, guests.pvh_elf, "console=ttyS0 pyhv.pci pyhv.virtio-console=msix", devices))
+    client = socket.socket(socket.AF_UNIX)
+    try:
+        virsh(daemon, "start", "--paused", name)
+        xml = virsh(daemon, "dumpxml", name).stdout
+        # the pty pyhv made, as query-chardev named it
+        assert re.search(r"<console type='pty'>\s*<source path='/dev/pts/\d+'/>\s*"
+                         r"<target type='virtio' port='1'/>", xml), xml
+        assert "name='org.pyhv.test.0' state='disconnected'" in xml, xml
+        hvc = Console(daemon, name, "console1")
+        client.connect(str(sock))
+        client.settimeout(30)
+        virsh(daemon, "resume", name)
+        hvc.read_until("hello hvc0\n", timeout=30)
+        got = b""
+        while not got.endswith(b"\n"):
+            got += client.recv(100)
+        assert got == b"hello port1\n"
+        # the guest opened port 1 before writing: libvirt heard VSERPORT_CHANGE
+        xml = virsh(daemon, "dumpxml", name).stdout
+        assert "name='org.pyhv.test.0' state='connected'" in xml, xml
+        client.sendall(b"ping\n")
+        got = b""
+        while not got.endswith(b"\n"):
+            got += client.recv(100)
+        assert got == b"echo:ping\n"
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        hvc.close()
+    finally:
+        client.close()
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
