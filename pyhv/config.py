@@ -227,7 +227,7 @@ class DiskConfig:
         if self.cache is not None and self.cache not in _DISK_CACHES:
             raise ConfigError(f"{what}: cache {self.cache!r} is not one of "
                               f"{', '.join(_DISK_CACHES)}")
-        if self.serial is not None and len(self.serial.encode()) > 20:
+        if self.serial is not None and len(self.serial.encode(errors="surrogateescape")) > 20:
             raise ConfigError(f"{what}: serial {self.serial!r} is longer than 20 bytes")
         if self.boot_order is not None and self.boot_order < 1:
             raise ConfigError(f"{what}: boot order must be 1 or more")
@@ -269,7 +269,7 @@ class FilesystemConfig:
     def __post_init__(self) -> None:
         if not self.source or not self.tag:
             raise ConfigError("filesystem: needs a source directory and a mount tag")
-        if len(self.tag.encode()) > 255:
+        if len(self.tag.encode(errors="surrogateescape")) > 255:
             raise ConfigError(f"filesystem {self.tag[:20]}...: mount tag longer than 255 bytes")
 
 
@@ -355,7 +355,7 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("channel: needs a name")
-        if len(self.name.encode()) > 255:
+        if len(self.name.encode(errors="surrogateescape")) > 255:
             raise ConfigError(f"channel {self.name[:20]}...: name longer than 255 bytes")
         if self.port is not None and not 1 <= self.port < MAX_VIRTIO_PORTS:
             raise ConfigError(f"channel {self.name}: port {self.port}: channels use ports "

@@ -214,3 +214,11 @@ def test_domain_xml_virtio_serial_addresses_and_aliases() -> None:
     assert (con.id, con.controller, con.port) == ("console1", 0, 0)
     assert (ch.id, ch.controller, ch.port, ch.chardev.path) == \
         ("channel0", 0, 1, "/run/agent.sock")
+
+
+def test_port_names_from_argv_bytes() -> None:
+    """Found by the mapping fuzzer: a name that is not UTF-8 (argv decodes it with
+    surrogate escapes) is measured in bytes, not refused with a traceback."""
+    assert ChannelConfig("org.qemu.guest_agent\udc94.0").name.endswith(".0")
+    with pytest.raises(ConfigError, match="longer than 255 bytes"):
+        ChannelConfig("\udc94" * 256)
