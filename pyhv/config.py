@@ -9,6 +9,7 @@ exists is internally consistent.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -111,6 +112,8 @@ class PciAddress:
 ControllerType = Literal["pci", "usb", "virtio-serial"]
 #: ports per virtio-serial controller (the most pyhv builds; QEMU's default)
 MAX_VIRTIO_PORTS = 31
+#: queue pairs of one virtio-net device (tap's limit is 256; this keeps MSI-X small)
+MAX_NET_QUEUES = 16
 #: PCI controller models pyhv builds (the roots are implicit: pci-root, pcie-root)
 PCI_BRIDGE_MODELS = ("pcie-root-port", "pci-bridge")
 #: USB host controller models pyhv builds (libvirt's names; QEMU's are in the engine)
@@ -278,10 +281,18 @@ class NetConfig:
     """A virtio-net NIC and its host backend: a tap (by name or fd) or a vhost-user socket."""
 
     backend: Literal["tap", "vhost-user"] = "tap"
-    #: tap: interface name (created or opened by name), or None with ``fd``
+    #: tap: interface name (created or opened by name), or None with ``fds``
     ifname: Optional[str] = None
-    #: tap: an inherited, already-opened tap file descriptor
-    fd: Optional[int] = None
+    #: tap: inherited, already-opened tap file descriptors, one per queue pair
+    fds: tuple[int, ...] = ()
+    #: tap: inherited vhost-net descriptors (libvirt's; the data path stays in pyhv)
+    vhost_fds: tuple[int, ...] = ()
+    #: queue pairs (``<driver queues=N>``, QEMU's ``mq``/``queues``)
+    queues: int = 1
+    #: the MTU the guest is told (``<mtu size=>``, ``host_mtu``); None: not offered
+    mtu: Optional[int] = None
+    #: ``<link state='down'/>``: the guest sees the cable pulled
+    link_up: bool = True
     #: tap: attach the tap to this host bridge (libvirt's type=bridge)
     bridge: Optional[str] = None
     #: tap: a libvirt virtual network resolves it (libvirt's type=network)
@@ -299,8 +310,16 @@ class NetConfig:
     def __post_init__(self) -> None:
         if self.backend == "vhost-user" and not self.socket:
             raise ConfigError("net: vhost-user needs a socket path")
-        if self.fd is not None and self.fd < 0:
-            raise ConfigError("net: tap fd must not be negative")
+        if any(fd < 0 for fd in self.fds + self.vhost_fds):
+            raise ConfigError("net: tap fds must not be negative")
+        if not 1 <= self.queues <= MAX_NET_QUEUES:
+            raise ConfigError(f"net: {self.queues} queue pairs (1-{MAX_NET_QUEUES})")
+        if self.fds and len(self.fds) != self.queues:
+            raise ConfigError(f"net: {len(self.fds)} tap fds for {self.queues} queue pairs")
+        if self.mtu is not None and not 68 <= self.mtu <= 65535:
+            raise ConfigError(f"net: MTU {self.mtu} is not 68-65535")
+        if self.ifname is not None and not 0 < len(os.fsencode(self.ifname)) < 16:
+            raise ConfigError(f"net: interface name {self.ifname!r} is not 1-15 bytes")
         if self.mac is not None:
             parts = self.mac.split(":")
             if len(parts) != 6 or not all(len(p) == 2 and _is_hex(p) for p in parts):

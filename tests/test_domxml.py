@@ -353,3 +353,18 @@ def test_rng_models() -> None:
     xml = xml.replace("virtio-non-transitional", "virtio-transitional")
     with pytest.raises(DomainXmlError, match="modern only"):
         map_domain(xml.encode())
+
+
+def test_interface_queues_mtu_and_link_round_trip() -> None:
+    xml = dom(devices="<interface type='bridge'><source bridge='br0'/>"
+                      "<mac address='52:54:00:00:00:09'/><model type='virtio'/>"
+                      "<driver queues='4'/><mtu size='9000'/><link state='down'/>"
+                      "</interface>")
+    cfg = map_domain(xml.encode()).config
+    (net,) = cfg.nets
+    assert (net.bridge, net.queues, net.mtu, net.link_up) == ("br0", 4, 9000, False)
+    assert parse_domain(to_xml(cfg).encode()) == cfg
+    assert unsupported(cfg) == []
+    with pytest.raises(DomainXmlError, match="MTU 20 is not 68-65535"):
+        map_domain(dom(devices="<interface type='bridge'><source bridge='br0'/>"
+                               "<model type='virtio'/><mtu size='20'/></interface>").encode())

@@ -92,6 +92,20 @@ class FakeMachine:
         self.calls.append(f"threshold {qdev} {node} {threshold}")
         self.threshold = (threshold, node)
 
+    def set_link(self, name: str, up: bool) -> None:
+        if name not in ("net0", "hostnet0"):
+            raise QmpError(f"Device '{name}' not found", "DeviceNotFound")
+        self.calls.append(f"link {name} {'up' if up else 'down'}")
+
+    def rx_filters(self, name: Optional[str]) -> list[dict[str, Any]]:
+        if name not in (None, "net0"):
+            raise QmpError(f"Device '{name}' not found", "DeviceNotFound")
+        return [{"name": "net0", "promiscuous": True, "multicast": "normal",
+                 "unicast": "normal", "vlan": "all", "broadcast-allowed": True,
+                 "multicast-overflow": False, "unicast-overflow": False,
+                 "main-mac": "52:54:00:12:34:56", "vlan-table": [], "unicast-table": [],
+                 "multicast-table": []}]
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
 
@@ -506,6 +520,23 @@ def test_block_set_write_threshold() -> None:
                  **{"node-name": "nope", "write-threshold": 1}) == \
         ("GenericError", "Device 'nope' not found")
     assert {"name": "BLOCK_WRITE_THRESHOLD"} in c.ok("query-events")
+
+
+def test_set_link_and_query_rx_filter() -> None:
+    m = FakeMachine()
+    c = negotiated(m)
+    def run(command: str, **args: Any) -> dict[str, Any]:
+        # "name" is these commands' argument and also Client.call's parameter
+        return c.raw({"execute": command, "arguments": args})
+
+    assert run("set_link", name="net0", up=False) == {"return": {}}
+    assert m.calls[-1] == "link net0 down"
+    assert run("set_link", name="nope", up=True)["error"] == {
+        "class": "DeviceNotFound", "desc": "Device 'nope' not found"}
+    assert run("set_link", name="net0")["error"]["class"] == "GenericError"
+    (info,) = run("query-rx-filter", name="net0")["return"]
+    assert info["name"] == "net0" and info["main-mac"] == "52:54:00:12:34:56"
+    assert {"name": "NIC_RX_FILTER_CHANGED"} in c.ok("query-events")
 
 
 def test_balloon() -> None:

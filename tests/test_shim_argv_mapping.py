@@ -163,7 +163,8 @@ def test_q35_with_virtio_devices() -> None:
     assert disk.path == "/var/lib/libvirt/images/demo.img" and not disk.readonly
     assert disk.discard == "unmap" and disk.boot_order == 1 and disk.source_type == "file"
     (net,) = c.nets
-    assert net.backend == "tap" and net.fd == 33 and net.mac == "52:54:00:8b:ae:85"
+    assert net.backend == "tap" and net.fds == (33,) and net.mac == "52:54:00:8b:ae:85"
+    assert net.vhost_fds == (35,) and net.queues == 1
     (chan,) = c.channels
     assert chan.name == "org.qemu.guest_agent.0"
     assert chan.chardev.kind == "unix" and chan.chardev.fd == 29 and chan.chardev.server
@@ -410,6 +411,17 @@ def test_chardev_errors() -> None:
          "-device", "isa-serial,chardev=a,index=1"])
     assert "mode=readline" in fails(["-chardev", "socket,id=m,path=/x,server=on,wait=off",
                                      "-mon", "chardev=m", "-kernel", "/k"])
+
+
+def test_multiqueue_tap_and_mtu() -> None:
+    plan = parse_and_map(["-kernel", "/k", "-netdev",
+                          '{"type":"tap","fds":"40:41","vhost":false,"id":"hostnet0"}',
+                          "-device", '{"driver":"virtio-net-pci","mq":true,"vectors":6,'
+                          '"host_mtu":9000,"netdev":"hostnet0","id":"net0",'
+                          '"mac":"52:54:00:00:00:02"}'])
+    assert plan.config is not None
+    (net,) = plan.config.nets
+    assert (net.fds, net.queues, net.mtu, net.id) == ((40, 41), 2, 9000, "net0")
 
 
 def test_netdev_errors() -> None:

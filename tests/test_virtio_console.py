@@ -22,10 +22,11 @@ from pyhv.config import (
     SerialPortConfig,
     VmConfig,
 )
-from pyhv.engine.chardev import FdEnd, PtyEnd, open_end, open_port_ends
+from pyhv.engine.chardev import FdEnd, PtyEnd, open_end
 from pyhv.engine.console import ConsoleError
 from pyhv.engine.devices import RecordingLine
 from pyhv.engine.eventloop import EventLoop
+from pyhv.engine.host import HostResources
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.virtio.console import (
     CONSOLE_PORT,
@@ -404,13 +405,14 @@ def test_inherited_listening_socket(tmp_path: Path) -> None:
         os.fstat(fd)  # the end owned it
 
 
-def test_port_ends_and_ports_from_a_config(tmp_path: Path) -> None:
+def test_host_ends_and_ports_from_a_config(tmp_path: Path) -> None:
     out = tmp_path / "hvc0.out"
     cfg = place(VmConfig(
         KernelBoot("/nonexistent/kernel"),
         extra_serials=(SerialPortConfig(SerialConfig("file", str(out)), "virtio", 0),),
         channels=(ChannelConfig(NAME, SerialConfig("null")),)))
-    ends = open_port_ends(cfg)
+    host = HostResources.open(cfg)
+    ends = host.ports
     try:
         assert set(ends) == {(0, 0), (0, 1)}
         ports = console_ports(cfg, 0, ends)
@@ -418,8 +420,7 @@ def test_port_ends_and_ports_from_a_config(tmp_path: Path) -> None:
             [(0, None, True, "console0"), (1, NAME, False, "channel0")]
         assert ports[0].end.write(b"hi") == 2
     finally:
-        for end in ends.values():
-            end.close()
+        host.close()
     assert out.read_bytes() == b"hi"
 
 
@@ -428,7 +429,7 @@ def test_a_failing_end_closes_the_others(tmp_path: Path) -> None:
         ChannelConfig("a", SerialConfig("unix", str(tmp_path / "a.sock"), server=True)),
         ChannelConfig("b", SerialConfig("unix", "/nonexistent/b.sock", server=False)))))
     with pytest.raises(ConsoleError, match="channel b"):
-        open_port_ends(cfg)
+        HostResources.open(cfg)
     # a.sock's listener was closed: nobody accepts there
     s = socket.socket(socket.AF_UNIX)
     with pytest.raises(OSError):

@@ -86,7 +86,14 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
         if n.backend == "vhost-user":
             back = f"vhost-user {n.socket} ({'server' if n.server else 'client'})"
         else:
-            back = "tap " + (n.ifname or (f"fd {n.fd}" if n.fd is not None else "(new)"))
+            back = "tap " + (n.ifname or (f"fd {','.join(map(str, n.fds))}" if n.fds
+                                          else "(new)"))
+            if n.queues > 1:
+                back += f", {n.queues} queue pairs"
+            if n.mtu is not None:
+                back += f", mtu {n.mtu}"
+            if not n.link_up:
+                back += ", link down"
             if n.bridge:
                 back += f" on bridge {n.bridge}"
             if n.network:

@@ -749,19 +749,26 @@ class _Mapper:
             self.fail(src, "an ethernet interface has no <source> (name the tap with "
                            "<target dev='tap0'/>)")
         drv = el.find("driver")
+        queues = 1
         if drv is not None:
             self.mark(drv)
             self.choice(drv, "name", ("vhost", "qemu"), None, "driver name")
-            if self.attr(drv, "queues") not in (None, "1"):
-                self.fail(drv, "multiqueue is not supported (one queue pair)")
-        for tag in ("link",):
-            sub = el.find(tag)
-            if sub is not None:
-                self.mark(sub)
-                self.choice(sub, "state", ("up",), "up", "link state")
+            if self.attr(drv, "queues") is not None:
+                queues = self.integer(drv, drv.get("queues"), "queues", 1)
+        link = el.find("link")
+        link_up = True
+        if link is not None:
+            self.mark(link)
+            link_up = self.choice(link, "state", ("up", "down"), "up", "link state") == "up"
+        mtu = None
+        mtu_el = el.find("mtu")
+        if mtu_el is not None:
+            self.mark(mtu_el)
+            mtu = self.integer(mtu_el, self.attr(mtu_el, "size"), "mtu size", 1)
         try:
             return NetConfig("vhost-user" if kind == "vhostuser" else "tap", ifname,
-                             None, bridge, network, socket, server, mac)
+                             bridge=bridge, network=network, socket=socket, server=server,
+                             mac=mac, queues=queues, mtu=mtu, link_up=link_up)
         except ConfigError as e:
             self.fail(el, str(e))
 

@@ -2,7 +2,7 @@
 
 The output validates against libvirt's schema and maps back to an equal
 ``VmConfig`` (``parse_domain(to_xml(cfg)) == cfg``), with these exceptions a
-domain XML cannot express: a tap given by file descriptor (``NetConfig.fd``)
+domain XML cannot express: a tap given by file descriptors (``NetConfig.fds``)
 and COM1 on an inherited fd (both come only from libvirt's QEMU argv), a
 disk without a target name (one is made up: vda, vdb, ...), ``trace_io`` and
 ``KernelBoot.protocol``.
@@ -218,6 +218,12 @@ def to_xml(cfg: VmConfig) -> str:
         if n.ifname and n.backend == "tap":
             _sub(el, "target", dev=n.ifname)
         _sub(el, "model", type="virtio")
+        if n.queues > 1:
+            _sub(el, "driver", queues=str(n.queues))
+        if n.mtu is not None:
+            _sub(el, "mtu", size=str(n.mtu))
+        if not n.link_up:
+            _sub(el, "link", state="down")
         _placed(el, n)
     com1 = _chardev(devices, "serial", cfg.serial)
     _sub(com1, "target", type="isa-serial", port="0")

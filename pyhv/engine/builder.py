@@ -26,7 +26,6 @@ from pyhv.engine.boot import (
     load_kernel,
 )
 from pyhv.engine.bus import Bus, Sink
-from pyhv.engine.chardev import EMPTY_ENDS, PortEnds
 from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
 from pyhv.engine.devices import InterruptLine
@@ -36,6 +35,7 @@ from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
 from pyhv.engine.devices.rtc import CmosRtc
 from pyhv.engine.devices.serial import Serial16550
 from pyhv.engine.errors import EngineError
+from pyhv.engine.host import HostResources
 from pyhv.engine.irq import GsiRouting, KvmMsiVectors, ResampleLine
 from pyhv.engine.kvm import Kvm, KvmError, VmFd
 from pyhv.engine.kvm._ffi import ffi
@@ -106,6 +106,8 @@ class Hooks:
     on_block_threshold: Callable[[str, int, int], None] = lambda ident, past, at: None
     #: the guest opened or closed a virtio-serial port (port id, open); on the loop
     on_port_open: Callable[[str, bool], None] = lambda ident, is_open: None
+    #: the guest changed a NIC's receive filter (NIC id); on the loop
+    on_rx_filter: Callable[[str], None] = lambda ident: None
 
 
 @dataclass
@@ -217,10 +219,10 @@ def intx_line(vm: VmFd, gsi: int, lines: list[ResampleLine]) -> InterruptLine:
 
 def attach_pci(vm: VmFd, pio: Bus, mmio: Bus, cfg: VmConfig, memory: GuestMemory,
                hooks: Hooks, devices: DeviceManager,
-               lines: list[ResampleLine], port_ends: PortEnds) -> PciPlatform:
+               lines: list[ResampleLine], host: Optional[HostResources]) -> PciPlatform:
     """The chipset's PCI functions and bridges, resources assigned, on the buses;
     the INTx lines made are appended to ``lines`` (their resample fds need a loop)."""
-    pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset, port_ends=port_ends)
+    pci = pci_from_config(cfg, memory, on_reset=hooks.on_reset, host=host)
     for _bus, _dfn, fn, _parent in pci.root.walk():
         if isinstance(fn, VirtioPciFunction):
             fn.on_notify_moved = _ioeventfd_binder(vm, fn)
@@ -263,6 +265,8 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
             plat.served.append(fn.device)
         if hasattr(fn.device, "on_port_open"):
             fn.device.on_port_open = hooks.on_port_open
+        if hasattr(fn.device, "on_filter_changed"):
+            fn.device.on_filter_changed = functools.partial(hooks.on_rx_filter, fn.name)
         if hasattr(fn.device, "on_actual"):
             fn.device.on_actual = hooks.on_balloon
         if hasattr(fn.device, "on_io_error"):
@@ -364,12 +368,13 @@ def trace_to_stderr(bus_name: str) -> Callable[[str, int, int, int], None]:
 
 def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
                     host_serial: HostSerial, hooks: Hooks,
-                    supported_cpuid: list, port_ends: PortEnds = EMPTY_ENDS) -> Platform:
+                    supported_cpuid: list, host: Optional[HostResources] = None
+                    ) -> Platform:
     """Everything the machine is made of, before anything runs in it: the KVM VM and
     its memory and irqchip, the buses, every device, the vCPUs (not yet started).
     A cold boot (:func:`cold_boot`) or, later, a restore then gives it its state.
-    ``port_ends`` are the host ends of virtio consoles and channels (they belong to
-    the caller and outlive the platform; a port without one has none)."""
+    ``host`` is what the caller opened on the host for the devices (virtio ports'
+    ends, taps): it outlives the platform; without it, a port has no host end."""
     problems = unsupported(cfg)
     if problems:
         raise EngineError(problems[0])
@@ -385,7 +390,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
         lines: list[ResampleLine] = []
         try:
-            pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines, port_ends)
+            pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines, host)
         except BaseException:
             for line in lines:
                 line.close()
@@ -415,10 +420,11 @@ def cold_boot(plat: Platform, memory: GuestMemory, cfg: VmConfig) -> None:
 
 def build_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: VmConfig,
                    host_serial: HostSerial, hooks: Hooks,
-                   supported_cpuid: list, port_ends: PortEnds = EMPTY_ENDS) -> Platform:
+                   supported_cpuid: list, host: Optional[HostResources] = None
+                   ) -> Platform:
     """:func:`create_platform`, then :func:`cold_boot`."""
     plat = create_platform(kvm, memory, host_addrs, cfg, host_serial, hooks,
-                           supported_cpuid, port_ends)
+                           supported_cpuid, host)
     try:
         cold_boot(plat, memory, cfg)
     except BaseException:

@@ -29,10 +29,9 @@ import os
 import socket
 import termios
 import tty
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
-from pyhv.config import SerialConfig, VmConfig
+from pyhv.config import SerialConfig
 from pyhv.engine.console import ConsoleError, open_output_file
 
 if TYPE_CHECKING:
@@ -40,10 +39,6 @@ if TYPE_CHECKING:
 
 #: the most bytes read from a host end at once
 CHUNK = 4096
-
-#: the host ends of a machine's virtio ports, by (controller index, port number)
-PortEnds = Mapping[tuple[int, int], "HostEnd"]
-EMPTY_ENDS: PortEnds = MappingProxyType({})
 
 
 class PortSink(Protocol):
@@ -433,21 +428,3 @@ def _tcp_end(cfg: SerialConfig, what: str) -> SocketEnd:
         return SocketEnd(sock, None, f"disconnected:{where},server=on")
     return SocketEnd(None, sock, where)
 
-
-def open_port_ends(cfg: VmConfig) -> dict[tuple[int, int], HostEnd]:
-    """Open the host end of every virtio console and channel of a placed config (all
-    or none: what was opened is closed again when one fails)."""
-    ends: dict[tuple[int, int], HostEnd] = {}
-    wanted: list[tuple[int, Optional[int], SerialConfig, str]] = [
-        (p.controller, p.port, p.chardev, f"console hvc{p.index}")
-        for p in cfg.extra_serials if p.target == "virtio"]
-    wanted += [(c.controller, c.port, c.chardev, f"channel {c.name}") for c in cfg.channels]
-    try:
-        for controller, port, chardev, what in wanted:
-            assert port is not None, "place the config first"
-            ends[(controller, port)] = open_end(chardev, what)
-    except BaseException:
-        for end in ends.values():
-            end.close()
-        raise
-    return ends

@@ -24,10 +24,11 @@ from typing import Callable, Optional
 from pyhv.config import VmConfig
 from pyhv.engine import layout
 from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
-from pyhv.engine.chardev import HostEnd, PtyEnd, open_port_ends
+from pyhv.engine.chardev import PtyEnd
 from pyhv.engine.console import HostSerial, SerialInputPump, open_serial
 from pyhv.engine.errors import EngineError
 from pyhv.engine.eventloop import EventLoop
+from pyhv.engine.host import HostResources
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
@@ -50,7 +51,8 @@ class MachineEvent:
     ``guest-reset`` when a reset ends the machine), ``reset`` (detail: ``guest``
     or ``host``), ``crashed`` (detail: the exit kind, e.g. ``triple-fault``;
     ``message`` and ``registers`` say more), ``paused``, ``resumed``,
-    ``power-button``, ``vserport-change`` (detail: a virtio-serial port's id;
+    ``power-button``, ``rx-filter-changed`` (detail: the NIC id),
+    ``vserport-change`` (detail: a virtio-serial port's id;
     ``data``: whether the guest now has it open), ``device-broken`` (detail: the
     device id; a device model failed and no longer answers, everything else goes
     on), ``block-io-error``
@@ -102,7 +104,7 @@ class Machine:
         self._input: Optional[SerialInputPump] = None
         #: the host ends of virtio consoles and channels (opened at start, kept
         #: across guest resets like the serial backend)
-        self.port_ends: dict[tuple[int, int], HostEnd] = {}
+        self.host = HostResources()
         #: the ids of the virtio-serial ports the guest has open
         self.open_ports: set[str] = set()
 
@@ -127,8 +129,8 @@ class Machine:
         self._cpuid = self._kvm.get_supported_cpuid()
         if self.host_serial is None:
             self.host_serial = open_serial(self.config.serial)
-        if not self.port_ends:
-            self.port_ends = open_port_ends(place(self.config))
+        if not (self.host.ports or self.host.taps):
+            self.host = HostResources.open(place(self.config))
         self._boot(paused)
 
     def _hooks(self) -> Hooks:
@@ -144,13 +146,14 @@ class Machine:
                      on_block_threshold=lambda ident, past, at: self._post(
                          "block-threshold", (ident, past, at)),
                      on_port_open=lambda ident, is_open: self._post(
-                         "port-open", (ident, is_open)))
+                         "port-open", (ident, is_open)),
+                     on_rx_filter=lambda ident: self._post("rx-filter", ident))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
         self.platform = build_platform(self._kvm, self.memory, self._host_addrs,
                                        self.config, self.host_serial, self._hooks(),
-                                       self._cpuid, self.port_ends)
+                                       self._cpuid, self.host)
         self.boots += 1
         if self._loop is not None:
             self._watch(self._loop)
@@ -213,9 +216,7 @@ class Machine:
             self.state = MachineState.SHUTDOWN
         if self.host_serial is not None and self._own_serial:
             self.host_serial.close()
-        for end in self.port_ends.values():
-            end.close()
-        self.port_ends = {}
+        self.host.close()
         self._pins = []
         if self.memory is not None:
             try:
@@ -301,7 +302,7 @@ class Machine:
         ids = {(p.controller, p.port): p.id for p in place(self.config).extra_serials}
         ids.update({(c.controller, c.port): c.id for c in place(self.config).channels})
         return [(ids.get(key) or f"port {key[1]}", end.path)
-                for key, end in sorted(self.port_ends.items()) if isinstance(end, PtyEnd)]
+                for key, end in sorted(self.host.ports.items()) if isinstance(end, PtyEnd)]
 
     def balloon(self) -> Optional[object]:
         """The virtio-balloon device model of the running platform, if any."""
@@ -314,6 +315,30 @@ class Machine:
                 if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioBalloon):
                     return fn.device
         return None
+
+    def nics(self) -> dict[str, object]:
+        """The virtio-net device models of the running platform, by NIC id."""
+        from pyhv.engine.virtio.net import VirtioNet
+        from pyhv.engine.virtio.pci import VirtioPciFunction
+
+        out: dict[str, object] = {}
+        if self.platform is not None:
+            for rec in self.platform.devices.records():
+                fn = rec.device
+                if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioNet):
+                    out[rec.id] = fn
+        return out
+
+    def set_link(self, ident: str, up: bool) -> None:
+        """Plug or pull NIC ``ident``'s virtual cable (QMP set_link)."""
+        from pyhv.engine.virtio.net import VirtioNet
+        from pyhv.engine.virtio.pci import VirtioPciFunction
+
+        fn = self.nics().get(ident)
+        if not isinstance(fn, VirtioPciFunction) or not isinstance(fn.device, VirtioNet):
+            raise EngineError(f"no NIC {ident!r}")
+        dev = fn.device
+        fn.host_work(lambda: dev.set_link(up))
 
     def disks(self) -> dict[str, object]:
         """The virtio-blk device models of the running platform, by disk id."""
@@ -405,6 +430,10 @@ class Machine:
                 self._emit(MachineEvent("block-write-threshold", str(ident),
                                         f"disk {ident}: a write went {past} bytes past the "
                                         f"write threshold {at}", data=(past, at)))
+            elif kind == "rx-filter":
+                self._emit(MachineEvent("rx-filter-changed", str(payload),
+                                        f"NIC {payload}: the guest changed its receive "
+                                        "filter"))
             elif kind == "port-open":
                 assert isinstance(payload, tuple)
                 ident, is_open = payload

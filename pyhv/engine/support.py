@@ -99,8 +99,13 @@ def issues(cfg: VmConfig) -> list[Issue]:
     for i, fs in enumerate(cfg.filesystems):
         what = "virtio-9p" if fs.driver == "9p" else "virtio-fs"
         add("filesystem", i, f"filesystem {fs.tag}", f"{what} {NOT_BUILT}")
-    for i in range(len(cfg.nets)):
-        add("net", i, net_label(cfg, i), f"virtio-net {NOT_BUILT}")
+    for i, n in enumerate(cfg.nets):
+        if n.backend == "vhost-user":
+            add("net", i, net_label(cfg, i), f"vhost-user virtio-net {NOT_BUILT}")
+        elif n.network is not None and not n.fds:
+            add("net", i, net_label(cfg, i), f"libvirt network {n.network!r} outside "
+                                             f"libvirtd {NOT_BUILT} (pyhv run takes "
+                                             "<interface type='bridge'> with its bridge)")
     for i, p in enumerate(cfg.extra_serials):
         if p.target != "virtio":
             add("serial", i, serial_label(cfg, i), f"isa-serial ports besides COM1 are "

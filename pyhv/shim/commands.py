@@ -129,6 +129,16 @@ class MachineControl(Protocol):
         ``node`` (the node BLOCK_WRITE_THRESHOLD names)."""
         ...
 
+    def set_link(self, name: str, up: bool) -> None:
+        """Plug or pull the cable of the NIC whose device or netdev id is ``name``
+        (:class:`QmpError` when there is none)."""
+        ...
+
+    def rx_filters(self, name: Optional[str]) -> list[dict[str, Any]]:
+        """QMP's RxFilterInfo of every NIC, or of the one named (re-arms its
+        NIC_RX_FILTER_CHANGED)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BlockDevice:
@@ -510,6 +520,14 @@ class Commands:
                 self.machine.set_write_threshold(d.qdev, node, threshold)
                 return
         raise QmpError(f"Device '{node}' not found")
+
+    def cmd_set_link(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        if self.machine is None:
+            raise QmpError(f"Device '{args['name']}' not found", DEVICE_NOT_FOUND)
+        self.machine.set_link(args["name"], bool(args["up"]))
+
+    def cmd_query_rx_filter(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        return self.machine.rx_filters(args.get("name")) if self.machine else []
 
     def cmd_query_chardev(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         chardevs = self.machine.chardevs() if self.machine else ()

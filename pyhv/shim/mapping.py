@@ -1414,8 +1414,6 @@ class _Builder:
             if fds and len(fds) != queues and "queues" in nd:
                 raise _usage(nd.where, f"{len(fds)} tap descriptors for {queues} queues")
             queues = max(queues, len(fds))
-            if queues > 1 or opts.get_bool("mq"):
-                raise _unsupported(where, "multiqueue virtio-net is not supported by pyhv")
             if vhost:
                 self.note(f"{nd.where}: vhost-net is not used; pyhv's virtio-net runs "
                           "in userspace")
@@ -1424,8 +1422,9 @@ class _Builder:
                           vhost_fds, vhost, queues, None, opts.get_int("bootindex"),
                           opts.get_int("host_mtu"), spec.addr)
             try:
-                net = NetConfig("tap", ifname=ifname if not fds else None,
-                                fd=fds[0] if fds else None, mac=mac.lower(), id=spec.id,
+                net = NetConfig("tap", ifname=ifname if not fds else None, fds=fds,
+                                vhost_fds=vhost_fds, queues=queues, mac=mac.lower(),
+                                mtu=opts.get_int("host_mtu"), id=spec.id,
                                 address=self.config_address(spec))
             except ConfigError as e:
                 raise _usage(where, str(e)) from None
@@ -1443,8 +1442,6 @@ class _Builder:
                                 address=self.config_address(spec))
             except ConfigError as e:
                 raise _usage(where, str(e)) from None
-        if opts.get_int("host_mtu"):
-            self.note(f"{where}: host_mtu is not passed to the guest")
         self.nics.append(nic)
         self.net_configs.append(net)
 

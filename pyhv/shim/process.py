@@ -8,9 +8,10 @@ import signal
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pyhv.engine.eventloop import EventLoop
+from pyhv.placement import place
 from pyhv.shim.commands import BlockDevice, Commands, CpuidWord, QmpSession, VcpuInfo
 from pyhv.shim.errors import ShimError
-from pyhv.shim.qmp import QmpError
+from pyhv.shim.qmp import DEVICE_NOT_FOUND, QmpError
 
 if TYPE_CHECKING:
     from pyhv.engine.machine import Machine, MachineEvent
@@ -56,6 +57,8 @@ class ShimMachine:
         self._threshold_nodes: dict[str, str] = {}
         cfg = plan.config
         assert cfg is not None
+        #: NICs whose next receive filter change is announced (QEMU: once per query)
+        self._rx_notify: set[str] = {n.id for n in place(cfg).nets if n.id is not None}
         self.name = plan.options.name
         self.uuid = cfg.uuid
         self.cpu_type = "host-x86_64-cpu"
@@ -110,7 +113,7 @@ class ShimMachine:
         ports = self._port_chardevs()
         for cid, cd in self.plan.options.chardevs.items():
             port = ports.get(cid)
-            end = self.machine.port_ends.get(port[1]) if port is not None else None
+            end = self.machine.host.ports.get(port[1]) if port is not None else None
             if end is not None:
                 assert port is not None
                 out.append((cid, end.filename, port[0] in self.machine.open_ports))
@@ -230,6 +233,39 @@ class ShimMachine:
         disk_id, model = self._disk(qdev)
         model.write_threshold = threshold
         self._threshold_nodes[disk_id] = node
+
+    def _nic(self, name: str) -> tuple[str, Any]:
+        """(NIC id, device function) of the NIC whose device or netdev id is ``name``."""
+        nets = place(self.machine.config).nets
+        for spec, net in zip(self.plan.nics, nets):
+            if name in (spec.id, spec.netdev, net.id):
+                assert net.id is not None
+                fn = self.machine.nics().get(net.id)
+                if fn is not None:
+                    return net.id, fn
+        raise QmpError(f"Device '{name}' not found", DEVICE_NOT_FOUND)
+
+    def set_link(self, name: str, up: bool) -> None:
+        nic_id, _fn = self._nic(name)
+        self.machine.set_link(nic_id, up)
+
+    def rx_filters(self, name: Optional[str]) -> list[dict[str, Any]]:
+        if name is not None:
+            targets = [self._nic(name)]
+        else:
+            targets = list(self.machine.nics().items())
+        out = []
+        for nic_id, fn in targets:
+            self._rx_notify.add(nic_id)  # the next change is announced again
+            out.append({"name": nic_id, **fn.device.filter.describe()})
+        return out
+
+    def rx_filter_changed(self, nic_id: str) -> bool:
+        """Whether NIC_RX_FILTER_CHANGED goes out now (once until the next query)."""
+        if nic_id not in self._rx_notify:
+            return False
+        self._rx_notify.discard(nic_id)
+        return True
 
     def threshold_node(self, disk_id: str) -> Optional[str]:
         """The node a write threshold of disk ``disk_id`` was set through."""
@@ -382,6 +418,11 @@ class ShimProcess:
                 self.broadcast("BLOCK_WRITE_THRESHOLD", {"node-name": node,
                                                          "amount-exceeded": past,
                                                          "write-threshold": at})
+        elif ev.kind == "rx-filter-changed":
+            if self.control.rx_filter_changed(ev.detail):
+                self.broadcast("NIC_RX_FILTER_CHANGED", {
+                    "name": ev.detail,
+                    "path": f"/machine/peripheral/{ev.detail}/virtio-backend"})
         elif ev.kind == "vserport-change":
             self.broadcast("VSERPORT_CHANGE", {"id": ev.detail, "open": bool(ev.data)})
         elif ev.kind == "paused":

@@ -194,6 +194,14 @@ TYPES: Final[tuple[TypeDef, ...]] = (
     Struct("ChardevInfo", (req("label", "str"), req("filename", "str"),
                            req("frontend-open", "bool"))),
     Struct("BalloonInfo", (req("actual", "int"),)),
+    Enum("RxState", ("normal", "none", "all")),
+    Struct("RxFilterInfo", (req("name", "str"), req("promiscuous", "bool"),
+                            req("multicast", "RxState"), req("unicast", "RxState"),
+                            req("vlan", "RxState"), req("broadcast-allowed", "bool"),
+                            req("multicast-overflow", "bool"),
+                            req("unicast-overflow", "bool"), req("main-mac", "str"),
+                            req("vlan-table", "[int]"), req("unicast-table", "[str]"),
+                            req("multicast-table", "[str]"))),
     Enum("MigrationCapability", MIGRATION_CAPABILITIES),
     Struct("MigrationCapabilityStatus", (req("capability", "MigrationCapability"),
                                          req("state", "bool"))),
@@ -354,6 +362,8 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
                                 req("size", "int"))),
     CommandDef("block-set-write-threshold", (req("node-name", "str"),
                                              req("write-threshold", "int"))),
+    CommandDef("set_link", (req("name", "str"), req("up", "bool"))),
+    CommandDef("query-rx-filter", (opt("name", "str"),), "[RxFilterInfo]"),
     CommandDef("cont"),
     CommandDef("stop"),
     CommandDef("system_powerdown"),
@@ -387,6 +397,7 @@ EVENTS: Final[tuple[EventDef, ...]] = (
     EventDef("BLOCK_WRITE_THRESHOLD", (req("node-name", "str"), req("amount-exceeded", "int"),
                                        req("write-threshold", "int"))),
     EventDef("VSERPORT_CHANGE", (req("id", "str"), req("open", "bool"))),
+    EventDef("NIC_RX_FILTER_CHANGED", (opt("name", "str"), req("path", "str"))),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)

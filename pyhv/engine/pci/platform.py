@@ -17,8 +17,8 @@ from pyhv.config import ControllerConfig, PciAddress, VmConfig, machine_family
 from pyhv.engine import layout
 from pyhv.engine.block import BlockError
 from pyhv.engine.bus import Bus
-from pyhv.engine.chardev import EMPTY_ENDS, PortEnds
 from pyhv.engine.devices import InterruptLine
+from pyhv.engine.host import HostResources
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.device import (
     HostBridge,
@@ -130,22 +130,25 @@ class PciPlatform:
 
 
 def virtio_devices(cfg: VmConfig, open_files: bool = True,
-                   port_ends: PortEnds = EMPTY_ENDS
+                   host: Optional[HostResources] = None
                    ) -> list[tuple[str, PciAddress, VirtioDevice]]:
     """(id, address, device model) of every virtio device the engine builds, from a
     placed config (those support.py lists as not built are not here).  Without
     ``open_files`` (a description only) no disk image is opened.  Virtio consoles
-    and channels get their host end from ``port_ends`` (none when it has none)."""
+    and channels get their host ends, NICs their taps, from ``host`` (without it: a
+    description, none opened)."""
+    from pyhv.engine.net.tap import Tap
     from pyhv.engine.virtio.balloon import VirtioBalloon
     from pyhv.engine.virtio.blk import VirtioBlk
     from pyhv.engine.virtio.console import VirtioConsole, console_ports
+    from pyhv.engine.virtio.net import VirtioNet, mac_bytes
     from pyhv.engine.virtio.rng import VirtioRng
 
     out: list[tuple[str, PciAddress, VirtioDevice]] = []
     for c in cfg.controllers:
         if c.type == "virtio-serial":
             assert c.address is not None and c.id is not None, "place the config first"
-            ports = console_ports(cfg, c.index, port_ends)
+            ports = console_ports(cfg, c.index, host.ports if host else {})
             out.append((c.id, c.address, VirtioConsole(ports, c.max_ports or 31)))
     for d in cfg.disks:
         assert d.address is not None and d.id is not None, "place the config first"
@@ -154,6 +157,15 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
         else:
             blk = VirtioBlk(_Unopened(d.path, d.readonly), d.serial, d.queues)
         out.append((d.id, d.address, blk))
+    for n in cfg.nets:
+        assert n.address is not None and n.id is not None, "place the config first"
+        if n.backend != "tap":
+            continue  # vhost-user: support.py refuses it
+        tap = host.taps.get(n.id) if host is not None else None
+        if tap is None:
+            tap = Tap.unopened(n.ifname or "tap", n.queues)
+        out.append((n.id, n.address, VirtioNet(tap, mac_bytes(n.mac or _mac(n.id)),
+                                                n.queues, n.mtu, n.link_up)))
     for r in cfg.rngs:
         assert r.address is not None and r.id is not None, "place the config first"
         out.append((r.id, r.address, VirtioRng(r.source, r.rate_bytes, r.rate_period_ms)))
@@ -168,6 +180,15 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             balloon.set_target(cfg.current_memory)
         out.append((b.id, b.address, balloon))
     return out
+
+
+def _mac(ident: str) -> str:
+    """A NIC without a configured MAC: a stable locally administered one (QEMU's
+    52:54:00 prefix) from its id, as QEMU derives one per NIC."""
+    import zlib
+
+    h = zlib.crc32(ident.encode())
+    return f"52:54:00:{h >> 16 & 0xFF:02x}:{h >> 8 & 0xFF:02x}:{h & 0xFF:02x}"
 
 
 class _Unopened:
@@ -255,10 +276,10 @@ USB_QEMU_NAMES = {"piix3-uhci": "piix3-usb-uhci", "ich9-ehci1": "ich9-usb-ehci1"
 
 def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
                     on_reset: Optional[Callable[[], None]] = None,
-                    port_ends: PortEnds = EMPTY_ENDS) -> PciPlatform:
+                    host: Optional[HostResources] = None) -> PciPlatform:
     """The PCI platform of a (placed) config: chipset, bridges and root ports, USB
     host controllers.  ``memory`` is what the controllers DMA into (``None``: a
-    description only, as ``pyhv domxml check`` prints it); ``port_ends`` the host
+    description only, as ``pyhv domxml check`` prints it); ``host`` what the machine
     ends of virtio consoles and channels by (controller index, port)."""
     from pyhv.engine.devices.usb import usb_controller
     from pyhv.engine.virtio.pci import VirtioPciFunction
@@ -282,7 +303,7 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
         parent = bridge_pos[a.bus] if a.bus else None
         endpoints.append((PciSlot(a.slot, a.function, parent), fn))
     for ident, addr, device in virtio_devices(cfg, open_files=memory is not None,
-                                              port_ends=port_ends):
+                                              host=host):
         express = family == "q35" and addr.bus != 0
         vfn = VirtioPciFunction(device, mem, ident, express=express,
                                 notify=memory is not None)

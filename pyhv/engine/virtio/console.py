@@ -30,10 +30,10 @@ from __future__ import annotations
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from pyhv.config import VmConfig
-from pyhv.engine.chardev import HostEnd, PortEnds
+from pyhv.engine.chardev import HostEnd
 from pyhv.engine.virtio.device import TYPE_CONSOLE, VirtioDevice
 from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue
 
@@ -266,7 +266,7 @@ class VirtioConsole(VirtioDevice):
             if port.console:
                 self._send_control(nr, CONSOLE_PORT, 1)
             if port.name is not None:
-                self._send_control(nr, PORT_NAME, 1, port.name.encode())
+                self._send_control(nr, PORT_NAME, 1, port.name.encode(errors="surrogateescape"))
             if port.end.connected:
                 self._send_control(nr, PORT_OPEN, 1)
         elif event == PORT_OPEN:
@@ -349,7 +349,8 @@ class VirtioConsole(VirtioDevice):
             self._transmit(port)
 
 
-def console_ports(cfg: VmConfig, controller: int, ends: PortEnds) -> list[Port]:
+def console_ports(cfg: VmConfig, controller: int,
+                  ends: Mapping[tuple[int, int], HostEnd]) -> list[Port]:
     """The ports of virtio-serial controller ``controller`` in a placed config, each
     with its host end from ``ends`` (a null end where it has none)."""
     ports = [Port(p.port, ends.get((controller, p.port)) or HostEnd(), None, True,

@@ -126,7 +126,7 @@ class ChainWriter:
         self.available = sum(d.length for d in buffers)
         self.written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """All of ``data``, or :class:`ChainError` if the buffers are too short."""
         if len(data) > self.available:
             raise ChainError(f"reply of {len(data)} bytes, the driver left room for "
@@ -222,6 +222,13 @@ class SplitQueue:
         except ChainError as e:
             e.head = head
             raise
+
+    def rewind(self, memory: GuestMemory, count: int) -> None:
+        """Give back the last ``count`` chains popped and not used: they are popped
+        again next time (a device that found it cannot serve them yet)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+        if self.event_idx:
+            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self.next_avail)
 
     def _walk(self, memory: GuestMemory, head: int) -> list[Descriptor]:
         out: list[Descriptor] = []

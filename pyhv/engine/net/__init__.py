@@ -1,0 +1,1 @@
+"""Host network backends for virtio-net (taps)."""
