@@ -61,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
                                            "its errors")
     check.add_argument("xml", metavar="DOMAIN.xml")
 
+    img = sub.add_parser("img", help="disk image tools (qemu-img's info and check)")
+    imgsub = img.add_subparsers(dest="img_command", metavar="COMMAND", parser_class=_Parser)
+    imgsub.required = True
+    for name, text in (("info", "format, virtual size, cluster size, backing chain"),
+                       ("check", "leaks and corruptions, as qemu-img check reports them "
+                                 "(exit 0 clean, 1 not checked, 2 corrupt, 3 leaks)")):
+        c = imgsub.add_parser(name, help=text)
+        c.add_argument("file", metavar="FILE")
+        c.add_argument("-f", "--format", choices=("raw", "qcow2"),
+                       help="the image's format (default: probed)")
+        c.add_argument("--output", choices=("human", "json"), default="human")
+        if name == "info":
+            c.add_argument("--backing-chain", action="store_true",
+                           help="every image of the backing chain")
+
     ex = sub.add_parser("extract-vmlinux", help="extract the ELF vmlinux from a bzImage")
     ex.add_argument("bzimage")
     ex.add_argument("output")
@@ -195,6 +210,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             extract_vmlinux_file(args.bzimage, args.output)
             return EXIT_OK
+        if args.command == "img":
+            from pyhv.engine.block import imgtool
+
+            if args.img_command == "check":
+                return imgtool.check(args.file, args.format, args.output)
+            return imgtool.info(args.file, args.format, args.output, args.backing_chain)
         if args.command == "domxml":
             from pyhv.domxml.check import run_check
 

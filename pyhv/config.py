@@ -190,6 +190,26 @@ def machine_family(machine: str) -> Optional[str]:
     return None
 
 
+#: image formats a disk or a backing file may have
+DISK_FORMATS = ("raw", "qcow2")
+
+
+@dataclass(frozen=True)
+class BackingFile:
+    """One image of a disk's explicit backing chain (libvirt's ``<backingStore>``,
+    a ``-blockdev`` format node's ``backing``)."""
+
+    path: str
+    format: Literal["raw", "qcow2"] = "raw"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a backing file needs a path")
+        if self.format not in DISK_FORMATS:
+            raise ConfigError(f"backing file {self.path}: format {self.format!r} is not "
+                              f"one of {', '.join(DISK_FORMATS)}")
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     """A block device the guest sees as a virtio disk, backed by a file or block device."""
@@ -197,7 +217,7 @@ class DiskConfig:
     path: str
     #: guest-facing name hint (``vda``); a front end without one leaves None
     target: Optional[str] = None
-    #: image format of ``path`` (only ``raw`` is read today)
+    #: image format of ``path``: ``raw`` or ``qcow2``
     format: str = "raw"
     #: ``file`` or ``block`` (a block device node)
     source_type: Literal["file", "block"] = "file"
@@ -222,11 +242,25 @@ class DiskConfig:
     id: Optional[str] = None
     #: where the device sits; None: placed by :mod:`pyhv.placement`
     address: Optional[PciAddress] = None
+    #: a qcow2 image's backing chain, the image's own backing file first; None: each
+    #: image's header names its backing file (and format, else it is probed); a
+    #: tuple is the chain exactly (empty: no backing file, whatever the header says)
+    backing: Optional[tuple[BackingFile, ...]] = None
+    #: the qcow2 L2 table cache in bytes (QEMU's ``l2-cache-size``); None: QEMU's
+    #: default (enough for 8 GiB of guest data, at least 1 MiB)
+    l2_cache_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         what = f"disk {self.target or self.path}"
         if not self.path:
             raise ConfigError(f"{what}: needs a source path")
+        if self.format not in DISK_FORMATS:
+            raise ConfigError(f"{what}: image format {self.format!r} is not one of "
+                              f"{', '.join(DISK_FORMATS)}")
+        if self.backing is not None and self.format != "qcow2":
+            raise ConfigError(f"{what}: only a qcow2 image has a backing file")
+        if self.l2_cache_size is not None and self.l2_cache_size < 0:
+            raise ConfigError(f"{what}: l2-cache-size {self.l2_cache_size} is negative")
         if self.cache is not None and self.cache not in _DISK_CACHES:
             raise ConfigError(f"{what}: cache {self.cache!r} is not one of "
                               f"{', '.join(_DISK_CACHES)}")

@@ -6,10 +6,12 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pyhv.config import (
+    BackingFile,
     BalloonConfig,
     ChannelConfig,
     ClockConfig,
@@ -223,9 +225,14 @@ ERRORS = [
     (dom(kernel=""), ["/domain/os/kernel", "no kernel"]),
     (dom(loader="<loader>/usr/share/OVMF/OVMF_CODE.fd</loader>"),
      ["/domain/os/loader", "firmware"]),
-    (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-                 "<source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>"),
-     ["/domain/devices/disk/driver", "qcow2", "raw"]),
+    (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='vmdk'/>"
+                 "<source file='/a.vmdk'/><target dev='vda' bus='virtio'/></disk>"),
+     ["/domain/devices/disk/driver", "'vmdk'", "raw, qcow2"]),
+    (dom(devices="<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                 "<source file='/a.raw'/><backingStore type='file' index='1'>"
+                 "<format type='raw'/><source file='/b.raw'/><backingStore/></backingStore>"
+                 "<target dev='vda' bus='virtio'/></disk>"),
+     ["/domain/devices/disk/backingStore", "only qcow2 images do"]),
     (dom(devices="<disk type='file' device='disk'><source file='/a'/>"
                  "<target dev='sda' bus='sata'/></disk>"),
      ["/domain/devices/disk/target", "bus", "virtio"]),
@@ -368,3 +375,34 @@ def test_interface_queues_mtu_and_link_round_trip() -> None:
     with pytest.raises(DomainXmlError, match="MTU 20 is not 68-65535"):
         map_domain(dom(devices="<interface type='bridge'><source bridge='br0'/>"
                                "<model type='virtio'/><mtu size='20'/></interface>").encode())
+
+
+QCOW2_DISK = """<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
+  <source file='/var/lib/libvirt/images/top.qcow2' index='3'/>
+  {backing}
+  <target dev='vda' bus='virtio'/></disk>"""
+CHAIN = """<backingStore type='file' index='2'><format type='qcow2'/>
+    <source file='/var/lib/libvirt/images/mid.qcow2'/>
+    <backingStore type='file' index='1'><format type='raw'/>
+      <source file='/var/lib/libvirt/images/base.raw'/>{end}</backingStore></backingStore>"""
+
+
+@pytest.mark.parametrize("backing,expect", [
+    ("", None),
+    ("<backingStore/>", ()),
+    (CHAIN.format(end="<backingStore/>"),
+     (BackingFile("/var/lib/libvirt/images/mid.qcow2", "qcow2"),
+      BackingFile("/var/lib/libvirt/images/base.raw", "raw"))),
+    # a chain that does not end in an empty element: the headers decide
+    (CHAIN.format(end=""), None),
+], ids=["header", "none", "chain", "partial"])
+def test_qcow2_disk_and_backing_chain(backing: str, expect: Any) -> None:
+    xml = dom(devices=QCOW2_DISK.format(backing=backing))
+    cfg = map_domain(xml.encode()).config
+    (disk,) = cfg.disks
+    assert (disk.format, disk.backing, disk.cache) == ("qcow2", expect, "none")
+    out = to_xml(cfg)
+    if domschema.available():
+        assert schema_valid(out), out
+    assert parse_domain(out.encode()) == cfg
+    assert unsupported(cfg) == []

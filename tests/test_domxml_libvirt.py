@@ -41,7 +41,7 @@ CASES: list[tuple[str, list[str], Optional[str]]] = [
     ("import-disk", ["--import", "--disk", "path=/var/lib/pyhv/root.img,format=raw,bus=virtio,"
                      "cache=none,size=1", "--network", "none", "--boot", KERNEL], None),
     ("qcow2-disk", ["--import", "--disk", "path=/var/lib/pyhv/root.qcow2,format=qcow2,size=1",
-                    "--network", "none", "--boot", KERNEL], "/domain/devices/disk/driver"),
+                    "--network", "none", "--boot", KERNEL], None),
     ("filesystem", ["--boot", KERNEL, "--disk", "none", "--network", "none", "--filesystem",
                     "source=/srv/share,target=hostshare,accessmode=mapped"], None),
     ("network-bridge", ["--boot", KERNEL, "--disk", "none", "--network",

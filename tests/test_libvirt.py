@@ -703,3 +703,38 @@ def test_virtio_console_and_channel(daemon, guests, tmp_path):
         client.close()
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_virt_install_qcow2_volume_in_a_pool(daemon, guests, tmp_path):
+    """virt-install --disk pool=P,size=1: libvirt's storage driver makes a qcow2
+    volume (qemu-img create) and the domain starts on it under pyhv-qemu; the
+    image is the qcow2 libvirt made, and query-block reports it as such."""
+    if not shutil.which("virt-install"):
+        pytest.skip("virt-install is not installed")
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    virsh(daemon, "pool-define-as", "pyhvpool", "dir", "--target", str(pool_dir))
+    virsh(daemon, "pool-start", "pyhvpool")
+    name = "qcow2vol"
+    try:
+        p = subprocess.run(
+            ["virt-install", "--connect", daemon.uri, "--name", name, "--memory", "64",
+             "--vcpus", "1", "--osinfo", "debian11",
+             "--boot", f"kernel={guests.pvh_elf},kernel_args=pyhv.wait=powerbutton,"
+                       f"emulator={EMULATOR}",
+             "--import", "--disk", "pool=pyhvpool,size=1", "--graphics", "none",
+             "--noautoconsole", "--network", "none"],
+            capture_output=True, text=True, timeout=180, env=daemon.client_env())
+        assert p.returncode == 0, p.stdout + p.stderr + log_tail(daemon, (name,))
+        assert state(daemon, name) == "running (booted)"
+        (image,) = pool_dir.glob("*.qcow2")
+        assert image.read_bytes()[:4] == b"QFI\xfb"
+        xml = virsh(daemon, "dumpxml", name).stdout
+        assert "<driver name='qemu' type='qcow2'" in xml, xml
+        info = virsh(daemon, "domblkinfo", name, "vda").stdout
+        assert re.search(r"Capacity:\s+1073741824", info), info
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, "--remove-all-storage", check=False)
+        virsh(daemon, "pool-destroy", "pyhvpool", check=False)
+        virsh(daemon, "pool-undefine", "pyhvpool", check=False)

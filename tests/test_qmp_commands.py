@@ -598,3 +598,46 @@ def test_commands_execute_raises_qmp_error() -> None:
     with pytest.raises(QmpError) as e:
         Commands().execute("qom-get", {}, QmpConnection())
     assert e.value.desc == "Parameter 'path' is missing"
+
+
+class Qcow2Machine(FakeMachine):
+    """One qcow2 disk over a -blockdev chain: top.qcow2 → base.qcow2 → (nothing)."""
+
+    def block_devices(self):
+        from pyhv.shim.commands import BlockDevice, ImageDesc
+
+        chain = (ImageDesc("/img/top.qcow2", "qcow2", 1 << 30, 200704, 65536,
+                           "/img/base.qcow2", "qcow2", file_length=196624,
+                           node="libvirt-1-format", file_node="libvirt-1-storage"),
+                 ImageDesc("/img/base.qcow2", "qcow2", 1 << 29, 4096, 65536,
+                           file_length=327680, node="libvirt-2-format",
+                           file_node="libvirt-2-storage"))
+        return [BlockDevice("/machine/peripheral/virtio-disk0/virtio-backend",
+                            "libvirt-1-format", "libvirt-1-storage", "/img/top.qcow2", False,
+                            "file", 1 << 30, 200704,
+                            {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0,
+                             "wr_operations": 0, "flush_operations": 0},
+                            format="qcow2", chain=chain)]
+
+
+def test_qcow2_chain_in_query_block() -> None:
+    """query-block and query-named-block-nodes describe a qcow2 disk and its backing
+    chain as QEMU does (drv, backing_file, backing_file_depth, backing-image); the
+    answers are checked against the schema by the session helper."""
+    c = negotiated(Qcow2Machine())
+    (blk,) = c.ok("query-block")
+    ins = blk["inserted"]
+    assert (ins["drv"], ins["file"], ins["backing_file"], ins["backing_file_depth"]) == (
+        "qcow2", "/img/top.qcow2", "/img/base.qcow2", 1)
+    image = ins["image"]
+    assert (image["format"], image["cluster-size"], image["backing-filename"],
+            image["backing-filename-format"]) == ("qcow2", 65536, "/img/base.qcow2", "qcow2")
+    assert image["backing-image"]["filename"] == "/img/base.qcow2"
+    assert image["backing-image"]["virtual-size"] == 1 << 29
+    assert "backing-image" not in image["backing-image"]
+    nodes = c.ok("query-named-block-nodes", flat=True)
+    assert [(n["node-name"], n["drv"], n["ro"]) for n in nodes] == [
+        ("libvirt-1-format", "qcow2", False), ("libvirt-1-storage", "file", False),
+        ("libvirt-2-format", "qcow2", True), ("libvirt-2-storage", "file", True)]
+    assert nodes[1]["image"]["virtual-size"] == 196624  # a file node: the file's length
+    assert nodes[2]["backing_file_depth"] == 0 and "backing_file" not in nodes[2]

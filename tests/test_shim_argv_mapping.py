@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pyhv.config import PciAddress, SerialConfig
+from pyhv.config import BackingFile, PciAddress, SerialConfig
 from pyhv.shim.errors import ShimError, ShimUnsupportedError, ShimUsageError
 from pyhv.shim.mapping import ShimPlan, build, parse_and_map
 
@@ -440,14 +440,64 @@ def test_netdev_errors() -> None:
 
 
 def test_block_errors() -> None:
-    qcow = ["-kernel", "/k",
-            "-blockdev", '{"driver":"file","filename":"/a.qcow2","node-name":"s"}',
-            "-blockdev", '{"driver":"qcow2","node-name":"f","file":"s"}',
+    vmdk = ["-kernel", "/k",
+            "-blockdev", '{"driver":"file","filename":"/a.vmdk","node-name":"s"}',
+            "-blockdev", '{"driver":"vmdk","node-name":"f","file":"s"}',
             "-device", "virtio-blk-pci,drive=f,id=virtio-disk0"]
-    text = fails(qcow, ShimUnsupportedError)
+    text = fails(vmdk, ShimUnsupportedError)
     assert text.startswith("pyhv-qemu: -device virtio-blk-pci,id=virtio-disk0: ")
-    assert "image format 'qcow2'" in text
+    assert "image format 'vmdk'" in text and "raw and qcow2 are" in text
     assert "if=ide" in fails(["-kernel", "/k", "-drive", "file=/a.img"])
+
+
+def _qcow2_chain(top_backing: str = '"libvirt-2-format"', base_backing: str = "null",
+                 extra: str = "") -> list[str]:
+    """A disk on a qcow2 overlay over a qcow2 base, as libvirt 9.0 writes it."""
+    return ["-kernel", "/k",
+            "-blockdev", j(driver="file", filename="/var/lib/libvirt/images/base.qcow2",
+                           node_name="libvirt-2-storage", **{"auto-read-only": True},
+                           discard="unmap"),
+            "-blockdev", '{"node-name":"libvirt-2-format","read-only":true,"driver":"qcow2",'
+                         f'"file":"libvirt-2-storage","backing":{base_backing}}}',
+            "-blockdev", j(driver="file", filename="/var/lib/libvirt/images/top.qcow2",
+                           node_name="libvirt-1-storage", **{"auto-read-only": True},
+                           discard="unmap"),
+            "-blockdev", '{"node-name":"libvirt-1-format","read-only":false,"discard":"unmap",'
+                         '"driver":"qcow2","file":"libvirt-1-storage",'
+                         f'"backing":{top_backing}{extra}}}',
+            "-device", j(driver="virtio-blk-pci", bus="pci.0", addr="0x4",
+                         drive="libvirt-1-format", id="virtio-disk0", bootindex=1)]
+
+
+def test_qcow2_blockdev_chain() -> None:
+    plan = build(_qcow2_chain(extra=',"l2-cache-size":4194304'))
+    assert plan.config is not None
+    (disk,) = plan.config.disks
+    assert (disk.path, disk.format, disk.discard, disk.l2_cache_size) == (
+        "/var/lib/libvirt/images/top.qcow2", "qcow2", "unmap", 4 << 20)
+    assert disk.backing == (BackingFile("/var/lib/libvirt/images/base.qcow2", "qcow2"),)
+    (spec,) = plan.disks
+    assert (spec.format, spec.node, spec.file_node) == ("qcow2", "libvirt-1-format",
+                                                         "libvirt-1-storage")
+    assert spec.backing_nodes == (("libvirt-2-format", "libvirt-2-storage"),)
+    # "backing": null on the top: no backing file whatever the header says
+    (disk,) = build(_qcow2_chain(top_backing="null")).config.disks  # type: ignore[union-attr]
+    assert disk.backing == ()
+    # no "backing" key: the image's header names it
+    plan = build([a.replace(',"backing":"libvirt-2-format"', "") for a in _qcow2_chain()])
+    assert plan.config is not None and plan.config.disks[0].backing is None
+    # -drive format=qcow2 takes the header's chain too
+    (disk,) = build(["-kernel", "/k", "-drive", "file=/a.qcow2,format=qcow2,if=none,id=d0",
+                     "-device", "virtio-blk-pci,drive=d0"]).config.disks  # type: ignore
+    assert (disk.format, disk.backing) == ("qcow2", None)
+
+
+def test_qcow2_blockdev_chain_errors() -> None:
+    assert "backing chain loops at 'libvirt-1-format'" in fails(
+        _qcow2_chain(base_backing='"libvirt-1-format"'))
+    assert "block node 'nope' not found" in fails(_qcow2_chain(top_backing='"nope"'))
+    assert "backing format 'file' is not supported" in fails(
+        _qcow2_chain(top_backing='"libvirt-2-storage"'), ShimUnsupportedError)
 
 
 def test_pci_address_errors() -> None:

@@ -25,7 +25,6 @@ from pyhv.config import ConfigError, DiskConfig
 from pyhv.engine.block import (
     BlockError,
     ImageLockedError,
-    UnsupportedFormatError,
     open_disk,
 )
 from pyhv.engine.block import raw as rawmod
@@ -794,8 +793,9 @@ def test_open_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
         with pytest.raises(BlockError) as ei:
             call()
         assert needle in str(ei.value) and "\n" not in str(ei.value)
-    with pytest.raises(UnsupportedFormatError, match="qcow2"):
-        open_disk(DiskConfig(image(tmp_path, name="q.img"), format="qcow2"))
+    raw = image(tmp_path, name="q.img")
+    with pytest.raises(BlockError, match=f"^{raw}: not a valid qcow2 image: no qcow2 magic$"):
+        open_disk(DiskConfig(raw, format="qcow2"))
 
 
 def test_from_config(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Optional, TypeVar, cast
 
 from pyhv.config import (
     USB_MODELS,
+    BackingFile,
     BalloonConfig,
     ChannelConfig,
     ClockConfig,
@@ -618,11 +619,9 @@ class _Mapper:
         if drv is not None:
             self.choice(drv, "name", ("qemu",), "qemu", "driver name")
             fmt = self.attr(drv, "type", "raw") or "raw"
-            if fmt == "qcow2":
-                self.fail(drv, "qcow2 images are not supported yet (convert with "
-                               "qemu-img convert -O raw; supported: type='raw')")
-            if fmt != "raw":
-                self.fail(drv, f"image format {fmt!r} is not supported (supported: raw)")
+            if fmt not in ("raw", "qcow2"):
+                self.fail(drv, f"image format {fmt!r} is not supported (supported: raw, "
+                               "qcow2)")
             cache = self.choice(drv, "cache", ("default", "none", "writethrough", "writeback",
                                                "directsync", "unsafe"), None, "cache mode")
             io = self.choice(drv, "io", ("native", "threads", "io_uring"), None, "io mode")
@@ -644,11 +643,7 @@ class _Mapper:
                       "supported)")
         assert src is not None
         self.attr(src, "index")  # live XML's block node index
-        bs = el.find("backingStore")
-        if bs is not None:
-            if len(bs) or bs.attrib:
-                self.fail(bs, "backing chains are not supported (raw images only)")
-            self.mark(bs)
+        backing = self.backing_store(el, fmt)
         tgt = self.child(el, "target")
         if tgt is None:
             self.fail(el, "<target dev='vda' bus='virtio'/> is missing")
@@ -666,9 +661,47 @@ class _Mapper:
             return DiskConfig(path, target, fmt, kind, "virtio", ro, shareable,  # type: ignore
                               cache, io, discard, dz, serial, order,  # type: ignore[arg-type]
                               queues, error_policy=policy,  # type: ignore[arg-type]
-                              rerror_policy=rpolicy)  # type: ignore[arg-type]
+                              rerror_policy=rpolicy,  # type: ignore[arg-type]
+                              backing=backing)
         except ConfigError as e:
             self.fail(el, str(e))
+
+    def backing_store(self, disk: Any, fmt: str) -> Optional[tuple[BackingFile, ...]]:
+        """A disk's ``<backingStore>`` chain: None when absent (each image's header
+        names its backing file), the chain when it ends in an empty
+        ``<backingStore/>``.  A chain given only in part also leaves it to the
+        headers (libvirt probes the rest the same way)."""
+        cur = disk.find("backingStore")
+        if cur is None:
+            return None
+        chain: list[BackingFile] = []
+        while True:
+            self.mark(cur)
+            if not len(cur) and not cur.attrib:
+                return tuple(chain)
+            if fmt != "qcow2":
+                self.fail(cur, f"a {fmt} image has no backing file (only qcow2 images do)")
+            self.attr(cur, "index")
+            self.choice(cur, "type", ("file",), "file", "backing store type")
+            fmt_el = self.child(cur, "format")
+            bfmt = self.choice(fmt_el, "type", ("raw", "qcow2"), None, "backing format") \
+                if fmt_el is not None else None
+            if bfmt is None:
+                self.fail(cur, "<format type='raw|qcow2'/> is missing")
+            src = self.child(cur, "source")
+            path = self.attr(src, "file") if src is not None else None
+            if src is None or not path:
+                self.fail(cur, "<source file='PATH'/> is missing")
+            self.attr(src, "index")
+            try:
+                chain.append(BackingFile(path, bfmt))  # type: ignore[arg-type]
+            except ConfigError as e:
+                self.fail(cur, str(e))
+            fmt = bfmt
+            nxt = cur.find("backingStore")
+            if nxt is None:
+                return None
+            cur = nxt
 
     def filesystem(self, el: Any) -> FilesystemConfig:
         self.common(el)

@@ -176,6 +176,13 @@ def to_xml(cfg: VmConfig) -> str:
              queues=str(d.queues) if d.queues != 1 else None,
              error_policy=d.error_policy, rerror_policy=d.rerror_policy)
         _sub(el, "source", **{"file" if d.source_type == "file" else "dev": d.path})
+        if d.backing is not None:  # the chain, ended by an empty <backingStore/>
+            parent = el
+            for bf in d.backing:
+                parent = _sub(parent, "backingStore", type="file")
+                _sub(parent, "format", type=bf.format)
+                _sub(parent, "source", file=bf.path)
+            _sub(parent, "backingStore")
         _sub(el, "target", dev=target, bus="virtio")
         if d.boot_order is not None:
             _sub(el, "boot", order=str(d.boot_order))

@@ -141,6 +141,26 @@ class MachineControl(Protocol):
 
 
 @dataclass(frozen=True)
+class ImageDesc:
+    """One image of a disk's chain, as query-block's ``image`` describes it."""
+
+    path: str
+    format: str
+    size: int
+    actual_size: Optional[int] = None
+    cluster_size: Optional[int] = None
+    #: the backing file as the image names it (header or configuration), its format
+    backing_name: Optional[str] = None
+    backing_format: Optional[str] = None
+    dirty: bool = False
+    #: the length of the image file (its file node's size); None: ``size``
+    file_length: Optional[int] = None
+    #: its format and file node names (``-blockdev`` chains); None: not named
+    node: Optional[str] = None
+    file_node: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class BlockDevice:
     """One disk: its device (``qdev``), its format node and the file node below."""
 
@@ -159,6 +179,10 @@ class BlockDevice:
     #: the armed write threshold (0: none) and the node it was set on
     write_threshold: int = 0
     threshold_node: Optional[str] = None
+    #: the format of the top image, and every image of the chain (the top first;
+    #: empty: only what the fields above say)
+    format: str = "raw"
+    chain: tuple[ImageDesc, ...] = ()
 
     @property
     def qdev_id(self) -> str:
@@ -457,27 +481,69 @@ class Commands:
         return self.machine.block_devices() if self.machine else ()
 
     @staticmethod
-    def _node(d: BlockDevice, node: str, drv: str) -> dict[str, Any]:
-        image: dict[str, Any] = {"filename": d.path, "format": drv, "virtual-size": d.size}
-        if d.actual_size is not None:
-            image["actual-size"] = d.actual_size
+    def _image(chain: Sequence[ImageDesc]) -> dict[str, Any]:
+        """QEMU's ImageInfo of ``chain[0]``, its backing images nested under it."""
+        top = chain[0]
+        image: dict[str, Any] = {"filename": top.path, "format": top.format,
+                                 "virtual-size": top.size}
+        if top.actual_size is not None:
+            image["actual-size"] = top.actual_size
+        if top.cluster_size is not None:
+            image["cluster-size"] = top.cluster_size
+        if top.format == "qcow2":
+            image["dirty-flag"] = top.dirty
+        if top.backing_name is not None:
+            image["backing-filename"] = top.backing_name
+            image["full-backing-filename"] = chain[1].path if len(chain) > 1 \
+                else top.backing_name
+            if top.backing_format is not None:
+                image["backing-filename-format"] = top.backing_format
+        if len(chain) > 1:
+            image["backing-image"] = Commands._image(chain[1:])
+        return image
+
+    @staticmethod
+    def _node(d: BlockDevice, node: str, drv: str, level: int = 0) -> dict[str, Any]:
+        """A node of disk ``d``: the format node of chain image ``level`` (``drv`` its
+        format) or, with ``drv`` a protocol driver, the file node under it."""
+        chain = d.chain or (ImageDesc(d.path, d.format, d.size, d.actual_size),)
+        if drv in ("file", "host_device"):
+            img = chain[level]
+            length = img.file_length if img.file_length is not None else img.size
+            image: dict[str, Any] = {"filename": img.path, "format": drv,
+                                     "virtual-size": length}
+            if img.actual_size is not None:
+                image["actual-size"] = img.actual_size
+        else:
+            image = Commands._image(chain[level:])
         threshold = d.write_threshold if node == d.threshold_node else 0
-        return {"node-name": node, "file": d.path, "ro": d.readonly, "drv": drv,
-                "image": image, "write_threshold": threshold}
+        out = {"node-name": node, "file": chain[level].path, "ro": d.readonly or level > 0,
+               "drv": drv, "image": image, "write_threshold": threshold}
+        if drv not in ("file", "host_device"):
+            backing = chain[level].backing_name
+            if backing is not None:
+                out["backing_file"] = backing
+            out["backing_file_depth"] = len(chain) - level - 1
+        return out
 
     def cmd_query_named_block_nodes(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         out = []
         for d in self._disks():
-            out.append(self._node(d, d.node, "raw"))
+            out.append(self._node(d, d.node, d.format))
             if d.file_node:
                 out.append(self._node(d, d.file_node, d.file_driver))
+            for level, img in enumerate(d.chain[1:], 1):
+                if img.node is not None:
+                    out.append(self._node(d, img.node, img.format, level))
+                if img.file_node is not None:
+                    out.append(self._node(d, img.file_node, "file", level))
         return out
 
     def cmd_query_block(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         out = []
         for d in self._disks():
             info = {"device": "", "qdev": d.qdev, "type": "unknown", "removable": False,
-                    "locked": False, "inserted": self._node(d, d.node, "raw")}
+                    "locked": False, "inserted": self._node(d, d.node, d.format)}
             if d.io_status is not None:
                 info["io-status"] = d.io_status
             out.append(info)

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 from pyhv.config import (
+    BackingFile,
     BalloonConfig,
     ChannelConfig,
     ClockConfig,
@@ -183,6 +184,10 @@ class DiskSpec:
     node: str = ""
     #: the file/host_device node under it (``-blockdev`` chains)
     file_node: Optional[str] = None
+    #: the image format (``raw`` or ``qcow2``) and, for a ``-blockdev`` backing
+    #: chain, its (format node, file node) names, the top's backing file first
+    format: str = "raw"
+    backing_nodes: tuple[tuple[str, Optional[str]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -910,17 +915,22 @@ class _Builder:
             name = f"#anon{len(self.nodes)}"
         if name in self.nodes:
             raise _usage(where, f"duplicate node name '{name}'")
-        child = values.get("file")
-        if isinstance(child, dict):
-            values = dict(values, file=self.add_node(child, where))
+        for key in ("file", "backing"):
+            child = values.get(key)
+            if isinstance(child, dict):
+                values = dict(values, **{key: self.add_node(child, where)})
         self.nodes[name] = values
         self.node_where[name] = where
         return name
 
     def disk_from_node(self, node: str, where: str) -> tuple[dict[str, object], str]:
-        """Follow a ``-blockdev`` chain: raw format node → file/host_device node."""
+        """Follow a ``-blockdev`` chain: raw or qcow2 format node → file/host_device
+        node (a qcow2 node's ``backing`` chain is read by :meth:`backing_chain`)."""
         chain: list[dict[str, JsonValue]] = []
         cur: JsonValue = node
+        fmt: Optional[str] = None
+        backing: Optional[tuple[tuple[str, Optional[str], BackingFile], ...]] = None
+        l2_cache: Optional[int] = None
         while isinstance(cur, str):
             values = self.nodes.get(cur)
             if values is None:
@@ -929,20 +939,28 @@ class _Builder:
                 raise _usage(where, f"block node '{node}': chain too deep")
             chain.append(values)
             driver = values.get("driver")
-            if driver == "raw":
-                for key in ("offset", "size"):
-                    if key in values:
-                        raise _unsupported(where, f"block node '{cur}': raw '{key}' is not "
-                                                  "supported by pyhv")
+            if driver in ("raw", "qcow2"):
+                if fmt is not None:
+                    raise _unsupported(where, f"block node '{cur}': a {driver} node under a "
+                                              f"{fmt} node is not supported by pyhv")
+                fmt = str(driver)
+                if driver == "raw":
+                    for key in ("offset", "size"):
+                        if key in values:
+                            raise _unsupported(where, f"block node '{cur}': raw '{key}' is "
+                                                      "not supported by pyhv")
+                else:
+                    backing = self.backing_chain(cur, where)
+                    l2_cache = self.l2_cache_size(cur, where)
                 cur = values.get("file")
                 if cur is None:
                     raise _usage(where, f"block node '{node}': 'file' is missing")
                 continue
             if driver in ("file", "host_device"):
                 break
-            if driver in ("qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "luks"):
+            if driver in ("qed", "vmdk", "vdi", "vpc", "vhdx", "luks"):
                 raise _unsupported(where, f"block node '{cur}': image format '{driver}' is "
-                                          "not supported by pyhv (raw only)")
+                                          "not supported by pyhv (raw and qcow2 are)")
             raise _unsupported(where, f"block node '{cur}': driver '{driver}' is not "
                                       "supported by pyhv (file and host_device are)")
         proto = chain[-1]
@@ -974,14 +992,74 @@ class _Builder:
             "aio": aio,
             "detect_zeroes": zeroes,
             "file_node": cur,
+            "format": fmt or "raw",
+            "backing": None if backing is None else tuple(b for _, _, b in backing),
+            "backing_nodes": tuple((n, f) for n, f, _ in backing or ()),
+            "l2_cache_size": l2_cache,
         }, node
+
+    def backing_chain(self, node: str, where: str
+                      ) -> Optional[tuple[tuple[str, Optional[str], BackingFile], ...]]:
+        """(format node, file node, backing file) down a qcow2 node's ``backing``:
+        None when a node has no ``backing`` key (the image header names it), the chain
+        when it ends in ``"backing": null`` as libvirt writes it."""
+        out: list[tuple[str, Optional[str], BackingFile]] = []
+        values = self.nodes[node]
+        seen = {node}
+        while True:
+            if "backing" not in values:
+                return None
+            ref = values["backing"]
+            if ref is None:
+                return tuple(out)
+            if not isinstance(ref, str):
+                raise _usage(where, f"block node '{node}': 'backing' is not a node name")
+            if ref in seen or len(out) >= 64:
+                raise _usage(where, f"block node '{node}': the backing chain loops at "
+                                    f"'{ref}'")
+            seen.add(ref)
+            values = self.nodes.get(ref, {})
+            if not values:
+                raise _usage(where, f"block node '{ref}' not found")
+            driver = values.get("driver")
+            if driver not in ("raw", "qcow2"):
+                raise _unsupported(where, f"block node '{ref}': backing format '{driver}' "
+                                          "is not supported by pyhv (raw and qcow2 are)")
+            proto_name = values.get("file")
+            proto = self.nodes.get(proto_name) if isinstance(proto_name, str) else None
+            if proto is None or proto.get("driver") != "file":
+                raise _unsupported(where, f"block node '{ref}': a backing file must be a "
+                                          "file node (driver 'file') in pyhv")
+            filename = proto.get("filename")
+            if not isinstance(filename, str) or not filename:
+                raise _usage(where, f"block node '{proto_name}': 'filename' is missing")
+            path, fd = self.resolve_path(filename, where)
+            if path is None:
+                raise _unsupported(where, f"{filename}: backing files passed as "
+                                          "descriptors are not supported by pyhv yet")
+            try:
+                out.append((ref, str(proto_name), BackingFile(path, driver)))  # type: ignore
+            except ConfigError as e:
+                raise _usage(where, str(e)) from None
+            if driver == "raw":
+                return tuple(out)
+
+    def l2_cache_size(self, node: str, where: str) -> Optional[int]:
+        """A qcow2 node's ``l2-cache-size`` (or its ``cache-size``, all of it taken
+        for L2 tables: pyhv's refcount cache is fixed and small)."""
+        values = self.nodes[node]
+        for key in ("l2-cache-size", "cache-size"):
+            v = values.get(key)
+            if v is not None:
+                return _size_of_key(v, key, where)
+        return None
 
     def disk_from_drive(self, did: str, where: str) -> dict[str, object]:
         opts = self.drives[did]
         fmt = opts.get_str("format", "raw")
-        if fmt != "raw":
+        if fmt not in ("raw", "qcow2"):
             raise _unsupported(where, f"drive '{did}': image format '{fmt}' is not supported "
-                                      "by pyhv (raw only)")
+                                      "by pyhv (raw and qcow2 are)")
         cache = opts.choice("cache", ("none", "writeback", "writethrough", "directsync",
                                       "unsafe"), "writeback")
         filename = opts.need_str("file")
@@ -998,6 +1076,7 @@ class _Builder:
             "detect_zeroes": opts.choice("detect-zeroes", ("off", "on", "unmap")),
             "werror": opts.choice("werror", ERROR_ACTIONS),
             "rerror": opts.choice("rerror", ERROR_ACTIONS),
+            "format": fmt,
         }
 
     def read_netdevs(self) -> None:
@@ -1363,7 +1442,9 @@ class _Builder:
             spec.id, path, fd, bool(info["read_only"]), bool(info["direct"]),
             bool(info["no_flush"]), bool(info["discard"]), opts.get_str("serial"),
             bootindex, opts.get_int("num-queues"), opts.get_int("queue-size"),
-            spec.addr, drive, info.get("file_node")))  # type: ignore[arg-type]
+            spec.addr, drive, info.get("file_node"),  # type: ignore[arg-type]
+            str(info.get("format", "raw")),
+            info.get("backing_nodes", ())))  # type: ignore[arg-type]
         write_cache = opts.get_str("write-cache", "auto")
         cache = _cache_mode(info, write_cache != "auto" and not parse_bool(
             write_cache, "write-cache", where))
@@ -1373,7 +1454,10 @@ class _Builder:
             raise _usage(where, "rerror=enospc is not supported (enospc is for writes)")
         try:
             self.disk_configs.append(DiskConfig(
-                path, format="raw", source_type="block" if info["block"] else "file",
+                path, format=str(info.get("format", "raw")),
+                source_type="block" if info["block"] else "file",
+                backing=info.get("backing"),  # type: ignore[arg-type]
+                l2_cache_size=info.get("l2_cache_size"),  # type: ignore[arg-type]
                 readonly=bool(info["read_only"]), shareable=opts.get_bool("share-rw"),
                 cache=cache, io=info["aio"],  # type: ignore[arg-type]
                 discard="unmap" if info["discard"] else None,
@@ -1633,6 +1717,12 @@ class _Builder:
             fdsets={k: tuple(v) for k, v in self.fdsets.items()},
             chardevs=dict(self.chardevs), inherited_fds=tuple(self.fds),
             logfile=log.text if log else None)
+
+
+def _size_of_key(value: object, key: str, where: str) -> int:
+    from pyhv.shim.argv import parse_size
+
+    return parse_size(value, key, where)
 
 
 def _size_of(value: object, where: str) -> int:

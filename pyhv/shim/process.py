@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pyhv.engine.eventloop import EventLoop
 from pyhv.placement import place
-from pyhv.shim.commands import BlockDevice, Commands, CpuidWord, QmpSession, VcpuInfo
+from pyhv.shim.commands import (
+    BlockDevice,
+    Commands,
+    CpuidWord,
+    ImageDesc,
+    QmpSession,
+    VcpuInfo,
+)
 from pyhv.shim.errors import ShimError
 from pyhv.shim.qmp import DEVICE_NOT_FOUND, QmpError
 
@@ -214,7 +221,9 @@ class ShimMachine:
                 model.io_status if model is not None and model.can_stop  # type: ignore
                 else None,
                 model.write_threshold if model is not None else 0,  # type: ignore
-                self._threshold_nodes.get(spec.id)))
+                self._threshold_nodes.get(spec.id), spec.format,
+                _image_chain(model.backend, spec) if model is not None  # type: ignore
+                else ()))
         return out
 
     @staticmethod
@@ -478,3 +487,33 @@ class ShimProcess:
         if self.pidfile is not None:
             self.pidfile.remove()
             self.pidfile = None
+
+
+def _image_chain(backend: Any, spec: Any) -> tuple[ImageDesc, ...]:
+    """The images of a disk's backend, top first, down its backing chain (node
+    names from the ``-blockdev`` chain where it gave them)."""
+    from pyhv.engine.block.qcow2 import chain
+
+    images = chain(backend)
+    nodes = [(spec.node, spec.file_node), *spec.backing_nodes]
+    out = []
+    for i, b in enumerate(images):
+        below = images[i + 1] if i + 1 < len(images) else None
+        header = getattr(b, "header", None)
+        name = header.backing_file if header is not None else None
+        if below is not None and (name is None or spec.backing_nodes):
+            name = below.path  # a configured chain: QEMU names the node's file
+        try:
+            st = os.stat(b.path)
+            actual: Optional[int] = st.st_blocks * 512
+            length: Optional[int] = st.st_size
+        except OSError:
+            actual = length = None
+        node, file_node = nodes[i] if i < len(nodes) else (None, None)
+        out.append(ImageDesc(
+            b.path, getattr(b, "format", "raw"), b.size, actual,
+            getattr(b, "cluster_size", None), name,
+            getattr(below, "format", "raw") if below is not None else
+            (header.backing_format if header is not None else None),
+            bool(header is not None and header.incompatible & 1), length, node, file_node))
+    return tuple(out)

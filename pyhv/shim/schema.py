@@ -131,7 +131,7 @@ OBJECT_TYPES: Final = ("memory-backend-file", "memory-backend-memfd", "memory-ba
 #: ``-netdev`` types; ``dgram`` is what libvirt checks for before passing JSON
 NETDEV_TYPES: Final = ("dgram", "tap", "user", "vhost-user")
 #: ``-blockdev`` drivers
-BLOCKDEV_DRIVERS: Final = ("file", "host_device", "raw")
+BLOCKDEV_DRIVERS: Final = ("file", "host_device", "qcow2", "raw")
 RUN_STATES: Final = (
     "debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate",
     "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown",
@@ -241,16 +241,29 @@ TYPES: Final[tuple[TypeDef, ...]] = (
     Alternate("BlockdevRef", ("BlockdevOptions", "str")),
     Struct("BlockdevOptionsRaw", (req("file", "BlockdevRef"), opt("offset", "int"),
                                   opt("size", "int"))),
+    Alternate("BlockdevRefOrNull", ("BlockdevOptions", "str", "null")),
+    Struct("BlockdevOptionsQcow2", (
+        req("file", "BlockdevRef"), opt("backing", "BlockdevRefOrNull"),
+        opt("lazy-refcounts", "bool"), opt("pass-discard-request", "bool"),
+        opt("pass-discard-snapshot", "bool"), opt("pass-discard-other", "bool"),
+        opt("cache-size", "int"), opt("l2-cache-size", "int"),
+        opt("l2-cache-entry-size", "int"), opt("refcount-cache-size", "int"),
+        opt("cache-clean-interval", "int"))),
     Union_("BlockdevOptions", (
         req("driver", "BlockdevDriver"), opt("node-name", "str"),
         opt("discard", "BlockdevDiscardOptions"), opt("cache", "BlockdevCacheOptions"),
         opt("read-only", "bool"), opt("auto-read-only", "bool"), opt("force-share", "bool"),
         opt("detect-zeroes", "BlockdevDetectZeroesOptions")),
         "driver", (("file", "BlockdevOptionsFile"), ("host_device", "BlockdevOptionsFile"),
-                   ("raw", "BlockdevOptionsRaw"))),
+                   ("qcow2", "BlockdevOptionsQcow2"), ("raw", "BlockdevOptionsRaw"))),
     Struct("ImageInfo", (req("filename", "str"), req("format", "str"),
-                         req("virtual-size", "int"), opt("actual-size", "int"))),
+                         req("virtual-size", "int"), opt("actual-size", "int"),
+                         opt("cluster-size", "int"), opt("dirty-flag", "bool"),
+                         opt("backing-filename", "str"), opt("full-backing-filename", "str"),
+                         opt("backing-filename-format", "str"),
+                         opt("backing-image", "ImageInfo"))),
     Struct("BlockDeviceInfo", (req("node-name", "str"), req("file", "str"),
+                               opt("backing_file", "str"), opt("backing_file_depth", "int"),
                                opt("image", "ImageInfo"),
                                req("ro", "bool"), req("drv", "str"),
                                req("write_threshold", "int"))),

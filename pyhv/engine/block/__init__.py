@@ -12,6 +12,10 @@ interface is small and byte-addressed:
   range read as zeroes (deallocating it when ``unmap`` and the disk allows it);
 * ``size`` (bytes), ``readonly``, ``close()``.
 
+Backends: :mod:`~pyhv.engine.block.raw` (files and block devices byte for byte)
+and :mod:`~pyhv.engine.block.qcow2` (qcow2 images and their backing chains, on
+top of a raw backend for the image file).
+
 Every call either completes or raises a :class:`BlockError` whose message is
 one line naming the file.  Calls are synchronous and keep no per-request state
 in the backend object, so a later worker thread (or io_uring) can run them off
@@ -82,12 +86,21 @@ class BlockBackend(Protocol):
 
 
 def open_disk(disk: "DiskConfig") -> BlockBackend:
-    """Open the backend of ``disk`` (raw files and block devices today)."""
+    """Open the backend of ``disk``: a raw file or block device, or a qcow2 image
+    with its backing chain."""
+    cache = disk.cache or "writeback"
+    if disk.format == "qcow2":
+        from pyhv.engine.block.qcow2 import Qcow2Backend
+
+        return Qcow2Backend(disk.path, readonly=disk.readonly, cache=cache,
+                            kind=disk.source_type, shared=disk.shareable,
+                            unmap=disk.discard == "unmap", backing=disk.backing,
+                            l2_cache_size=disk.l2_cache_size)
     if disk.format != "raw":
         raise UnsupportedFormatError(f"{disk.path}: image format {disk.format!r} is not "
-                                     f"supported (only raw)")
+                                     f"supported (raw and qcow2 are)")
     from pyhv.engine.block.raw import RawBackend
 
-    return RawBackend(disk.path, readonly=disk.readonly, cache=disk.cache or "writeback",
+    return RawBackend(disk.path, readonly=disk.readonly, cache=cache,
                       kind=disk.source_type, shared=disk.shareable,
                       unmap=disk.discard == "unmap")
