@@ -80,7 +80,8 @@ class LibvirtDaemon:
     def __init__(self, base: os.PathLike[str] | str, *, qemu_user: str = "root",
                  qemu_group: str = "root", namespaces: Optional[list[str]] = None,
                  log_filters: str = "3:*",
-                 extra_qemu_conf: str = "", extra_libvirtd_conf: str = "") -> None:
+                 extra_qemu_conf: str = "", extra_libvirtd_conf: str = "",
+                 net_namespace: bool = False) -> None:
         self.base = Path(base).resolve()
         self.qemu_user = qemu_user
         self.qemu_group = qemu_group
@@ -90,6 +91,9 @@ class LibvirtDaemon:
         self.log_filters = log_filters
         self.extra_qemu_conf = extra_qemu_conf
         self.extra_libvirtd_conf = extra_libvirtd_conf
+        #: also a private network namespace (``unshare --net``, loopback up): libvirt's
+        #: networks, bridges and taps are made there and end with it
+        self.net_namespace = net_namespace
         self.sock_dir = self.base / "sock"
         #: libvirtd's own log (log_outputs), and virtlogd's
         self.log_path = self.base / "libvirtd.log"
@@ -116,6 +120,15 @@ class LibvirtDaemon:
         assert pid is not None, "libvirtd is not running"
         return subprocess.run(["nsenter", "-t", str(pid), "-m", *argv], capture_output=True,
                               text=True, timeout=60)
+
+    def in_net_namespace(self, *argv: str, timeout: float = 60
+                         ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the daemons' network (and mount) namespace."""
+        assert self.net_namespace, "the daemons share this host's network namespace"
+        pid = self._pid("libvirtd")
+        assert pid is not None, "libvirtd is not running"
+        return subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", *argv],
+                              capture_output=True, text=True, timeout=timeout)
 
     def namespace_path(self, path: os.PathLike[str] | str) -> Path:
         """``path`` as the daemons see it, reachable from here (through /proc)."""
@@ -163,6 +176,8 @@ class LibvirtDaemon:
     def _launcher(self) -> str:
         b = self.base
         lines = ["set -e"]
+        if self.net_namespace:
+            lines.append("ip link set lo up")
         for fixed, name in PRIVATE_DIRS.items():
             lines.append(f"mkdir -p {fixed}")
             lines.append(f"mount --bind {shlex.quote(str(b / name))} {fixed}")
@@ -192,7 +207,8 @@ class LibvirtDaemon:
         env["LC_ALL"] = "C"
         try:
             self._proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                ["unshare", "--mount", "--propagation", "private",
+                 *(["--net"] if self.net_namespace else []), "--", "/bin/sh", "-c",
                  self._launcher()],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
