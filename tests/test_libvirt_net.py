@@ -150,3 +150,29 @@ def test_virt_install_default_network(daemon, guests, tmp_path):
         virsh(daemon, "undefine", name, check=False)
         virsh(daemon, "net-destroy", "default", check=False)
         virsh(daemon, "net-undefine", "default", check=False)
+
+
+def test_bridge_interface(daemon, guests, tmp_path):
+    """<interface type='bridge'>: libvirt makes the tap and puts it on a bridge the
+    test made (in the daemons' namespace); pyhv-qemu serves it."""
+    for cmd in (("ip", "link", "add", "pyhvbr2", "type", "bridge"),
+                ("ip", "link", "set", "pyhvbr2", "up")):
+        r = daemon.in_net_namespace(*cmd)
+        assert r.returncode == 0, r.stderr
+    name = "bridged"
+    iface = ("<interface type='bridge'><source bridge='pyhvbr2'/>"
+             "<mac address='52:54:00:62:72:32'/><model type='virtio'/></interface>")
+    define(daemon, tmp_path, name, domain(name, guests.pvh_elf, "pyhv.wait=powerbutton",
+                                          iface))
+    try:
+        virsh(daemon, "start", name)
+        assert state(daemon, name) == "running (booted)", log_tail(daemon, (name,))
+        out = virsh(daemon, "domiflist", name).stdout
+        m = re.search(r"(vnet\d+)\s+bridge\s+pyhvbr2\s+virtio\s+52:54:00:62:72:32", out)
+        assert m, out
+        links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", "pyhvbr2")
+        assert m.group(1) in links.stdout, links.stdout + links.stderr
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+        daemon.in_net_namespace("ip", "link", "del", "pyhvbr2")
