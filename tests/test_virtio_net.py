@@ -464,3 +464,30 @@ def test_real_tap_in_a_namespace() -> None:
     assert lines["OK"].startswith("pyhvtest")
     assert "cannot join bridge nosuchbr0" in lines["BRIDGE"]
     assert lines["ADOPT"].startswith("tap fd ") and "not a tap" in lines["ADOPT"]
+
+
+def test_a_vanished_tap_is_not_read_again() -> None:
+    """A tap whose interface goes away keeps failing reads: the device stops watching
+    it instead of spinning the loop."""
+    nic = Nic()
+    loop = EventLoop()
+    try:
+        nic.dev.start(loop)
+        nic.give(1)
+        fd = nic.socks[0][0].fileno()
+        assert loop.watching(fd)
+        r, w = os.pipe()
+        os.close(r)
+        nic.dev.stop()
+        nic.dev.tap.fds[0] = w  # reading a pipe's write end fails (EBADF), as a gone tap
+        nic.dev.start(loop)
+        assert loop.watching(w)
+        loop.run(timeout=0.05)  # writable-ended pipe: readable (error) at once
+        nic.dev._rx(0)
+        assert w in nic.dev._broken and not loop.watching(w)
+        nic.dev.tap.fds[0] = fd
+        os.close(w)
+    finally:
+        nic.dev.stop()
+        loop.close()
+        nic.close()

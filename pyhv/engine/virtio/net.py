@@ -195,6 +195,8 @@ class VirtioNet(VirtioDevice):
         self._view = memoryview(self._buf)
         self._loop: Optional["EventLoop"] = None
         self._reading: set[int] = set()
+        #: tap queues that failed to read (the interface was deleted): not watched again
+        self._broken: set[int] = set()
         self._tx_waiting: set[int] = set()
         #: frames dropped (guest and host side) and frames moved, for statistics
         self.stats = {"rx_frames": 0, "rx_bytes": 0, "rx_dropped": 0,
@@ -227,7 +229,7 @@ class VirtioNet(VirtioDevice):
             return
         want = set()
         if self.memory is not None and self.link_up:
-            want = {self.tap.fds[i] for i in range(self.active_pairs)}
+            want = {self.tap.fds[i] for i in range(self.active_pairs)} - self._broken
         for fd in self._reading - want:
             self._loop.remove_reader(fd)
         for fd in want - self._reading:
@@ -390,7 +392,11 @@ class VirtioNet(VirtioDevice):
                 break
             try:
                 n = os.readv(fd, [self._view])
-            except OSError:  # EAGAIN: drained; anything else: the tap is gone
+            except BlockingIOError:
+                break
+            except OSError:  # the tap went away under us: stop watching it for good
+                self._broken.add(fd)
+                self._watch()
                 break
             frame = self._frame(n)
             if frame is None:
