@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract-vmlinux", help="extract the ELF vmlinux from a bzImage")
     ex.add_argument("bzimage")
     ex.add_argument("output")
+
+    p9 = sub.add_parser("9p-serve", help="serve a directory over 9P2000.L on a socket "
+                                         "(Linux's trans=tcp / trans=unix)")
+    p9.add_argument("--root", required=True, metavar="DIR", help="the directory to export")
+    p9.add_argument("--readonly", action="store_true", help="refuse every write (EROFS)")
+    p9.add_argument("--security-model", choices=("passthrough", "mapped", "squash"),
+                    default="passthrough", help="libvirt's accessmode (default passthrough)")
+    p9.add_argument("--listen", required=True, metavar="tcp:HOST:PORT|unix:PATH")
     return p
 
 
@@ -222,6 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_check(args.xml)
         if args.command == "run":
             return run_machine(config_from_args(args))
+        if args.command == "9p-serve":
+            from pyhv.engine.p9 import serve as p9serve
+
+            return p9serve.run(args.root, args.listen, args.readonly, args.security_model)
     except PyhvError as e:
         _fail(str(e), e.exit_status)
     except KeyboardInterrupt:
