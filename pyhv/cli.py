@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p9.add_argument("--security-model", choices=("passthrough", "mapped", "squash"),
                     default="passthrough", help="libvirt's accessmode (default passthrough)")
     p9.add_argument("--listen", required=True, metavar="tcp:HOST:PORT|unix:PATH")
+
+    vub = sub.add_parser("vhost-user-blk", help="serve a disk to another VMM (QEMU's "
+                                                "vhost-user-blk-pci) over vhost-user")
+    vub.add_argument("--socket", required=True, metavar="PATH",
+                     help="the unix socket to listen on (one frontend at a time)")
+    vub.add_argument("--disk", required=True, metavar="FILE", help="raw or qcow2 image")
+    vub.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    vub.add_argument("--readonly", action="store_true")
+    vub.add_argument("--cache", choices=("none", "writethrough", "writeback", "directsync",
+                                         "unsafe"), help="QEMU's cache modes (default writeback)")
+    vub.add_argument("--queues", type=int, default=1, help="request queues (1 to 64)")
+    vub.add_argument("--serial", help="the identifier the guest reads (GET_ID)")
     return p
 
 
@@ -234,6 +246,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from pyhv.engine.p9 import serve as p9serve
 
             return p9serve.run(args.root, args.listen, args.readonly, args.security_model)
+        if args.command == "vhost-user-blk":
+            from pyhv.engine.vhost_user import blk as vublk
+
+            return vublk.serve(args.socket, vublk.make_device(
+                args.disk, readonly=args.readonly, cache=args.cache, queues=args.queues,
+                fmt=args.format, serial=args.serial))
     except PyhvError as e:
         _fail(str(e), e.exit_status)
     except KeyboardInterrupt:

@@ -125,6 +125,32 @@ class GuestMemory:
             offset += size
         return cls(regions)
 
+    @classmethod
+    def from_fds(cls, regions: Iterable[tuple[int, int, int, int]]) -> "GuestMemory":
+        """Shared mappings of descriptors another process gave (a vhost-user frontend's
+        memory table): ``(guest_addr, size, fd, offset)`` each, ``offset`` page-aligned.
+
+        On success the memory owns the descriptors (:meth:`close` closes them); on
+        failure nothing stays mapped and the descriptors are still the caller's.
+        """
+        out: list[GuestRegion] = []
+        try:
+            for addr, size, fd, offset in regions:
+                try:
+                    buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                except (OSError, ValueError, OverflowError) as e:
+                    why = e.strerror if isinstance(e, OSError) else str(e)
+                    raise GuestMemoryError(f"cannot map guest memory at 0x{addr:x}+0x{size:x} "
+                                           f"(offset 0x{offset:x}): {why}") from e
+                out.append(GuestRegion(addr, size, buf, fd=fd, fd_offset=offset))
+            return cls(out)
+        except GuestMemoryError:
+            for r in out:
+                assert isinstance(r.buffer, mmap.mmap)
+                r.buffer.close()
+            raise
+
     # ---- queries ------------------------------------------------------
     @property
     def size(self) -> int:
