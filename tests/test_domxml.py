@@ -189,9 +189,9 @@ def test_round_trip(cfg: VmConfig) -> None:
 
 def test_support_messages() -> None:
     msgs = unsupported(_full_config())
-    assert "filesystem srv: virtio-9p is not built by this engine yet" in msgs
+    assert not any("virtio-9p" in m for m in msgs)  # built
     assert not any(m.startswith("disk") for m in msgs)  # raw virtio disks are built
-    assert any(m.startswith("filesystem srv: virtio-9p") for m in msgs)
+    assert any(m.startswith("filesystem data: virtio-fs") for m in msgs)
     assert any(m.startswith("serial COM1: tcp") for m in msgs)
     assert any("hotplug" in m for m in msgs) and any("hugepage" in m for m in msgs)
     assert unsupported(VmConfig(boot=KernelBoot("/k"), vcpus=4)) == []
@@ -315,12 +315,12 @@ def test_cli_exit_status(tmp_path: Path) -> None:
                        text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "topology" in p.stderr
     fs = tmp_path / "fs.xml"
-    fs.write_text(dom(devices="<filesystem type='mount'><source dir='/srv'/>"
-                              "<target dir='srv'/></filesystem>"))
+    fs.write_text(dom(devices="<filesystem type='mount'><driver type='virtiofs'/>"
+                              "<source dir='/srv'/><target dir='srv'/></filesystem>"))
     p = subprocess.run([sys.executable, "-m", "pyhv", "run", str(fs)], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and \
-        "/domain/devices/filesystem: filesystem srv: virtio-9p is not built" in p.stderr
+        "/domain/devices/filesystem: filesystem srv: virtio-fs is not built" in p.stderr
 
 
 def test_harmless_elements_accepted() -> None:

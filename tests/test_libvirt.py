@@ -751,3 +751,27 @@ def test_virt_install_qcow2_volume_in_a_pool(daemon, guests, tmp_path):
         virsh(daemon, "undefine", name, "--remove-all-storage", check=False)
         virsh(daemon, "pool-destroy", "pyhvpool", check=False)
         virsh(daemon, "pool-undefine", "pyhvpool", check=False)
+
+
+def test_9p_filesystem(daemon, guests, tmp_path):
+    """<filesystem type='mount'> (libvirt's -fsdev local + virtio-9p-pci): the domain
+    starts with pyhv's virtio-9p device on the directory, in the access mode asked."""
+    share = tmp_path / "share"
+    share.mkdir()
+    name = "ninep"
+    fs = (f"<filesystem type='mount' accessmode='mapped'><source dir='{share}'/>"
+          "<target dir='hostshare'/><readonly/></filesystem>")
+    xml = domain_xml(name, guests.pvh_elf, "pyhv.wait=powerbutton")
+    define(daemon, tmp_path, name, xml.replace("<memballoon", fs + "<memballoon"))
+    try:
+        virsh(daemon, "start", name)
+        assert state(daemon, name) == "running (booted)", log_tail(daemon, (name,))
+        argv = daemon.domain_log(name).read_text()
+        assert "-fsdev" in argv and "security_model=mapped" in argv and \
+            "virtio-9p-pci" in argv and "hostshare" in argv, argv[-3000:]
+        xml = virsh(daemon, "dumpxml", name).stdout
+        assert re.search(r"<filesystem type='mount' accessmode='mapped'>.*?"
+                         r"<alias name='fs0'/>\s*<address type='pci'", xml, re.S), xml
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

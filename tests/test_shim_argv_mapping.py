@@ -585,3 +585,31 @@ def test_virtio_rng_and_transitional_names() -> None:
     text = fails(head() + rng + ["-device", j(driver="virtio-rng-pci-transitional",
                                               rng="objrng0"), "-kernel", "/k"])
     assert "transitional virtio devices" in text and "modern only" in text
+
+
+def test_fsdev_and_virtio_9p_pci() -> None:
+    """libvirt 9.0's 9p filesystem: -fsdev local + -device virtio-9p-pci."""
+    plan = parse_and_map([
+        "-kernel", "/k",
+        "-fsdev", "local,security_model=mapped,id=fsdev-fs0,path=/srv/share",
+        "-device", '{"driver":"virtio-9p-pci","id":"fs0","fsdev":"fsdev-fs0",'
+                   '"mount_tag":"hostshare","bus":"pci.0","addr":"0x3"}',
+        "-fsdev", "local,security_model=none,id=fsdev-fs1,path=/srv/ro,readonly=on",
+        "-device", "virtio-9p-pci,id=fs1,fsdev=fsdev-fs1,mount_tag=ro"])
+    assert plan.config is not None
+    a, b = plan.config.filesystems
+    assert (a.source, a.tag, a.accessmode, a.readonly, a.id) == \
+        ("/srv/share", "hostshare", "mapped", False, "fs0")
+    assert a.address is not None and (a.address.bus, a.address.slot) == (0, 3)
+    assert (b.accessmode, b.readonly, b.tag) == ("squash", True, "ro")
+
+
+def test_fsdev_errors() -> None:
+    assert "fsdev 'nope' not found" in fails(
+        ["-kernel", "/k", "-device", "virtio-9p-pci,fsdev=nope,mount_tag=t"])
+    assert "fsdev driver 'proxy'" in fails(
+        ["-kernel", "/k", "-fsdev", "proxy,id=f,sock_fd=3"])
+    assert "already used" in fails(
+        ["-kernel", "/k", "-fsdev", "local,id=f,path=/s,security_model=none",
+         "-device", "virtio-9p-pci,fsdev=f,mount_tag=a",
+         "-device", "virtio-9p-pci,fsdev=f,mount_tag=b"])

@@ -733,7 +733,8 @@ class _Mapper:
             self.fail(tgt if tgt is not None else el, "<target dir='TAG'/> is missing")
         ro = self.child(el, "readonly") is not None
         try:
-            return FilesystemConfig(src_path, mount_tag, driver, mode, ro)  # type: ignore[arg-type]
+            fs = FilesystemConfig(src_path, mount_tag, driver, mode, ro)  # type: ignore[arg-type]
+            return self.placed(el, fs)
         except ConfigError as e:
             self.fail(el, str(e))
 

@@ -97,8 +97,8 @@ def issues(cfg: VmConfig) -> list[Issue]:
         add("com1", 0, "serial COM1", f"{cfg.serial.describe()} {NOT_BUILT} (built: "
                                       f"{', '.join(BUILT_SERIAL_KINDS)})")
     for i, fs in enumerate(cfg.filesystems):
-        what = "virtio-9p" if fs.driver == "9p" else "virtio-fs"
-        add("filesystem", i, f"filesystem {fs.tag}", f"{what} {NOT_BUILT}")
+        if fs.driver != "9p":
+            add("filesystem", i, f"filesystem {fs.tag}", f"virtio-fs {NOT_BUILT}")
     for i, n in enumerate(cfg.nets):
         if n.backend == "vhost-user":
             add("net", i, net_label(cfg, i), f"vhost-user virtio-net {NOT_BUILT}")

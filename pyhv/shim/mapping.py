@@ -37,6 +37,7 @@ from pyhv.config import (
     CpuTopology,
     DiskConfig,
     FeaturesConfig,
+    FilesystemConfig,
     KernelBoot,
     MemoryBackingConfig,
     NetConfig,
@@ -340,6 +341,10 @@ def _usage(where: Optional[str], detail: str) -> ShimUsageError:
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                    r"[0-9a-fA-F]{12}$")
+#: -fsdev security_model → libvirt's accessmode (``none`` is libvirt's squash)
+_ACCESSMODES = {"passthrough": "passthrough", "mapped": "mapped",
+                "mapped-xattr": "mapped", "none": "squash"}
+_SECURITY_MODELS = tuple(_ACCESSMODES)
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _FDSET = re.compile(r"^/dev/fdset/(\d+)$")
 
@@ -351,7 +356,6 @@ _REFUSED = {
     "bios": "firmware boot is not supported by pyhv; boot with -kernel",
     "dtb": "device trees are not used on x86",
     "numa": "NUMA topologies are not supported by pyhv",
-    "fsdev": "9p file systems are not supported by pyhv; use vhost-user-fs-pci",
     "tpmdev": "TPMs are not supported by pyhv",
     "iscsi": "iSCSI is not supported by pyhv",
     "preconfig": "the preconfig state is not supported by pyhv",
@@ -416,6 +420,10 @@ class _Builder:
         self.drives: dict[str, Opts] = {}
         self.used_nodes: dict[str, str] = {}
         self.netdevs: dict[str, Opts] = {}
+        #: -fsdev id → its options; each serves one virtio-9p-pci
+        self.fsdevs: dict[str, Opts] = {}
+        self.used_fsdevs: dict[str, str] = {}
+        self.fs_configs: list[FilesystemConfig] = []
         self.used_netdevs: dict[str, str] = {}
         self.shared_memory = False
         # devices
@@ -1079,6 +1087,22 @@ class _Builder:
             "format": fmt,
         }
 
+    def read_fsdevs(self) -> None:
+        for o in find(self.opts, "fsdev"):
+            opts = o.opts
+            driver = opts.need_str("fsdriver")
+            if driver != "local":
+                raise _unsupported(o.where, f"fsdev driver '{driver}' is not supported by "
+                                            "pyhv (local is)")
+            opts.check_keys(("fsdriver", "id", "path", "security_model", "readonly",
+                             "writeout", "multidevs", "fmode", "dmode"))
+            fid = opts.need_str("id")
+            if fid in self.fsdevs:
+                raise _usage(o.where, f"duplicate fsdev id '{fid}'")
+            opts.need_str("path")
+            opts.choice("security_model", _SECURITY_MODELS)
+            self.fsdevs[fid] = opts
+
     def read_netdevs(self) -> None:
         for o in find(self.opts, "netdev"):
             opts = o.opts
@@ -1551,6 +1575,26 @@ class _Builder:
     dev_vhost_user_blk_pci = _vhost_user
     dev_vhost_user_fs_pci = _vhost_user
 
+    def dev_virtio_9p_pci(self, spec: DeviceSpec, opts: Opts) -> None:
+        where = spec.where
+        fid = opts.need_str("fsdev")
+        fs = self.fsdevs.get(fid)
+        if fs is None:
+            raise _usage(where, f"fsdev '{fid}' not found")
+        if fid in self.used_fsdevs:
+            raise _usage(where, f"fsdev '{fid}' is already used by {self.used_fsdevs[fid]}")
+        self.used_fsdevs[fid] = where
+        tag = opts.need_str("mount_tag")
+        model = fs.choice("security_model", _SECURITY_MODELS) or "passthrough"
+        try:
+            self.fs_configs.append(FilesystemConfig(
+                fs.need_str("path"), tag, "9p", _ACCESSMODES[model],  # type: ignore[arg-type]
+                fs.get_bool("readonly"), id=spec.id, address=self.config_address(spec)))
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
+
+    dev_virtio_9p_pci_non_transitional = dev_virtio_9p_pci
+
     # ----------------------------------------------------------------- the rest
 
     def legacy_serial(self) -> None:
@@ -1817,6 +1861,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
     boot = b.boot(machine)
     b.read_blockdevs()
     b.read_netdevs()
+    b.read_fsdevs()
     b.read_devices(machine)
     b.default_usb(machine)
     b.legacy_serial()
@@ -1850,6 +1895,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
                 boot_order=b.boot_order,
                 disks=tuple(b.disk_configs),
                 nets=tuple(b.net_configs),
+                filesystems=tuple(b.fs_configs),
                 extra_serials=tuple(b.extra_serials),
                 channels=tuple(b.channels),
                 rngs=tuple(b.rng_configs),

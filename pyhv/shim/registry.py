@@ -168,6 +168,12 @@ def _dev(name: str, bus: str, category: str, description: str, parent: str,
                       tuple(sorted(props, key=lambda p: p.name)), alias, provides_bus)
 
 
+#: virtio-9p-pci: the -fsdev it serves and the tag the guest mounts
+_9P_PROPS = (
+    PropInfo("fsdev", "str", "ID of a fsdev to use as a backend"),
+    PropInfo("mount_tag", "str"),
+)
+
 #: UHCI controllers and companions (``masterbus``/``firstport`` tie a companion to its
 #: EHCI)
 _UHCI_PROPS = _PCI_COMMON + (
@@ -282,6 +288,10 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
          "virtio-serial-port", _PORT_PROPS),
     _dev("virtconsole", "virtio-serial-bus", "Input", "virtio console port",
          "virtserialport", _PORT_PROPS),
+    _dev("virtio-9p-pci", "PCI", "Storage", "virtio 9p file system", "virtio-pci",
+         _VIRTIO_PCI + _9P_PROPS, alias="virtio-9p"),
+    _dev("virtio-9p-pci-non-transitional", "PCI", "Storage",
+         "virtio 9p file system (modern only)", "virtio-pci", _VIRTIO_PCI + _9P_PROPS),
     _dev("virtio-rng-pci", "PCI", "Misc", "virtio entropy source", "virtio-pci",
          _VIRTIO_PCI + _RNG_PROPS, alias="virtio-rng"),
     # the modern-only name: what libvirt looks for to place virtio devices on PCI
@@ -393,7 +403,7 @@ def find_cpu_model(name: str) -> Optional[CpuModel]:
 #: from this answer whether to pass ``-chardev ...,fd=``, ``-sandbox``,
 #: ``-overcommit``, ``-msg timestamp=on``, ``-name guest=,debug-threads=`` and
 #: ``-boot strict=on``, so every parameter listed here is one ``pyhv.shim.mapping``
-#: accepts.  Lists pyhv refuses (numa, fsdev, spice, vnc) are absent on purpose.
+#: accepts.  Lists pyhv refuses (numa, spice, vnc) are absent on purpose.
 COMMAND_LINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "name": ("guest", "process", "debug-threads"),
     "machine": ("type", "accel", "usb", "dump-guest-core", "mem-merge", "memory-backend",
@@ -416,6 +426,8 @@ COMMAND_LINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "msg": ("timestamp", "guest-name"),
     "action": ("reboot", "shutdown", "panic", "watchdog"),
     "display": ("type",),
+    "fsdev": ("fsdriver", "id", "path", "security_model", "readonly", "writeout",
+              "multidevs", "fmode", "dmode"),
 }
 
 

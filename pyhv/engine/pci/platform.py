@@ -10,6 +10,7 @@ are injected.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from pyhv.engine import layout
 from pyhv.engine.block import BlockError
 from pyhv.engine.bus import Bus
 from pyhv.engine.devices import InterruptLine
+from pyhv.engine.errors import EngineError
 from pyhv.engine.host import HostResources
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.pci.device import (
@@ -138,10 +140,12 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
     and channels get their host ends, NICs their taps, from ``host`` (without it: a
     description, none opened)."""
     from pyhv.engine.net.tap import Tap
+    from pyhv.engine.p9.server import Export
     from pyhv.engine.virtio.balloon import VirtioBalloon
     from pyhv.engine.virtio.blk import VirtioBlk
     from pyhv.engine.virtio.console import VirtioConsole, console_ports
     from pyhv.engine.virtio.net import VirtioNet, mac_bytes
+    from pyhv.engine.virtio.p9 import Virtio9p
     from pyhv.engine.virtio.rng import VirtioRng
 
     out: list[tuple[str, PciAddress, VirtioDevice]] = []
@@ -157,6 +161,14 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
         else:
             blk = VirtioBlk(_Unopened(d.path, d.readonly), d.serial, d.queues)
         out.append((d.id, d.address, blk))
+    for fs in cfg.filesystems:
+        assert fs.address is not None and fs.id is not None, "place the config first"
+        if fs.driver != "9p":
+            continue  # virtio-fs: support.py refuses it
+        if open_files and not os.path.isdir(fs.source):
+            raise EngineError(f"filesystem {fs.tag}: {fs.source} is not a directory")
+        out.append((fs.id, fs.address, Virtio9p(Export(fs.source, fs.readonly,
+                                                       fs.accessmode), fs.tag)))
     for n in cfg.nets:
         assert n.address is not None and n.id is not None, "place the config first"
         if n.backend != "tap":
