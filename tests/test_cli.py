@@ -150,8 +150,8 @@ def test_domain_xml_errors(tmp_path):
     fs = tmp_path / "fs.xml"
     fs.write_text("<domain type='kvm'><name>x</name><memory>65536</memory>"
                   "<os><type>hvm</type><kernel>/k</kernel></os><devices>"
-                  "<filesystem type='mount'><source dir='/srv'/><target dir='srv'/>"
-                  "</filesystem></devices></domain>")
+                  "<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/>"
+                  "<target dir='srv'/></filesystem></devices></domain>")
     assert_one_line_error(pyhv("run", str(fs)), "/domain/devices/filesystem",
                           "not built by this engine yet")
 
@@ -164,6 +164,17 @@ def test_missing_disk_image(guests, tmp_path):
                     f"<disk type='file' device='disk'><source file='/nonexistent.img'/>"
                     f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
     assert_one_line_error(pyhv("run", str(disk)), "/nonexistent.img")
+
+
+@pytest.mark.kvm
+def test_missing_9p_export(guests, tmp_path):
+    fs = tmp_path / "fs.xml"
+    fs.write_text(f"<domain type='kvm'><name>x</name><memory>65536</memory>"
+                  f"<os><type>hvm</type><kernel>{guests.pvh_elf}</kernel></os><devices>"
+                  f"<filesystem type='mount'><source dir='/nonexistent/share'/>"
+                  f"<target dir='share'/></filesystem></devices></domain>")
+    assert_one_line_error(pyhv("run", str(fs)), "filesystem share",
+                          "/nonexistent/share is not a directory")
 
 
 def test_extract_vmlinux_cli(guests, tmp_path):
