@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "unsafe"), help="QEMU's cache modes (default writeback)")
     vub.add_argument("--queues", type=int, default=1, help="request queues (1 to 64)")
     vub.add_argument("--serial", help="the identifier the guest reads (GET_ID)")
+
+    vur = sub.add_parser("vhost-user-rng", help="serve entropy to another VMM (QEMU's "
+                                                "vhost-user-rng-pci) over vhost-user")
+    vur.add_argument("--socket", required=True, metavar="PATH",
+                     help="the unix socket to listen on (one frontend at a time)")
+    vur.add_argument("--source", choices=("/dev/urandom", "/dev/random"),
+                     default="/dev/urandom")
+    vur.add_argument("--max-bytes", type=int, help="at most this many bytes per --period")
+    vur.add_argument("--period", type=int, metavar="MS", help="the rate limit's period")
     return p
 
 
@@ -246,6 +255,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from pyhv.engine.p9 import serve as p9serve
 
             return p9serve.run(args.root, args.listen, args.readonly, args.security_model)
+        if args.command == "vhost-user-rng":
+            from pyhv.engine.vhost_user import rng as vurng
+
+            return vurng.serve(args.socket, vurng.make_device(args.source, args.max_bytes,
+                                                              args.period))
         if args.command == "vhost-user-blk":
             from pyhv.engine.vhost_user import blk as vublk
 
