@@ -3,8 +3,9 @@
  * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
  * the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
  * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
- * (pyhv.virtio), virtio-console (pyhv.virtio-console) and virtio-net
- * (pyhv.virtio-net), then powers off through ACPI.  The grammar is in README.md.
+ * (pyhv.virtio), virtio-console (pyhv.virtio-console), virtio-net
+ * (pyhv.virtio-net) and virtio-9p (pyhv.virtio-9p), then powers off through
+ * ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
  * here is written for a slow (emulated) CPU: few instructions, few port I/O.
@@ -3543,15 +3544,360 @@ static void vnet_run(void)
 	__asm__ volatile("cli" ::: "memory");
 }
 
+/* ---- virtio-9p (pyhv.virtio-9p=msix|intx) -------------------------------- */
+
+/*
+ * virtio 1.2 5.11 (9P transport): one request queue; each request is one chain,
+ * the T-message in device-readable buffers, then room for the R-message in a
+ * device-writable one.  The device configuration is le16 tag_len and the mount
+ * tag (VIRTIO_9P_MOUNT_TAG).  A small 9P2000.L client, one request at a time,
+ * each polled until used (interrupts on from DRIVER_OK to the reset, counted by
+ * the handlers): messages are size[4] type[1] tag[2] and the fields,
+ * little-endian; strings len[2] and the bytes; a qid type[1] version[4] path[8].
+ * In queue 0's ring page: the T-message at +0x400 (descriptor 0), a Twrite's
+ * payload at +0x600 (descriptor 1, its own buffer), the room for the R-message
+ * at +0x700 (zeroed before each request; the last descriptor).
+ */
+#define V9F_MOUNT_TAG	(1u << 0)
+#define V9_T		(VQ_BUFS + 0x000)
+#define V9_DATA		(VQ_BUFS + 0x200)
+#define V9_R		(VQ_BUFS + 0x300)
+#define V9_RLEN		(VQ_MEM - V9_R)
+#define V9_MSIZE	8192
+#define V9_NOFID	0xffffffffu
+#define V9_NOTAG	0xffff
+#define V9_RLERROR	7
+#define V9_TLOPEN	12
+#define V9_TLCREATE	14
+#define V9_TGETATTR	24
+#define V9_TREADDIR	40
+#define V9_TFSYNC	50
+#define V9_TVERSION	100
+#define V9_TATTACH	104
+#define V9_TWALK	110
+#define V9_TREAD	116
+#define V9_TWRITE	118
+#define V9_TCLUNK	120
+#define V9_KEEP		64		/* bytes of read data / a name reported at most */
+
+static struct {
+	u32 n;			/* bytes of the T-message built so far */
+	u16 tag;		/* the next tag */
+	u32 rtype;		/* the reply's type (0: none) */
+	u8 root[13];		/* the attach qid */
+} vp9;
+
+static u8 *vp9_t(void) { return vqs[0].mem + V9_T; }
+static const u8 *vp9_r(void) { return vqs[0].mem + V9_R; }
+
+static void vp9_put(u64 v, u32 bytes)
+{
+	for (u32 i = 0; i < bytes; i++)
+		vp9_t()[vp9.n++] = (u8)(v >> (8 * i));
+}
+
+static void vp9_str(const char *s)
+{
+	u32 n = 0;
+	while (s[n])
+		n++;
+	vp9_put(n, 2);
+	memcpy(vp9_t() + vp9.n, s, n);
+	vp9.n += n;
+}
+
+/* a new T-message of `type` (Tversion: NOTAG, the others the next tag) */
+static void vp9_begin(u32 type)
+{
+	vp9.n = 4;
+	vp9_put(type, 1);
+	vp9_put(type == V9_TVERSION ? V9_NOTAG : vp9.tag++, 2);
+}
+
+static u64 vp9_get(u32 off, u32 bytes)
+{
+	u64 v = 0;
+	for (u32 i = 0; i < bytes; i++)
+		v |= (u64)vp9_r()[off + i] << (8 * i);
+	return v;
+}
+
+/* the qid at `off` of the R-message */
+static void kv_qid(u32 off)
+{
+	kv_dec("qid_type", vp9_get(off, 1));
+	kv_dec("qid_version", vp9_get(off + 1, 4));
+	kv_hex("qid_path", vp9_get(off + 5, 8));
+}
+
+/* Send the T-message built (its size field `lie` bytes more than it has; `data`
+ * of `dlen` bytes as a second readable buffer, counted in the size), poll its
+ * used element and open the step line: `polls`, `ttag` (the tag sent), the used
+ * element, and when the device wrote a header `size`, `type`, `tag` (`type=none`
+ * else), Rlerror's `ecode`.  1 when the reply is R-`type` (T + 1). */
+static int vp9_rpc(const char *name, const void *data, u32 dlen, u32 lie)
+{
+	struct vq *q = &vqs[0];
+	u64 m = (u64)q->mem;
+	u32 type = vp9_t()[4], ttag = vp9_t()[5] | (u32)vp9_t()[6] << 8, size = vp9.n + dlen;
+	u8 *t = vp9_t();
+	for (u32 i = 0; i < 4; i++)
+		t[i] = (u8)((size + lie) >> (8 * i));
+	memset((void *)(m + V9_R), 0, V9_RLEN);
+	u32 d = 0;
+	vq_desc(q, d, m + V9_T, vp9.n, 1, (u16)(d + 1));		/* NEXT */
+	d++;
+	if (dlen) {
+		memcpy((void *)(m + V9_DATA), data, dlen);
+		vq_desc(q, d, m + V9_DATA, dlen, 1, (u16)(d + 1));
+		d++;
+	}
+	vq_desc(q, d, m + V9_R, V9_RLEN, 2, 0);			/* WRITE */
+	wr16(m + VQ_AVAIL + 4 + 2 * (q->avail_idx % q->size), 0);	/* head: 0 */
+	q->avail_idx++;
+	vq_publish_and_notify(q, q->avail_idx);
+	u32 n = VPOLL(used_idx(q) == q->avail_idx, 1000);
+	q->used_seen = q->avail_idx;
+	u32 i = (u16)(q->avail_idx - 1), len = used_len(q, i);
+	vstep(name);
+	kv_dec("polls", n);
+	kv_dec("ttag", ttag);
+	kv_dec("descs", d + 1);
+	kv_dec("used_idx", used_idx(q));
+	kv_dec("used_id", used_id(q, i));
+	kv_dec("used_len", len);
+	vp9.rtype = 0;
+	if (n < VPOLL_FAIL && len >= 7) {
+		vp9.rtype = vp9_r()[4];
+		kv_dec("size", vp9_get(0, 4));
+		kv_dec("type", vp9.rtype);
+		kv_dec("tag", vp9_get(5, 2));
+		if (vp9.rtype == V9_RLERROR)
+			kv_dec("ecode", vp9_get(7, 4));
+	} else {
+		kv_str("type", "none");
+	}
+	return vp9.rtype == type + 1;
+}
+
+static void vp9_walk(const char *name, u32 fid, u32 newfid, const char *const *names, u32 n)
+{
+	vp9_begin(V9_TWALK);
+	vp9_put(fid, 4);
+	vp9_put(newfid, 4);
+	vp9_put(n, 2);
+	for (u32 k = 0; k < n; k++)
+		vp9_str(names[k]);
+	if (vp9_rpc(name, 0, 0, 0)) {
+		u32 nq = (u32)vp9_get(7, 2), at_root = 0;
+		kv_dec("nwqid", nq);
+		for (u32 k = 0; k < nq; k++) {		/* type and path: the version may move */
+			const u8 *qd = vp9_r() + 9 + 13 * k;
+			at_root += qd[0] == vp9.root[0] && !memcmp(qd + 5, vp9.root + 5, 8);
+		}
+		kv_dec("at_root", at_root);
+		if (nq)
+			kv_qid(9 + 13 * (nq - 1));		/* the last one */
+	}
+	eol();
+}
+
+static void vp9_simple(const char *name, u32 type, u32 fid)
+{
+	vp9_begin(type);
+	vp9_put(fid, 4);
+	vp9_rpc(name, 0, 0, 0);
+	eol();
+}
+
+static void vp9_lopen(const char *name, u32 fid, u32 flags)
+{
+	vp9_begin(V9_TLOPEN);
+	vp9_put(fid, 4);
+	vp9_put(flags, 4);
+	if (vp9_rpc(name, 0, 0, 0)) {
+		kv_qid(7);
+		kv_dec("iounit", vp9_get(20, 4));
+	}
+	eol();
+}
+
+/* Tgetattr(fid, all the basic fields); `lie`: the size field lies */
+static void vp9_getattr(const char *name, u32 fid, u32 lie)
+{
+	vp9_begin(V9_TGETATTR);
+	vp9_put(fid, 4);
+	vp9_put(0x7ff, 8);				/* P9_GETATTR_BASIC */
+	if (vp9_rpc(name, 0, 0, lie)) {
+		u32 mode = (u32)vp9_get(28, 4);		/* valid[8] qid[13] mode[4] uid gid */
+		kv_hex("valid", vp9_get(7, 8));
+		kv_qid(15);
+		kv_hex("mode", mode);
+		kv_dec("ftype", mode >> 12);
+		kv_dec("uid", vp9_get(32, 4));
+		kv_dec("gid", vp9_get(36, 4));
+	}
+	eol();
+}
+
+static void vp9_run(void)
+{
+	u64 dv = vio.device;
+	struct vq *q = &vqs[0];
+	static const char hello[] = "written by the guest\n";
+	memset(&vp9, 0, sizeof(vp9));
+	vp9.tag = 1;
+	u32 g0 = vc8(VC_GEN);
+	u32 tag_len = rd16(dv);
+	u8 tag[V9_KEEP];
+	for (u32 i = 0; i < tag_len && i < V9_KEEP; i++)
+		tag[i] = rd8(dv + 2 + i);
+	u32 g1 = vc8(VC_GEN);
+	vstep("p9-config");
+	kv_dec("tag_len", tag_len);
+	key("tag");
+	put_escaped(tag, tag_len < V9_KEEP ? tag_len : V9_KEEP, 0);
+	kv_dec("mount_tag", !!(vio.accepted_lo & V9F_MOUNT_TAG));
+	kv_dec("generation", g1);
+	kv_dec("stable", g0 == g1);
+	eol();
+
+	vw16(VC_QSELECT, 0);
+	u32 before = vc16(VC_QMSIX);
+	u32 max = vq_setup(q, 0, 1);
+	vw16(VC_QENABLE, 1);
+	vstep("queue");
+	kv_dec("index", 0);
+	vq_report(q, max, before);
+	eol();
+
+	virtio_driver_ok();
+	__asm__ volatile("sti" ::: "memory");
+
+	/* 1: the version */
+	vp9_begin(V9_TVERSION);
+	vp9_put(V9_MSIZE, 4);
+	vp9_str("9P2000.L");
+	if (vp9_rpc("version", 0, 0, 0)) {
+		u32 vl = (u32)vp9_get(11, 2);
+		kv_dec("msize", vp9_get(7, 4));
+		key("version");
+		put_escaped(vp9_r() + 13, vl < V9_KEEP ? vl : V9_KEEP, 0);
+	}
+	eol();
+
+	/* 2: the root as fid 1 */
+	vp9_begin(V9_TATTACH);
+	vp9_put(1, 4);
+	vp9_put(V9_NOFID, 4);
+	vp9_str("root");
+	vp9_str("");
+	vp9_put(0, 4);
+	if (vp9_rpc("attach", 0, 0, 0)) {
+		memcpy(vp9.root, vp9_r() + 7, 13);
+		kv_qid(7);
+	}
+	eol();
+
+	/* 3: hello.txt read as fid 2 */
+	static const char *const file[1] = {"hello.txt"};
+	vp9_walk("walk", 1, 2, file, 1);
+	vp9_lopen("lopen", 2, 0);				/* O_RDONLY */
+	vp9_begin(V9_TREAD);
+	vp9_put(2, 4);
+	vp9_put(0, 8);
+	vp9_put(256, 4);
+	if (vp9_rpc("read", 0, 0, 0)) {
+		u32 c = (u32)vp9_get(7, 4);
+		kv_dec("count", c);
+		kv_hex("csum", checksum((u64)vp9_r() + 11, c));
+		key("data");
+		put_escaped(vp9_r() + 11, c < V9_KEEP ? c : V9_KEEP, 0);
+	}
+	eol();
+	vp9_simple("clunk-file", V9_TCLUNK, 2);
+
+	/* 4: from-guest.txt created through fid 3 (a clone of the root), written */
+	vp9_walk("walk-new", 1, 3, 0, 0);
+	vp9_begin(V9_TLCREATE);
+	vp9_put(3, 4);
+	vp9_str("from-guest.txt");
+	vp9_put(01 | 0100, 4);				/* O_WRONLY | O_CREAT */
+	vp9_put(0644, 4);
+	vp9_put(0, 4);					/* gid */
+	int created = vp9_rpc("lcreate", 0, 0, 0);
+	if (created) {
+		kv_qid(7);
+		kv_dec("iounit", vp9_get(20, 4));
+	}
+	eol();
+	if (created) {
+		vp9_begin(V9_TWRITE);
+		vp9_put(3, 4);
+		vp9_put(0, 8);
+		vp9_put(sizeof(hello) - 1, 4);
+		if (vp9_rpc("write", hello, sizeof(hello) - 1, 0))
+			kv_dec("count", vp9_get(7, 4));
+		eol();
+		vp9_begin(V9_TFSYNC);
+		vp9_put(3, 4);
+		vp9_put(0, 4);				/* datasync */
+		vp9_rpc("fsync", 0, 0, 0);
+		eol();
+	}
+	vp9_simple("clunk-new", V9_TCLUNK, 3);
+
+	/* 5: the root's attributes */
+	vp9_getattr("getattr", 1, 0);
+
+	/* 6: out of the export? */
+	static const char *const up[3] = {"..", "..", "etc"};
+	vp9_walk("walk-dotdot", 1, 4, up, 3);
+
+	/* 7: the root's entries (fid 5) */
+	vp9_walk("walk-dir", 1, 5, 0, 0);
+	vp9_lopen("lopen-dir", 5, 0);
+	vp9_begin(V9_TREADDIR);
+	vp9_put(5, 4);
+	vp9_put(0, 8);
+	vp9_put(1024, 4);
+	if (vp9_rpc("readdir", 0, 0, 0)) {
+		u32 c = (u32)vp9_get(7, 4), off = 11, end = 11 + c, nent = 0;
+		kv_dec("count", c);
+		key("names");
+		while (off + 24 <= end && end <= V9_RLEN) {	/* qid[13] offset[8] type[1] name[s] */
+			u32 nl = (u32)vp9_get(off + 22, 2);
+			if (off + 24 + nl > end)
+				break;
+			if (nent++)
+				putc_(',');
+			put_escaped(vp9_r() + off + 24, nl < V9_KEEP ? nl : V9_KEEP, 0);
+			off += 24 + nl;
+		}
+		if (!nent)
+			puts_("none");
+		kv_dec("entries", nent);
+	}
+	eol();
+	vp9_simple("clunk-dir", V9_TCLUNK, 5);
+
+	/* 8: a request whose size field claims 16 bytes more than the chain has, then
+	 * the same request told truthfully */
+	vp9_getattr("lie", 1, 16);
+	vp9_getattr("after-lie", 1, 0);
+	__asm__ volatile("cli" ::: "memory");
+}
+
 static void virtio_run(struct vdevrec *d)
 {
 	u32 bdf = d->bdf;
 	memset(&vio, 0, sizeof(vio));
 	u32 type = d->id >> 16;
 	vio.msix = !has_switch(type == 0x1043 ? "pyhv.virtio-console=intx" :
-			       type == 0x1041 ? "pyhv.virtio-net=intx" : "pyhv.virtio=intx");
+			       type == 0x1041 ? "pyhv.virtio-net=intx" :
+			       type == 0x1049 ? "pyhv.virtio-9p=intx" : "pyhv.virtio=intx");
 	vio.want_lo = type == 0x1042 ? VBF_WANT : type == 0x1043 ? VCF_MULTIPORT :
-		      type == 0x1041 ? VNF_WANT : VF_EVENT_IDX;
+		      type == 0x1041 ? VNF_WANT : type == 0x1049 ? V9F_MOUNT_TAG : VF_EVENT_IDX;
 	vio.dev = (u32)(d - vdevs);
 	vio.bdf = bdf;
 
@@ -3700,6 +4046,10 @@ static void virtio_run(struct vdevrec *d)
 		vnet_run();
 		goto stop;
 	}
+	if (d->id >> 16 == 0x1049) {
+		vp9_run();
+		goto stop;
+	}
 	virtio_queue(0);
 
 	vw16(VC_QENABLE, 1);
@@ -3753,13 +4103,14 @@ stop:
 	eol();
 }
 
-static void report_virtio(int virtio_sw, int console_sw, int net_sw)
+static void report_virtio(int virtio_sw, int console_sw, int net_sw, int p9_sw)
 {
 	for (u32 i = 0; i < nvirtio; i++) {
 		u32 type = vdevs[i].id >> 16;
 		if (((type == 0x1044 || type == 0x1042) && virtio_sw) ||	/* rng, blk */
 		    (type == 0x1043 && console_sw) ||			/* console */
-		    (type == 0x1041 && net_sw)) {				/* net */
+		    (type == 0x1041 && net_sw) ||				/* net */
+		    (type == 0x1049 && p9_sw)) {				/* 9p */
 			virtio_run(&vdevs[i]);
 			continue;
 		}
@@ -3781,8 +4132,8 @@ static void report_virtio(int virtio_sw, int console_sw, int net_sw)
 	line("virtio-end");
 	kv_dec("devices", nvirtio);
 	kv_str("mode", has_switch(virtio_sw ? "pyhv.virtio=intx" : console_sw ?
-				  "pyhv.virtio-console=intx" : "pyhv.virtio-net=intx") ?
-	       "intx" : "msix");
+				  "pyhv.virtio-console=intx" : net_sw ? "pyhv.virtio-net=intx" :
+				  "pyhv.virtio-9p=intx") ? "intx" : "msix");
 	eol();
 }
 
@@ -3813,14 +4164,17 @@ void guest_main(u32 proto, u64 info)
 		has_switch("pyhv.virtio-console=msix") || has_switch("pyhv.virtio-console=intx");
 	int net_sw = has_switch("pyhv.virtio-net") || has_switch("pyhv.virtio-net=msix") ||
 		has_switch("pyhv.virtio-net=intx");
-	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw || console_sw || net_sw)
+	int p9_sw = has_switch("pyhv.virtio-9p") || has_switch("pyhv.virtio-9p=msix") ||
+		has_switch("pyhv.virtio-9p=intx");
+	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw || console_sw || net_sw ||
+	    p9_sw)
 		report_pci();
 	if (usb_sw)
 		report_usb();
 	if (barmove_sw)
 		report_barmove();
-	if (virtio_sw || console_sw || net_sw)
-		report_virtio(virtio_sw, console_sw, net_sw);
+	if (virtio_sw || console_sw || net_sw || p9_sw)
+		report_virtio(virtio_sw, console_sw, net_sw, p9_sw);
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))
