@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     vub.add_argument("--queues", type=int, default=1, help="request queues (1 to 64)")
     vub.add_argument("--serial", help="the identifier the guest reads (GET_ID)")
 
+    vun = sub.add_parser("vhost-user-net", help="serve a tap to another VMM (QEMU's "
+                                                "-netdev vhost-user) over vhost-user")
+    vun.add_argument("--socket", required=True, metavar="PATH",
+                     help="the unix socket to listen on (one frontend at a time)")
+    vun.add_argument("--tap", required=True, metavar="IFNAME",
+                     help="the tap to open (created if missing, brought up)")
+    vun.add_argument("--queues", type=int, default=1, help="queue pairs (1 to 16)")
+
     vur = sub.add_parser("vhost-user-rng", help="serve entropy to another VMM (QEMU's "
                                                 "vhost-user-rng-pci) over vhost-user")
     vur.add_argument("--socket", required=True, metavar="PATH",
@@ -255,6 +263,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from pyhv.engine.p9 import serve as p9serve
 
             return p9serve.run(args.root, args.listen, args.readonly, args.security_model)
+        if args.command == "vhost-user-net":
+            from pyhv.engine.vhost_user import net as vunet
+
+            return vunet.run(args.socket, args.tap, args.queues)
         if args.command == "vhost-user-rng":
             from pyhv.engine.vhost_user import rng as vurng
 

@@ -38,6 +38,9 @@ def serve(socket_path: str, device: VirtioDevice, *, quiet: bool = False) -> int
             device.schedule = lambda delay, work: loop.call_later(delay, work)
         backend = Backend(device, loop)
         server = Server(socket_path, backend)
+        start = getattr(device, "start", None)
+        if start is not None:  # host ends the device reads (a tap) on the loop
+            start(loop)
         loop.add_reader(wake_r, on_wakeup, "signals")
         if not quiet:
             print(f"pyhv: vhost-user: serving {device.kind} at {socket_path}",
@@ -46,6 +49,9 @@ def serve(socket_path: str, device: VirtioDevice, *, quiet: bool = False) -> int
     finally:
         if server is not None:
             server.close()
+        stop = getattr(device, "stop", None)
+        if stop is not None:
+            stop()
         close = getattr(device, "close", None)
         if close is not None:
             close()
