@@ -18,8 +18,8 @@ Cases: 4 KiB random reads, 1 MiB sequential reads, 1 MiB sequential overwrites,
 and first writes (64 KiB sequential writes into an empty image: cluster
 allocation, refcount and L2 updates with their barriers).  Caches are the page
 cache (writeback): figures are per-request overheads, not the disk's.  The
-qemu-storage-daemon comparison the issue asks for needs the vhost-user host
-driver, which does not exist yet.
+side-by-side against qemu-storage-daemon, through vhost-user, is
+bench/vhost_user_blk.py.
 """
 
 from __future__ import annotations
