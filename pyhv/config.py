@@ -151,6 +151,9 @@ class ControllerConfig:
                               f"{', '.join(USB_MODELS)})")
         if self.type == "pci" and self.index == 0:
             raise ConfigError("PCI controller 0 is the root bus (pci-root/pcie-root)")
+        for what, value in (("port", self.port), ("chassis", self.chassis)):
+            if value is not None and not 0 <= value <= 0xFF:
+                raise ConfigError(f"{self.label}: {what} {value} is not 0-255")
         if self.max_ports is not None and not 1 <= self.max_ports <= MAX_VIRTIO_PORTS:
             raise ConfigError(f"virtio-serial controller {self.index}: {self.max_ports} "
                               f"ports (built: 1-{MAX_VIRTIO_PORTS})")

@@ -305,9 +305,9 @@ def test_the_engine_refuses_what_it_does_not_build(guests):
     from pyhv.engine.machine import Machine
 
     m = Machine(VmConfig(KernelBoot(str(guests.pvh_elf)), memory=64 * MiB,
-                         filesystems=(FilesystemConfig("/srv", "srv"),)))
+                         filesystems=(FilesystemConfig("/srv", "srv", "virtiofs"),)))
     try:
-        with pytest.raises(EngineError, match="filesystem srv: virtio-9p is not built"):
+        with pytest.raises(EngineError, match="filesystem srv: virtio-fs is not built"):
             m.start()
     finally:
         m.close()

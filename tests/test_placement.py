@@ -222,3 +222,12 @@ def test_port_names_from_argv_bytes() -> None:
     assert ChannelConfig("org.qemu.guest_agent\udc94.0").name.endswith(".0")
     with pytest.raises(ConfigError, match="longer than 255 bytes"):
         ChannelConfig("\udc94" * 256)
+
+
+def test_root_port_numbers_are_bytes() -> None:
+    """Found by the domxml fuzzer: a port past 255 reached the PCIe capability's 8-bit
+    field and raised OverflowError; it is one line now."""
+    with pytest.raises(ConfigError, match="port 4096 is not 0-255"):
+        ControllerConfig("pci", "pcie-root-port", 1, port=4096)
+    with pytest.raises(ConfigError, match="chassis 300 is not 0-255"):
+        ControllerConfig("pci", "pci-bridge", 1, chassis=300)
