@@ -6,11 +6,12 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from elftools.common.exceptions import ELFError
+from elftools.common.utils import struct_parse
 from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
+from elftools.elf.structs import ELFStructs
 
 from pyhv.engine.boot.errors import KernelError, size_text
 from pyhv.engine.memory import GuestMemory
@@ -90,7 +91,58 @@ def _read_into(f: BinaryIO, offset: int, buf: memoryview) -> bool:
     return True
 
 
-def _check_program_headers(elf: ELFFile, f: BinaryIO, path: str) -> None:
+class _ElfFile:
+    """The part of pyelftools' ``ELFFile`` the loader needs: the file header, program
+    headers and section headers, parsed with the same ``ELFStructs``.  ``ELFFile``
+    itself pulls in the DWARF, symbol and relocation modules (~10 ms of start-up)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.stream = f
+        f.seek(0)
+        ident = f.read(6)
+        if ident[:4] != ELF_MAGIC:
+            raise ELFError("Magic number does not match")
+        classes, datas = {b"\x01": 32, b"\x02": 64}, {b"\x01": True, b"\x02": False}
+        if ident[4:5] not in classes:
+            raise ELFError(f"Invalid EI_CLASS {ident[4:5]!r}")
+        if ident[5:6] not in datas:
+            raise ELFError(f"Invalid EI_DATA {ident[5:6]!r}")
+        self.elfclass, self.little_endian = classes[ident[4:5]], datas[ident[5:6]]
+        self.structs = ELFStructs(little_endian=self.little_endian, elfclass=self.elfclass)
+        self.structs.create_basic_structs()
+        self.header = struct_parse(self.structs.Elf_Ehdr, f, stream_pos=0)
+        self.structs.create_advanced_structs(self["e_type"], self["e_machine"],
+                                             self["e_ident"]["EI_OSABI"])
+
+    def __getitem__(self, name: str) -> Any:
+        return self.header[name]
+
+    def _table(self, offset: int, entsize: int, struct: Any, n: int) -> Any:
+        if offset > 0 and entsize < struct.sizeof():
+            raise ELFError(f"Too small entry size: {entsize}")
+        return struct_parse(struct, self.stream, stream_pos=offset + n * entsize)
+
+    def num_segments(self) -> int:
+        if self["e_phnum"] < 0xFFFF:
+            return int(self["e_phnum"])
+        return int(self._section(0)["sh_info"])  # PN_XNUM: the count is in section 0
+
+    def iter_segments(self) -> Iterator[Any]:
+        for i in range(self.num_segments()):
+            yield self._table(self["e_phoff"], self["e_phentsize"], self.structs.Elf_Phdr, i)
+
+    def _section(self, n: int) -> Any:
+        return self._table(self["e_shoff"], self["e_shentsize"], self.structs.Elf_Shdr, n)
+
+    def iter_sections(self) -> Iterator[Any]:
+        if self["e_shoff"] == 0:
+            return
+        count = self["e_shnum"] or self._section(0)["sh_size"]
+        for i in range(count):
+            yield self._section(i)
+
+
+def _check_program_headers(elf: _ElfFile, f: BinaryIO, path: str) -> None:
     """The program headers must be of ELF64 size and lie in the file (elftools
     would parse tens of thousands of 0-byte headers in a 68-byte file)."""
     size = f.seek(0, os.SEEK_END)
@@ -100,7 +152,7 @@ def _check_program_headers(elf: ELFFile, f: BinaryIO, path: str) -> None:
                           f"at offset 0x{offset:x}, file is {size} bytes)")
 
 
-def _note_blobs(elf: ELFFile, f: BinaryIO, path: str) -> list[bytes]:
+def _note_blobs(elf: _ElfFile, f: BinaryIO, path: str) -> list[bytes]:
     blobs = [_read_exact(f, seg["p_offset"], seg["p_filesz"], path)
              for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
     if not blobs:
@@ -123,7 +175,7 @@ def _physical_entry(e_entry: int, loads: list[dict[str, int]], path: str) -> int
 def load_elf(memory: GuestMemory, f: BinaryIO, path: str) -> ElfKernel:
     """Copy the PT_LOAD segments of an x86_64 ELF kernel to their physical addresses."""
     try:
-        elf = ELFFile(f)
+        elf = _ElfFile(f)
         if elf.elfclass != 64:
             raise KernelError(f"{path}: {elf.elfclass}-bit ELF, need a 64-bit x86_64 kernel")
         if not elf.little_endian or elf["e_machine"] != "EM_X86_64":

@@ -139,23 +139,18 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
     ``open_files`` (a description only) no disk image is opened.  Virtio consoles
     and channels get their host ends, NICs their taps, from ``host`` (without it: a
     description, none opened)."""
-    from pyhv.engine.net.tap import Tap
-    from pyhv.engine.p9.server import Export
-    from pyhv.engine.virtio.balloon import VirtioBalloon
-    from pyhv.engine.virtio.blk import VirtioBlk
-    from pyhv.engine.virtio.console import VirtioConsole, console_ports
-    from pyhv.engine.virtio.net import VirtioNet, mac_bytes
-    from pyhv.engine.virtio.p9 import Virtio9p
-    from pyhv.engine.virtio.rng import VirtioRng
-
+    # each device's module is imported only when the config has one (start-up time:
+    # the 9P protocol module alone costs ~20 ms)
     out: list[tuple[str, PciAddress, VirtioDevice]] = []
     for c in cfg.controllers:
         if c.type == "virtio-serial":
+            from pyhv.engine.virtio.console import VirtioConsole, console_ports
             assert c.address is not None and c.id is not None, "place the config first"
             ports = console_ports(cfg, c.index, host.ports if host else {})
             out.append((c.id, c.address, VirtioConsole(ports, c.max_ports or 31)))
     for d in cfg.disks:
         assert d.address is not None and d.id is not None, "place the config first"
+        from pyhv.engine.virtio.blk import VirtioBlk
         if open_files:
             blk = VirtioBlk.from_config(d, d.queues)
         else:
@@ -165,6 +160,8 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
         assert fs.address is not None and fs.id is not None, "place the config first"
         if fs.driver != "9p":
             continue  # virtio-fs: support.py refuses it
+        from pyhv.engine.p9.server import Export
+        from pyhv.engine.virtio.p9 import Virtio9p
         if open_files and not os.path.isdir(fs.source):
             raise EngineError(f"filesystem {fs.tag}: {fs.source} is not a directory")
         out.append((fs.id, fs.address, Virtio9p(Export(fs.source, fs.readonly,
@@ -173,6 +170,8 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
         assert n.address is not None and n.id is not None, "place the config first"
         if n.backend != "tap":
             continue  # vhost-user: support.py refuses it
+        from pyhv.engine.net.tap import Tap
+        from pyhv.engine.virtio.net import VirtioNet, mac_bytes
         tap = host.taps.get(n.id) if host is not None else None
         if tap is None:
             tap = Tap.unopened(n.ifname or "tap", n.queues)
@@ -180,10 +179,12 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
                                                 n.queues, n.mtu, n.link_up)))
     for r in cfg.rngs:
         assert r.address is not None and r.id is not None, "place the config first"
+        from pyhv.engine.virtio.rng import VirtioRng
         out.append((r.id, r.address, VirtioRng(r.source, r.rate_bytes, r.rate_period_ms)))
     b = cfg.balloon
     if b is not None:
         assert b.address is not None and b.id is not None, "place the config first"
+        from pyhv.engine.virtio.balloon import VirtioBalloon
         # the statistics queue is always offered (as QEMU does), so that a period
         # set while the guest runs (virsh dommemstat --period) works
         balloon = VirtioBalloon(cfg.memory, b.stats_period, b.autodeflate,
@@ -293,8 +294,6 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
     host controllers.  ``memory`` is what the controllers DMA into (``None``: a
     description only, as ``pyhv domxml check`` prints it); ``host`` what the machine
     ends of virtio consoles and channels by (controller index, port)."""
-    from pyhv.engine.devices.usb import usb_controller
-    from pyhv.engine.virtio.pci import VirtioPciFunction
     from pyhv.placement import place
 
     cfg = place(cfg)
@@ -306,6 +305,7 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
     for c in cfg.controllers:
         if c.type != "usb" or c.address is None:
             continue
+        from pyhv.engine.devices.usb import usb_controller
         a = c.address
         express = family == "q35" and a.bus != 0
         name = c.id or c.model
@@ -317,6 +317,7 @@ def pci_from_config(cfg: VmConfig, memory: Optional[GuestMemory] = None,
     for ident, addr, device in virtio_devices(cfg, open_files=memory is not None,
                                               host=host):
         express = family == "q35" and addr.bus != 0
+        from pyhv.engine.virtio.pci import VirtioPciFunction
         vfn = VirtioPciFunction(device, mem, ident, express=express,
                                 notify=memory is not None)
         endpoints.append((PciSlot(addr.slot, addr.function,
