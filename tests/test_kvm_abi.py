@@ -258,3 +258,15 @@ def test_generated_ffi_is_up_to_date() -> None:
         current = f.read()
     assert build_ffi.generate() == current, \
         "pyhv/engine/kvm/_ffi.py is stale: run `python -m pyhv.engine.kvm.build_ffi`"
+
+
+def test_run_io_unpack_matches_the_struct() -> None:
+    # VcpuFd.run reads kvm_run.io with one struct.unpack_from instead of cffi fields
+    from pyhv.engine.kvm import vcpu
+
+    io = dict(ffi.typeof("struct kvm_run").fields)["io"].type
+    offsets = [f.offset for _name, f in io.fields]
+    sizes = [ffi.sizeof(f.type) for _name, f in io.fields]
+    assert [n for n, _f in io.fields] == ["direction", "size", "port", "count", "data_offset"]
+    assert offsets == [0, 1, 2, 4, 8] and sizes == [1, 1, 2, 4, 8]
+    assert vcpu._IO.size == 16 and vcpu._IO_OFFSET == ffi.offsetof("struct kvm_run", "io")

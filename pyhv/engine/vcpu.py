@@ -239,6 +239,9 @@ class Vcpu:
                 return
             if isinstance(ex, IoOut):
                 size, data = ex.size, ex.data
+                if ex.count == 1:  # ``out`` (not ``outs``): no item loop
+                    pio.write(ex.port, size, int.from_bytes(data, "little"))
+                    continue
                 for i in range(0, size * ex.count, size):
                     pio.write(ex.port, size, int.from_bytes(data[i:i + size], "little"))
             elif isinstance(ex, IoIn):
