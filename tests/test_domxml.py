@@ -43,7 +43,8 @@ needs_schema = pytest.mark.skipif(not domschema.available(),
 
 #: examples the engine can build today; the others map but are refused by `pyhv run`
 BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml",
-             "q35-platform.xml", "channel-rng-balloon.xml"}
+             "q35-platform.xml", "channel-rng-balloon.xml",
+             "consoles.xml"}
 
 
 def schema_valid(xml: str) -> bool:

@@ -775,3 +775,23 @@ def test_9p_filesystem(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_com2_on_a_pty(daemon, guests, tmp_path):
+    """<serial type='pty'><target port='1'/>: COM2 on a pty libvirt learns from
+    query-chardev (live XML shows its path), beside COM1."""
+    name = "com2"
+    serials = ("<serial type='pty'><target port='0'/></serial>"
+               "<serial type='pty'><target port='1'/></serial>"
+               "<console type='pty'><target type='serial'/></console>")
+    define(daemon, tmp_path, name, domain_xml(name, guests.pvh_elf, "pyhv.wait=powerbutton",
+                                              serials))
+    try:
+        virsh(daemon, "start", name)
+        assert state(daemon, name) == "running (booted)", log_tail(daemon, (name,))
+        xml = virsh(daemon, "dumpxml", name).stdout
+        ptys = re.findall(r"<serial type='pty'>\s*<source path='(/dev/pts/\d+)'/>", xml)
+        assert len(ptys) == 2 and ptys[0] != ptys[1], xml
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

@@ -18,7 +18,6 @@ from pyhv.engine.support import Issue, issues, net_label, serial_label
 from pyhv.placement import place
 
 #: legacy COM ports: (I/O base, IRQ)
-COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 _E820_NAMES = {layout.E820_RAM: "RAM", layout.E820_RESERVED: "reserved",
                layout.E820_ACPI: "ACPI"}
 
@@ -36,11 +35,11 @@ def plan_devices(cfg: VmConfig) -> list[PlannedDevice]:
     """Every device with its address: ISA ports, then the PCI tree the engine builds
     (chipset, bridges, root ports), then the PCI devices where :mod:`pyhv.placement`
     puts them, then virtio-serial ports."""
-    out = [PlannedDevice(f"isa 0x{COM_PORTS[0][0]:x} irq {COM_PORTS[0][1]}",
+    out = [PlannedDevice(f"isa 0x{layout.COM_PORTS[0][0]:x} irq {layout.COM_PORTS[0][1]}",
                          f"serial COM1: isa-serial, {cfg.serial.describe()}", ("com1", 0))]
     for i, p in enumerate(cfg.extra_serials):
         if p.target == "isa-serial":
-            base, irq = COM_PORTS[p.index]
+            base, irq = layout.COM_PORTS[p.index]
             out.append(PlannedDevice(f"isa 0x{base:x} irq {irq}",
                                      f"{serial_label(cfg, i)}: isa-serial, "
                                      f"{p.chardev.describe()}", ("serial", i)))

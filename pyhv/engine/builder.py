@@ -10,10 +10,11 @@ does on reboot.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pyhv.config import VmConfig, machine_family
 from pyhv.engine import layout
@@ -26,6 +27,7 @@ from pyhv.engine.boot import (
     load_kernel,
 )
 from pyhv.engine.bus import Bus, Sink
+from pyhv.engine.chardev import HostEnd
 from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
 from pyhv.engine.devices import InterruptLine
@@ -60,6 +62,9 @@ from pyhv.engine.vcpu import (
 from pyhv.engine.virtio.pci import NOTIFY_MULTIPLIER, VirtioPciFunction
 from pyhv.placement import pci_functions, place
 
+if TYPE_CHECKING:
+    from pyhv.engine.eventloop import EventLoop
+
 #: KVM needs three pages for the TSS and one for the identity map (VMX only),
 #: placed in the MMIO hole just below the BIOS area as QEMU does
 TSS_ADDR = 0xFFFB_D000
@@ -86,6 +91,73 @@ class IrqLine:
             self.vm.irq_line(self.gsi, True)
             self.vm.irq_line(self.gsi, False)
             self.level = False
+
+
+class SharedLine:
+    """One ISA line that several devices drive (COM1 and COM3 share IRQ 4, COM2 and
+    COM4 IRQ 3): asserted while any of them asserts it."""
+
+    def __init__(self, line: IrqLine) -> None:
+        self.line = line
+        self._up: set[int] = set()
+        self._lock = threading.Lock()
+
+    def source(self) -> "_LineSource":
+        return _LineSource(self, next(_SOURCES))
+
+    def _set(self, who: int, asserted: bool) -> None:
+        with self._lock:
+            if asserted:
+                self._up.add(who)
+            else:
+                self._up.discard(who)
+            self.line.set_level(bool(self._up))
+
+
+_SOURCES = itertools.count(1)
+
+
+class _LineSource:
+    """One device's view of a :class:`SharedLine`."""
+
+    def __init__(self, shared: SharedLine, who: int) -> None:
+        self.shared, self.who = shared, who
+
+    def set_level(self, asserted: bool) -> None:
+        self.shared._set(self.who, asserted)
+
+    def pulse(self) -> None:
+        self.shared._set(self.who, True)
+        self.shared._set(self.who, False)
+
+
+class UartPort:
+    """A UART (COM2-COM4) and its host end: output from the vCPU as the end takes it,
+    input from the end on the loop into the receive FIFO, with flow control."""
+
+    def __init__(self, serial: Serial16550, end: HostEnd) -> None:
+        self.serial, self.end = serial, end
+        serial.out = self
+        serial.on_input_space = end.resume_soon  # a vCPU drained the FIFO
+
+    def write(self, data: bytes) -> None:
+        self.end.output(data)
+
+    # the end's sink
+    def receive(self, data: bytes) -> int:
+        return self.serial.enqueue_input(data)
+
+    def host_open(self, is_open: bool) -> None:
+        return None
+
+    def writable(self) -> None:
+        return None
+
+    def start(self, loop: "EventLoop") -> None:
+        self.end.start(loop, self)
+
+    def stop(self) -> None:
+        self.end.stop()
 
 
 @dataclass
@@ -181,9 +253,22 @@ def attach_irqchip(vm: VmFd) -> GsiRouting:
 
 
 def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSerial,
-                          hooks: Hooks, devices: DeviceManager) -> tuple[Serial16550, AcpiPm]:
-    serial = Serial16550(IrqLine(vm, layout.COM1_IRQ), host_serial.writer,
+                          hooks: Hooks, devices: DeviceManager,
+                          host: Optional[HostResources] = None
+                          ) -> tuple[Serial16550, AcpiPm, list[UartPort]]:
+    lines = {irq: SharedLine(IrqLine(vm, irq)) for irq in {i for _b, i in layout.COM_PORTS}}
+    serial = Serial16550(lines[layout.COM1_IRQ].source(), host_serial.writer,
                          on_input_space=hooks.on_serial_space)
+    uarts: list[UartPort] = []
+    for p in cfg.extra_serials:
+        end = host.serials.get(p.index) if host is not None else None
+        if p.target != "isa-serial" or end is None:
+            continue
+        base, irq = layout.COM_PORTS[p.index]
+        uart = UartPort(Serial16550(lines[irq].source()), end)
+        pio.insert(base, 8, uart.serial, f"serial{p.index}")  # type: ignore[arg-type]
+        devices.add(f"serial{p.index}", "isa-serial", uart.serial, f"isa {base:#x}")
+        uarts.append(uart)
     i8042 = I8042(IrqLine(vm, 1), reset=hooks.on_reset)
     pm = AcpiPm(IrqLine(vm, layout.SCI_IRQ), on_sleep=hooks.on_sleep)
     for ident, kind, base, length, dev in (
@@ -195,7 +280,7 @@ def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSe
             ("post", "port80", layout.POST_PORT, 1, Sink())):
         pio.insert(base, length, dev, ident)  # type: ignore[arg-type]
         devices.add(ident, kind, dev, f"isa {base:#x}")
-    return serial, pm
+    return serial, pm, uarts
 
 
 def guest_topology(cfg: VmConfig) -> Topology:
@@ -387,7 +472,8 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
             pio.trace, mmio.trace = trace_to_stderr("port"), trace_to_stderr("MMIO")
         devices = DeviceManager()
         isolate_failures(pio, mmio, devices, hooks)
-        serial, pm = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices)
+        serial, pm, uarts = attach_legacy_devices(vm, pio, cfg, host_serial, hooks, devices,
+                                                  host)
         lines: list[ResampleLine] = []
         try:
             pci = attach_pci(vm, pio, mmio, cfg, memory, hooks, devices, lines, host)
@@ -396,6 +482,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
                 line.close()
             raise
         plat = Platform(vm, pio, mmio, serial, pm, pci=pci, devices=devices, irq=routing)
+        plat.served.extend(uarts)
         for line in lines:
             plat.watches.append((line.resample_fd, line.resampled, f"INTx GSI {line.gsi}"))
             plat.closers.append(line.close)

@@ -148,6 +148,11 @@ class HostEnd:
         """Guest output; returns how many bytes the end took now (never blocks)."""
         return len(data)
 
+    def output(self, data: bytes) -> None:
+        """Guest output from any thread (a UART's, on a vCPU): never touches the loop;
+        what the end cannot take now is lost, as on a UART with nobody listening."""
+        self.write(data)
+
     def wait_writable(self) -> None:
         """Call the sink's ``writable`` once the end can take more output."""
         return None
@@ -289,6 +294,15 @@ class SocketEnd(HostEnd):
         except OSError:
             self._drop_peer()
             return len(data)
+
+    def output(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            return
+        try:
+            peer.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # full or gone: the loop's reader finds out and drops the peer
 
     def wait_writable(self) -> None:
         if self.peer is None or self.loop is None or self._waiting_write:

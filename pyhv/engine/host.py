@@ -23,6 +23,8 @@ class HostResources:
     ports: dict[tuple[int, int], HostEnd] = field(default_factory=dict)
     #: virtio-net taps, by NIC id
     taps: dict[str, Tap] = field(default_factory=dict)
+    #: COM2-COM4's host ends, by COM index (1 = COM2; COM1 has its own, ``HostSerial``)
+    serials: dict[int, HostEnd] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: VmConfig) -> "HostResources":
@@ -37,6 +39,9 @@ class HostResources:
             for controller, port, chardev, what in wanted:
                 assert port is not None, "place the config first"
                 res.ports[(controller, port)] = open_end(chardev, what)
+            for p in cfg.extra_serials:
+                if p.target == "isa-serial":
+                    res.serials[p.index] = open_end(p.chardev, f"serial COM{p.index + 1}")
             for n in cfg.nets:
                 if n.backend != "tap":
                     continue
@@ -56,7 +61,9 @@ class HostResources:
             end.close()
         for tap in self.taps.values():
             tap.close()
-        self.ports, self.taps = {}, {}
+        for end in self.serials.values():
+            end.close()
+        self.ports, self.taps, self.serials = {}, {}, {}
 
 
 __all__ = ["HostResources", "TapError"]

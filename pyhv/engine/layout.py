@@ -110,6 +110,8 @@ def e820_map(ram_size: int) -> list[E820Entry]:
 # ---- port I/O map and ISA interrupts ----------------------------------------
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+#: (base port, ISA IRQ) of COM1-COM4, as PC firmware and QEMU's isa-serial place them
+COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 I8042_RESET_VALUE = 0xFE

@@ -129,7 +129,7 @@ class Machine:
         self._cpuid = self._kvm.get_supported_cpuid()
         if self.host_serial is None:
             self.host_serial = open_serial(self.config.serial)
-        if not (self.host.ports or self.host.taps):
+        if not (self.host.ports or self.host.taps or self.host.serials):
             self.host = HostResources.open(place(self.config))
         self._boot(paused)
 

@@ -118,12 +118,17 @@ class ShimMachine:
         com1 = self._com1_chardev()
         hs = self.machine.host_serial
         ports = self._port_chardevs()
+        coms = self._com_chardevs()
         for cid, cd in self.plan.options.chardevs.items():
             port = ports.get(cid)
             end = self.machine.host.ports.get(port[1]) if port is not None else None
             if end is not None:
                 assert port is not None
                 out.append((cid, end.filename, port[0] in self.machine.open_ports))
+                continue
+            com_end = self.machine.host.serials.get(coms[cid]) if cid in coms else None
+            if com_end is not None:
+                out.append((cid, com_end.filename, True))
                 continue
             if cid == com1 and hs is not None and hs.pty_path:
                 filename = f"pty:{hs.pty_path}"
@@ -145,6 +150,16 @@ class ShimMachine:
         for index, vs in enumerate(self.plan.virtio_serial):
             for p in vs.ports:
                 out[p.chardev.id] = (p.id or "", (index, p.nr))
+        return out
+
+    def _com_chardevs(self) -> dict[str, int]:
+        """chardev id → COM index (1-3) of each isa-serial besides COM1."""
+        out = {}
+        for d in self.plan.devices:
+            index = int(str(d.props.get("index", 0)))
+            cd = d.props.get("chardev")
+            if d.driver == "isa-serial" and index > 0 and cd is not None:
+                out[str(cd)] = index
         return out
 
     def _com1_chardev(self) -> Optional[str]:
