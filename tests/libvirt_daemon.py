@@ -121,13 +121,17 @@ class LibvirtDaemon:
         return subprocess.run(["nsenter", "-t", str(pid), "-m", *argv], capture_output=True,
                               text=True, timeout=60)
 
+    def libvirtd_pid(self) -> int:
+        """The running libvirtd's pid (to enter its namespaces)."""
+        pid = self._pid("libvirtd")
+        assert pid is not None, "libvirtd is not running"
+        return pid
+
     def in_net_namespace(self, *argv: str, timeout: float = 60
                          ) -> subprocess.CompletedProcess[str]:
         """Run a command in the daemons' network (and mount) namespace."""
         assert self.net_namespace, "the daemons share this host's network namespace"
-        pid = self._pid("libvirtd")
-        assert pid is not None, "libvirtd is not running"
-        return subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", *argv],
+        return subprocess.run(["nsenter", "-t", str(self.libvirtd_pid()), "-m", "-n", *argv],
                               capture_output=True, text=True, timeout=timeout)
 
     def namespace_path(self, path: os.PathLike[str] | str) -> Path:

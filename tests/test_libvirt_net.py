@@ -31,7 +31,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
     if why:
         pytest.skip(why)
     assert os.access(EMULATOR, os.X_OK), f"{EMULATOR}: pyhv-qemu is not installed"
+    # the daemons' own network namespace (``unshare --net``, made by LibvirtDaemon):
+    # every bridge, tap and frame below lives there and ends with it.  Checked before
+    # any network is made, so a daemon that shared ours would stop the module here.
     with LibvirtDaemon(tmp_path_factory.mktemp("libvirt-net"), net_namespace=True) as d:
+        theirs = os.readlink(f"/proc/{d.libvirtd_pid()}/ns/net")
+        assert theirs != os.readlink("/proc/self/ns/net"), \
+            "libvirtd runs in this host's network namespace"
         net = tmp_path_factory.mktemp("net") / "net.xml"
         net.write_text(f"<network><name>{NETWORK}</name><bridge name='{BRIDGE}'/></network>")
         virsh(d, "net-define", str(net))
@@ -117,9 +123,8 @@ def test_virt_install_default_network(daemon, guests, tmp_path):
     virsh(daemon, "net-define", str(net))
     virsh(daemon, "net-start", "default")
     name = "vinstallnet"
-    pid = daemon._pid("libvirtd")
-    assert pid is not None
-    capture = subprocess.Popen(["nsenter", "-t", str(pid), "-m", "-n", sys.executable, "-c",
+    capture = subprocess.Popen(["nsenter", "-t", str(daemon.libvirtd_pid()), "-m", "-n",
+                                sys.executable, "-c",
                                 CAPTURE, "pyhvbr1", "60"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
