@@ -47,15 +47,14 @@ from typing import Callable
 import pytest
 from guests.report import Report, StepValue, VirtioFunction, initrd_checksum, parse_report
 from test_virtio_guest import (
-    CONFIG_VECTOR,
     MACHINES,
     MODES,
     NO_VECTOR,
-    QUEUE_VECTOR,
     RING_OFFSETS,
     VERSION_1_HI,
-    check_caps,
+    check_bring_up,
     check_interrupt,
+    check_vectors,
     num,
     only_bits,
 )
@@ -174,28 +173,8 @@ def the_function(r: Report, output: str, name: str, mode: str) -> VirtioFunction
 def check_transport(v: VirtioFunction, mode: str) -> None:
     """The transport steps (virtio 1.x 4.1), as for virtio-rng."""
     s = v.step
-    check_caps(s, mode)
-    assert s("map")["space"] == "mem64"
-    now = num(s("enable")["now"])
-    assert now & 0x6 == 0x6 and not now & 0x400
-    r = s("reset")
-    assert (r["status"], r["config_vector"], r["queue_vector"], r["queue_enable"]) == \
-        (0, NO_VECTOR, NO_VECTOR, 0)
-    assert (r["queue_desc"], r["queue_driver"], r["queue_device"]) == (0, 0, 0)
-    assert (s("acknowledge")["status"], s("driver")["status"]) == (0x1, 0x3)
-    assert s("features-ok")["status"] == 0xB
-    if mode == "msix":
-        m = s("msix")
-        addr = 0xFEE0_0000 | num(m["apic_id"]) << 12
-        assert num(m["control"]) & 0xC000 == 0x8000
-        assert (m["entry0_addr"], m["entry0_data"], m["entry0_ctrl"]) == (addr, QUEUE_VECTOR, 0)
-        assert (m["config_entry"], m["config_addr"], m["config_data"], m["config_vector"]) == \
-            (1, addr, CONFIG_VECTOR, 1)
-    else:
-        i = s("intx")
-        assert 1 <= num(i["pin"]) <= 4 and num(i["msix_control"]) & 0x8000 == 0
-        assert i["config_vector"] == NO_VECTOR and i["intsts"] == 0
-        assert num(i["redir"]) & 0x1FFFF == 0x8000 | QUEUE_VECTOR
+    check_bring_up(s, mode)
+    check_vectors(s, mode)
     q = s("queue")
     ring = num(q["ring"])
     assert q["num_queues"] == 1

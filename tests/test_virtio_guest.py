@@ -234,6 +234,40 @@ def check_interrupt(f: dict[str, StepValue], mode: str, isr_bit: int) -> None:
         assert f["late_isr"] == 0, f                      # nothing after it has a cause
 
 
+def check_bring_up(s: Callable[[str], dict[str, StepValue]], mode: str) -> None:
+    """4.1: the capabilities, BAR4 mapped 64-bit, memory and bus mastering on, the
+    device as a reset leaves it, ACKNOWLEDGE then DRIVER (the steps every driver of
+    the guest kit takes first)."""
+    check_caps(s, mode)
+    assert s("map")["space"] == "mem64"
+    now = num(s("enable")["now"])
+    assert now & 0x6 == 0x6 and not now & 0x400           # memory, bus master; INTx allowed
+    r = s("reset")
+    assert (r["status"], r["config_vector"], r["queue_vector"], r["queue_enable"]) == \
+        (0, NO_VECTOR, NO_VECTOR, 0)
+    assert (r["queue_desc"], r["queue_driver"], r["queue_device"]) == (0, 0, 0)
+    assert (s("acknowledge")["status"], s("driver")["status"]) == (0x1, 0x3)
+
+
+def check_vectors(s: Callable[[str], dict[str, StepValue]], mode: str) -> None:
+    """FEATURES_OK stuck, then the interrupt set-up: MSI-X entry 0 for the queues and
+    entry 1 for configuration changes, or the INTx pin routed level and unmasked."""
+    assert s("features-ok")["status"] == 0xB
+    if mode == "msix":
+        m = s("msix")
+        assert num(m["control"]) & 0xC000 == 0x8000        # enabled, function unmasked
+        addr = 0xFEE0_0000 | num(m["apic_id"]) << 12
+        assert (m["entry0_addr"], m["entry0_data"], m["entry0_ctrl"]) == (addr, QUEUE_VECTOR, 0)
+        assert (m["config_entry"], m["config_addr"], m["config_data"]) == \
+            (1, addr, CONFIG_VECTOR)
+        assert m["config_vector"] == 1                     # the mapping took
+    else:
+        i = s("intx")
+        assert 1 <= num(i["pin"]) <= 4 and num(i["msix_control"]) & 0x8000 == 0
+        assert i["config_vector"] == NO_VECTOR and i["intsts"] == 0
+        assert num(i["redir"]) & 0x1FFFF == 0x8000 | QUEUE_VECTOR  # level, unmasked
+
+
 def check_virtio(v: VirtioFunction, mode: str) -> None:
     """The driver's steps as the virtio 1.x specification fixes them: answers both pyhv
     and QEMU must give (the INTx status bit aside: ``check_intx_status_bit``)."""
@@ -254,20 +288,7 @@ def check_virtio(v: VirtioFunction, mode: str) -> None:
     assert (f["driver_lo"], f["driver_hi"]) == (f["accepted_lo"], f["accepted_hi"])
     assert f["accepted_hi"] == VERSION_1_HI
     assert f["event_idx"] == 1                             # both offer RING_EVENT_IDX
-    assert s("features-ok")["status"] == 0xB               # FEATURES_OK stuck
-    if mode == "msix":
-        m = s("msix")
-        assert num(m["control"]) & 0xC000 == 0x8000        # enabled, function unmasked
-        addr = 0xFEE0_0000 | num(m["apic_id"]) << 12
-        assert (m["entry0_addr"], m["entry0_data"], m["entry0_ctrl"]) == (addr, QUEUE_VECTOR, 0)
-        assert (m["config_entry"], m["config_addr"], m["config_data"]) == \
-            (1, addr, CONFIG_VECTOR)
-        assert m["config_vector"] == 1                     # the mapping took
-    else:
-        i = s("intx")
-        assert 1 <= num(i["pin"]) <= 4 and num(i["msix_control"]) & 0x8000 == 0
-        assert i["config_vector"] == NO_VECTOR and i["intsts"] == 0
-        assert num(i["redir"]) & 0x1FFFF == 0x8000 | QUEUE_VECTOR  # level, unmasked
+    check_vectors(s, mode)
     q = s("queue")
     size = min(num(q["max_size"]), ASKED_QUEUE_SIZE)
     ring = num(q["ring"])

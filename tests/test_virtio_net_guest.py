@@ -84,15 +84,14 @@ import pytest
 from guests.report import Report, StepValue, VirtioFunction, parse_report
 from test_virtio_guest import (
     ASKED_QUEUE_SIZE,
-    CONFIG_VECTOR,
     MACHINES,
     MODES,
     NO_VECTOR,
     POLL_LIMIT,
-    QUEUE_VECTOR,
     RING_OFFSETS,
     VERSION_1_HI,
-    check_caps,
+    check_bring_up,
+    check_vectors,
     num,
     only_bits,
 )
@@ -578,15 +577,7 @@ def check_net(v: VirtioFunction, mode: str, rx_filter: bool = True) -> None:
     keeps the control queue, and vhost-user has no message that gives the backend the
     receive filter (the filter is best-effort in 5.1.6.5.1; the guest's stack drops it)."""
     s = v.step
-    check_caps(s, mode)
-    assert s("map")["space"] == "mem64"
-    now = num(s("enable")["now"])
-    assert now & 0x6 == 0x6 and not now & 0x400
-    r = s("reset")
-    assert (r["status"], r["config_vector"], r["queue_vector"], r["queue_enable"]) == \
-        (0, NO_VECTOR, NO_VECTOR, 0)
-    assert (r["queue_desc"], r["queue_driver"], r["queue_device"]) == (0, 0, 0)
-    assert (s("acknowledge")["status"], s("driver")["status"]) == (0x1, 0x3)
+    check_bring_up(s, mode)
     f = s("features")
     offered = num(f["device_lo"])
     assert offered & NEEDED_LO == NEEDED_LO and num(f["device_hi"]) & VERSION_1_HI
@@ -594,19 +585,7 @@ def check_net(v: VirtioFunction, mode: str, rx_filter: bool = True) -> None:
     assert (f["accepted_lo"], f["accepted_hi"]) == (offered & TAKEN_LO, VERSION_1_HI)
     assert (f["driver_lo"], f["driver_hi"]) == (f["accepted_lo"], f["accepted_hi"])
     assert f["event_idx"] == 0
-    assert s("features-ok")["status"] == 0xB
-    if mode == "msix":
-        m = s("msix")
-        addr = 0xFEE0_0000 | num(m["apic_id"]) << 12
-        assert num(m["control"]) & 0xC000 == 0x8000
-        assert (m["entry0_addr"], m["entry0_data"], m["entry0_ctrl"]) == (addr, QUEUE_VECTOR, 0)
-        assert (m["config_entry"], m["config_addr"], m["config_data"], m["config_vector"]) == \
-            (1, addr, CONFIG_VECTOR, 1)
-    else:
-        i = s("intx")
-        assert 1 <= num(i["pin"]) <= 4 and num(i["msix_control"]) & 0x8000 == 0
-        assert i["config_vector"] == NO_VECTOR and i["intsts"] == 0
-        assert num(i["redir"]) & 0x1FFFF == 0x8000 | QUEUE_VECTOR
+    check_vectors(s, mode)
 
     # 5.1.4: the configuration; max_virtqueue_pairs exists only with MQ (or RSS)
     c = s("net-config")
