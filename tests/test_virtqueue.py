@@ -81,6 +81,38 @@ def test_a_descriptor_loop_fails_the_request_not_the_vmm() -> None:
     assert echo(q, mem) == 1 and mem.read(out[0][0], 2) == b"OK"
 
 
+def test_pop_valid_answers_an_unwalkable_chain_and_goes_on() -> None:
+    """The loop above, through pop_valid: the looping chain comes back empty (its
+    head on the used ring, length 0) and the good one after it is served."""
+    mem = memory()
+    drv = Driver(mem)
+    q = drv.queue()
+    a, _ = drv.alloc(b"abc")
+    drv.write_desc(drv.desc, 0, a, 3, DESC_F_NEXT, 1)
+    drv.write_desc(drv.desc, 1, a, 3, DESC_F_NEXT, 0)
+    drv.publish(0)
+    drv.free = list(range(2, 16))
+    head, _out = drv.add([b"ok"], [2])
+    chain = q.pop_valid(mem)
+    assert chain is not None and chain.head == head
+    q.add_used(mem, chain.head, 0)
+    assert q.pop_valid(mem) is None
+    assert drv.take_used() == [(0, 0), (head, 0)]
+
+
+def test_no_interrupt_when_nothing_was_used() -> None:
+    mem = memory()
+    drv = Driver(mem)
+    q = drv.queue()
+    assert not q.needs_notification(mem)  # nothing used yet
+    head, _ = drv.add([b"x"], [])
+    chain = q.pop(mem)
+    assert chain is not None
+    q.add_used(mem, chain.head, 0)
+    assert q.needs_notification(mem)
+    assert not q.needs_notification(mem)  # the same used index: nothing new
+
+
 @pytest.mark.parametrize("case,error", [
     ("indirect-loop", "loops"),
     ("indirect-in-indirect", "another indirect"),

@@ -37,7 +37,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from pyhv.engine.memory import GuestMemory, GuestMemoryError, GuestRegion
+from pyhv.engine.memory import GuestMemory, GuestRegion
 from pyhv.engine.virtio.device import TYPE_BALLOON, Interrupts, VirtioDevice
 from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue, VirtioError
 
@@ -280,20 +280,9 @@ class VirtioBalloon(VirtioDevice):
         q = self.queues[index]
         memory, interrupts = self.memory, self.interrupts
         assert memory is not None and interrupts is not None
-        used = False
-        while True:
-            head = _next_head(q, memory)
-            try:
-                chain = q.pop(memory)
-            except ChainError:
-                if head is not None:  # taken but not walkable: answered empty
-                    q.add_used(memory, head, 0)
-                    used = True
-                continue
-            if chain is None:
-                break
+        while (chain := q.pop_valid(memory)) is not None:
             if role == STATS:
-                used |= self._receive_stats(q, memory, chain)
+                self._receive_stats(q, memory, chain)
                 continue
             try:
                 if role == INFLATE:
@@ -304,8 +293,7 @@ class VirtioBalloon(VirtioDevice):
             except ChainError as e:
                 log.debug("balloon: %s chain %d: %s", role, chain.head, e)
             q.add_used(memory, chain.head, 0)
-            used = True
-        if used and q.needs_notification(memory):
+        if q.needs_notification(memory):  # nothing used: no interrupt
             interrupts.queue(index)
 
     def _pfns(self, chain: DescriptorChain) -> list[int]:
@@ -338,15 +326,12 @@ class VirtioBalloon(VirtioDevice):
             self.reported_bytes += discard(memory, d.addr, d.length)
 
     def _receive_stats(self, q: SplitQueue, memory: GuestMemory,
-                       chain: DescriptorChain) -> bool:
-        """Record the guest's statistics and hold the buffer; True if a buffer went
-        back to the guest."""
-        returned = False
+                       chain: DescriptorChain) -> None:
+        """Record the guest's statistics and hold the buffer."""
         if self._stats_head is not None:
             # a second buffer while one is held: the driver broke the protocol; give
             # the old one back, keep the new one (QEMU does the same)
             q.add_used(memory, self._stats_head, 0)
-            returned = True
         self._stats_head = chain.head
         try:
             r = chain.reader()
@@ -363,7 +348,6 @@ class VirtioBalloon(VirtioDevice):
         self._timer_gen += 1  # only the latest buffer's timer counts
         if self.stats_period:
             self._arm(self.stats_period)
-        return returned
 
     def _arm(self, delay: float) -> None:
         if self.schedule is None:
@@ -389,13 +373,3 @@ class VirtioBalloon(VirtioDevice):
             # the rings moved out of RAM: the next notification of this queue finds
             # it too and the transport sets NEEDS_RESET
             log.debug("balloon: cannot return the stats buffer: %s", e)
-
-
-def _next_head(q: SplitQueue, memory: GuestMemory) -> Optional[int]:
-    """The head the queue will pop next (to answer a chain it cannot walk)."""
-    if not q.ready or not q.pending(memory):
-        return None
-    try:
-        return memory.read_u16(q.avail_addr + 4 + 2 * (q.next_avail % q.size))
-    except GuestMemoryError:
-        return None

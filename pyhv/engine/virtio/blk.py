@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
 from pyhv.engine.memory import GuestMemoryError
 from pyhv.engine.virtio.device import TYPE_BLOCK, Interrupts, VirtioDevice
-from pyhv.engine.virtio.queue import ChainError, Descriptor, DescriptorChain, SplitQueue
+from pyhv.engine.virtio.queue import Descriptor, DescriptorChain, SplitQueue
 
 if TYPE_CHECKING:
     from pyhv.config import DiskConfig
@@ -429,17 +429,7 @@ class VirtioBlk(VirtioDevice):
         q = self.queues[index]
         memory, interrupts = self.memory, self.interrupts
         assert memory is not None and interrupts is not None
-        while True:
-            head = self._next_head(q, memory)
-            try:
-                chain = q.pop(memory)
-            except ChainError:
-                # the queue took the chain but could not walk it: answer it empty
-                if head is not None:
-                    q.add_used(memory, head, 0)
-                continue
-            if chain is None:
-                break
+        while (chain := q.pop_valid(memory)) is not None:
             try:
                 used = self.handle(chain)
             except _Held:
@@ -470,16 +460,6 @@ class VirtioBlk(VirtioDevice):
         self.queues[index].add_used(self.memory, chain.head, used)
         for i in range(len(self.queues)):
             self.queue_notify(i)
-
-    @staticmethod
-    def _next_head(q: SplitQueue, memory: "GuestMemory") -> Optional[int]:
-        """The head the queue will pop next (to answer a chain it cannot walk)."""
-        if not q.ready or not q.pending(memory):
-            return None
-        try:
-            return memory.read_u16(q.avail_addr + 4 + 2 * (q.next_avail % q.size))
-        except GuestMemoryError:
-            return None
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; the used length to report."""

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Optional
 from pyhv.config import VmConfig
 from pyhv.engine.chardev import HostEnd
 from pyhv.engine.virtio.device import TYPE_CONSOLE, VirtioDevice
-from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue
+from pyhv.engine.virtio.queue import ChainError, SplitQueue
 
 F_SIZE = 1 << 0
 F_MULTIPORT = 1 << 1
@@ -127,17 +127,6 @@ class VirtioConsole(VirtioDevice):
     def _active(self) -> bool:
         return self.memory is not None
 
-    def _pop(self, q: SplitQueue) -> Optional[DescriptorChain]:
-        """The next chain; one that cannot be walked is answered empty and skipped."""
-        assert self.memory is not None
-        while True:
-            try:
-                return q.pop(self.memory)
-            except ChainError as e:
-                if e.head is not None:
-                    q.add_used(self.memory, e.head, 0)
-                    self._notify(q)
-
     def _notify(self, q: SplitQueue) -> None:
         assert self.memory is not None and self.interrupts is not None
         if q.needs_notification(self.memory):
@@ -214,9 +203,8 @@ class VirtioConsole(VirtioDevice):
             return
         assert self.memory is not None
         q = self.queues[2]
-        used = False
         while self._control_out:
-            chain = self._pop(q)
+            chain = q.pop_valid(self.memory)
             if chain is None:
                 break  # the rest waits for the driver's next buffers
             message = self._control_out.popleft()
@@ -226,29 +214,21 @@ class VirtioConsole(VirtioDevice):
             except ChainError:
                 pass  # a bad buffer: this message is lost, the queue goes on
             q.add_used(self.memory, chain.head, w.written)
-            used = True
-        if used:
-            self._notify(q)
+        self._notify(q)
 
     def _control_messages(self) -> None:
         assert self.memory is not None
         q = self.queues[3]
-        used = False
-        while True:
-            chain = self._pop(q)
-            if chain is None:
-                break
+        while (chain := q.pop_valid(self.memory)) is not None:
             r = chain.reader()
             try:
                 message = r.read(min(r.available, MAX_CONTROL_BYTES))
             except ChainError:
                 message = b""
             q.add_used(self.memory, chain.head, 0)
-            used = True
             if len(message) >= CONTROL.size:
                 self._control(*CONTROL.unpack_from(message))
-        if used:
-            self._notify(q)
+        self._notify(q)
 
     def _control(self, nr: int, event: int, value: int) -> None:
         if event == DEVICE_READY:
@@ -284,12 +264,11 @@ class VirtioConsole(VirtioDevice):
         """Guest output of ``port`` to its host end, until the end is full."""
         assert self.memory is not None
         q = self.queues[self.tx_queue(port.nr)]
-        used = False
         while True:
             if port.held is not None:
                 head, data = port.held
             else:
-                chain = self._pop(q)
+                chain = q.pop_valid(self.memory)
                 if chain is None:
                     break
                 r = chain.reader()
@@ -297,7 +276,6 @@ class VirtioConsole(VirtioDevice):
                     data = r.read(min(r.available, MAX_CHAIN_BYTES))
                 except ChainError:
                     q.add_used(self.memory, chain.head, 0)
-                    used = True
                     continue
                 head = chain.head
             n = port.end.write(data) if port.end.connected else len(data)
@@ -307,9 +285,7 @@ class VirtioConsole(VirtioDevice):
                 break
             port.held = None
             q.add_used(self.memory, head, 0)
-            used = True
-        if used:
-            self._notify(q)
+        self._notify(q)
 
     def receive(self, port: Port, data: bytes) -> int:
         """Host input for ``port``: what fits the guest's receive buffers now."""
@@ -322,7 +298,7 @@ class VirtioConsole(VirtioDevice):
         q = self.queues[self.rx_queue(port.nr)]
         taken = 0
         while taken < len(data):
-            chain = self._pop(q)
+            chain = q.pop_valid(self.memory)
             if chain is None:
                 break
             w = chain.writer()
@@ -334,8 +310,7 @@ class VirtioConsole(VirtioDevice):
                 continue
             q.add_used(self.memory, chain.head, w.written)
             taken += len(part)
-        if taken:
-            self._notify(q)
+        self._notify(q)
         return taken
 
     def host_open(self, port: Port, is_open: bool) -> None:

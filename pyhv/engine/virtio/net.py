@@ -300,15 +300,6 @@ class VirtioNet(VirtioDevice):
         else:
             self._rx(index // 2)
 
-    def _pop(self, q: SplitQueue) -> Optional[DescriptorChain]:
-        assert self.memory is not None
-        while True:
-            try:
-                return q.pop(self.memory)
-            except ChainError as e:
-                if e.head is not None:
-                    q.add_used(self.memory, e.head, 0)
-
     def _notify(self, index: int) -> None:
         assert self.memory is not None and self.interrupts is not None
         if self.queues[index].needs_notification(self.memory):
@@ -322,7 +313,7 @@ class VirtioNet(VirtioDevice):
         fd = self.tap.fds[pair]
         used = 0
         while used < BATCH:
-            chain = self._pop(q)
+            chain = q.pop_valid(self.memory)
             if chain is None:
                 break
             status = self._send(fd, chain)
@@ -332,8 +323,7 @@ class VirtioNet(VirtioDevice):
                 break
             q.add_used(self.memory, chain.head, 0)
             used += 1
-        if used:
-            self._notify(2 * pair + 1)
+        self._notify(2 * pair + 1)
         if used == BATCH and self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self.guard(lambda: self._tx(pair)))
 
@@ -384,7 +374,6 @@ class VirtioNet(VirtioDevice):
         if not q.ready:
             return
         fd = self.tap.fds[pair]
-        moved = 0
         starved = False
         for _ in range(BATCH):  # the reader is level-triggered: the rest comes next
             if not q.pending(self.memory):
@@ -403,9 +392,7 @@ class VirtioNet(VirtioDevice):
                 continue
             if not self._deliver(q, frame):
                 self.stats["rx_dropped"] += 1
-            moved += 1
-        if moved:
-            self._notify(2 * pair)
+        self._notify(2 * pair)
         # no buffers: stop reading until the driver adds some (its notification)
         if self._loop is not None:
             if starved and fd in self._reading:
@@ -439,7 +426,7 @@ class VirtioNet(VirtioDevice):
         chains: list[tuple[DescriptorChain, int]] = []
         offset = 0
         while offset < len(frame):
-            chain = self._pop(q)
+            chain = q.pop_valid(self.memory)
             if chain is None:
                 break
             w = chain.writer()
@@ -478,11 +465,7 @@ class VirtioNet(VirtioDevice):
         assert self.memory is not None
         index = 2 * self.pairs
         q = self.queues[index]
-        used = False
-        while True:
-            chain = self._pop(q)
-            if chain is None:
-                break
+        while (chain := q.pop_valid(self.memory)) is not None:
             r, w = chain.reader(), chain.writer()
             try:
                 command = r.read(min(r.available, MAX_CONTROL))
@@ -494,9 +477,7 @@ class VirtioNet(VirtioDevice):
             except ChainError:
                 pass  # no room for the ack: the driver broke its own command
             q.add_used(self.memory, chain.head, w.written)
-            used = True
-        if used:
-            self._notify(index)
+        self._notify(index)
 
     def _command(self, command: bytes) -> int:
         cls, cmd, data = command[0], command[1], command[2:]

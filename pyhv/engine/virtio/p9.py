@@ -63,20 +63,9 @@ class Virtio9p(VirtioDevice):
     def queue_notify(self, index: int) -> None:
         assert self.memory is not None and self.interrupts is not None
         q = self.queues[0]
-        used = False
-        while True:
-            try:
-                chain = q.pop(self.memory)
-            except ChainError as e:
-                if e.head is not None:
-                    q.add_used(self.memory, e.head, 0)
-                    used = True
-                continue
-            if chain is None:
-                break
+        while (chain := q.pop_valid(self.memory)) is not None:
             q.add_used(self.memory, chain.head, self._serve(chain))
-            used = True
-        if used and q.needs_notification(self.memory):
+        if q.needs_notification(self.memory):
             self.interrupts.queue(0)
 
     def _serve(self, chain: DescriptorChain) -> int:

@@ -169,6 +169,8 @@ class SplitQueue:
         self.next_used = 0
         #: the used index when the driver was last notified (event-idx suppression)
         self._signalled_used: Optional[int] = None
+        #: something was used since the last :meth:`needs_notification`
+        self._used_since = False
 
     # ---- checks when the driver enables the queue -------------------------------
     def validate(self, memory: GuestMemory) -> None:
@@ -222,6 +224,17 @@ class SplitQueue:
         except ChainError as e:
             e.head = head
             raise
+
+    def pop_valid(self, memory: GuestMemory) -> Optional[DescriptorChain]:
+        """The next chain that can be walked (``None``: nothing new); chains that
+        cannot are answered empty (used length 0) on the way, so the driver gets its
+        buffers back and the queue goes on.  :meth:`needs_notification` covers them."""
+        while True:
+            try:
+                return self.pop(memory)
+            except ChainError as e:
+                if e.head is not None:
+                    self.add_used(memory, e.head, 0)
 
     def rewind(self, memory: GuestMemory, count: int) -> None:
         """Give back the last ``count`` chains popped and not used: they are popped
@@ -280,12 +293,16 @@ class SplitQueue:
         except GuestMemoryError as e:
             raise QueueError("the used ring is not guest RAM") from e
         self.next_used = (self.next_used + 1) & 0xFFFF
+        self._used_since = True
         # the element is written before the index that publishes it
         self._write_u16(memory, self.used_addr + 2, self.next_used)
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last
         one (the used-event index, or the NO_INTERRUPT flag without event idx)."""
+        if not self._used_since:
+            return False  # nothing used since the last check: nothing to tell
+        self._used_since = False
         new = self.next_used
         old = self._signalled_used
         self._signalled_used = new
