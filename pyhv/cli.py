@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
+
+if TYPE_CHECKING:
+    from pyhv.engine.signals import SignalPipe
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -160,36 +163,33 @@ def run_machine(config: "object") -> int:
     """Run a machine in the foreground until it ends; its exit status."""
     import signal
 
+    from pyhv.engine.signals import signal_pipe
+
+    # SIGCONT resumes a guest a disk error policy paused (there is no monitor here)
+    with signal_pipe(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCONT) as sig:
+        return _run_machine(config, sig)
+
+
+def _run_machine(config: "object", sig: "SignalPipe") -> int:
+    import signal
+
     from pyhv.engine.eventloop import EventLoop
     from pyhv.engine.machine import Machine, MachineEvent, MachineState
 
     machine = Machine(config)  # type: ignore[arg-type]
     loop = EventLoop()
     status = {"code": EXIT_OK}
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wake_w)
-    stop_signal: list[int] = []
-    resume_asked: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        (resume_asked if signum == signal.SIGCONT else stop_signal).append(signum)
-
-    # SIGCONT resumes a guest a disk error policy paused (there is no monitor here)
-    old_handlers = {s: signal.signal(s, on_signal)
-                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCONT)}
 
     def on_wakeup(fd: int) -> None:
-        try:
-            os.read(fd, 512)
-        except BlockingIOError:
-            pass
-        if stop_signal:
-            status["code"] = 128 + stop_signal[0]
-            print(f"pyhv: terminating on signal {stop_signal[0]}", file=sys.stderr)
+        sig.drain()
+        stop = [s for s in sig.caught if s != signal.SIGCONT]
+        if stop:
+            status["code"] = 128 + stop[0]
+            print(f"pyhv: terminating on signal {stop[0]}", file=sys.stderr)
             machine.power_off("host")
             loop.stop()
-        elif resume_asked:
-            resume_asked.clear()
+        elif sig.caught:
+            sig.caught.clear()
             if machine.state is MachineState.PAUSED:
                 print("pyhv: resuming on SIGCONT", file=sys.stderr)
                 machine.resume()
@@ -223,17 +223,12 @@ def run_machine(config: "object") -> int:
             print(f"pyhv: char device redirected to {path} (label {ident})",
                   file=sys.stderr)
         machine.attach(loop)
-        loop.add_reader(wake_r, on_wakeup, "signals")
+        loop.add_reader(sig.fd, on_wakeup, "signals")
         if not machine.finished:
             loop.run()
     finally:
         machine.close()
         loop.close()
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        os.close(wake_r)
-        os.close(wake_w)
     return status["code"]
 
 

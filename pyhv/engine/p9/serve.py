@@ -22,6 +22,7 @@ from typing import Callable, Final, Optional, Union
 
 from pyhv.engine.p9 import protocol as p
 from pyhv.engine.p9.server import DEFAULT_MAX_FIDS, Export, Log, Session
+from pyhv.engine.signals import signal_pipe
 
 OUTPUT_HIGH: Final = 1 << 20
 DEFAULT_MAX_CLIENTS: Final = 64
@@ -268,26 +269,14 @@ def run(root: str, listen: str, readonly: bool, security_model: str,
     except (ImportError, ValueError, OSError):
         pass
     server = Server(export, parse_listen(listen), max_fids=max_fids)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wake_w)
-    caught: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        caught.append(signum)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.add_stop_fd(wake_r)
-        mode = f"{security_model}{', read-only' if readonly else ''}"
-        (announce or _stderr)(f"serving {root} ({mode}) on {server.describe()}")
-        server.serve_forever()
-        if caught:
-            _stderr(f"terminating on signal {caught[0]}")
-    finally:
-        server.close()
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old.items():
-            signal.signal(s, h)
-        os.close(wake_r)
-        os.close(wake_w)
+    with signal_pipe(signal.SIGINT, signal.SIGTERM) as sig:
+        try:
+            server.add_stop_fd(sig.fd)
+            mode = f"{security_model}{', read-only' if readonly else ''}"
+            (announce or _stderr)(f"serving {root} ({mode}) on {server.describe()}")
+            server.serve_forever()
+            if sig.caught:
+                _stderr(f"terminating on signal {sig.caught[0]}")
+        finally:
+            server.close()
     return 0
