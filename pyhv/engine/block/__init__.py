@@ -26,12 +26,14 @@ the engine's loop without changing the interface.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, TypeVar
 
 from pyhv.engine.errors import EngineError
 
 if TYPE_CHECKING:
     from pyhv.config import DiskConfig
+
+_B = TypeVar("_B", bound="CheckedBackend")
 
 #: the unit of virtio-blk addressing (and of every backend's size)
 SECTOR_SIZE = 512
@@ -83,6 +85,39 @@ class BlockBackend(Protocol):
 
     def close(self) -> None:
         """Release the file and its locks."""
+
+
+class CheckedBackend:
+    """What every backend checks before an I/O, and its use as a context manager
+    (subclasses have ``path``, ``size``, ``readonly``, ``closed`` and ``close``)."""
+
+    path: str
+    size: int
+    readonly: bool
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _B) -> _B:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise BlockError(f"{self.path}: the image is open read-only")
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if self.closed:
+            raise BlockError(f"{self.path}: the image is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BlockError(f"{self.path}: {what} of {length} bytes at {offset} is beyond "
+                             f"the image's {self.size} bytes")
 
 
 def open_disk(disk: "DiskConfig") -> BlockBackend:

@@ -67,7 +67,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, Union
 
-from pyhv.engine.block import BlockError, UnsupportedFormatError
+from pyhv.engine.block import BlockError, CheckedBackend, UnsupportedFormatError
 from pyhv.engine.block.raw import RawBackend, _bytes_views, _slice
 
 MAGIC = b"QFI\xfb"
@@ -336,7 +336,7 @@ def probe_format(path: str) -> str:
 UNALLOCATED, NORMAL, ZERO, COMPRESSED = 0, 1, 2, 3
 
 
-class Qcow2Backend:
+class Qcow2Backend(CheckedBackend):
     """A qcow2 image open for a disk (see the module's description)."""
 
     format = "qcow2"
@@ -1041,23 +1041,9 @@ class Qcow2Backend:
             backing.close()
         self.file.close()
 
-    def __enter__(self) -> "Qcow2Backend":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- checks -------------------------------------------------------------------------
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise BlockError(f"{self.path}: the image is open read-only")
-
-    def _check_range(self, offset: int, length: int, what: str) -> None:
-        if self.file.fd < 0:
-            raise BlockError(f"{self.path}: the image is closed")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise BlockError(f"{self.path}: {what} of {length} bytes at {offset} is beyond "
-                             f"the image's {self.size} bytes")
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
 
 
 def _fill(views: list[memoryview], src: memoryview) -> None:

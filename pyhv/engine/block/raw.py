@@ -47,7 +47,7 @@ import stat
 import struct
 from typing import Iterator, Optional, Sequence
 
-from pyhv.engine.block import SECTOR_SIZE, BlockError, ImageLockedError
+from pyhv.engine.block import SECTOR_SIZE, BlockError, CheckedBackend, ImageLockedError
 
 CACHE_MODES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
 
@@ -224,7 +224,7 @@ def _copy_in(views: list[memoryview], dst: memoryview) -> None:
         pos += len(v)
 
 
-class RawBackend:
+class RawBackend(CheckedBackend):
     """A raw image open for a disk (see the module's description)."""
 
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback",
@@ -424,23 +424,9 @@ class RawBackend:
                 os.close(fd)
         self._buffered, self.fd = None, -1
 
-    def __enter__(self) -> "RawBackend":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- checks ---------------------------------------------------------------------
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise BlockError(f"{self.path}: the image is open read-only")
-
-    def _check_range(self, offset: int, length: int, what: str) -> None:
-        if self.fd < 0:
-            raise BlockError(f"{self.path}: the image is closed")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise BlockError(f"{self.path}: {what} of {length} bytes at {offset} is beyond "
-                             f"the image's {self.size} bytes")
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     def _sync_metadata(self) -> None:
         """fallocate is not covered by O_DSYNC: make it stable as a write would be."""
