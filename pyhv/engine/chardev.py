@@ -27,12 +27,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import termios
-import tty
 from typing import TYPE_CHECKING, Optional, Protocol
 
 from pyhv.config import SerialConfig
-from pyhv.engine.console import ConsoleError, open_output_file
+from pyhv.engine.console import ConsoleError, open_output_file, open_pty
 
 if TYPE_CHECKING:
     from pyhv.engine.eventloop import EventLoop
@@ -203,12 +201,7 @@ class PtyEnd(FdEnd):
     buffer is full."""
 
     def __init__(self) -> None:
-        master, slave = os.openpty()
-        tty.setraw(slave, termios.TCSANOW)
-        for fd in (master, slave):
-            os.set_inheritable(fd, False)
-        os.set_blocking(master, False)
-        self.path = os.ttyname(slave)
+        master, slave, self.path = open_pty()
         super().__init__(master, master, f"pty:{self.path}", owned=(master, slave))
 
     def write(self, data: bytes) -> int:

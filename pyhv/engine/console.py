@@ -116,6 +116,17 @@ def open_output_file(path: str, append: bool, what: str) -> int:
     return fd
 
 
+def open_pty() -> tuple[int, int, str]:
+    """A raw pseudo-terminal for guest I/O: (master, non-blocking; slave; the slave's
+    path, what ``virsh console`` opens); neither end is inherited by children."""
+    master, slave = os.openpty()
+    tty.setraw(slave, termios.TCSANOW)
+    for fd in (master, slave):
+        os.set_inheritable(fd, False)
+    os.set_blocking(master, False)
+    return master, slave, os.ttyname(slave)
+
+
 def open_serial(cfg: SerialConfig) -> HostSerial:
     """Open the backend ``cfg`` names, and its log when it has one."""
     log_fd = _open_log(cfg)
@@ -167,12 +178,7 @@ def _open_backend(cfg: SerialConfig) -> HostSerial:
             raise ConsoleError(f"serial fd {cfg.fd}: {e.strerror}") from e
         return HostSerial(FdWriter(cfg.fd), owned=(cfg.fd,))
     if cfg.kind == "pty":
-        master, slave = os.openpty()
-        tty.setraw(slave, termios.TCSANOW)
-        os.set_blocking(master, False)
-        os.set_inheritable(master, False)
-        os.set_inheritable(slave, False)
-        path = os.ttyname(slave)
+        master, slave, path = open_pty()
         # keeping the slave open means the master never sees a hang-up
         return HostSerial(FdWriter(master, drop_when_full=True), master, path,
                           owned=(master, slave))
