@@ -299,8 +299,9 @@ class Machine:
 
     def port_ptys(self) -> list[tuple[str, str]]:
         """(port id, pty path) of every virtio console and channel on a pty."""
-        ids = {(p.controller, p.port): p.id for p in place(self.config).extra_serials}
-        ids.update({(c.controller, c.port): c.id for c in place(self.config).channels})
+        cfg = place(self.config)
+        ids = {(p.controller, p.port): p.id for p in cfg.extra_serials}
+        ids.update({(c.controller, c.port): c.id for c in cfg.channels})
         return [(ids.get(key) or f"port {key[1]}", end.path)
                 for key, end in sorted(self.host.ports.items()) if isinstance(end, PtyEnd)]
 
