@@ -319,6 +319,60 @@ def test_l2_cache_keeps_metadata_reads_away(tmp_path: Path) -> None:
         assert len(reads) > 100  # a two-table cache keeps missing
 
 
+def test_allocating_writes_share_one_metadata_commit(tmp_path: Path) -> None:
+    """Allocating writes change L2/L1 entries in memory; flush commits them with a
+    bounded number of barriers (not one per write), and only then does a second
+    reader of the file see the data."""
+    img = str(tmp_path / "wb.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", img, "8M")
+    barriers = []
+    with Qcow2Backend(img) as q:
+        real = q.file.flush
+        q.file.flush = lambda: (barriers.append(1), real())[1]  # type: ignore[method-assign]
+        meta: list[int] = []
+        real_meta = q._write_meta
+        q._write_meta = lambda off, d: (meta.append(off), real_meta(off, d))[1]  # type: ignore
+        for k in range(200):
+            q.write_from(k * 8192 + 100, [memoryview(bytes([k % 251 + 1]) * 3000)])
+        # nothing made stable yet: no fdatasync, no refcount/L2/L1 write per request
+        assert barriers == [] and meta == []
+        with Qcow2Backend(img, readonly=True, locking=False) as peek:
+            buf = bytearray(3000)
+            peek.read_into(100, [memoryview(buf)])
+            assert buf == bytes(3000)  # the on-disk tables do not reference it yet
+        q.flush()
+        assert 1 <= len(barriers) <= 3
+        assert 3 <= len(meta) <= 8   # refcount block, L2 tables, L1 entries: once each
+        with Qcow2Backend(img, readonly=True, locking=False) as peek:
+            for k in (0, 77, 199):
+                buf = bytearray(3000)
+                peek.read_into(k * 8192 + 100, [memoryview(buf)])
+                assert buf == bytes([k % 251 + 1]) * 3000
+    assert qemu_check(img).returncode == 0
+
+
+def test_dirty_tables_leaving_a_small_cache_are_committed(tmp_path: Path) -> None:
+    """With a two-table L2 cache, writes across 16 tables evict dirty tables: they
+    are committed first, read back right before any flush, and close commits the
+    rest; qemu-img agrees byte for byte."""
+    img = str(tmp_path / "evict.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", img, "32M")
+    expect = bytearray(32 * MiB)
+    rnd = random.Random(9)
+    with Qcow2Backend(img, l2_cache_size=2 * 4096) as q:
+        for _ in range(300):
+            off = rnd.randrange(32 * MiB - 5000)
+            data = rnd.randbytes(rnd.randrange(1, 5000))
+            q.write_from(off, [memoryview(data)])
+            expect[off:off + len(data)] = data
+            probe = rnd.randrange(32 * MiB - 4096)
+            buf = bytearray(4096)
+            q.read_into(probe, [memoryview(buf)])
+            assert buf == expect[probe:probe + 4096]
+    assert convert_raw(img, tmp_path) == bytes(expect)
+    assert qemu_check(img).returncode == 0
+
+
 def test_virtio_blk_on_a_qcow2_overlay(tmp_path: Path) -> None:
     """The device model drives the qcow2 backend as it drives a raw one."""
     from test_virtio_blk import SECTOR, make, pattern, seg

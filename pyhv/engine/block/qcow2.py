@@ -23,17 +23,25 @@ Format
   it).
 
 Metadata and crash safety
-  Metadata is written through (the L2 and refcount caches never hold dirty
-  tables), ordered so that a crash at any point leaves at worst leaked
+  Metadata is ordered so that a crash at any point leaves at worst leaked
   clusters, never a cluster referenced before its refcount says so, nor a
   refcount dropped while a table on disk still references the cluster:
 
-  * allocating: refcounts of the new clusters are written first, then the
-    data (with the copy-on-write head and tail of partial clusters) and a new
-    L2 table if one is needed, then a barrier (fdatasync), then the L2 entries
-    (or the L1 entry of the new table).  QEMU orders the same steps with its
-    cache dependencies (the L2 cache depends on the refcount cache, which is
-    flushed to disk before an L2 table is written);
+  * allocating: the data is written at once (with the copy-on-write head and
+    tail of partial clusters); the refcounts of the new clusters, the new L2
+    entries and the L1 entry of a new L2 table change in memory only, their
+    blocks and tables marked dirty.  Dirty metadata is committed on
+    ``flush()``, on ``close()``, before any freeing, and when more than a
+    bounded number of tables are dirty or a dirty table would leave the cache:
+    the dirty refcount blocks, a barrier (fdatasync: the data and refcounts
+    the tables point at are stable), the dirty L2 tables, a barrier, then the
+    dirty L1 entries.  A dirty refcount block leaving its cache is written
+    (before any table that counts on it, since that waits for a barrier).  One commit covers every
+    allocating write since the last, where writing through costs a barrier
+    each.  QEMU's writeback caches order the same steps (its L2 cache depends
+    on the refcount cache, which is flushed before an L2 table is written).
+    Writes acknowledged since the last flush may be lost in a crash, as on
+    any disk with a volatile cache; what a flush acknowledged is not;
   * freeing (discard, write-zeroes with unmap, overwriting a compressed or
     preallocated-zero cluster): the L2 entries first, a barrier, then the
     refcounts are decremented;
@@ -121,6 +129,8 @@ MAX_CHAIN = 64
 DEFAULT_L2_COVERAGE = 8 << 30
 MIN_L2_CACHE = 1 << 20
 REFCOUNT_CACHE_BYTES = 256 << 10
+#: dirty L2 tables held before a commit (and at most half the L2 cache)
+DIRTY_L2_MAX = 32
 
 _LITTLE = sys.byteorder == "little"
 #: array typecode of each writable refcount order (8, 16, 32, 64-bit)
@@ -415,6 +425,13 @@ class Qcow2Backend(CheckedBackend):
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._rb_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._rb_cache_max = max(4, REFCOUNT_CACHE_BYTES // cs)
+        #: dirty L2 tables: host offset -> (table, first and last+1 dirty entry)
+        self._dirty_l2: dict[int, tuple[array[int], int, int]] = {}
+        #: L1 entries changed in memory only (new L2 tables)
+        self._dirty_l1: set[int] = set()
+        #: dirty refcount blocks: host offset -> (block, first and last+1 dirty entry)
+        self._dirty_rb: dict[int, tuple[array[int], int, int]] = {}
+        self._dirty_max = max(1, min(DIRTY_L2_MAX, self.l2_cache_max // 2))
         self._compressed: tuple[int, bytes] = (-1, b"")
         self._zero = memoryview(bytes(cs))
         self._free_hint = 0
@@ -495,9 +512,47 @@ class Qcow2Backend(CheckedBackend):
             raise self._corrupt(f"L2 table at {off:#x} is past the end of the file")
         t = _be_array("Q", self._read_meta(off, self.cluster_size))
         cache[off] = t
-        if len(cache) > self.l2_cache_max:
-            cache.popitem(last=False)
+        self._trim_l2_cache()
         return t
+
+    def _trim_l2_cache(self) -> None:
+        """Evict the least recently used tables; a dirty one is committed first (the
+        metadata in memory is consistent wherever this is called)."""
+        cache = self._l2_cache
+        while len(cache) > self.l2_cache_max:
+            off = next(iter(cache))
+            if off in self._dirty_l2:
+                self._commit_meta()
+            cache.popitem(last=False)
+
+    def _mark_dirty(self, l2_off: int, table: "array[int]", i: int, j: int) -> None:
+        old = self._dirty_l2.get(l2_off)
+        if old is not None:
+            i, j = min(i, old[1]), max(j, old[2])
+        self._dirty_l2[l2_off] = (table, i, j)
+        if len(self._dirty_l2) > self._dirty_max:
+            self._commit_meta()
+
+    def _commit_meta(self) -> None:
+        """Write the dirty metadata in the order the module's description gives:
+        refcount blocks, barrier, L2 tables, barrier, L1 entries."""
+        if not self._dirty_l2 and not self._dirty_l1 and not self._dirty_rb:
+            return
+        for off in sorted(self._dirty_rb):
+            self._write_refblock(off)
+        if not self._dirty_l2 and not self._dirty_l1:
+            return
+        self._barrier()
+        for off in sorted(self._dirty_l2):
+            t, i, j = self._dirty_l2[off]
+            self._write_meta(off + i * 8, _be_bytes(t[i:j]))
+            del self._dirty_l2[off]
+        if self._dirty_l1:
+            self._barrier()
+            l1_off = self.header.l1_table_offset
+            for l1i in sorted(self._dirty_l1):
+                self._write_meta(l1_off + l1i * 8, _BE64.pack(self.l1[l1i]))
+            self._dirty_l1.clear()
 
     def _kind(self, entry: int) -> int:
         if entry & OFLAG_COMPRESSED:
@@ -629,9 +684,18 @@ class Qcow2Backend(CheckedBackend):
             b = array("B", ((raw[k * bits // 8] >> (k * bits % 8)) & m
                             for k in range(self.refblock_entries)))
         cache[off] = b
-        if len(cache) > self._rb_cache_max:
+        while len(cache) > self._rb_cache_max:
+            old = next(iter(cache))
+            if old in self._dirty_rb:
+                self._write_refblock(old)
             cache.popitem(last=False)
         return b
+
+    def _write_refblock(self, off: int) -> None:
+        """Write a dirty refcount block's changed range (no barrier: the commit's
+        first barrier orders refcounts before the tables that count on them)."""
+        b, i, j = self._dirty_rb.pop(off)
+        self._write_meta(off + i * b.itemsize, _be_bytes(b[i:j]))
 
     def refcount(self, cluster: int) -> int:
         """The refcount of host cluster ``cluster`` (0 where no block covers it)."""
@@ -703,7 +767,8 @@ class Qcow2Backend(CheckedBackend):
                     raise self._corrupt(f"refcount of cluster {t * E + k} would become {v}")
                 b[k] = v
             off = self.reftable[t] & ~REFT_RESERVED
-            self._write_meta(off + i * b.itemsize, _be_bytes(b[i:j]))
+            old = self._dirty_rb.get(off)
+            self._dirty_rb[off] = (b, min(i, old[1]), max(j, old[2])) if old else (b, i, j)
             c = t * E + j
 
     def _new_refblock(self, t: int) -> None:
@@ -835,7 +900,7 @@ class Qcow2Backend(CheckedBackend):
             if inside:
                 self._read(t_off, [memoryview(tail)[:inside]], inside)
         old = [table[x] for x in range(i, j)] if table is not None else []
-        l2_off = self._alloc(1) if table is None else 0
+        l2_off = self._alloc(1) if table is None else self.l1[l1i] & OFFSET_MASK
         t = array("Q", bytes(cs)) if table is None else table
         host = self._alloc(k)
         self._ensure_file(host + k * cs)
@@ -843,12 +908,14 @@ class Qcow2Backend(CheckedBackend):
         for x in range(k):
             t[i + x] = (host + x * cs) | OFLAG_COPIED
         if table is None:
-            self._write_meta(l2_off, _be_bytes(t))
-            self._barrier()
-            self._link_table(l1i, l2_off, t)
+            # the whole new table is written at the commit, before the L1 entry
+            self.l1[l1i] = l2_off | OFLAG_COPIED
+            self._dirty_l1.add(l1i)
+            self._l2_cache[l2_off] = t
+            self._mark_dirty(l2_off, t, 0, self.l2_entries)
+            self._trim_l2_cache()
         else:
-            self._barrier()
-            self._write_entries(l1i, t, i, j)
+            self._mark_dirty(l2_off, t, i, j)
         self._free_entries(old)
 
     def _link_table(self, l1i: int, l2_off: int, table: "array[int]") -> None:
@@ -857,8 +924,7 @@ class Qcow2Backend(CheckedBackend):
                          _BE64.pack(l2_off | OFLAG_COPIED))
         self.l1[l1i] = l2_off | OFLAG_COPIED
         self._l2_cache[l2_off] = table
-        if len(self._l2_cache) > self.l2_cache_max:
-            self._l2_cache.popitem(last=False)
+        self._trim_l2_cache()
 
     def _write_entries(self, l1i: int, table: "array[int]", i: int, j: int) -> None:
         l2_off = self.l1[l1i] & OFFSET_MASK
@@ -867,6 +933,7 @@ class Qcow2Backend(CheckedBackend):
     def _free_entries(self, old: Sequence[int]) -> None:
         """After the entries that held them changed on disk: a barrier, then free."""
         if any(self._kind(e) == COMPRESSED or e & OFFSET_MASK for e in old):
+            self._commit_meta()
             self._barrier()
             for e in old:
                 self._free_entry(e)
@@ -878,6 +945,7 @@ class Qcow2Backend(CheckedBackend):
             self._check_range(offset, length, "discard")
             if not self.can_unmap or not length:
                 return  # discard='ignore': a hint that is ignored, as QEMU does
+            self._commit_meta()
             zero = self.header.version >= 3 and self.backing is not None
             first, last = self._whole_clusters(offset, length)
             self._set_clusters(first, last, "discard", zero)
@@ -888,6 +956,7 @@ class Qcow2Backend(CheckedBackend):
             self._check_range(offset, length, "write-zeroes")
             if not length:
                 return
+            self._commit_meta()
             cs = self.cluster_size
             first, last = self._whole_clusters(offset, length)
             if self.header.version < 3:
@@ -982,6 +1051,7 @@ class Qcow2Backend(CheckedBackend):
         with self._lock:
             if self.file.fd < 0:
                 raise BlockError(f"{self.path}: the image is closed")
+            self._commit_meta()
             self.file.flush()
 
     def resize(self, size: int) -> None:
@@ -1001,6 +1071,7 @@ class Qcow2Backend(CheckedBackend):
                                  f"512 bytes ({size})")
             if size == self.size:
                 return
+            self._commit_meta()
             h, cs = self.header, self.cluster_size
             need = -(-size // (cs * self.l2_entries))
             if need * 8 > MAX_L1_BYTES:
@@ -1035,7 +1106,19 @@ class Qcow2Backend(CheckedBackend):
             h.size = self.size = size
 
     def close(self) -> None:
-        """Close the image and its backing chain (their locks go with them)."""
+        """Close the image and its backing chain (their locks go with them), dirty
+        metadata committed first."""
+        try:
+            if getattr(self, "_dirty_l2", None) or getattr(self, "_dirty_l1", None) or \
+                    getattr(self, "_dirty_rb", None):
+                with self._lock:
+                    if self.file.fd >= 0:
+                        self._commit_meta()
+                        self._barrier()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
         backing, self.backing = self.backing, None
         if backing is not None:
             backing.close()
