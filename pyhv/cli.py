@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p9 = sub.add_parser("9p-serve", help="serve a directory over 9P2000.L on a socket "
                                          "(Linux's trans=tcp / trans=unix)")
-    p9.add_argument("--root", required=True, metavar="DIR", help="the directory to export")
+    p9.add_argument("--root", required=True, action="append", metavar="DIR",
+                    help="the directory to export; repeated: trees combined, later ones "
+                         "over earlier ones (read-only; needs --upper or --readonly)")
+    p9.add_argument("--upper", metavar="DIR",
+                    help="the writable top layer over the --root trees (whiteouts and "
+                         "copied-up files land here)")
     p9.add_argument("--readonly", action="store_true", help="refuse every write (EROFS)")
     p9.add_argument("--security-model", choices=("passthrough", "mapped", "squash"),
                     default="passthrough", help="libvirt's accessmode (default passthrough)")
@@ -257,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "9p-serve":
             from pyhv.engine.p9 import serve as p9serve
 
-            return p9serve.run(args.root, args.listen, args.readonly, args.security_model)
+            return p9serve.run(args.root, args.listen, args.readonly, args.security_model,
+                               upper=args.upper)
         if args.command == "vhost-user-net":
             from pyhv.engine.vhost_user import net as vunet
 

@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Final, Optional, Union
+from typing import Callable, Final, Optional, Sequence, Union
 
 from pyhv.engine.p9 import protocol as p
 from pyhv.engine.p9.server import DEFAULT_MAX_FIDS, Export, Log, Session
@@ -83,12 +83,7 @@ class Server:
         self._stop_fds: list[int] = []
 
     def _check_root(self) -> None:
-        try:
-            st = os.stat(self.export.root)
-        except OSError as e:
-            raise p.P9Error(f"--root {self.export.root}: {e.strerror}") from e
-        if not stat.S_ISDIR(st.st_mode):
-            raise p.P9Error(f"--root {self.export.root}: not a directory")
+        check_export(self.export)
 
     def _bind(self) -> socket.socket:
         la = self.listen
@@ -249,12 +244,39 @@ class Server:
                 pass
 
 
-def run(root: str, listen: str, readonly: bool, security_model: str,
-        announce: Optional[Callable[[str], None]] = None) -> int:
-    """``pyhv 9p-serve``: serve until SIGINT or SIGTERM; exit status 0."""
+def check_export(export: Export, upper: bool = True) -> None:
+    """Every directory of ``export`` exists and is one; P9Error naming the option
+    (``upper``: the top layer was given as ``--upper``)."""
+    upper = upper and bool(export.lower)
+    for i, tree in enumerate(export.layers):
+        option = "--upper" if upper and i == 0 else "--root"
+        try:
+            st = os.stat(tree)
+        except OSError as e:
+            raise p.P9Error(f"{option} {tree}: {e.strerror}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise p.P9Error(f"{option} {tree}: not a directory")
+    if len({os.path.realpath(t) for t in export.layers}) != len(export.layers):
+        raise p.P9Error("--root/--upper: a directory is given twice")
+    if upper:
+        top = os.path.realpath(export.root)
+        for tree in export.lower:
+            real = os.path.realpath(tree)
+            if top.startswith(real + "/") or real.startswith(top + "/"):
+                raise p.P9Error(f"--upper {export.root}: nested with --root {tree}")
+
+
+def run(root: Union[str, Sequence[str]], listen: str, readonly: bool, security_model: str,
+        announce: Optional[Callable[[str], None]] = None, upper: Optional[str] = None) -> int:
+    """``pyhv 9p-serve``: serve until SIGINT or SIGTERM; exit status 0.
+
+    ``root`` is one tree or several (combined as :meth:`Export.combine`, with
+    ``upper`` the writable top layer)."""
     import signal
 
-    export = Export(root, readonly=readonly, security_model=security_model)
+    trees = [root] if isinstance(root, str) else list(root)
+    export = Export.combine(trees, upper, readonly=readonly, security_model=security_model)
+    check_export(export, upper is not None)
     max_fids = DEFAULT_MAX_FIDS
     try:
         import resource
@@ -273,7 +295,8 @@ def run(root: str, listen: str, readonly: bool, security_model: str,
         try:
             server.add_stop_fd(sig.fd)
             mode = f"{security_model}{', read-only' if readonly else ''}"
-            (announce or _stderr)(f"serving {root} ({mode}) on {server.describe()}")
+            what = " + ".join(trees) + (f" under {upper}" if upper else "")
+            (announce or _stderr)(f"serving {what} ({mode}) on {server.describe()}")
             server.serve_forever()
             if sig.caught:
                 _stderr(f"terminating on signal {sig.caught[0]}")

@@ -40,19 +40,39 @@ Security models (libvirt's ``accessmode``):
   attributes (as QEMU's ``mapped-xattr``) and ``Rgetattr`` reports them.
 
 A ``readonly`` export answers every request that would change it with ``EROFS``.
+
+Extended attributes.  ``Txattrwalk`` reads one attribute (or, with an empty
+name, the list of names) into the new fid, which the client reads like a file;
+``Txattrcreate`` turns the fid into one that collects the value from
+``Twrite`` and sets it at ``Tclunk`` (a size of 0 removes the attribute, as
+QEMU).  Values are limited to :data:`XATTR_SIZE_MAX` (``E2BIG``), names to 255
+bytes (``ERANGE``).  The guest may set ``user.*`` attributes in every model and
+also ``trusted.*``/``security.*`` under passthrough; others are ``EOPNOTSUPP``.
+Under ``mapped`` the ``user.virtfs.*`` attributes the server keeps are neither
+listed nor readable (``ENODATA``) nor writable (``EACCES``) by the guest.
+Symlinks carry none (``ENODATA``; setting is ``EPERM``, as Linux for ``user.*``).
+
+Combined trees (:attr:`Export.lower`).  Read-only trees under a writable top
+directory, merged as :mod:`pyhv.engine.p9.overlay` describes: the top layer
+is ``root``; writes copy the object (file, symlink, or directory chain) up
+into it first; deleting a lower entry leaves a ``.wh.NAME`` whiteout there;
+renaming a directory that exists in a lower tree is ``EXDEV`` (``mv`` then
+copies), and hard links to a lower file are made to its copy.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Final, Iterator, Optional, Union
+from typing import Callable, Final, Iterator, Optional, Sequence, Union
 
 from pyhv.engine.p9 import protocol as p
+from pyhv.engine.p9.overlay import OPAQUE, WHITEOUT, Layers, is_hidden_name, lstat_at
 from pyhv.engine.p9.protocol import Qid
 
 SECURITY_MODELS: Final = ("passthrough", "mapped", "squash")
@@ -72,8 +92,16 @@ _XATTR_UID: Final = "user.virtfs.uid"
 _XATTR_GID: Final = "user.virtfs.gid"
 _XATTR_MODE: Final = "user.virtfs.mode"
 _XATTR_RDEV: Final = "user.virtfs.rdev"
+_XATTR_MAPPED_PREFIX: Final = "user.virtfs."
+#: the largest extended attribute value (Linux's XATTR_SIZE_MAX), and list
+XATTR_SIZE_MAX: Final = 65536
+_XATTR_NAME_MAX: Final = 255
+_XATTR_CREATE: Final = 1
+_XATTR_REPLACE: Final = 2
 
 Log = Callable[[str], None]
+#: names of copy-up temporaries (hidden: they start with the whiteout prefix)
+_COPY_SERIAL: Final = itertools.count(1)
 
 
 def _stderr(message: str) -> None:
@@ -90,22 +118,61 @@ class _Errno(Exception):
 class Export:
     """What a server exports and how."""
 
+    #: the exported directory; with ``lower``, the top layer (where writes land)
     root: str
     readonly: bool = False
     security_model: str = "passthrough"
+    #: read-only trees under ``root``, bottom first (each overlays the ones before it)
+    lower: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.security_model not in SECURITY_MODELS:
             raise p.P9Error(f"security model {self.security_model!r}: expected one of "
                             f"{', '.join(SECURITY_MODELS)}")
+        if isinstance(self.lower, (str, bytes)):
+            raise p.P9Error(f"lower {self.lower!r}: expected a sequence of directories")
+        if not isinstance(self.lower, tuple):
+            object.__setattr__(self, "lower", tuple(self.lower))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every directory of the export, top (``root``) first."""
+        return (self.root, *reversed(self.lower))
+
+    @classmethod
+    def combine(cls, trees: Sequence[str], upper: Optional[str] = None,
+                readonly: bool = False, security_model: str = "passthrough") -> "Export":
+        """Trees combined as ``pyhv 9p-serve --root A --root B [--upper DIR]``: later
+        trees overlay earlier ones; writes go to ``upper``.  Without ``upper`` one tree
+        is exported as it is, and several only read-only.  Raises P9Error naming the
+        option."""
+        trees = list(trees)
+        if not trees:
+            raise p.P9Error("--root: at least one tree is needed")
+        for tree in trees:
+            if not tree:
+                raise p.P9Error("--root: an empty path")
+        if upper is not None:
+            if upper in trees:
+                raise p.P9Error(f"--upper {upper}: also given as --root")
+            return cls(upper, readonly, security_model, tuple(trees))
+        if len(trees) > 1 and not readonly:
+            raise p.P9Error("several --root trees need --upper DIR (the writable top "
+                            "layer) or --readonly")
+        return cls(trees[-1], readonly, security_model, tuple(trees[:-1]))
 
 
 class _Fid:
-    __slots__ = ("fd", "path", "uid", "open_fd", "dir_entries", "dir_pos", "dir_peek")
+    __slots__ = ("fd", "path", "uid", "open_fd", "dir_entries", "dir_pos", "dir_peek",
+                 "layer", "xattr")
 
-    def __init__(self, fd: int, path: tuple[str, ...], uid: int) -> None:
+    def __init__(self, fd: int, path: tuple[str, ...], uid: int, layer: int = 0) -> None:
         #: O_PATH descriptor of the object
         self.fd = fd
+        #: the layer the object is in (0: the top, or the only tree)
+        self.layer = layer
+        #: an attribute being read (Txattrwalk) or written (Txattrcreate)
+        self.xattr: Optional[_Xattr] = None
         #: names from the export root (for ``..`` and operations on the parent)
         self.path = path
         #: the uid the client attached as (passthrough/mapped owner of new objects)
@@ -125,6 +192,16 @@ class _Fid:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class _Xattr:
+    name: str
+    data: bytearray
+    #: Txattrcreate: set at clunk (with these flags) once ``written`` bytes arrived
+    create: bool = False
+    flags: int = 0
+    written: int = 0
 
 
 def _check_name(name: str) -> None:
@@ -148,6 +225,24 @@ def _dtype(mode: int) -> int:
     return 0
 
 
+def _copy_data(inp: int, out: int) -> None:
+    """Every byte of ``inp`` appended to ``out`` (in the kernel where it can)."""
+    try:
+        while os.copy_file_range(inp, out, 1 << 24):
+            pass
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while True:
+        chunk = os.read(inp, 1 << 20)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view):]
+
+
 class FileServer:
     """9P2000.L requests answered from ``export``; one instance per connection."""
 
@@ -157,10 +252,17 @@ class FileServer:
         self.max_fids = max_fids
         self.log = log
         self.msize = p.DEFAULT_MAX_MSIZE
-        try:
-            self._root = os.open(export.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise p.P9Error(f"{export.root}: {e.strerror}") from e
+        self._layer_fds: list[int] = []
+        for tree in export.layers:
+            try:
+                self._layer_fds.append(os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError as e:
+                for fd in self._layer_fds:
+                    os.close(fd)
+                raise p.P9Error(f"{tree}: {e.strerror}") from e
+        #: the top layer (the only one without ``lower``)
+        self._root = self._layer_fds[0]
+        self._layers: Optional[Layers] = Layers(self._layer_fds) if export.lower else None
         self._root_dev = os.fstat(self._root).st_dev
         self._fids: dict[int, _Fid] = {}
         self._handlers: dict[type[p.Message], Callable[[p.Message], p.Message]] = {
@@ -182,9 +284,10 @@ class FileServer:
 
     def close(self) -> None:
         self.reset()
-        if self._root >= 0:
-            os.close(self._root)
-            self._root = -1
+        for fd in self._layer_fds:
+            os.close(fd)
+        self._layer_fds = []
+        self._root = -1
 
     def reset(self) -> None:
         """Clunk every fid (a new Tversion, or the end of the connection)."""
@@ -262,7 +365,9 @@ class FileServer:
 
     def _open_path(self, path: tuple[str, ...]) -> int:
         """An O_PATH descriptor of directory ``path``, walked from the root without
-        following anything; the caller closes it."""
+        following anything (the topmost one of combined trees); the caller closes it."""
+        if self._layers is not None:
+            return self._layers.top_dir(path)[1]
         fd = os.dup(self._root)
         try:
             for name in path:
@@ -374,6 +479,290 @@ class FileServer:
                     rdev = value & 0xFFFFFFFFFFFFFFFF
         return st, mode, uid, gid, rdev
 
+    # ---- combined trees --------------------------------------------------------------
+
+    def _promote(self, path: tuple[str, ...], fd: int) -> None:
+        """Fids of ``path`` in a lower layer now hold its copy ``fd`` in the top layer."""
+        for other in self._fids.values():
+            if other.path == path and other.layer != 0:
+                nfd = os.dup(fd)
+                os.close(other.fd)
+                other.fd = nfd
+                other.layer = 0
+
+    def _top_path(self, path: tuple[str, ...]) -> int:
+        """Directory ``path`` in the top layer, copied up (with its parents) from the
+        layer that shows it where needed; the caller closes the descriptor."""
+        fd = os.dup(self._root)
+        try:
+            for i, name in enumerate(path):
+                try:
+                    nfd = os.open(name, _O_PATH_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+                except FileNotFoundError:
+                    assert self._layers is not None
+                    layer, src = self._layers.lookup(path[:i], name)
+                    try:
+                        if not stat.S_ISDIR(os.fstat(src).st_mode):
+                            raise _Errno(errno.ENOTDIR)
+                        nfd = self._copy_object(fd, name, src)
+                    finally:
+                        os.close(src)
+                    self._promote(path[:i + 1], nfd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _top_dir(self, fid: _Fid) -> int:
+        """A directory fid's descriptor in the top layer (copied up where needed)."""
+        self._dir_of(fid)
+        if fid.layer != 0:
+            os.close(self._top_path(fid.path))  # promotes ``fid``
+        return fid.fd
+
+    def _copy_up(self, fid: _Fid) -> None:
+        """Copy ``fid``'s object into the top layer (before changing it)."""
+        if fid.layer == 0:
+            return
+        if not fid.path:
+            raise _Errno(errno.EROFS)
+        if stat.S_ISDIR(os.fstat(fid.fd).st_mode):
+            os.close(self._top_path(fid.path))
+            return
+        pfd = self._top_path(fid.path[:-1])
+        try:
+            nfd = self._copy_object(pfd, fid.path[-1], fid.fd)
+        finally:
+            os.close(pfd)
+        try:
+            self._promote(fid.path, nfd)
+        finally:
+            os.close(nfd)
+
+    def _copy_up_path(self, path: tuple[str, ...]) -> None:
+        assert self._layers is not None
+        layer, fd = self._layers.lookup(path[:-1], path[-1])
+        tmp = _Fid(fd, path, 0, layer)
+        try:
+            self._copy_up(tmp)
+        finally:
+            tmp.close()
+
+    def _copy_object(self, dir_fd: int, name: str, src: int) -> int:
+        """A copy of ``src`` (content, mode, owner where allowed, xattrs, times) made as
+        ``name`` in ``dir_fd``; its O_PATH descriptor."""
+        st = os.fstat(src)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            try:
+                fd = os.open(name, _O_PATH_FLAGS | os.O_DIRECTORY, dir_fd=dir_fd)
+                try:
+                    self._copy_meta(src, fd, st)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            except BaseException:
+                self._undo_create(dir_fd, name, True)
+                raise
+            return fd
+        tmp = f"{WHITEOUT}.pyhv-copy-{os.getpid()}-{next(_COPY_SERIAL)}"
+        try:
+            if kind == stat.S_IFREG:
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+                try:
+                    inp = os.open(_proc(src), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+                    try:
+                        _copy_data(inp, out)
+                    finally:
+                        os.close(inp)
+                finally:
+                    os.close(out)
+            elif kind == stat.S_IFLNK:
+                os.symlink(os.readlink("", dir_fd=src), tmp, dir_fd=dir_fd)
+            elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
+                os.mknod(tmp, kind | 0o600, dir_fd=dir_fd)
+            else:
+                raise _Errno(errno.EPERM)
+            if kind == stat.S_IFLNK:
+                if self.export.security_model == "passthrough":
+                    try:
+                        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=dir_fd,
+                                 follow_symlinks=False)
+                    except PermissionError:
+                        pass
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd,
+                         follow_symlinks=False)
+            else:
+                fd = os.open(tmp, _O_PATH_FLAGS, dir_fd=dir_fd)
+                try:
+                    self._copy_meta(src, fd, st)
+                finally:
+                    os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            self._undo_create(dir_fd, tmp, False)
+            raise
+        return os.open(name, _O_PATH_FLAGS, dir_fd=dir_fd)
+
+    def _copy_meta(self, src: int, dst: int, st: os.stat_result) -> None:
+        target = _proc(dst)
+        try:
+            names = os.listxattr(_proc(src))
+        except OSError:
+            names = []
+        for attr in names:
+            try:
+                os.setxattr(target, attr, os.getxattr(_proc(src), attr))
+            except OSError:
+                pass  # security.* of the host, or a file system without xattrs
+        if self.export.security_model == "passthrough":
+            try:
+                os.chown(target, st.st_uid, st.st_gid)
+            except PermissionError:
+                pass
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def _new_name_dir(self, fid: _Fid, name: str) -> int:
+        """The directory (top layer) where ``name`` is to be created in ``fid``: EEXIST
+        if a lower tree shows it."""
+        _check_name(name)
+        if self._layers is None:
+            return self._dir_of(fid)
+        if is_hidden_name(name):
+            raise _Errno(errno.EINVAL)
+        dir_fd = self._top_dir(fid)
+        if lstat_at(dir_fd, WHITEOUT + name) is None \
+                and self._layers.visible_below(fid.path, name):
+            raise _Errno(errno.EEXIST)
+        return dir_fd
+
+    def _created(self, dir_fd: int, name: str, is_dir: bool) -> None:
+        """``name`` was created in the top layer: a whiteout it replaces goes (a new
+        directory over a deleted lower one hides that one's entries)."""
+        if self._layers is None or lstat_at(dir_fd, WHITEOUT + name) is None:
+            return
+        if is_dir:
+            sub = os.open(name, _O_PATH_FLAGS | os.O_DIRECTORY, dir_fd=dir_fd)
+            try:
+                os.close(os.open(OPAQUE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=sub))
+            finally:
+                os.close(sub)
+        os.unlink(WHITEOUT + name, dir_fd=dir_fd)
+
+    def _whiteout(self, dir_fd: int, name: str) -> None:
+        os.close(os.open(WHITEOUT + name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd))
+
+    def _clear_markers(self, dir_fd: int, name: str) -> None:
+        """Remove the whiteouts and opaque marker in top-layer directory ``name``
+        (empty to the guest) so that it can be removed or replaced."""
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+        try:
+            for entry in os.listdir(sub):
+                if is_hidden_name(entry):
+                    os.unlink(entry, dir_fd=sub)
+        finally:
+            os.close(sub)
+
+    def _overlay_stat(self, path: tuple[str, ...], name: str) -> Optional[tuple[int, bool]]:
+        """(layer, is a directory) of ``name`` in merged directory ``path``, or None."""
+        assert self._layers is not None
+        try:
+            layer, fd = self._layers.lookup(path, name)
+        except FileNotFoundError:
+            return None
+        try:
+            return layer, stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+    def _overlay_delete(self, parent: tuple[str, ...], name: str,
+                        want_dir: Optional[bool]) -> None:
+        assert self._layers is not None
+        if is_hidden_name(name):
+            raise _Errno(errno.ENOENT)
+        found = self._overlay_stat(parent, name)
+        if found is None:
+            raise _Errno(errno.ENOENT)
+        layer, is_dir = found
+        if want_dir is True and not is_dir:
+            raise _Errno(errno.ENOTDIR)
+        if want_dir is False and is_dir:
+            raise _Errno(errno.EISDIR)
+        if is_dir and not self._layers.is_empty(parent + (name,)):
+            raise _Errno(errno.ENOTEMPTY)
+        below = self._layers.visible_below(parent, name)
+        dir_fd = self._top_path(parent)
+        try:
+            if layer == 0:
+                if is_dir:
+                    self._clear_markers(dir_fd, name)
+                    os.rmdir(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+            if below:
+                self._whiteout(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+    def _overlay_rename(self, opath: tuple[str, ...], oname: str,
+                        npath: tuple[str, ...], nname: str) -> None:
+        assert self._layers is not None
+        if is_hidden_name(oname):
+            raise _Errno(errno.ENOENT)
+        if is_hidden_name(nname):
+            raise _Errno(errno.EINVAL)
+        found = self._overlay_stat(opath, oname)
+        if found is None:
+            raise _Errno(errno.ENOENT)
+        layer, is_dir = found
+        if opath + (oname,) == npath + (nname,):
+            return
+        if is_dir and (layer != 0 or self._layers.visible_below(opath, oname)):
+            raise _Errno(errno.EXDEV)  # a merged directory: the guest's mv copies it
+        target = self._overlay_stat(npath, nname)
+        if target is not None:
+            if is_dir and not target[1]:
+                raise _Errno(errno.ENOTDIR)
+            if not is_dir and target[1]:
+                raise _Errno(errno.EISDIR)
+            if target[1] and not self._layers.is_empty(npath + (nname,)):
+                raise _Errno(errno.ENOTEMPTY)
+        if layer != 0:
+            self._copy_up_path(opath + (oname,))
+        src_below = self._layers.visible_below(opath, oname)
+        dst_below = self._layers.visible_below(npath, nname)
+        ofd = self._top_path(opath)
+        try:
+            nfd = self._top_path(npath)
+            try:
+                if target is not None and target[0] == 0 and target[1]:
+                    self._clear_markers(nfd, nname)
+                had_whiteout = lstat_at(nfd, WHITEOUT + nname) is not None
+                os.rename(oname, nname, src_dir_fd=ofd, dst_dir_fd=nfd)
+                if had_whiteout:
+                    os.unlink(WHITEOUT + nname, dir_fd=nfd)
+                if is_dir and (dst_below or had_whiteout):
+                    sub = os.open(nname, _O_PATH_FLAGS | os.O_DIRECTORY, dir_fd=nfd)
+                    try:
+                        os.close(os.open(OPAQUE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                                         | os.O_CLOEXEC, 0o600, dir_fd=sub))
+                    finally:
+                        os.close(sub)
+                if src_below:
+                    self._whiteout(ofd, oname)
+            finally:
+                os.close(nfd)
+        finally:
+            os.close(ofd)
+
     # ---- session ---------------------------------------------------------------------
 
     def _version(self, m: p.Message) -> p.Message:
@@ -409,23 +798,35 @@ class FileServer:
         fid = self._fids.pop(m.fid, None)
         if fid is None:
             raise _Errno(errno.EBADF)
-        fid.close()
+        try:
+            if fid.xattr is not None and fid.xattr.create:
+                self._xattr_commit(fid)
+        finally:
+            fid.close()
         return p.Rclunk()
 
     # ---- walking ---------------------------------------------------------------------
 
-    def _step(self, fd: int, path: tuple[str, ...], name: str) -> tuple[int, tuple[str, ...]]:
+    def _step(self, fd: int, path: tuple[str, ...], layer: int,
+              name: str) -> tuple[int, tuple[str, ...], int]:
         if name == "" or "/" in name or "\0" in name:
             raise _Errno(errno.EINVAL)
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             raise _Errno(errno.ENOTDIR)
+        if name == ".":
+            return os.dup(fd), path, layer
+        if self._layers is not None:
+            parent = path[:-1] if name == ".." else path
+            if name == "..":
+                top, pfd = self._layers.top_dir(parent)
+                return pfd, parent, top
+            top, nfd = self._layers.lookup(path, name)
+            return nfd, path + (name,), top
         if name == "..":
             if not path:
-                return os.dup(self._root), ()
-            return self._open_path(path[:-1]), path[:-1]
-        if name == ".":
-            return os.dup(fd), path
-        return os.open(name, _O_PATH_FLAGS, dir_fd=fd), path + (name,)
+                return os.dup(self._root), (), 0
+            return self._open_path(path[:-1]), path[:-1], 0
+        return os.open(name, _O_PATH_FLAGS, dir_fd=fd), path + (name,), 0
 
     def _walk(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Twalk)
@@ -433,13 +834,16 @@ class FileServer:
         self._new_fid_slot(m.newfid, replacing=m.fid)
         if fid.open_fd is not None and m.wnames:
             raise _Errno(errno.EBADF)
+        if fid.xattr is not None:
+            raise _Errno(errno.EBADF)
         fd = os.dup(fid.fd)
         path = fid.path
+        layer = fid.layer
         qids: list[Qid] = []
         try:
             for i, name in enumerate(m.wnames):
                 try:
-                    nfd, path = self._step(fd, path, name)
+                    nfd, path, layer = self._step(fd, path, layer, name)
                 except (OSError, _Errno):
                     if i == 0:
                         raise
@@ -447,7 +851,7 @@ class FileServer:
                 os.close(fd)
                 fd = nfd
                 qids.append(self._qid(os.fstat(fd)))
-            self._install(m.newfid, _Fid(fd, path, fid.uid))
+            self._install(m.newfid, _Fid(fd, path, fid.uid, layer))
             fd = -1
             return p.Rwalk(tuple(qids))
         finally:
@@ -468,9 +872,12 @@ class FileServer:
     def _lopen(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tlopen)
         fid = self._fid(m.fid)
-        if fid.open_fd is not None:
+        if fid.open_fd is not None or fid.xattr is not None:
             raise _Errno(errno.EBADF)
         flags = self._host_flags(m.flags) & ~os.O_EXCL
+        if fid.layer != 0 and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC) \
+                and stat.S_ISREG(os.fstat(fid.fd).st_mode):
+            self._copy_up(fid)
         st = os.fstat(fid.fd)
         mode = st.st_mode
         if stat.S_ISLNK(mode):
@@ -491,12 +898,23 @@ class FileServer:
     def _lcreate(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tlcreate)
         fid = self._fid(m.fid)
-        if fid.open_fd is not None:
+        if fid.open_fd is not None or fid.xattr is not None:
             raise _Errno(errno.EBADF)
-        dir_fd = self._dir_of(fid)
+        self._dir_of(fid)
         _check_name(m.name)
         self._writable()
         flags = self._host_flags(m.flags) & ~os.O_DIRECTORY
+        if self._layers is not None:
+            if is_hidden_name(m.name):
+                raise _Errno(errno.EINVAL)
+            found = self._overlay_stat(fid.path, m.name)
+            if found is not None and found[0] != 0:
+                if flags & os.O_EXCL:
+                    raise _Errno(errno.EEXIST)
+                self._copy_up_path(fid.path + (m.name,))
+            dir_fd = self._top_dir(fid)
+        else:
+            dir_fd = self._dir_of(fid)
         mode = self._guest_mode(m.mode, False)
         host_mode = 0o600 if self._mapped else mode & 0o777
         try:
@@ -534,6 +952,7 @@ class FileServer:
                 self._post_create(path_fd, None, dir_fd, mode, fid.uid, m.gid)
                 if not self._mapped:
                     os.fchmod(fd, mode)
+                self._created(dir_fd, m.name, False)
         except BaseException:
             os.close(fd)
             os.close(path_fd)
@@ -542,20 +961,30 @@ class FileServer:
         os.close(fid.fd)
         fid.fd = path_fd
         fid.path = fid.path + (m.name,)
+        fid.layer = 0
         fid.open_fd = fd
         return p.Rlcreate(self._qid(os.fstat(path_fd)), self._iounit)
 
     def _read(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tread)
         fid = self._fid(m.fid)
+        count = min(m.count, self.msize - _RREAD_HEADER)
+        if fid.xattr is not None and not fid.xattr.create:
+            return p.Rread(bytes(fid.xattr.data[m.offset:m.offset + count]))
         if fid.open_fd is None:
             raise _Errno(errno.EBADF)
-        count = min(m.count, self.msize - _RREAD_HEADER)
         return p.Rread(os.pread(fid.open_fd, count, m.offset))
 
     def _write(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Twrite)
         fid = self._fid(m.fid)
+        if fid.xattr is not None and fid.xattr.create:
+            value = fid.xattr.data
+            if m.offset > len(value) or len(m.data) > len(value) - m.offset:
+                raise _Errno(errno.ENOSPC)
+            value[m.offset:m.offset + len(m.data)] = m.data
+            fid.xattr.written += len(m.data)
+            return p.Rwrite(len(m.data))
         if fid.open_fd is None:
             raise _Errno(errno.EBADF)
         self._writable()
@@ -573,25 +1002,33 @@ class FileServer:
         else:
             parent = os.fstat(self._root)
         yield "..", self._qid(parent), 4
+        if self._layers is not None:
+            for _, entry in self._layers.entries(fid.path):
+                yield self._dirent(entry)
+            return
         dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fid.fd)
         try:
             with os.scandir(dfd) as it:
                 for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        dtype, qtype = 4, p.QTDIR
-                    elif entry.is_symlink():
-                        dtype, qtype = 10, p.QTSYMLINK
-                    elif entry.is_file(follow_symlinks=False):
-                        dtype, qtype = 8, p.QTFILE
-                    else:
-                        try:
-                            dtype = _dtype(entry.stat(follow_symlinks=False).st_mode)
-                        except OSError:
-                            dtype = 0
-                        qtype = p.QTFILE
-                    yield entry.name, Qid(qtype, 0, entry.inode()), dtype
+                    yield self._dirent(entry)
         finally:
             os.close(dfd)
+
+    @staticmethod
+    def _dirent(entry: os.DirEntry[str]) -> tuple[str, Qid, int]:
+        if entry.is_dir(follow_symlinks=False):
+            dtype, qtype = 4, p.QTDIR
+        elif entry.is_symlink():
+            dtype, qtype = 10, p.QTSYMLINK
+        elif entry.is_file(follow_symlinks=False):
+            dtype, qtype = 8, p.QTFILE
+        else:
+            try:
+                dtype = _dtype(entry.stat(follow_symlinks=False).st_mode)
+            except OSError:
+                dtype = 0
+            qtype = p.QTFILE
+        return entry.name, Qid(qtype, 0, entry.inode()), dtype
 
     def _readdir(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Treaddir)
@@ -654,6 +1091,7 @@ class FileServer:
         if not valid & ~p.SETATTR_CTIME:
             return p.Rsetattr()
         self._writable()
+        self._copy_up(fid)
         st = os.fstat(fid.fd)
         is_link = stat.S_ISLNK(st.st_mode)
         pfd = -1
@@ -744,25 +1182,85 @@ class FileServer:
             raise _Errno(errno.EINVAL)
         return p.Rgetlock(p.LOCK_TYPE_UNLCK, m.start, m.length, m.proc_id, m.client_id)
 
+    def _xattr_name(self, name: str) -> None:
+        if not name or "\0" in name:
+            raise _Errno(errno.EINVAL)
+        if len(name.encode("utf-8", "surrogateescape")) > _XATTR_NAME_MAX:
+            raise _Errno(errno.ERANGE)
+
+    def _xattr_hidden(self, name: str) -> bool:
+        return self._mapped and name.startswith(_XATTR_MAPPED_PREFIX)
+
     def _xattrwalk(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Txattrwalk)
-        self._fid(m.fid)
-        return p.Rlerror(errno.EOPNOTSUPP)
+        fid = self._fid(m.fid)
+        if fid.xattr is not None:
+            raise _Errno(errno.EBADF)
+        self._new_fid_slot(m.newfid, replacing=m.fid)
+        is_link = stat.S_ISLNK(os.fstat(fid.fd).st_mode)
+        if m.name:
+            self._xattr_name(m.name)
+            if is_link or self._xattr_hidden(m.name):
+                raise _Errno(errno.ENODATA)
+            value = os.getxattr(_proc(fid.fd), m.name)
+        else:
+            names = [] if is_link else os.listxattr(_proc(fid.fd))
+            value = b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names
+                             if not self._xattr_hidden(n))
+        if len(value) > XATTR_SIZE_MAX:
+            raise _Errno(errno.E2BIG)
+        new = _Fid(os.dup(fid.fd), fid.path, fid.uid, fid.layer)
+        new.xattr = _Xattr(m.name, bytearray(value))
+        self._install(m.newfid, new)
+        return p.Rxattrwalk(len(value))
 
     def _xattrcreate(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Txattrcreate)
-        self._fid(m.fid)
+        fid = self._fid(m.fid)
+        if fid.xattr is not None or fid.open_fd is not None:
+            raise _Errno(errno.EBADF)
+        self._xattr_name(m.name)
+        if m.flags & ~(_XATTR_CREATE | _XATTR_REPLACE):
+            raise _Errno(errno.EINVAL)
+        if m.attr_size > XATTR_SIZE_MAX:
+            raise _Errno(errno.E2BIG)
+        namespace = m.name.partition(".")[0]
+        allowed = ("user", "trusted", "security") \
+            if self.export.security_model == "passthrough" else ("user",)
+        if namespace not in allowed or "." not in m.name:
+            raise _Errno(errno.EOPNOTSUPP)
+        if self._xattr_hidden(m.name):
+            raise _Errno(errno.EACCES)
         self._writable()
-        return p.Rlerror(errno.EOPNOTSUPP)
+        if stat.S_ISLNK(os.fstat(fid.fd).st_mode):
+            raise _Errno(errno.EPERM)
+        self._copy_up(fid)
+        fid.xattr = _Xattr(m.name, bytearray(m.attr_size), create=True, flags=m.flags)
+        return p.Rxattrcreate()
+
+    def _xattr_commit(self, fid: _Fid) -> None:
+        """Tclunk of a Txattrcreate fid: set (or, for size 0, remove) the attribute."""
+        x = fid.xattr
+        assert x is not None
+        if x.written != len(x.data):
+            raise _Errno(errno.EINVAL)
+        target = _proc(fid.fd)
+        if x.data:
+            flags = (os.XATTR_CREATE if x.flags & _XATTR_CREATE else 0) \
+                | (os.XATTR_REPLACE if x.flags & _XATTR_REPLACE else 0)
+            os.setxattr(target, x.name, bytes(x.data), flags)
+        else:
+            os.removexattr(target, x.name)
 
     # ---- creating, linking, removing -------------------------------------------------
 
     def _mkdir(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tmkdir)
         fid = self._fid(m.dfid)
-        dir_fd = self._dir_of(fid)
+        self._dir_of(fid)
         _check_name(m.name)
         self._writable()
+        dir_fd = self._new_name_dir(fid, m.name)
         mode = self._guest_mode(m.mode, True)
         os.mkdir(m.name, 0o700 if self._mapped else mode & 0o777, dir_fd=dir_fd)
         try:
@@ -774,6 +1272,7 @@ class FileServer:
             self._post_create(fd, None, dir_fd, mode, fid.uid, m.gid)
             if not self._mapped:
                 os.chmod(_proc(fd), mode)
+            self._created(dir_fd, m.name, True)
             return p.Rmkdir(self._qid(os.fstat(fd)))
         except BaseException:
             self._undo_create(dir_fd, m.name, True)
@@ -784,15 +1283,17 @@ class FileServer:
     def _symlink(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tsymlink)
         fid = self._fid(m.fid)
-        dir_fd = self._dir_of(fid)
+        self._dir_of(fid)
         _check_name(m.name)
         if not m.symtgt or "\0" in m.symtgt or \
                 len(m.symtgt.encode("utf-8", "surrogateescape")) > _SYMLINK_MAX:
             raise _Errno(errno.EINVAL)
         self._writable()
+        dir_fd = self._new_name_dir(fid, m.name)
         os.symlink(m.symtgt, m.name, dir_fd=dir_fd)
         try:
             self._post_create(-1, m.name, dir_fd, 0o777, fid.uid, m.gid, is_link=True)
+            self._created(dir_fd, m.name, False)
             return p.Rsymlink(self._qid(os.stat(m.name, dir_fd=dir_fd,
                                                 follow_symlinks=False)))
         except BaseException:
@@ -802,7 +1303,7 @@ class FileServer:
     def _mknod(self, m: p.Message) -> p.Message:
         assert isinstance(m, p.Tmknod)
         fid = self._fid(m.dfid)
-        dir_fd = self._dir_of(fid)
+        self._dir_of(fid)
         _check_name(m.name)
         kind = stat.S_IFMT(m.mode) or stat.S_IFREG
         if kind in (stat.S_IFCHR, stat.S_IFBLK):
@@ -810,6 +1311,7 @@ class FileServer:
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise _Errno(errno.EINVAL)
         self._writable()
+        dir_fd = self._new_name_dir(fid, m.name)
         mode = self._guest_mode(m.mode, False)
         # mapped: a FIFO or socket is a regular 0600 file, its kind in user.virtfs.mode
         host_kind = stat.S_IFREG if self._mapped else kind
@@ -826,6 +1328,7 @@ class FileServer:
                               fid.uid, m.gid)
             if not self._mapped:
                 os.chmod(_proc(fd), mode)
+            self._created(dir_fd, m.name, False)
             return p.Rmknod(self._qid(os.fstat(fd)))
         except BaseException:
             self._undo_create(dir_fd, m.name, False)
@@ -845,16 +1348,19 @@ class FileServer:
         assert isinstance(m, p.Tlink)
         dfid = self._fid(m.dfid)
         src = self._fid(m.fid)
-        dir_fd = self._dir_of(dfid)
+        self._dir_of(dfid)
         _check_name(m.name)
         self._writable()
         if stat.S_ISDIR(os.fstat(src.fd).st_mode):
             raise _Errno(errno.EPERM)
+        dir_fd = self._new_name_dir(dfid, m.name)
+        self._copy_up(src)
         pfd, name = self._parent(src)
         try:
             os.link(name, m.name, src_dir_fd=pfd, dst_dir_fd=dir_fd, follow_symlinks=False)
         finally:
             os.close(pfd)
+        self._created(dir_fd, m.name, False)
         return p.Rlink()
 
     def _rename(self, m: p.Message) -> p.Message:
@@ -864,11 +1370,16 @@ class FileServer:
         dir_fd = self._dir_of(dfid)
         _check_name(m.name)
         self._writable()
-        pfd, name = self._parent(fid)
-        try:
-            os.rename(name, m.name, src_dir_fd=pfd, dst_dir_fd=dir_fd)
-        finally:
-            os.close(pfd)
+        if self._layers is not None:
+            if not fid.path:
+                raise _Errno(errno.EBUSY)
+            self._overlay_rename(fid.path[:-1], fid.path[-1], dfid.path, m.name)
+        else:
+            pfd, name = self._parent(fid)
+            try:
+                os.rename(name, m.name, src_dir_fd=pfd, dst_dir_fd=dir_fd)
+            finally:
+                os.close(pfd)
         self._repath(fid.path, dfid.path + (m.name,))
         return p.Rrename()
 
@@ -881,7 +1392,10 @@ class FileServer:
         _check_name(m.oldname)
         _check_name(m.newname)
         self._writable()
-        os.rename(m.oldname, m.newname, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        if self._layers is not None:
+            self._overlay_rename(old.path, m.oldname, new.path, m.newname)
+        else:
+            os.rename(m.oldname, m.newname, src_dir_fd=old_fd, dst_dir_fd=new_fd)
         self._repath(old.path + (m.oldname,), new.path + (m.newname,))
         return p.Rrenameat()
 
@@ -893,7 +1407,9 @@ class FileServer:
         if m.flags & ~p.AT_REMOVEDIR:
             raise _Errno(errno.EINVAL)
         self._writable()
-        if m.flags & p.AT_REMOVEDIR:
+        if self._layers is not None:
+            self._overlay_delete(fid.path, m.name, bool(m.flags & p.AT_REMOVEDIR))
+        elif m.flags & p.AT_REMOVEDIR:
             os.rmdir(m.name, dir_fd=dir_fd)
         else:
             os.unlink(m.name, dir_fd=dir_fd)
@@ -905,6 +1421,11 @@ class FileServer:
         try:
             self._writable()
             is_dir = stat.S_ISDIR(os.fstat(fid.fd).st_mode)
+            if self._layers is not None:
+                if not fid.path:
+                    raise _Errno(errno.EBUSY)
+                self._overlay_delete(fid.path[:-1], fid.path[-1], is_dir)
+                return p.Rremove()
             pfd, name = self._parent(fid)
             try:
                 if is_dir:
