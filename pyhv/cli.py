@@ -83,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("bzimage")
     ex.add_argument("output")
 
+    ik = sub.add_parser("import-kernel", help="make a kernel bundle (vmlinux, release, an "
+                                              "initramfs with the 9p/virtio modules) for create")
+    ik.add_argument("--kernel", metavar="PATH",
+                    help="bzImage (default: /boot/vmlinuz-$(uname -r), else the newest "
+                         "generic kernel under /var/lib/pyhv/kernels)")
+    ik.add_argument("--modules", metavar="DIR",
+                    help="its /lib/modules/RELEASE (default: beside --kernel's tree, else "
+                         "/lib/modules/RELEASE)")
+    ik.add_argument("--output", metavar="DIR",
+                    help="the bundle (default: $PYHV_KERNEL_BUNDLE, else ~/.cache/pyhv/kernel)")
+
+    cr = sub.add_parser("create", help="run COMMAND in a fresh VM over directory trees "
+                                       "(exit status: the command's)")
+    cr.add_argument("--root", action="append", default=[], metavar="DIR",
+                    help="a tree for the guest's /; repeat it: later trees hide earlier ones "
+                         "and writes then go to a tmpfs")
+    cr.add_argument("--kernel", metavar="BUNDLE", help="a bundle from import-kernel "
+                    "(default: $PYHV_KERNEL_BUNDLE, else ~/.cache/pyhv/kernel)")
+    cr.add_argument("--cpus", "--smp", type=int, default=1, help="number of vCPUs")
+    cr.add_argument("--memory", "-m", default="256M", help="guest RAM (e.g. 256M, 1G)")
+    cr.add_argument("--com1", action="store_true",
+                    help="the guest's console on COM1, on stdio (default: a virtio console)")
+    cr.add_argument("--readonly", action="store_true", help="the guest cannot write the trees")
+    cr.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
+
     p9 = sub.add_parser("9p-serve", help="serve a directory over 9P2000.L on a socket "
                                          "(Linux's trans=tcp / trans=unix)")
     p9.add_argument("--root", required=True, action="append", metavar="DIR",
@@ -237,6 +262,35 @@ def _run_machine(config: "object", sig: "SignalPipe") -> int:
     return status["code"]
 
 
+def create(args: argparse.Namespace) -> int:
+    """``pyhv create``: run the command in a VM over the trees; its exit status."""
+    import tempfile
+
+    from pyhv import bundle
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    bundle.check_roots(args.root)
+    if not argv:
+        raise bundle.BundleError("create: no command given (pyhv create --root DIR -- "
+                                 "COMMAND ...)")
+    b = bundle.Bundle.open(args.kernel or bundle.default_bundle_dir())
+    with tempfile.TemporaryDirectory(prefix="pyhv-create-") as tmp:
+        exit_file = os.path.join(tmp, "exit")
+        cfg = bundle.create_config(args.root, argv, b, exit_file, args.cpus, args.memory,
+                                   args.com1, args.readonly)
+        code = run_machine(cfg)
+        with open(exit_file, "a+") as f:
+            f.seek(0)
+            status = bundle.read_exit_status(f.read())
+    if code != EXIT_OK:
+        return code
+    if status is None:
+        print("pyhv: create: the guest ended without reporting the command's exit status",
+              file=sys.stderr)
+        return bundle.EXIT_NO_STATUS
+    return status
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from pyhv.errors import PyhvError
@@ -246,6 +300,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from pyhv.engine.boot import extract_vmlinux_file
 
             extract_vmlinux_file(args.bzimage, args.output)
+            return EXIT_OK
+        if args.command in ("import-kernel", "create"):
+            from pyhv import bundle
+
+            if args.command == "create":
+                return create(args)
+            b = bundle.import_kernel(args.kernel, args.modules, args.output)
+            print(f"pyhv: kernel bundle {b.release} in {b.path}")
             return EXIT_OK
         if args.command == "img":
             from pyhv.engine.block import imgtool
