@@ -222,8 +222,9 @@ class DiskConfig:
     target: Optional[str] = None
     #: image format of ``path``: ``raw`` or ``qcow2``
     format: str = "raw"
-    #: ``file`` or ``block`` (a block device node)
-    source_type: Literal["file", "block"] = "file"
+    #: ``file``, ``block`` (a block device node), or ``vhostuser`` (``path`` is the
+    #: unix socket of a vhost-user-blk backend that serves the disk)
+    source_type: Literal["file", "block", "vhostuser"] = "file"
     bus: Literal["virtio"] = "virtio"
     readonly: bool = False
     shareable: bool = False
@@ -252,11 +253,18 @@ class DiskConfig:
     #: the qcow2 L2 table cache in bytes (QEMU's ``l2-cache-size``); None: QEMU's
     #: default (enough for 8 GiB of guest data, at least 1 MiB)
     l2_cache_size: Optional[int] = None
+    #: vhostuser: seconds between attempts to reach a backend that went away
+    #: (``<reconnect enabled='yes' timeout=>``); None: no reconnection
+    reconnect: Optional[int] = None
 
     def __post_init__(self) -> None:
         what = f"disk {self.target or self.path}"
         if not self.path:
             raise ConfigError(f"{what}: needs a source path")
+        if self.reconnect is not None and (self.source_type != "vhostuser" or
+                                           self.reconnect < 1):
+            raise ConfigError(f"{what}: reconnect needs a vhostuser disk and a timeout of "
+                              f"1 second or more")
         if self.format not in DISK_FORMATS:
             raise ConfigError(f"{what}: image format {self.format!r} is not one of "
                               f"{', '.join(DISK_FORMATS)}")

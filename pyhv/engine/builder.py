@@ -340,8 +340,14 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
         fn.attach_msi(vectors)
         plat.closers.append(vectors.close)
         plat.closers.append(fn.close)
-        for q, fd in enumerate(fn.notify_fds):
-            plat.watches.append((fd, functools.partial(_serve, fn, q), f"{fn.name} queue {q}"))
+        if hasattr(fn.device, "kick_fds"):
+            # a vhost-user device: its backend reads the kicks, pyhv raises its calls
+            fn.device.kick_fds = fn.notify_fds
+            fn.device.open_calls()  # type: ignore[attr-defined]
+        else:
+            for q, fd in enumerate(fn.notify_fds):
+                plat.watches.append((fd, functools.partial(_serve, fn, q),
+                                     f"{fn.name} queue {q}"))
         if hasattr(fn.device, "close"):
             plat.closers.append(fn.device.close)
         if hasattr(fn.device, "schedule"):

@@ -10,7 +10,7 @@ or a missing bridge fails the start with one line) and closed when it ends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from pyhv.config import SerialConfig, VmConfig
 from pyhv.engine.chardev import HostEnd, open_end
@@ -25,6 +25,8 @@ class HostResources:
     taps: dict[str, Tap] = field(default_factory=dict)
     #: COM2-COM4's host ends, by COM index (1 = COM2; COM1 has its own, ``HostSerial``)
     serials: dict[int, HostEnd] = field(default_factory=dict)
+    #: vhost-user backends' connections, by device id (disks and NICs)
+    vhost_user: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: VmConfig) -> "HostResources":
@@ -42,7 +44,14 @@ class HostResources:
             for p in cfg.extra_serials:
                 if p.target == "isa-serial":
                     res.serials[p.index] = open_end(p.chardev, f"serial COM{p.index + 1}")
+            for d in cfg.disks:
+                if d.source_type == "vhostuser":
+                    assert d.id is not None, "place the config first"
+                    res.vhost_user[d.id] = _vhost_user(d.path, False, f"disk {d.target or d.id}")
             for n in cfg.nets:
+                if n.backend == "vhost-user":
+                    assert n.id is not None and n.socket is not None, "place the config first"
+                    res.vhost_user[n.id] = _vhost_user(n.socket, n.server, f"interface {n.id}")
                 if n.backend != "tap":
                     continue
                 assert n.id is not None, "place the config first"
@@ -63,7 +72,27 @@ class HostResources:
             tap.close()
         for end in self.serials.values():
             end.close()
-        self.ports, self.taps, self.serials = {}, {}, {}
+        for client in self.vhost_user.values():
+            client.close()
+        self.ports, self.taps, self.serials, self.vhost_user = {}, {}, {}, {}
+
+
+#: how long pyhv waits for a vhost-user backend: to answer (pyhv connects) or to
+#: connect (pyhv listens, as QEMU's server=on without wait=off)
+VHOST_USER_CONNECT_WAIT = 2.0
+VHOST_USER_ACCEPT_WAIT = 30.0
+
+
+def _vhost_user(path: str, server: bool, what: str) -> Any:
+    from pyhv.engine.vhost_user.frontend import VhostUserClient
+
+    client = VhostUserClient(path, what, server=server)
+    try:
+        client.connect(VHOST_USER_ACCEPT_WAIT if server else VHOST_USER_CONNECT_WAIT)
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 __all__ = ["HostResources", "TapError"]

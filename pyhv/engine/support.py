@@ -99,6 +99,11 @@ def issues(cfg: VmConfig) -> list[Issue]:
     for i, fs in enumerate(cfg.filesystems):
         if fs.driver != "9p":
             add("filesystem", i, f"filesystem {fs.tag}", f"virtio-fs {NOT_BUILT}")
+    for i, d in enumerate(cfg.disks):
+        if d.source_type == "vhostuser" and not cfg.shared_memory:
+            add("disk", i, f"disk {d.target or d.id or i}",
+                "vhost-user-blk needs guest memory the backend can map: <memoryBacking>"
+                "<source type='memfd'/><access mode='shared'/>")
     for i, n in enumerate(cfg.nets):
         if n.backend == "vhost-user":
             add("net", i, net_label(cfg, i), f"vhost-user virtio-net {NOT_BUILT}")

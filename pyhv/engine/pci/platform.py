@@ -150,6 +150,12 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             out.append((c.id, c.address, VirtioConsole(ports, c.max_ports or 31)))
     for d in cfg.disks:
         assert d.address is not None and d.id is not None, "place the config first"
+        if d.source_type == "vhostuser":
+            from pyhv.engine.vhost_user.frontend import vhost_user_blk
+            out.append((d.id, d.address, vhost_user_blk(
+                host.vhost_user.get(d.id) if host is not None else None, d.queues,
+                d.reconnect)))
+            continue
         from pyhv.engine.virtio.blk import VirtioBlk
         if open_files:
             blk = VirtioBlk.from_config(d, d.queues)

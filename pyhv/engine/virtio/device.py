@@ -51,6 +51,9 @@ class VirtioDevice:
     features: int = 0
     #: what this device is, in one line (``pyhv domxml check``)
     kind: str = "virtio"
+    #: the transport's own offers this device can honour (a vhost-user backend may
+    #: lack a ring feature)
+    offer_mask: int = ~0
 
     def __init__(self) -> None:
         self.memory: Optional[GuestMemory] = None

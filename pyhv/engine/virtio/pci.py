@@ -160,7 +160,7 @@ class VirtioPciFunction(PciFunction):
 
     @property
     def offered(self) -> int:
-        return TRANSPORT_FEATURES | self.device.features
+        return (TRANSPORT_FEATURES | self.device.features) & self.device.offer_mask
 
     def reset(self) -> None:
         """A platform reset (power cycle): the transport and the device start over."""

@@ -1,0 +1,187 @@
+"""Tier kvm: pyhv as a vhost-user frontend.  The test guest's own virtio-pci
+driver (``pyhv.virtio``) drives a virtio-blk disk whose queues another process
+serves over vhost-user: pyhv's own ``pyhv vhost-user-blk`` and QEMU's
+``qemu-storage-daemon`` export.  The guest's requests (write, flush, read back,
+read of sector 0, read past the end) get their answers from the backend, the
+interrupts come back through the call eventfds, and the host file holds the
+write afterwards.  A backend that goes away sets NEEDS_RESET and the VMM goes
+on; a disk config without shared memory is refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from guests.report import initrd_checksum
+from test_virtio_blk_guest import (
+    DISK_ADDRESS,
+    MACHINES,
+    PATTERN,
+    S_IOERR,
+    S_OK,
+    SECTOR,
+    SERIAL,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    cmdline,
+    make_image,
+    the_function,
+)
+
+from pyhv.config import DiskConfig, KernelBoot, SerialConfig, VmConfig
+from pyhv.engine.machine import Machine
+from pyhv.engine.support import unsupported
+from pyhv.engine.vhost_user.frontend import VhostUserClient, VhostUserFrontendError
+
+pytestmark = pytest.mark.kvm
+
+MiB = 1 << 20
+
+
+def backend(kind: str, sock: Path, image: Path) -> subprocess.Popen:
+    if kind == "pyhv":
+        cmd = [sys.executable, "-m", "pyhv", "vhost-user-blk", "--socket", str(sock),
+               "--disk", str(image), "--serial", SERIAL]
+    else:
+        cmd = ["qemu-storage-daemon", "--blockdev",
+               f"driver=file,node-name=f,filename={image}", "--export",
+               f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
+               "writable=on"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "the backend did not listen"
+        time.sleep(0.05)
+    return p
+
+
+def config(sock: Path, out: Path, mode: str, shared: bool = True) -> VmConfig:
+    machine, controllers, _rng, _bdf = MACHINES["pc"]
+    disk = DiskConfig(str(sock), "vda", source_type="vhostuser", address=DISK_ADDRESS["pc"])
+    return VmConfig(KernelBoot(str(GUEST), cmdline=cmdline(mode)), memory=64 * MiB, vcpus=1,
+                    serial=SerialConfig("file", str(out)), machine=machine,
+                    controllers=controllers, disks=(disk,), shared_memory=shared)
+
+
+GUEST = Path("/nonexistent")
+
+
+@pytest.mark.parametrize("kind", ["pyhv", "qsd"])
+@pytest.mark.parametrize("mode", ["msix", "intx"])
+def test_guest_drives_a_vhost_user_blk_backend(guests, tmp_path, kind, mode):
+    if kind == "qsd" and not shutil.which("qemu-storage-daemon"):
+        pytest.skip("qemu-storage-daemon is not installed")
+    global GUEST
+    GUEST = guests.pvh_elf
+    image = tmp_path / "disk.img"
+    before = make_image(image)
+    sock = tmp_path / "blk.sock"
+    proc = backend(kind, sock, image)
+    out = tmp_path / "out.txt"
+    try:
+        m = Machine(config(sock, out, mode))
+        try:
+            m.start()
+            event = m.run(timeout=90)
+        finally:
+            m.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    text = out.read_text(errors="replace")
+    assert event is not None and event.kind == "powered-off", text[-2000:]
+    from guests.report import parse_report
+    v = the_function(parse_report(text), text, "pc", mode)
+    s = v.step
+
+    def req(name: str, rtype: int, sector: int, status: int) -> dict:
+        r = s(name)
+        assert (r["type"], r["sector"], r["status"]) == (rtype, sector, status), (name, r)
+        return r
+
+    c = s("blk-config")
+    assert (c["capacity"], c["blk_size"]) == (len(before) // SECTOR, SECTOR)
+    if kind == "pyhv":
+        assert s("get-id")["serial"] == SERIAL      # the backend answers GET_ID
+    req("write", T_OUT, 1, S_OK)
+    req("flush", T_FLUSH, 0, S_OK)
+    assert req("read", T_IN, 1, S_OK)["diff"] == 0
+    assert req("read0", T_IN, 0, S_OK)["csum"] == initrd_checksum(before[:SECTOR])
+    req("read-oob", T_IN, len(before) // SECTOR, S_IOERR)
+    st = s("stop")
+    assert st["status"] == 0
+    if mode == "msix":
+        assert st["irqs"] >= 5                       # the calls became interrupts
+    after = image.read_bytes()
+    assert after[SECTOR:2 * SECTOR] == PATTERN      # on the host file, through the backend
+    assert after[:SECTOR] == before[:SECTOR]
+
+
+def test_without_shared_memory_the_disk_is_refused(tmp_path):
+    cfg = config(tmp_path / "none.sock", tmp_path / "out.txt", "msix", shared=False)
+    problems = unsupported(cfg)
+    assert len(problems) == 1 and "access mode='shared'" in problems[0]
+
+
+def test_no_backend_is_one_clear_error(tmp_path):
+    c = VhostUserClient(str(tmp_path / "missing.sock"), "disk vda")
+    with pytest.raises(VhostUserFrontendError, match="disk vda: cannot connect to the "
+                                                     "vhost-user backend at .*missing.sock"):
+        c.connect(0.2)
+    c.close()
+
+
+def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path):
+    """The guest waits (``pyhv.wait=echo``) after bringing the disk up; the backend
+    is killed; within a few seconds the device reports NEEDS_RESET, the machine is
+    still running and ends cleanly."""
+    global GUEST
+    GUEST = guests.pvh_elf
+    image = tmp_path / "disk.img"
+    make_image(image)
+    sock = tmp_path / "blk.sock"
+    proc = backend("pyhv", sock, image)
+    cfg = config(sock, tmp_path / "out.txt", "msix")
+    cfg = VmConfig(KernelBoot(str(GUEST), cmdline=cmdline("msix") + " pyhv.wait=echo"),
+                   memory=cfg.memory, vcpus=1, serial=cfg.serial, machine=cfg.machine,
+                   controllers=cfg.controllers, disks=cfg.disks, shared_memory=True)
+    from pyhv.engine.errors import EngineError
+    from pyhv.engine.virtio.pci import STATUS_NEEDS_RESET, VirtioPciFunction
+    m = Machine(cfg)
+
+    def pump() -> None:
+        try:
+            m.run(timeout=0.2)
+        except EngineError as e:
+            assert "still running" in str(e)
+    try:
+        m.start()
+        deadline = time.monotonic() + 60
+        while "@virtio-end" not in (tmp_path / "out.txt").read_text(errors="replace"):
+            assert time.monotonic() < deadline
+            pump()
+        proc.kill()
+        proc.wait()
+        plat = m.platform
+        assert plat is not None and plat.pci is not None
+        (fn,) = [f for _b, _d, f, _p in plat.pci.root.walk() if isinstance(f, VirtioPciFunction)]
+        deadline = time.monotonic() + 10
+        while not fn.status & STATUS_NEEDS_RESET:
+            assert time.monotonic() < deadline, "no NEEDS_RESET after the backend died"
+            pump()
+        assert "went away" in (fn.broken_reason or "")
+        assert not m.finished
+    finally:
+        m.close()
+        if proc.poll() is None:
+            proc.kill()
+        if os.path.exists(sock):
+            os.unlink(sock)
