@@ -303,11 +303,18 @@ def _pyhv_side(args: dict[str, Any]) -> dict[str, Any]:
     from pyhv.engine.virtio.pci import VirtioPciFunction
 
     machine, controllers, _rng, _bdf = MACHINES[args["name"]]
-    nic = NetConfig("tap", ifname=TAP, mac=GUEST_MAC, mtu=MTU,
-                    address=PciAddress(*NET_ADDRESS[args["name"]]))
+    backend: Optional[subprocess.Popen] = None
+    if args["vmm"] == "pyhv-vhost-user":
+        # pyhv as the vhost-user frontend, pyhv vhost-user-net on the tap as the backend
+        backend = _vhost_user_net_backend(Path(args["short"]) / "net.sock")
+        nic = NetConfig("vhost-user", socket=str(Path(args["short"]) / "net.sock"),
+                        mac=GUEST_MAC, mtu=MTU, address=PciAddress(*NET_ADDRESS[args["name"]]))
+    else:
+        nic = NetConfig("tap", ifname=TAP, mac=GUEST_MAC, mtu=MTU,
+                        address=PciAddress(*NET_ADDRESS[args["name"]]))
     cfg = VmConfig(KernelBoot(args["kernel"], cmdline=args["cmdline"]), memory=64 * MiB,
                    vcpus=1, serial=SerialConfig("file", args["out"]), machine=machine,
-                   controllers=controllers, nets=(nic,))
+                   controllers=controllers, nets=(nic,), shared_memory=backend is not None)
     m = Machine(cfg)
     events: list[list[str]] = []
 
@@ -344,8 +351,29 @@ def _pyhv_side(args: dict[str, Any]) -> dict[str, Any]:
         if peer is not None:
             peer.join(10)
             peer.sock.close()
+        if backend is not None:
+            backend.terminate()
+            try:
+                out["backend_stderr"] = backend.communicate(timeout=20)[1]
+            except subprocess.TimeoutExpired:
+                backend.kill()
+            out["backend_rc"] = backend.returncode
     out.update(seconds=time.monotonic() - start, events=events, **_peer_result(peer))
     return out
+
+
+def _vhost_user_net_backend(sock: Path) -> subprocess.Popen:
+    """``pyhv vhost-user-net`` on the tap, listening on ``sock``."""
+    backend = subprocess.Popen([str(Path(sys.executable).with_name("pyhv")),
+                                "vhost-user-net", "--socket", str(sock), "--tap", TAP],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if time.monotonic() > deadline or backend.poll() is not None:
+            backend.kill()
+            raise RuntimeError(f"pyhv vhost-user-net: {backend.communicate()[1]}")
+        time.sleep(0.02)
+    return backend
 
 
 class Qmp:
@@ -496,7 +524,7 @@ def namespace_main(argv: list[str]) -> None:
     args = json.loads(argv[0])
     _isolate()
     try:
-        result = (_pyhv_side if args["vmm"] == "pyhv" else _qemu_side)(args)
+        result = (_pyhv_side if args["vmm"].startswith("pyhv") else _qemu_side)(args)
     except Exception as e:  # noqa: BLE001 - reported to the test, which fails
         import traceback
         result = {"error": repr(e), "traceback": traceback.format_exc()}
@@ -737,6 +765,20 @@ def test_virtio_net_driver_over_pyhv_vhost_user_net(netns, guests, tmp_path):
     check_net(v, "msix", rx_filter=False)
     check_peer(run)
     assert run.host["link_result"] == {"return": {}}, run.host["link_result"]
+    assert run.host["backend_rc"] == 0, run.host["backend_stderr"]
+    assert "Traceback" not in run.host["backend_stderr"]
+
+
+def test_virtio_net_driver_over_pyhv_as_vhost_user_frontend(netns, guests, tmp_path):
+    """pyhv keeps the virtio-net front (configuration, control queue, link) and hands
+    the rings to ``pyhv vhost-user-net`` on the tap, as QEMU does: the same guest
+    passes the same checks (the receive filter is the backend's to skip, as with
+    QEMU), every frame crossing the backend process, and set_link reaches the guest."""
+    run = in_namespace("pyhv-vhost-user", guests.pvh_elf, tmp_path, "pc", cmdline("msix"))
+    v = the_function(run.report, run.output, "pc", "msix")
+    check_net(v, "msix", rx_filter=False)
+    check_peer(run)
+    assert run.host["event"][0] == "powered-off", run.host
     assert run.host["backend_rc"] == 0, run.host["backend_stderr"]
     assert "Traceback" not in run.host["backend_stderr"]
 

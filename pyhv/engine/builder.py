@@ -14,7 +14,7 @@ import itertools
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pyhv.config import VmConfig, machine_family
 from pyhv.engine import layout
@@ -340,12 +340,15 @@ def attach_virtio(plat: Platform, hooks: Hooks) -> None:
         fn.attach_msi(vectors)
         plat.closers.append(vectors.close)
         plat.closers.append(fn.close)
+        local: Any = range(len(fn.notify_fds))
         if hasattr(fn.device, "kick_fds"):
-            # a vhost-user device: its backend reads the kicks, pyhv raises its calls
+            # a vhost-user device: its backend reads the kicks (pyhv raises its calls),
+            # but for the queues pyhv serves itself
             fn.device.kick_fds = fn.notify_fds
             fn.device.open_calls()  # type: ignore[attr-defined]
-        else:
-            for q, fd in enumerate(fn.notify_fds):
+            local = fn.device.local_queues  # type: ignore[attr-defined]
+        for q, fd in enumerate(fn.notify_fds):
+            if q in local:
                 plat.watches.append((fd, functools.partial(_serve, fn, q),
                                      f"{fn.name} queue {q}"))
         if hasattr(fn.device, "close"):

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from pyhv.config import VmConfig
 from pyhv.engine import layout
@@ -318,27 +318,27 @@ class Machine:
         return None
 
     def nics(self) -> dict[str, object]:
-        """The virtio-net device models of the running platform, by NIC id."""
-        from pyhv.engine.virtio.net import VirtioNet
+        """The NICs' virtio functions of the running platform (on a tap or a vhost-user
+        backend), by NIC id."""
+        from pyhv.engine.virtio.device import TYPE_NET
         from pyhv.engine.virtio.pci import VirtioPciFunction
 
         out: dict[str, object] = {}
         if self.platform is not None:
             for rec in self.platform.devices.records():
                 fn = rec.device
-                if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioNet):
+                if isinstance(fn, VirtioPciFunction) and fn.device.device_type == TYPE_NET:
                     out[rec.id] = fn
         return out
 
     def set_link(self, ident: str, up: bool) -> None:
         """Plug or pull NIC ``ident``'s virtual cable (QMP set_link)."""
-        from pyhv.engine.virtio.net import VirtioNet
         from pyhv.engine.virtio.pci import VirtioPciFunction
 
         fn = self.nics().get(ident)
-        if not isinstance(fn, VirtioPciFunction) or not isinstance(fn.device, VirtioNet):
+        if not isinstance(fn, VirtioPciFunction):
             raise EngineError(f"no NIC {ident!r}")
-        dev = fn.device
+        dev: Any = fn.device
         fn.host_work(lambda: dev.set_link(up))
 
     def disks(self) -> dict[str, object]:

@@ -105,8 +105,10 @@ def issues(cfg: VmConfig) -> list[Issue]:
                 "vhost-user-blk needs guest memory the backend can map: <memoryBacking>"
                 "<source type='memfd'/><access mode='shared'/>")
     for i, n in enumerate(cfg.nets):
-        if n.backend == "vhost-user":
-            add("net", i, net_label(cfg, i), f"vhost-user virtio-net {NOT_BUILT}")
+        if n.backend == "vhost-user" and not cfg.shared_memory:
+            add("net", i, net_label(cfg, i), "vhost-user virtio-net needs guest memory the "
+                                             "backend can map: <memoryBacking><source "
+                                             "type='memfd'/><access mode='shared'/>")
         elif n.network is not None and not n.fds:
             add("net", i, net_label(cfg, i), f"libvirt network {n.network!r} outside "
                                              f"libvirtd {NOT_BUILT} (pyhv run takes "

@@ -174,8 +174,13 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
                                                        fs.accessmode), fs.tag)))
     for n in cfg.nets:
         assert n.address is not None and n.id is not None, "place the config first"
-        if n.backend != "tap":
-            continue  # vhost-user: support.py refuses it
+        if n.backend == "vhost-user":
+            from pyhv.engine.vhost_user.frontend_net import VhostUserNet
+            from pyhv.engine.virtio.net import mac_bytes
+            out.append((n.id, n.address, VhostUserNet(
+                host.vhost_user.get(n.id) if host is not None else None,
+                mac_bytes(n.mac or _mac(n.id)), n.queues, n.mtu, n.link_up)))
+            continue
         from pyhv.engine.net.tap import Tap
         from pyhv.engine.virtio.net import VirtioNet, mac_bytes
         tap = host.taps.get(n.id) if host is not None else None

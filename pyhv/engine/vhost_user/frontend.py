@@ -243,9 +243,12 @@ class VhostUserDevice(VirtioDevice):
         self.device_features = device_features
         self.config_size = min(config_size, MAX_CONFIG_SIZE)
         self.reconnect = reconnect
+        #: what GET_QUEUE_NUM must reach (queues; queue pairs for a NIC)
         self.wanted_queues = queues
         self.queue_size = queue_size
         self.queue_sizes = (queue_size,) * queues
+        #: queues pyhv serves itself (a NIC's control queue); the engine watches them
+        self.local_queues: frozenset[int] = frozenset()
         self.features = 0
         self.offer_mask = ~0
         self._config = bytes(self.config_size)
@@ -279,15 +282,19 @@ class VhostUserDevice(VirtioDevice):
             if n < self.wanted_queues:
                 raise VhostUserFrontendError(f"{c.what}: the backend serves {n} queues, "
                                              f"{self.wanted_queues} wanted")
-        elif self.wanted_queues > 1 and self.device_type == 2:
+        elif self.wanted_queues > 1:
             raise VhostUserFrontendError(f"{c.what}: {self.wanted_queues} queues need a "
                                          f"backend with the MQ protocol feature")
-        self.features = backend & self.device_features
+        self.features = self.offered_features(backend)
         # the transport offers its ring features only where the backend has them
         self.offer_mask = ~(RING_FEATURES & ~backend)
         if self.config_size and self.protocol & PF_CONFIG:
             self._config = self._get_config()
         self.broken = None
+
+    def offered_features(self, backend: int) -> int:
+        """The device features the guest is offered, given the backend's."""
+        return backend & self.device_features
 
     def _get_config(self) -> bytes:
         assert self.client is not None
@@ -345,11 +352,12 @@ class VhostUserDevice(VirtioDevice):
         assert c is not None
         try:
             extra = F_PROTOCOL_FEATURES if self.backend_features & F_PROTOCOL_FEATURES else 0
-            c.request(Request.SET_FEATURES, features | extra)
+            # the backend gets the features it offered (not those pyhv itself serves)
+            c.request(Request.SET_FEATURES, (features & self.backend_features) | extra)
             c.request(Request.SET_MEM_TABLE, MemoryTable(tuple(self._regions(memory))),
                       fds=[r.fd for r in memory.regions], ack=bool(self.protocol & PF_REPLY_ACK))
             for i, q in enumerate(queues):
-                if not q.ready:
+                if not q.ready or i in self.local_queues:
                     continue
                 c.request(Request.SET_VRING_NUM, VringState(i, q.size))
                 c.request(Request.SET_VRING_BASE, VringState(i, 0))

@@ -483,72 +483,89 @@ class VirtioNet(VirtioDevice):
         cls, cmd, data = command[0], command[1], command[2:]
         f = self.acked_features
         before = self.filter.describe()
-        ack = ERR
-        if cls == CTRL_RX and f & F_CTRL_RX and len(data) >= 1 and \
-                (cmd <= RX_ALLMULTI or (cmd <= RX_NOBCAST and f & F_CTRL_RX_EXTRA)):
-            name = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")[cmd]
-            setattr(self.filter, name, bool(data[0]))
-            ack = OK
-        elif cls == CTRL_MAC and cmd == MAC_TABLE_SET and f & F_CTRL_RX:
-            ack = self._mac_tables(data)
-        elif cls == CTRL_MAC and cmd == MAC_ADDR_SET and f & F_CTRL_MAC_ADDR and \
-                len(data) >= 6:
-            self.mac = self.filter.mac = bytes(data[:6])
-            ack = OK
-        elif cls == CTRL_VLAN and f & F_CTRL_VLAN and cmd in (VLAN_ADD, VLAN_DEL) and \
-                len(data) >= 2:
-            vid = struct.unpack_from("<H", data)[0]
-            if vid < 4096 and self.filter.vlans is not None:
-                if cmd == VLAN_ADD:
-                    self.filter.vlans.add(vid)
-                else:
-                    self.filter.vlans.discard(vid)
-                ack = OK
-        elif cls == CTRL_ANNOUNCE and cmd == 0 and f & F_GUEST_ANNOUNCE:
+        ack = filter_command(self.filter, f, cls, cmd, data)
+        if ack is not None:
+            if ack == OK and cls == CTRL_MAC and cmd == MAC_ADDR_SET:
+                self.mac = self.filter.mac
+            if ack == OK and self.filter.describe() != before and \
+                    self.on_filter_changed is not None:
+                self.on_filter_changed()
+            return ack
+        if cls == CTRL_ANNOUNCE and cmd == 0 and f & F_GUEST_ANNOUNCE:
             self.status &= ~S_ANNOUNCE
-            ack = OK
-        elif cls == CTRL_MQ and cmd == 0 and f & F_MQ and len(data) >= 2:
+            return OK
+        if cls == CTRL_MQ and cmd == 0 and f & F_MQ and len(data) >= 2:
             pairs = struct.unpack_from("<H", data)[0]
-            if 1 <= pairs <= self.pairs:
-                self.active_pairs = pairs
-                try:
-                    self.tap.enable_queues(pairs)
-                except TapError:
-                    return ERR
-                self._watch()
-                ack = OK
-        elif cls == CTRL_GUEST_OFFLOADS and cmd == 0 and f & F_CTRL_GUEST_OFFLOADS and \
+            if not 1 <= pairs <= self.pairs:
+                return ERR
+            self.active_pairs = pairs
+            try:
+                self.tap.enable_queues(pairs)
+            except TapError:
+                return ERR
+            self._watch()
+            return OK
+        if cls == CTRL_GUEST_OFFLOADS and cmd == 0 and f & F_CTRL_GUEST_OFFLOADS and \
                 len(data) >= 8:
             wanted = struct.unpack_from("<Q", data)[0]
             if wanted & ~self.acked_features & 0xFFFFFFFF:
                 return ERR  # only offloads the driver negotiated may be turned on
             self._set_offloads(wanted)
-            ack = OK
-        if ack == OK and self.filter.describe() != before and \
-                self.on_filter_changed is not None:
-            self.on_filter_changed()
-        return ack
-
-    def _mac_tables(self, data: bytes) -> int:
-        tables: list[tuple[list[bytes], bool]] = []
-        pos = 0
-        for _kind in range(2):
-            if pos + 4 > len(data):
-                return ERR
-            entries = struct.unpack_from("<I", data, pos)[0]
-            pos += 4
-            if pos + 6 * entries > len(data):
-                return ERR
-            macs = [bytes(data[pos + 6 * i:pos + 6 * i + 6])
-                    for i in range(min(entries, MAC_TABLE_ENTRIES))]
-            pos += 6 * entries
-            tables.append((macs, entries > MAC_TABLE_ENTRIES))
-        (self.filter.uni, self.filter.uni_overflow), \
-            (self.filter.multi, self.filter.multi_overflow) = tables
-        return OK
+            return OK
+        return ERR
 
     def close(self) -> None:
         return None  # the tap is the machine's: it outlives this device
+
+
+def filter_command(filt: RxFilter, features: int, cls: int, cmd: int,
+                   data: bytes) -> Optional[int]:
+    """A control command that changes the receive filter (rx modes, MAC tables, the
+    MAC address, VLANs): its ack; None when the command is of another class."""
+    f = features
+    if cls == CTRL_RX:
+        if f & F_CTRL_RX and len(data) >= 1 and \
+                (cmd <= RX_ALLMULTI or (cmd <= RX_NOBCAST and f & F_CTRL_RX_EXTRA)):
+            name = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")[cmd]
+            setattr(filt, name, bool(data[0]))
+            return OK
+        return ERR
+    if cls == CTRL_MAC:
+        if cmd == MAC_TABLE_SET and f & F_CTRL_RX:
+            return _mac_tables(filt, data)
+        if cmd == MAC_ADDR_SET and f & F_CTRL_MAC_ADDR and len(data) >= 6:
+            filt.mac = bytes(data[:6])
+            return OK
+        return ERR
+    if cls == CTRL_VLAN:
+        if f & F_CTRL_VLAN and cmd in (VLAN_ADD, VLAN_DEL) and len(data) >= 2:
+            vid = struct.unpack_from("<H", data)[0]
+            if vid < 4096 and filt.vlans is not None:
+                if cmd == VLAN_ADD:
+                    filt.vlans.add(vid)
+                else:
+                    filt.vlans.discard(vid)
+                return OK
+        return ERR
+    return None
+
+
+def _mac_tables(filt: RxFilter, data: bytes) -> int:
+    tables: list[tuple[list[bytes], bool]] = []
+    pos = 0
+    for _kind in range(2):
+        if pos + 4 > len(data):
+            return ERR
+        entries = struct.unpack_from("<I", data, pos)[0]
+        pos += 4
+        if pos + 6 * entries > len(data):
+            return ERR
+        macs = [bytes(data[pos + 6 * i:pos + 6 * i + 6])
+                for i in range(min(entries, MAC_TABLE_ENTRIES))]
+        pos += 6 * entries
+        tables.append((macs, entries > MAC_TABLE_ENTRIES))
+    (filt.uni, filt.uni_overflow), (filt.multi, filt.multi_overflow) = tables
+    return OK
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:
