@@ -407,3 +407,35 @@ def test_qcow2_disk_and_backing_chain(backing: str, expect: Any) -> None:
         assert schema_valid(out), out
     assert parse_domain(out.encode()) == cfg
     assert unsupported(cfg) == []
+
+
+VHOSTUSER_DISK = """<domain type='kvm'><name>vu</name><memory unit='MiB'>64</memory>
+  {backing}
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/k</kernel></os>
+  <devices>
+    <disk type='vhostuser' device='disk'>
+      <driver name='qemu' type='{fmt}'/>
+      <source type='unix' path='/run/vhost-blk.sock'>{reconnect}</source>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+  </devices></domain>"""
+SHARED = "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+
+
+def test_vhostuser_disk() -> None:
+    """libvirt's <disk type='vhostuser'>: the backend's socket, reconnect, round trip;
+    refused in one line without shared memory or with a format other than raw."""
+    xml = VHOSTUSER_DISK.format(backing=SHARED, fmt="raw",
+                                reconnect="<reconnect enabled='yes' timeout='7'/>")
+    cfg = parse_domain(xml.encode())
+    (d,) = cfg.disks
+    assert (d.source_type, d.path, d.reconnect, d.target) == \
+        ("vhostuser", "/run/vhost-blk.sock", 7, "vdb")
+    assert parse_domain(to_xml(cfg).encode()) == cfg
+    assert unsupported(cfg) == []
+    bare = parse_domain(VHOSTUSER_DISK.format(backing="", fmt="raw", reconnect="").encode())
+    assert bare.disks[0].reconnect is None
+    (why,) = unsupported(bare)
+    assert "access mode='shared'" in why
+    with pytest.raises(DomainXmlError, match="driver type is raw"):
+        parse_domain(VHOSTUSER_DISK.format(backing=SHARED, fmt="qcow2", reconnect="").encode())

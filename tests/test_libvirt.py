@@ -795,3 +795,48 @@ def test_com2_on_a_pty(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def test_vhostuser_disk(daemon, guests, tmp_path):
+    """<disk type='vhostuser'> (libvirt's -chardev socket + vhost-user-blk-pci, shared
+    memfd memory): pyhv-qemu connects to a pyhv vhost-user-blk backend and the test
+    guest's virtio-blk driver reads and writes through it."""
+    import sys
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"PYHV" * 256 + bytes((1 << 20) - 1024))
+    sock = tmp_path / "blk.sock"
+    backend = subprocess.Popen([sys.executable, "-m", "pyhv", "vhost-user-blk", "--socket",
+                                str(sock), "--disk", str(image)], stderr=subprocess.PIPE,
+                               text=True)
+    name = "vhostuserdisk"
+    out = tmp_path / "serial.log"
+    serial = f"<serial type='file'><source path='{out}'/><target port='0'/></serial>"
+    disk = (f"<disk type='vhostuser' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source type='unix' path='{sock}'><reconnect enabled='yes' timeout='5'/>"
+            "</source><target dev='vda' bus='virtio'/></disk>")
+    xml = domain_xml(name, guests.pvh_elf, "pyhv.pci pyhv.virtio=msix", serial)
+    xml = xml.replace("<devices>", "<memoryBacking><source type='memfd'/><access "
+                                   "mode='shared'/></memoryBacking><devices>")
+    define(daemon, tmp_path, name, xml.replace("<memballoon", disk + "<memballoon"))
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert backend.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        virsh(daemon, "start", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        argv = daemon.domain_log(name).read_text()
+        assert "vhost-user-blk-pci" in argv and "reconnect=5" in argv, argv[-3000:]
+        text = out.read_text()
+        report = parse_report(text)
+        assert report.complete and not report.errors, text[-3000:]
+        steps = {name: f for v in report.virtio for name, f in v.steps}
+        assert steps["blk-config"]["capacity"] == (1 << 20) // 512
+        assert steps["read0"]["status"] == 0 and steps["write"]["status"] == 0
+        assert image.read_bytes()[512:1024] != (b"PYHV" * 256)[512:1024]  # the write landed
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
+        backend.terminate()
+        backend.communicate(timeout=20)

@@ -334,6 +334,29 @@ def test_vhost_user_fs_needs_shared_memory() -> None:
     assert any("vhost-user" in p for p in plan.pending)
 
 
+def test_vhost_user_blk_is_a_disk_on_its_socket() -> None:
+    """libvirt 9.0's <disk type='vhostuser'> with <reconnect timeout='10'/>: a client
+    socket chardev with reconnect=10 and vhost-user-blk-pci on it."""
+    shared = ["-machine", "pc,memory-backend=pc.ram",
+              "-object", '{"qom-type":"memory-backend-memfd","id":"pc.ram","size":67108864,'
+                         '"share":true}']
+    dev = ["-chardev", "socket,id=chr-vu-virtio-disk0,path=/run/blk.sock,reconnect=10",
+           "-device", '{"driver":"vhost-user-blk-pci","chardev":"chr-vu-virtio-disk0",'
+                      '"id":"virtio-disk0","bus":"pci.0","addr":"0x4","bootindex":1}']
+    assert "shared guest memory" in fails(["-kernel", "/k", *dev], ShimUsageError)
+    c = build(["-kernel", "/k", *shared, *dev]).config
+    assert c is not None
+    (d,) = c.disks
+    assert (d.source_type, d.path, d.reconnect, d.boot_order, d.id) == \
+        ("vhostuser", "/run/blk.sock", 10, 1, "virtio-disk0")
+    assert "vhost-user sockets only" in fails(
+        ["-kernel", "/k", "-chardev", "socket,id=c,path=/run/x.sock,reconnect=5",
+         "-device", "virtio-serial", "-device", "virtconsole,chardev=c"])
+    assert "client unix sockets" in fails(
+        ["-kernel", "/k", *shared, "-chardev", "socket,id=c,path=/run/x.sock,server=on,"
+         "reconnect=5", "-device", "vhost-user-blk-pci,chardev=c"])
+
+
 def test_vhost_user_net() -> None:
     plan = build(["-machine", "pc,memory-backend=m", "-kernel", "/k",
                   "-object", "memory-backend-memfd,id=m,size=256M",

@@ -75,6 +75,11 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
                                           ("rerror_policy", d.rerror_policy),
                                           ("serial", d.serial), ("boot", d.boot_order))
                   if v is not None]
+        if d.source_type == "vhostuser":
+            rc = f", reconnect every {d.reconnect} s" if d.reconnect else ""
+            rows.append((d, f"disk {d.target or f'#{i}'}: vhost-user-blk, unix socket "
+                            f"{d.path} (backend's queues: {d.queues}{rc})", ("disk", i)))
+            continue
         rows.append((d, f"disk {d.target or f'#{i}'}: virtio-blk, {d.source_type} {d.path} "
                         f"({', '.join(flags)})", ("disk", i)))
     for i, fs in enumerate(cfg.filesystems):

@@ -609,7 +609,7 @@ class _Mapper:
 
     def disk(self, el: Any) -> DiskConfig:
         self.common(el)
-        kind = self.choice(el, "type", ("file", "block"), "file", "disk type")
+        kind = self.choice(el, "type", ("file", "block", "vhostuser"), "file", "disk type")
         self.choice(el, "device", ("disk",), "disk", "disk device")
         self.attr(el, "snapshot")
         drv = self.child(el, "driver")
@@ -635,7 +635,22 @@ class _Mapper:
             rpolicy = self.choice(drv, "rerror_policy", ("stop", "report", "ignore"), None,
                                   "rerror_policy")
         src = self.child(el, "source")
-        attr = "file" if kind == "file" else "dev"
+        reconnect = None
+        if kind == "vhostuser":
+            if src is None or not self.attr(src, "path"):
+                self.fail(src if src is not None else el,
+                          "a vhostuser disk needs <source type='unix' path='SOCKET'/>")
+            assert src is not None
+            self.choice(src, "type", ("unix",), "unix", "vhostuser source type")
+            if fmt != "raw":
+                self.fail(drv, "a vhostuser disk's driver type is raw (the backend serves "
+                               "the image)")
+            rc = self.child(src, "reconnect")
+            if rc is not None and self.choice(rc, "enabled", ("yes", "no"), "no",
+                                              "reconnect") == "yes":
+                reconnect = self.integer(rc, self.attr(rc, "timeout") or "10",
+                                         "reconnect timeout", 1)
+        attr = "file" if kind == "file" else "path" if kind == "vhostuser" else "dev"
         path = self.attr(src, attr) if src is not None else None
         if not path:
             self.fail(src if src is not None else el,
@@ -662,7 +677,7 @@ class _Mapper:
                               cache, io, discard, dz, serial, order,  # type: ignore[arg-type]
                               queues, error_policy=policy,  # type: ignore[arg-type]
                               rerror_policy=rpolicy,  # type: ignore[arg-type]
-                              backing=backing)
+                              backing=backing, reconnect=reconnect)
         except ConfigError as e:
             self.fail(el, str(e))
 

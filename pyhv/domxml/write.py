@@ -175,7 +175,12 @@ def to_xml(cfg: VmConfig) -> str:
              discard=d.discard, detect_zeroes=d.detect_zeroes,
              queues=str(d.queues) if d.queues != 1 else None,
              error_policy=d.error_policy, rerror_policy=d.rerror_policy)
-        _sub(el, "source", **{"file" if d.source_type == "file" else "dev": d.path})
+        if d.source_type == "vhostuser":
+            src = _sub(el, "source", type="unix", path=d.path)
+            if d.reconnect is not None:
+                _sub(src, "reconnect", enabled="yes", timeout=str(d.reconnect))
+        else:
+            _sub(el, "source", **{"file" if d.source_type == "file" else "dev": d.path})
         if d.backing is not None:  # the chain, ended by an empty <backingStore/>
             parent = el
             for bf in d.backing:

@@ -247,6 +247,10 @@ def _qom_types(reg: Any) -> dict[str, _QomType]:
             out[dev.parent] = _QomType(dev.parent, "device", True)
         out[dev.name] = _QomType(dev.name, dev.parent, False, tuple(
             (p.name, p.type, p.description, p.default) for p in dev.properties), True)
+        backend = getattr(reg, "VIRTIO_BACKENDS", {}).get(dev.name)
+        if backend is not None:
+            out.setdefault("virtio-device", _QomType("virtio-device", "device", True))
+            out[backend] = _QomType(backend, "virtio-device", False)
     cpu_props = tuple((n, t, "", None) for n, t in _CPU_PROPS)
     for cpu in reg.CPU_MODELS:
         out[cpu.typename] = _QomType(cpu.typename, "x86_64-cpu", False, cpu_props)

@@ -96,6 +96,8 @@ class Chardev:
     logfile: Optional[str] = None
     logfd: Optional[int] = None
     logappend: bool = False
+    #: client sockets: seconds between reconnection attempts (0: none)
+    reconnect: int = 0
     where: str = ""
 
 
@@ -552,15 +554,17 @@ class _Builder:
             if sum(x is not None for x in (path, fd, port)) != 1:
                 raise _usage(where, "a socket chardev needs one of 'path', 'fd' and "
                                     "'host'/'port'")
-            if opts.get_int("reconnect", 0):
-                raise _unsupported(where, "'reconnect' is not supported by pyhv")
+            reconnect = opts.get_int("reconnect", 0, lo=0) or 0
+            if reconnect and (opts.get_bool("server") or path is None):
+                raise _usage(where, "'reconnect' is for client unix sockets (path=, no "
+                                    "server=on)")
             if opts.get_bool("abstract"):
                 raise _unsupported(where, "abstract unix sockets are not supported by pyhv")
             opts.get_bool("tight", True)
             wait = opts.get_bool("wait", True) and not opts.get_bool("nowait")
             return Chardev(path=path, fd=fd, server=opts.get_bool("server"), wait=wait,
                            host=host if port is not None else None, port=port,
-                           **base)  # type: ignore[arg-type]
+                           reconnect=reconnect, **base)  # type: ignore[arg-type]
         if backend == "file":
             opts.check_keys(common + ("path", "append"))
             path, fd = self.resolve_path(opts.need_str("path"), where)
@@ -574,10 +578,14 @@ class _Builder:
         raise _unsupported(where, f"chardev backend '{backend}' is not supported by pyhv "
                                   "(socket, pty, file, null and stdio are)")
 
-    def claim_chardev(self, cid: str, user: str, where: str) -> Chardev:
+    def claim_chardev(self, cid: str, user: str, where: str,
+                      reconnect_ok: bool = False) -> Chardev:
         cd = self.chardevs.get(cid)
         if cd is None:
             raise _usage(where, f"chardev '{cid}' not found")
+        if cd.reconnect and not reconnect_ok:
+            raise _unsupported(cd.where, "'reconnect' is supported by pyhv for vhost-user "
+                                         "sockets only")
         if cid in self.chardev_users:
             raise _usage(where, f"chardev '{cid}' is already used by "
                                 f"{self.chardev_users[cid]}")
@@ -1560,9 +1568,13 @@ class _Builder:
 
     def _vhost_user(self, spec: DeviceSpec, opts: Opts) -> None:
         self.need_shared_memory(spec.where)
-        cd = self.claim_chardev(opts.need_str("chardev"), spec.where, spec.where)
+        cd = self.claim_chardev(opts.need_str("chardev"), spec.where, spec.where,
+                                reconnect_ok=spec.driver == "vhost-user-blk-pci")
         if cd.backend != "socket":
             raise _usage(spec.where, f"chardev '{cd.id}' must be a unix socket")
+        if spec.driver == "vhost-user-blk-pci":
+            self._vhost_user_blk(spec, opts, cd)
+            return
         tag = opts.get_str("tag")
         if spec.driver == "vhost-user-fs-pci" and not tag:
             raise _usage(spec.where, "parameter 'tag' is missing")
@@ -1571,6 +1583,26 @@ class _Builder:
                                              opts.get_int("queue-size"),
                                              opts.get_int("bootindex"), spec.addr))
         self.note(f"{spec.where}: vhost-user devices are recorded, not built yet")
+
+    def _vhost_user_blk(self, spec: DeviceSpec, opts: Opts, cd: Chardev) -> None:
+        """A virtio-blk disk whose queues a vhost-user backend serves (libvirt's
+        ``<disk type='vhostuser'>``): pyhv connects to the backend's socket."""
+        if cd.path is None or cd.server:
+            raise _unsupported(spec.where, f"chardev '{cd.id}': pyhv connects to a "
+                                           "vhost-user-blk backend's unix socket (path=, "
+                                           "no server=on)")
+        bootindex = opts.get_int("bootindex")
+        opts.get_int("queue-size")  # the backend's ring size is pyhv's (128)
+        opts.get_bool("config-wce", True)
+        try:
+            self.disk_configs.append(DiskConfig(
+                cd.path, source_type="vhostuser",
+                queues=opts.get_int("num-queues") or 1,
+                boot_order=bootindex if bootindex is not None and bootindex >= 1 else None,
+                reconnect=cd.reconnect or None, id=spec.id,
+                address=self.config_address(spec)))
+        except ConfigError as e:
+            raise _usage(spec.where, str(e)) from None
 
     dev_vhost_user_blk_pci = _vhost_user
     dev_vhost_user_fs_pci = _vhost_user

@@ -446,4 +446,9 @@ BUILT: frozenset[str] = frozenset({
     "virtio-rng-pci", "virtio-rng-pci-non-transitional",
     "virtio-blk-pci", "virtio-blk-pci-non-transitional",
     "virtio-balloon-pci", "virtio-balloon-pci-non-transitional",
+    "vhost-user-blk-pci",  # the queues served by another process (vhost-user frontend)
 })
+
+#: virtio device types (QEMU's proxies' back halves) libvirt probes for: present when
+#: the proxy is built
+VIRTIO_BACKENDS: dict[str, str] = {"vhost-user-blk-pci": "vhost-user-blk"}
