@@ -506,8 +506,18 @@ class CpuConfig:
     #: None: the engine's flat topology (1 socket × vcpus cores)
     topology: Optional[CpuTopology] = None
     features: tuple[CpuFeature, ...] = ()
+    #: how a model feature the host lacks is treated: ``full`` refuses to start
+    #: (QEMU's ``enforce``), ``partial`` drops it and refuses only explicitly
+    #: required features, ``none`` drops anything the host lacks
+    check: Literal["none", "partial", "full"] = "partial"
+    #: CPUID vendor string (QEMU's ``vendor=``; None: the model's)
+    vendor: Optional[str] = None
+    #: CPUID brand string (QEMU's ``model-id=``; None: the model's)
+    model_id: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.vendor is not None and len(self.vendor) != 12:
+            raise ConfigError(f"cpu: vendor {self.vendor!r} must be 12 characters")
         if self.mode == "custom" and not self.model:
             raise ConfigError("cpu: custom mode needs a model name")
         names = [f.name for f in self.features]
@@ -528,8 +538,17 @@ class MemoryBackingConfig:
     locked: bool = False
     #: discard RAM contents when the guest stops (file-backed memory)
     discard: bool = False
+    #: file-backed RAM: a directory (a hugetlbfs mount, libvirt's memory backing
+    #: directory: an unlinked file is made in it) or a file (None: pyhv picks)
+    path: Optional[str] = None
+    #: offer guest RAM to KSM (MADV_MERGEABLE); ``<nosharepages/>``, ``mem-merge=off``
+    merge: bool = True
+    #: allocate every page at start (``<allocation mode='immediate'>``, ``prealloc=on``)
+    prealloc: bool = False
 
     def __post_init__(self) -> None:
+        if self.path is not None and self.source != "file":
+            raise ConfigError("memory backing: a path needs source type 'file'")
         if self.hugepage_size is not None and not self.hugepages:
             raise ConfigError("memory backing: a hugepage size needs hugepages")
         if self.hugepage_size is not None and (self.hugepage_size <= 0 or
@@ -537,18 +556,185 @@ class MemoryBackingConfig:
             raise ConfigError("memory backing: hugepage size must be a power of two")
 
 
+SchedPolicy = Literal["fifo", "rr", "batch", "idle", "other"]
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """A host scheduling policy for threads (``<vcpusched>``, ``<emulatorsched>``)."""
+
+    policy: SchedPolicy
+    #: 1-99 for the real-time policies fifo and rr (None for the others)
+    priority: Optional[int] = None
+    #: the vCPUs it applies to (``<vcpusched vcpus=>``; empty for the emulator)
+    vcpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        realtime = self.policy in ("fifo", "rr")
+        if realtime and (self.priority is None or not 1 <= self.priority <= 99):
+            raise ConfigError(f"scheduler {self.policy} needs a priority between 1 and 99")
+        if not realtime and self.priority is not None:
+            raise ConfigError(f"scheduler {self.policy} takes no priority")
+
+
+@dataclass(frozen=True)
+class CpuTuneConfig:
+    """Host CPUs and scheduling of the machine's threads (``<vcpu cpuset>``,
+    ``<cputune>``); ``None`` cpusets leave the threads where the host puts them."""
+
+    #: ``<vcpu cpuset>``: every vCPU thread (and the emulator threads) by default
+    cpuset: Optional[tuple[int, ...]] = None
+    #: ``<vcpupin>``: (vCPU index, host CPUs)
+    vcpupin: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    #: ``<emulatorpin>``: the threads that are not vCPUs
+    emulatorpin: Optional[tuple[int, ...]] = None
+    vcpusched: tuple[SchedConfig, ...] = ()
+    emulatorsched: Optional[SchedConfig] = None
+
+    def vcpu_cpus(self, index: int) -> Optional[tuple[int, ...]]:
+        for i, cpus in self.vcpupin:
+            if i == index:
+                return cpus
+        return self.cpuset
+
+    def vcpu_sched(self, index: int) -> Optional[SchedConfig]:
+        for s in self.vcpusched:
+            if index in s.vcpus:
+                return s
+        return None
+
+    def emulator_cpus(self) -> Optional[tuple[int, ...]]:
+        return self.emulatorpin if self.emulatorpin is not None else self.cpuset
+
+    def host_cpus_named(self) -> tuple[int, ...]:
+        """Every host CPU some cpuset names, in order."""
+        sets = [self.cpuset, self.emulatorpin, *(c for _, c in self.vcpupin)]
+        return tuple(sorted({c for s in sets if s is not None for c in s}))
+
+
 @dataclass(frozen=True)
 class ClockConfig:
-    """The RTC's time base: UTC, host local time, or a fixed offset in seconds."""
+    """The RTC's time base: UTC, host local time, a time zone, or a fixed offset in
+    seconds (see :func:`pyhv.engine.devices.rtc.base_offset`)."""
 
-    offset: Literal["utc", "localtime", "variable"] = "utc"
+    offset: Literal["utc", "localtime", "variable", "timezone"] = "utc"
     #: ``variable``: seconds added to ``basis``
     adjustment: int = 0
     basis: Literal["utc", "localtime"] = "utc"
+    #: ``timezone``: an IANA zone name (``Europe/Paris``)
+    timezone: Optional[str] = None
+    #: RTC periodic ticks the guest missed: dropped, or delivered later (QEMU's
+    #: driftfix=slew, libvirt's ``<timer name='rtc' tickpolicy='catchup'>``)
+    rtc_lost_ticks: Literal["discard", "slew"] = "discard"
 
     def __post_init__(self) -> None:
         if self.offset != "variable" and (self.adjustment or self.basis != "utc"):
             raise ConfigError("clock: an adjustment needs offset 'variable'")
+        if (self.offset == "timezone") != (self.timezone is not None):
+            raise ConfigError("clock: offset 'timezone' needs a timezone (and only it)")
+        if self.timezone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigError(f"clock: unknown time zone {self.timezone!r}") from None
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    """One guest NUMA node (libvirt ``<cpu><numa><cell>``): its vCPUs and memory."""
+
+    id: int
+    cpus: tuple[int, ...]
+    memory: int
+    #: distance to each other cell by id (SLIT); absent: 10 to itself, 20 elsewhere
+    distances: tuple[tuple[int, int], ...] = ()
+    #: ``shared``/``private`` memory access (recorded; RAM is shared per VmConfig)
+    mem_access: Optional[str] = None
+    discard: bool = False
+
+
+@dataclass(frozen=True)
+class NumaTune:
+    """Where guest RAM lives on the host (libvirt ``<numatune>``)."""
+
+    #: ``strict``, ``preferred``, ``interleave`` or ``restrictive``
+    mode: str = "strict"
+    #: host nodes for all of guest RAM (None: no binding)
+    nodeset: Optional[tuple[int, ...]] = None
+    #: per guest cell: (cell id, mode, host nodes)
+    memnodes: tuple[tuple[int, str, tuple[int, ...]], ...] = ()
+
+
+def parse_cpuset(text: str, what: str = "cpus") -> tuple[int, ...]:
+    """``0-3,^2,8`` → (0, 1, 3, 8): libvirt's and QEMU's CPU/node list syntax."""
+    out: set[int] = set()
+    drop: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        target = drop if part.startswith("^") else out
+        part = part.lstrip("^")
+        lo, dash, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if dash else a
+        except ValueError:
+            raise ConfigError(f"{what} {text!r}: not a list like 0-3,5") from None
+        if a < 0 or b < a or b > 4095:
+            raise ConfigError(f"{what} {text!r}: bad range {part!r}")
+        target.update(range(a, b + 1))
+    result = tuple(sorted(out - drop))
+    if not result:
+        raise ConfigError(f"{what} {text!r}: empty")
+    return result
+
+
+def format_cpuset(values: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) → ``0-2,5``."""
+    parts: list[str] = []
+    for v in sorted(values):
+        if parts and v == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ",".join(parts)
+
+
+def check_numa(cells: tuple[NumaCell, ...], vcpus: int, memory: int) -> None:
+    """Cells must cover every vCPU once and add up to the memory; one-line errors."""
+    ids = [c.id for c in cells]
+    if ids != list(range(len(cells))):
+        raise ConfigError(f"numa cell ids {ids}: must be 0, 1, ... in order")
+    seen: dict[int, int] = {}
+    for c in cells:
+        if c.memory <= 0 or c.memory % 4096:
+            raise ConfigError(f"numa cell {c.id}: memory {c.memory} bytes is not a "
+                              "positive multiple of 4 KiB")
+        for cpu in c.cpus:
+            if cpu >= vcpus:
+                raise ConfigError(f"numa cell {c.id}: vCPU {cpu} does not exist (the "
+                                  f"machine has {vcpus})")
+            if cpu in seen:
+                raise ConfigError(f"numa cell {c.id}: vCPU {cpu} is already in cell "
+                                  f"{seen[cpu]}")
+            seen[cpu] = c.id
+        for other, value in c.distances:
+            if other not in ids:
+                raise ConfigError(f"numa cell {c.id}: distance to cell {other}, which "
+                                  "does not exist")
+            if not 10 <= value <= 254 or (other == c.id) != (value == 10):
+                raise ConfigError(f"numa cell {c.id}: distance {value} to cell {other} "
+                                  "(10 to itself, 11-254 to others)")
+    missing = [i for i in range(vcpus) if i not in seen]
+    if missing:
+        raise ConfigError(f"numa cell {len(cells) - 1}: vCPU {missing[0]} is in no cell "
+                          "(the cells must list every vCPU)")
+    total = sum(c.memory for c in cells)
+    if total != memory:
+        raise ConfigError(f"numa cell {len(cells) - 1}: the cells have {_size(total)} of "
+                          f"memory, the machine {_size(memory)}")
 
 
 @dataclass(frozen=True)
@@ -560,6 +746,8 @@ class FeaturesConfig:
     pae: bool = True
     #: expose the performance monitoring unit (None: engine default)
     pmu: Optional[bool] = None
+    #: hide KVM's CPUID signature (libvirt's <kvm><hidden state='on'/>, QEMU's kvm=off)
+    kvm_hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -582,11 +770,17 @@ class VmConfig:
     #: memory the guest starts with when a balloon takes some back (None: ``memory``)
     current_memory: Optional[int] = None
     memory_backing: MemoryBackingConfig = field(default_factory=MemoryBackingConfig)
+    #: host CPUs and scheduling of the vCPU and emulator threads
+    cputune: CpuTuneConfig = field(default_factory=CpuTuneConfig)
     #: most vCPUs (hotplug); ``vcpus`` are online at start (None: same as ``vcpus``)
     max_vcpus: Optional[int] = None
     cpu: CpuConfig = field(default_factory=CpuConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    #: guest NUMA nodes (empty: one node, no SRAT)
+    numa: tuple[NumaCell, ...] = ()
+    #: host NUMA binding of guest RAM (None: the host's default policy)
+    numatune: Optional[NumaTune] = None
     #: what happens when the guest powers off / crashes (panic device or triple fault)
     on_poweroff: Action = "destroy"
     on_crash: Action = "destroy"
@@ -630,6 +824,17 @@ class VmConfig:
         if machine_family(self.machine) is None:
             raise ConfigError(f"machine {self.machine!r}: supported are pc, q35 and their "
                               "versioned names (pc-i440fx-7.2, pc-q35-7.2)")
+        for i, _cpus in self.cputune.vcpupin:
+            if not 0 <= i < self.total_vcpus:
+                raise ConfigError(f"vcpupin: vCPU {i} does not exist (the machine has "
+                                  f"{self.total_vcpus})")
+        pinned = [i for i, _ in self.cputune.vcpupin]
+        if len(set(pinned)) != len(pinned):
+            raise ConfigError("vcpupin: a vCPU is pinned twice")
+        for sched in self.cputune.vcpusched:
+            if not sched.vcpus or max(sched.vcpus) >= self.total_vcpus:
+                raise ConfigError(f"vcpusched vcpus {format_cpuset(sched.vcpus) or '(none)'}:"
+                                  f" the machine has vCPUs 0-{self.total_vcpus - 1}")
         if self.current_memory is not None and not 0 < self.current_memory <= self.memory:
             raise ConfigError(f"current memory {_size(self.current_memory)} must not exceed "
                               f"memory {_size(self.memory)}")
@@ -658,6 +863,12 @@ class VmConfig:
         dup = {t for t in targets if targets.count(t) > 1}
         if dup:
             raise ConfigError(f"disk target {sorted(dup)[0]!r} is used twice")
+        if self.numa:
+            check_numa(self.numa, self.total_vcpus, self.memory)
+        if self.numatune is not None:
+            for cell, _mode, _nodes in self.numatune.memnodes:
+                if not 0 <= cell < len(self.numa):
+                    raise ConfigError(f"numatune memnode cellid {cell}: no such numa cell")
 
     @property
     def total_vcpus(self) -> int:

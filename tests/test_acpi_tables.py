@@ -34,7 +34,13 @@ FULL = AcpiPlatform(cpus=8, pci_root=True, pci_intx_gsis=(16, 17, 18, 19),
 PC = AcpiPlatform(cpus=2, pci_root=True, pci_intx_gsis=(16, 17, 18, 19, 20, 21, 22, 23),
                   pci_express=False, pci_mmio64=(0x1_0000_0000, 0x9_0000_0000),
                   pci_prt_slots=(3, 1, 3))
-PLATFORMS = [AcpiPlatform(), FULL, PC]
+#: two NUMA nodes, node 1 straddling the MMIO hole, with a SLIT
+NUMA = AcpiPlatform(cpus=4, apic_ids=(0, 1, 2, 3),
+                    numa_nodes=(((0, 1), ((0, 0x8000_0000),)),
+                                ((2, 3), ((0x8000_0000, 0x4000_0000),
+                                          (0x1_0000_0000, 0x4000_0000)))),
+                    numa_distances=((10, 21), (21, 10)))
+PLATFORMS = [AcpiPlatform(), FULL, PC, NUMA]
 
 
 def _by_sig(tables: AcpiTables) -> dict[str, bytes]:
@@ -57,6 +63,13 @@ def _table_at(tables: AcpiTables, addr: int) -> bytes:
     return bytes(image[off:off + length])
 
 
+def _numa_sigs(platform: AcpiPlatform) -> set[str]:
+    """SRAT with NUMA nodes, SLIT when they have distances too."""
+    if not platform.numa_nodes:
+        return set()
+    return {"SRAT", "SLIT"} if platform.numa_distances else {"SRAT"}
+
+
 def _madt_entries(madt: bytes) -> list[tuple[int, bytes]]:
     entries, off = [], 44
     while off < len(madt):
@@ -75,7 +88,7 @@ def test_checksums_and_lengths(platform: AcpiPlatform) -> None:
     sigs = _by_sig(tables)
     expected = {"RSD PTR ", "FACS", "FACP", "DSDT", "APIC", "XSDT", "RSDT"}
     assert set(sigs) == expected | ({"MCFG"} if platform.pci_root and platform.pci_express
-                                    else set())
+                                    else set()) | _numa_sigs(platform)
     for sig, blob in sigs.items():
         if sig == "RSD PTR ":
             assert len(blob) == 36
@@ -114,7 +127,8 @@ def test_pointers(platform: AcpiPlatform) -> None:
     assert list(x_ptrs) == list(r_ptrs)
     sigs = [_table_at(tables, p)[:4] for p in x_ptrs]
     assert sigs == [b"FACP", b"APIC"] + ([b"MCFG"] if platform.pci_root
-                                         and platform.pci_express else [])
+                                         and platform.pci_express else []) \
+        + [sig.encode() for sig in ("SRAT", "SLIT") if sig in _numa_sigs(platform)]
     fadt = _table_at(tables, x_ptrs[0])
     facs_addr, dsdt_addr = struct.unpack_from("<II", fadt, 36)
     assert struct.unpack_from("<QQ", fadt, 132) == (0, dsdt_addr)

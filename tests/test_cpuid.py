@@ -248,6 +248,20 @@ def test_thermal_and_pmu() -> None:
     assert leaf(vcpu_cpuid(SUPPORTED, 0, flat_topology(1), pmu=False), 0xA)[3:] == (0, 0, 0, 0)
 
 
+def test_hypervisor_bit_and_hidden_kvm() -> None:
+    """<feature policy='disable' name='hypervisor'/> and <kvm><hidden state='on'/>."""
+    topo = flat_topology(2)
+    plain = vcpu_cpuid(SUPPORTED, 0, topo)
+    assert leaf(plain, 1)[5] & (1 << 31)
+    assert leaf(plain, 0x40000000)[4:] == KVM_SIGNATURE
+    out = vcpu_cpuid(SUPPORTED, 0, topo, hypervisor=False, kvm_hidden=True)
+    assert not leaf(out, 1)[5] & (1 << 31)
+    assert not any(0x40000000 <= e[0] <= 0x400000FF for e in out)
+    # everything else is as without them
+    assert [e for e in out if e[0] != 1] == \
+        [e for e in plain if e[0] != 1 and not 0x40000000 <= e[0] <= 0x400000FF]
+
+
 def test_leaf_80000008(topo: Topology) -> None:
     per_pkg = topo.cores * topo.threads
     _f, _i, _fl, a, b, c, d = leaf(vcpu_cpuid(SUPPORTED, 0, topo), 0x80000008)

@@ -44,7 +44,7 @@ needs_schema = pytest.mark.skipif(not domschema.available(),
 #: examples the engine can build today; the others map but are refused by `pyhv run`
 BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml",
              "q35-platform.xml", "channel-rng-balloon.xml",
-             "consoles.xml"}
+             "consoles.xml", "smp-topology.xml"}
 
 
 def schema_valid(xml: str) -> bool:
@@ -194,7 +194,8 @@ def test_support_messages() -> None:
     assert not any(m.startswith("disk") for m in msgs)  # raw virtio disks are built
     assert any(m.startswith("filesystem data: virtio-fs") for m in msgs)
     assert any(m.startswith("serial COM1: tcp") for m in msgs)
-    assert any("hotplug" in m for m in msgs) and any("hugepage" in m for m in msgs)
+    assert any("hotplug" in m for m in msgs)
+    assert not any("hugepage" in m or "locked" in m for m in msgs)  # built
     assert unsupported(VmConfig(boot=KernelBoot("/k"), vcpus=4)) == []
 
 

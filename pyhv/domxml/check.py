@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, TextIO
 
-from pyhv.config import VmConfig, format_size, machine_family
+from pyhv.config import SchedConfig, VmConfig, format_cpuset, format_size, machine_family
 from pyhv.engine import layout
 from pyhv.engine.pci.platform import pci_from_config
 from pyhv.engine.support import Issue, issues, net_label, serial_label
@@ -130,6 +130,28 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
     return out
 
 
+def _pinning_lines(cfg: VmConfig) -> list[str]:
+    """``<vcpu cpuset>`` and ``<cputune>``: where each thread may run."""
+    tune = cfg.cputune
+    out = []
+
+    def sched(s: Optional[SchedConfig]) -> str:
+        if s is None:
+            return ""
+        return f", scheduler {s.policy}" + (f" priority {s.priority}" if s.priority else "")
+
+    for i in range(cfg.total_vcpus):
+        cpus, sc = tune.vcpu_cpus(i), tune.vcpu_sched(i)
+        if cpus is not None or sc is not None:
+            where = f"host CPUs {format_cpuset(cpus)}" if cpus is not None else "any host CPU"
+            out.append(f"  vCPU {i} thread: {where}{sched(sc)}")
+    cpus = tune.emulator_cpus()
+    if cpus is not None or tune.emulatorsched is not None:
+        where = f"host CPUs {format_cpuset(cpus)}" if cpus is not None else "any host CPU"
+        out.append(f"  emulator threads: {where}{sched(tune.emulatorsched)}")
+    return out
+
+
 def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     """The report ``pyhv domxml check`` prints, line by line."""
     found = issues(cfg)
@@ -145,6 +167,12 @@ def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
         backing += ", hugepages" + (f" {format_size(mb.hugepage_size)}" if mb.hugepage_size else "")
     if mb.locked:
         backing += ", locked"
+    if mb.path:
+        backing += f", in {mb.path}"
+    if not mb.merge:
+        backing += ", no KSM"
+    if mb.prealloc:
+        backing += ", preallocated"
     mem = f"memory: {format_size(cfg.memory)} ({backing})"
     if cfg.current_memory is not None:
         mem += f", starting at {format_size(cfg.current_memory)}"
@@ -163,10 +191,16 @@ def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     vcpu = f"vcpus: {cfg.vcpus}" + (f" of {cfg.max_vcpus}" if cfg.max_vcpus else "")
     model = cpu.mode + (f" {cpu.model}" if cpu.model else "")
     feats = "".join(f", {f.policy} {f.name}" for f in cpu.features)
+    if cpu.mode in ("custom", "host-model"):
+        feats += f", check {cpu.check}"
+    if cpu.vendor:
+        feats += f", vendor {cpu.vendor}"
     lines.append(f"{vcpu}, topology {topo}, cpu {model}{feats}")
+    lines += _numa_lines(cfg)
     for key in (("vcpu", 0), ("cpu", 0)):
         for issue in by_subject.get(key, []):
             lines.append(f"  ! {issue.message}")
+    lines += _pinning_lines(cfg)
     b = cfg.boot
     boot = f"boot: direct kernel {b.kernel}"
     if b.initrd:
@@ -177,8 +211,14 @@ def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     on = [n for n, v in (("acpi", f.acpi), ("apic", f.apic), ("pae", f.pae)) if v]
     if f.pmu is not None:
         on.append(f"pmu={'on' if f.pmu else 'off'}")
+    if f.kvm_hidden:
+        on.append("kvm-hidden")
     clock = cfg.clock.offset + (f" {cfg.clock.adjustment:+d} s from {cfg.clock.basis}"
                                 if cfg.clock.offset == "variable" else "")
+    if cfg.clock.timezone:
+        clock += f" {cfg.clock.timezone}"
+    if cfg.clock.rtc_lost_ticks == "slew":
+        clock += ", rtc catchup"
     lines.append(f"features: {' '.join(on) or '(none)'}; clock {clock}")
     lines.append(f"on_poweroff {cfg.on_poweroff}, on_reboot {cfg.on_reboot}, "
                  f"on_crash {cfg.on_crash}")
@@ -218,3 +258,30 @@ def run_check(path: str, out: Optional[TextIO] = None, err: Optional[TextIO] = N
     for line in describe(mapping.config, notes):
         print(line, file=out)
     return 0
+
+
+def _numa_lines(cfg: VmConfig) -> list[str]:
+    """The guest NUMA cells (their vCPUs and guest RAM) and the host binding."""
+    from pyhv.config import format_cpuset
+
+    lines = []
+    runs = layout.numa_ranges([c.memory for c in cfg.numa]) if cfg.numa else []
+    for cell, cell_runs in zip(cfg.numa, runs):
+        where = ", ".join(f"0x{a:x}-0x{a + n - 1:x}" for a, n in cell_runs)
+        lines.append(f"  numa cell {cell.id}: vcpus {format_cpuset(cell.cpus)}, "
+                     f"{format_size(cell.memory)} at {where}")
+    tune = cfg.numatune
+    if tune is not None:
+        if tune.nodeset:
+            lines.append(f"  numatune: {tune.mode} on host nodes "
+                         f"{format_cpuset(tune.nodeset)}")
+        for cell_id, mode, nodes in tune.memnodes:
+            lines.append(f"  numatune cell {cell_id}: {mode} on host nodes "
+                         f"{format_cpuset(nodes)}")
+        from pyhv.engine.numa import NumaError, check_nodes
+
+        try:
+            check_nodes(cfg)
+        except NumaError as e:
+            lines.append(f"  ! {e}")
+    return lines

@@ -27,6 +27,7 @@ from pyhv.config import (
     CpuConfig,
     CpuFeature,
     CpuTopology,
+    CpuTuneConfig,
     DiskConfig,
     FeaturesConfig,
     FilesystemConfig,
@@ -34,12 +35,17 @@ from pyhv.config import (
     MemoryBackingConfig,
     MemorySource,
     NetConfig,
+    NumaCell,
+    NumaTune,
     PciAddress,
     RngConfig,
+    SchedConfig,
+    SchedPolicy,
     SerialConfig,
     SerialPortConfig,
     VmConfig,
     machine_family,
+    parse_cpuset,
 )
 from pyhv.errors import PyhvError
 from pyhv.placement import place
@@ -93,6 +99,8 @@ class _Mapper:
         self.seen_attrs: set[tuple[str, str]] = set()
         self.notes: list[str] = []
         self.origins: dict[tuple[str, int], tuple[int, str]] = {}
+        #: ``<vcpu cpuset>`` (read with the vCPU count, used by ``cputune``)
+        self.vcpu_cpuset: Optional[tuple[int, ...]] = None
 
     def origin(self, kind: str, index: int, el: Any) -> None:
         if el is not None and (kind, index) not in self.origins:
@@ -203,6 +211,7 @@ class _Mapper:
         memory, current = self.memory(root)
         backing, shared = self.memory_backing(root)
         vcpus, max_vcpus = self.vcpu(root)
+        cputune = self.cputune(root, max_vcpus or vcpus)
         for kind, tags in (("memory", ("memoryBacking", "currentMemory", "memory")),
                            ("vcpu", ("vcpu",)), ("cpu", ("cpu",)),
                            ("features", ("features",)), ("clock", ("clock",)),
@@ -216,6 +225,10 @@ class _Mapper:
             self.fail(root, "<os> is missing: pyhv boots a kernel directly (<os><kernel>)")
         boot, machine, boot_order = self.os(self.mark(os_el))
         cpu = self.cpu(root)
+        numa = self.numa(root)
+        # a cell with memAccess='shared' (vhost-user's need): guest RAM is one backing
+        shared = shared or any(c.mem_access == "shared" for c in numa)
+        numatune = self.numatune(root)
         features = self.features(root)
         clock = self.clock(root)
         actions = {}
@@ -240,7 +253,7 @@ class _Mapper:
                 on_reboot=actions.get("on_reboot", "restart"),  # type: ignore[arg-type]
                 shared_memory=shared, machine=machine, current_memory=current,
                 memory_backing=backing, max_vcpus=max_vcpus, cpu=cpu, features=features,
-                clock=clock,
+                clock=clock, numa=numa, numatune=numatune, cputune=cputune,
                 on_poweroff=actions.get("on_poweroff", "destroy"),  # type: ignore[arg-type]
                 on_crash=actions.get("on_crash", "destroy"),  # type: ignore[arg-type]
                 boot_order=boot_order, emulator=dev.emulator, disks=tuple(dev.disks),
@@ -298,10 +311,7 @@ class _Mapper:
                 if scale is None:
                     self.fail(page, f"unknown unit {unit!r}")
                 size = self.integer(page, self.attr(page, "size"), "page size", 1) * scale
-        for tag in ("nosharepages",):
-            el = mb.find(tag)
-            if el is not None:
-                self.ignore(el)  # KSM opt-out: host-side only
+        merge = self.child(mb, "nosharepages") is None  # KSM opt-out
         src = self.child(mb, "source")
         source: MemorySource = "anonymous"
         if src is not None:
@@ -316,23 +326,100 @@ class _Mapper:
         locked = self.child(mb, "locked") is not None
         discard = self.child(mb, "discard") is not None
         alloc = mb.find("allocation")
+        mode = None
         if alloc is not None:
             self.mark(alloc)
-            self.choice(alloc, "mode", ("immediate", "ondemand"), None, "allocation mode")
+            mode = self.choice(alloc, "mode", ("immediate", "ondemand"), None,
+                               "allocation mode")
             if self.attr(alloc, "threads") is not None:
                 self.integer(alloc, alloc.get("threads"), "allocation threads", 1)
+        # hugetlb mappings are reserved whole at start anyway (no MAP_NORESERVE)
+        prealloc = mode == "immediate"
         try:
-            return MemoryBackingConfig(source, hugepages, size, locked, discard), shared
+            return MemoryBackingConfig(source, hugepages, size, locked, discard, merge=merge,
+                                       prealloc=prealloc), shared
         except ConfigError as e:
             self.fail(mb, str(e))
+
+    def cpuset(self, el: Any, name: str) -> Optional[tuple[int, ...]]:
+        text = self.attr(el, name)
+        if text is None:
+            return None
+        try:
+            return parse_cpuset(text, name)
+        except ConfigError as e:
+            self.fail(el, str(e))
+
+    def sched(self, el: Any, what: str, vcpus: tuple[int, ...] = ()) -> SchedConfig:
+        policy = self.choice(el, "scheduler", ("fifo", "rr", "batch", "idle", "other"), None,
+                             f"{what} scheduler")
+        if policy is None:
+            self.fail(el, f"<{what}> needs a scheduler (fifo, rr, batch, idle, other)")
+        prio = self.attr(el, "priority")
+        try:
+            return SchedConfig(cast(SchedPolicy, policy),
+                               self.integer(el, prio, "priority") if prio is not None
+                               else None, vcpus)
+        except ConfigError as e:
+            self.fail(el, str(e))
+
+    def cputune(self, root: Any, total_vcpus: int) -> CpuTuneConfig:
+        """``<vcpu cpuset>`` (read by :meth:`vcpu`) and ``<cputune>``: host CPUs and
+        scheduling of the vCPU and emulator threads."""
+        el = self.child(root, "cputune")
+        default = self.vcpu_cpuset
+        if el is None:
+            return CpuTuneConfig(cpuset=default)
+        pins: list[tuple[int, tuple[int, ...]]] = []
+        for pin in self.children(el, "vcpupin"):
+            vcpu = self.integer(pin, self.attr(pin, "vcpu"), "vcpupin vcpu")
+            if vcpu >= total_vcpus:
+                self.fail(pin, f"vcpupin vcpu {vcpu}: the domain has {total_vcpus} vCPUs")
+            if any(v == vcpu for v, _ in pins):
+                self.fail(pin, f"vcpupin vcpu {vcpu} is pinned twice")
+            cpus = self.cpuset(pin, "cpuset")
+            if cpus is None:
+                self.fail(pin, "<vcpupin> needs a cpuset")
+            pins.append((vcpu, cpus))
+        emulator = None
+        epin = self.child(el, "emulatorpin")
+        if epin is not None:
+            emulator = self.cpuset(epin, "cpuset")
+            if emulator is None:
+                self.fail(epin, "<emulatorpin> needs a cpuset")
+        for tag in ("iothreadpin", "iothreadsched"):
+            io = el.find(tag)
+            if io is not None:
+                self.fail(io, f"<{tag}>: the domain has no I/O threads (pyhv does not "
+                              "build <iothreads>)")
+        scheds = []
+        for vs in self.children(el, "vcpusched"):
+            text = self.attr(vs, "vcpus")
+            try:
+                which = parse_cpuset(text, "vcpusched vcpus") if text is not None \
+                    else tuple(range(total_vcpus))
+            except ConfigError as e:
+                self.fail(vs, str(e))
+            if max(which) >= total_vcpus:
+                self.fail(vs, f"vcpusched vcpus {text}: the domain has {total_vcpus} vCPUs")
+            scheds.append(self.sched(vs, "vcpusched", which))
+        esched_el = self.child(el, "emulatorsched")
+        esched = self.sched(esched_el, "emulatorsched") if esched_el is not None else None
+        for tag in ("shares", "period", "quota", "global_period", "global_quota",
+                    "emulator_period", "emulator_quota", "iothread_period", "iothread_quota"):
+            sub = el.find(tag)
+            if sub is not None:
+                self.fail(sub, f"<{tag}>: CPU bandwidth control needs cgroups, which pyhv "
+                               "run does not use (libvirtd applies it itself)")
+        return CpuTuneConfig(cpuset=default, vcpupin=tuple(pins), emulatorpin=emulator,
+                             vcpusched=tuple(scheds), emulatorsched=esched)
 
     def vcpu(self, root: Any) -> tuple[int, Optional[int]]:
         el = self.child(root, "vcpu")
         if el is None:
             return 1, None
         self.choice(el, "placement", ("static", "auto"), "static", "vcpu placement")
-        if self.attr(el, "cpuset") is not None:
-            self.fail(el, "vCPU pinning (cpuset) is not supported")
+        self.vcpu_cpuset = self.cpuset(el, "cpuset")
         count = self.integer(el, self.text(el), "vcpu count", 1)
         current = self.attr(el, "current")
         if current is None:
@@ -397,13 +484,16 @@ class _Mapper:
         mode = self.choice(el, "mode", ("host-passthrough", "host-model", "maximum", "custom"),
                            "custom", "cpu mode") or "custom"
         self.choice(el, "match", ("exact", "minimum", "strict"), None, "cpu match")
-        self.choice(el, "check", ("none", "partial", "full"), None, "cpu check")
+        check = self.choice(el, "check", ("none", "partial", "full"), None, "cpu check")
         self.attr(el, "migratable")
         model = None
+        vendor_id = None
         model_el = self.child(el, "model")
         if model_el is not None:
             self.choice(model_el, "fallback", ("allow", "forbid"), None, "model fallback")
-            self.attr(model_el, "vendor_id")
+            vendor_id = self.attr(model_el, "vendor_id")
+            if vendor_id is not None and len(vendor_id) != 12:
+                self.fail(model_el, f"vendor_id {vendor_id!r} must be 12 characters")
             model = self.text(model_el) or None
         vendor = el.find("vendor")
         if vendor is not None:
@@ -440,14 +530,89 @@ class _Mapper:
             policy = self.choice(f, "policy", ("require", "disable", "force", "forbid",
                                                "optional"), "require", "feature policy")
             features.append(CpuFeature(name, policy))  # type: ignore[arg-type]
-        for tag in ("numa", "cache", "maxphysaddr"):
+        for tag in ("cache", "maxphysaddr"):
             sub = el.find(tag)
             if sub is not None:
                 self.fail(sub, f"<cpu><{tag}> is not supported by pyhv")
         try:
-            return CpuConfig(mode, model, topology, tuple(features))  # type: ignore[arg-type]
+            return CpuConfig(mode, model, topology, tuple(features),  # type: ignore[arg-type]
+                             # libvirt's check only concerns a model's features
+                             check=(check if mode in ("custom", "host-model") and check
+                                    else "partial"),  # type: ignore[arg-type]
+                             vendor=vendor_id)
         except ConfigError as e:
             self.fail(el, str(e))
+
+    def numa(self, root: Any) -> tuple[NumaCell, ...]:
+        """``<cpu><numa><cell>``: guest NUMA nodes (checked as a whole by VmConfig)."""
+        cpu = root.find("cpu")
+        el = cpu.find("numa") if cpu is not None else None
+        if el is None:
+            return ()
+        self.mark(el)
+        cells: list[NumaCell] = []
+        for cell in self.children(el, "cell"):
+            ident = self.integer(cell, self.attr(cell, "id", str(len(cells))), "cell id")
+            text = self.attr(cell, "cpus")
+            try:
+                cpus = parse_cpuset(text, f"cell {ident} cpus") if text else ()
+            except ConfigError as e:
+                self.fail(cell, str(e))
+            unit = self.attr(cell, "unit", "KiB") or "KiB"
+            scale = _UNITS.get(unit.lower())
+            if scale is None:
+                self.fail(cell, f"unknown unit {unit!r} (KiB, MiB, GiB, bytes, ...)")
+            memory = self.integer(cell, self.attr(cell, "memory"), f"cell {ident} memory", 1)
+            access = self.choice(cell, "memAccess", ("shared", "private"), None, "memAccess")
+            discard = self.choice(cell, "discard", ("yes", "no"), "no", "discard") == "yes"
+            distances = []
+            dist = self.child(cell, "distances")
+            if dist is not None:
+                for sib in self.children(dist, "sibling"):
+                    distances.append((self.integer(sib, self.attr(sib, "id"), "sibling id"),
+                                      self.integer(sib, self.attr(sib, "value"),
+                                                   "sibling value", 10)))
+            for tag in ("cache",):
+                sub = cell.find(tag)
+                if sub is not None:
+                    self.fail(sub, "NUMA cell caches (HMAT) are not supported by pyhv")
+            cells.append(NumaCell(ident, cpus, memory * scale, tuple(distances),
+                                  access, discard))
+        if not cells:
+            self.fail(el, "<numa> needs at least one <cell>")
+        return tuple(cells)
+
+    def numatune(self, root: Any) -> Optional[NumaTune]:
+        """``<numatune>``: host nodes for guest RAM, domain-wide and per cell."""
+        el = self.child(root, "numatune")
+        if el is None:
+            return None
+        modes = ("strict", "preferred", "interleave", "restrictive")
+        mode, nodeset = "strict", None
+        mem = self.child(el, "memory")
+        if mem is not None:
+            mode = self.choice(mem, "mode", modes, "strict", "numatune mode") or "strict"
+            if self.attr(mem, "placement", "static") != "static":
+                self.fail(mem, "placement='auto' needs numad; pyhv takes a static nodeset")
+            text = self.attr(mem, "nodeset")
+            if text is None:
+                self.fail(mem, "numatune <memory> needs a nodeset")
+            try:
+                nodeset = parse_cpuset(text, "numatune nodeset")
+            except ConfigError as e:
+                self.fail(mem, str(e))
+        memnodes = []
+        for node in self.children(el, "memnode"):
+            cell = self.integer(node, self.attr(node, "cellid"), "memnode cellid")
+            nmode = self.choice(node, "mode", modes, "strict", "memnode mode") or "strict"
+            text = self.attr(node, "nodeset")
+            if text is None:
+                self.fail(node, "<memnode> needs a nodeset")
+            try:
+                memnodes.append((cell, nmode, parse_cpuset(text, "memnode nodeset")))
+            except ConfigError as e:
+                self.fail(node, str(e))
+        return NumaTune(mode, nodeset, tuple(memnodes))
 
     def features(self, root: Any) -> FeaturesConfig:
         el = self.child(root, "features")
@@ -469,31 +634,56 @@ class _Mapper:
         if vmport is not None:
             self.mark(vmport)
             self.choice(vmport, "state", ("off",), "on", "vmport state")
-        return FeaturesConfig(acpi, apic_el is not None, pae, pmu)
+        kvm_hidden = False
+        kvm_el = self.child(el, "kvm")
+        if kvm_el is not None:
+            hidden = self.child(kvm_el, "hidden")
+            if hidden is not None:
+                kvm_hidden = self.onoff(hidden, "state", False)
+        return FeaturesConfig(acpi, apic_el is not None, pae, pmu, kvm_hidden)
 
     def clock(self, root: Any) -> ClockConfig:
         el = self.child(root, "clock")
         if el is None:
             return ClockConfig()
-        offset = self.choice(el, "offset", ("utc", "localtime", "variable"), "utc",
-                             "clock offset") or "utc"
+        offset = self.choice(el, "offset", ("utc", "localtime", "variable", "timezone"),
+                             "utc", "clock offset") or "utc"
         adjustment = 0
         basis = "utc"
+        zone = None
         adj = self.attr(el, "adjustment")
         if offset == "variable":
             adjustment = self.integer(el, adj or "0", "adjustment", -(1 << 62))
             basis = self.choice(el, "basis", ("utc", "localtime"), "utc", "basis") or "utc"
-        elif offset == "utc" and adj not in (None, "reset"):
+        elif offset in ("utc", "localtime") and adj not in (None, "reset"):
             self.fail(el, "an adjustment needs offset='variable'")
+        elif offset == "timezone":
+            zone = self.attr(el, "timezone")
+            if not zone:
+                self.fail(el, "offset='timezone' needs a timezone attribute")
+        lost = "discard"
         for timer in self.children(el, "timer"):
             name = self.attr(timer, "name")
             present = self.attr(timer, "present", "yes")
+            if name == "rtc" and present != "no":
+                policy = self.choice(timer, "tickpolicy", ("delay", "catchup"), None,
+                                     "rtc tickpolicy")
+                if policy == "catchup":
+                    lost = "slew"
+                self.choice(timer, "track", ("boot", "guest", "wall", "realtime"), None,
+                            "rtc track")
+                self.ignore(timer)
+                continue
             if name in _PROVIDED_TIMERS or present == "no":
                 self.ignore(timer)
                 continue
             self.fail(timer, f"timer {name!r} is not provided by pyhv (it has rtc, pit, "
                              "kvmclock; others only with present='no')")
-        return ClockConfig(offset, adjustment, basis)  # type: ignore[arg-type]
+        try:
+            return ClockConfig(offset, adjustment, basis, zone,  # type: ignore[arg-type]
+                               lost)  # type: ignore[arg-type]
+        except ConfigError as e:
+            self.fail(el, str(e))
 
     # ---- devices -------------------------------------------------------------
     def devices(self, devices: Any, dev: "_Devices", machine: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pyhv.config import PciAddress, SerialConfig, VmConfig
+from pyhv.config import PciAddress, SerialConfig, VmConfig, format_cpuset
 
 
 def _sub(parent: Any, tag: str, text: Optional[str] = None, **attrs: Optional[str]) -> Any:
@@ -96,18 +96,37 @@ def to_xml(cfg: VmConfig) -> str:
             hp = _sub(back, "hugepages")
             if mb.hugepage_size:
                 _sub(hp, "page", size=str(mb.hugepage_size >> 10), unit="KiB")
+        if not mb.merge:
+            _sub(back, "nosharepages")
         if mb.locked:
             _sub(back, "locked")
         if mb.source != "anonymous":
             _sub(back, "source", type=mb.source)
         if cfg.shared_memory:
             _sub(back, "access", mode="shared")
+        if mb.prealloc:
+            _sub(back, "allocation", mode="immediate")
         if mb.discard:
             _sub(back, "discard")
+    tune = cfg.cputune
+    cpuset = {"cpuset": format_cpuset(tune.cpuset)} if tune.cpuset is not None else {}
     if cfg.max_vcpus is not None:
-        _sub(root, "vcpu", str(cfg.max_vcpus), current=str(cfg.vcpus))
+        _sub(root, "vcpu", str(cfg.max_vcpus), current=str(cfg.vcpus), **cpuset)
     else:
-        _sub(root, "vcpu", str(cfg.vcpus))
+        _sub(root, "vcpu", str(cfg.vcpus), **cpuset)
+    if tune.vcpupin or tune.emulatorpin is not None or tune.vcpusched or tune.emulatorsched:
+        ct = _sub(root, "cputune")
+        for i, cpus in tune.vcpupin:
+            _sub(ct, "vcpupin", vcpu=str(i), cpuset=format_cpuset(cpus))
+        if tune.emulatorpin is not None:
+            _sub(ct, "emulatorpin", cpuset=format_cpuset(tune.emulatorpin))
+        for sc in tune.vcpusched:
+            prio = {"priority": str(sc.priority)} if sc.priority is not None else {}
+            _sub(ct, "vcpusched", vcpus=format_cpuset(sc.vcpus), scheduler=sc.policy, **prio)
+        es = tune.emulatorsched
+        if es is not None:
+            prio = {"priority": str(es.priority)} if es.priority is not None else {}
+            _sub(ct, "emulatorsched", scheduler=es.policy, **prio)
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=cfg.machine)
     _sub(os_el, "kernel", cfg.boot.kernel)
@@ -127,23 +146,56 @@ def to_xml(cfg: VmConfig) -> str:
         _sub(feats, "pae")
     if f.pmu is not None:
         _sub(feats, "pmu", state=_onoff(f.pmu))
+    if f.kvm_hidden:
+        _sub(_sub(feats, "kvm"), "hidden", state="on")
     cpu = cfg.cpu
     cpu_el = _sub(root, "cpu", mode=cpu.mode)
+    if cpu.check != "partial":
+        cpu_el.set("check", cpu.check)
     if cpu.mode == "custom":
         cpu_el.set("match", "exact")
-        _sub(cpu_el, "model", cpu.model, fallback="forbid")
+        model_el = _sub(cpu_el, "model", cpu.model, fallback="forbid")
+        if cpu.vendor is not None:
+            model_el.set("vendor_id", cpu.vendor)
     if cpu.topology is not None:
         t = cpu.topology
         _sub(cpu_el, "topology", sockets=str(t.sockets), dies=str(t.dies), cores=str(t.cores),
              threads=str(t.threads))
     for feat in cpu.features:
         _sub(cpu_el, "feature", policy=feat.policy, name=feat.name)
+    if cfg.numa:
+        numa_el = _sub(cpu_el, "numa")
+        for cell in cfg.numa:
+            attrs = {"id": str(cell.id), "cpus": format_cpuset(cell.cpus),
+                     "memory": str(cell.memory // 1024), "unit": "KiB"}
+            if cell.mem_access:
+                attrs["memAccess"] = cell.mem_access
+            if cell.discard:
+                attrs["discard"] = "yes"
+            cell_el = _sub(numa_el, "cell", **attrs)
+            if cell.distances:
+                dist_el = _sub(cell_el, "distances")
+                for other, value in cell.distances:
+                    _sub(dist_el, "sibling", id=str(other), value=str(value))
+    if cfg.numatune is not None:
+        numatune = cfg.numatune
+        numatune_el = _sub(root, "numatune")
+        if numatune.nodeset:
+            _sub(numatune_el, "memory", mode=numatune.mode,
+                 nodeset=format_cpuset(numatune.nodeset))
+        for cell_id, mode, nodes in numatune.memnodes:
+            _sub(numatune_el, "memnode", cellid=str(cell_id), mode=mode,
+                 nodeset=format_cpuset(nodes))
     clock = cfg.clock
     if clock.offset == "variable":
-        _sub(root, "clock", offset="variable", adjustment=str(clock.adjustment),
-             basis=clock.basis)
+        clock_el = _sub(root, "clock", offset="variable", adjustment=str(clock.adjustment),
+                        basis=clock.basis)
+    elif clock.offset == "timezone":
+        clock_el = _sub(root, "clock", offset="timezone", timezone=clock.timezone or "")
     else:
-        _sub(root, "clock", offset=clock.offset)
+        clock_el = _sub(root, "clock", offset=clock.offset)
+    if clock.rtc_lost_ticks == "slew":
+        _sub(clock_el, "timer", name="rtc", tickpolicy="catchup")
     _sub(root, "on_poweroff", cfg.on_poweroff)
     _sub(root, "on_reboot", cfg.on_reboot)
     _sub(root, "on_crash", cfg.on_crash)

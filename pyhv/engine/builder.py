@@ -9,6 +9,7 @@ does on reboot.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import sys
@@ -29,17 +30,25 @@ from pyhv.engine.boot import (
 from pyhv.engine.bus import Bus, Sink
 from pyhv.engine.chardev import HostEnd
 from pyhv.engine.console import HostSerial
-from pyhv.engine.cpuid import BOOT_MSRS, Topology, flat_topology, vcpu_cpuid
+from pyhv.engine.cpuid import (
+    BOOT_MSRS,
+    FEATURE_MSRS,
+    GuestCpu,
+    Topology,
+    filtered_warning,
+    flat_topology,
+    guest_cpu,
+)
 from pyhv.engine.devices import InterruptLine
 from pyhv.engine.devices.acpi_pm import AcpiPm
 from pyhv.engine.devices.i8042 import I8042
 from pyhv.engine.devices.manager import DeviceManager, DeviceRecord
-from pyhv.engine.devices.rtc import CmosRtc
+from pyhv.engine.devices.rtc import CmosRtc, base_offset
 from pyhv.engine.devices.serial import Serial16550
 from pyhv.engine.errors import EngineError
 from pyhv.engine.host import HostResources
 from pyhv.engine.irq import GsiRouting, KvmMsiVectors, ResampleLine
-from pyhv.engine.kvm import Kvm, KvmError, VmFd
+from pyhv.engine.kvm import Kvm, KvmError, VmFd, abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.vm import default_routes
 from pyhv.engine.memory import GuestMemory
@@ -180,6 +189,8 @@ class Hooks:
     on_port_open: Callable[[str, bool], None] = lambda ident, is_open: None
     #: the guest changed a NIC's receive filter (NIC id); on the loop
     on_rx_filter: Callable[[str], None] = lambda ident: None
+    #: the guest set its RTC: seconds from the configured base (QMP RTC_CHANGE)
+    on_rtc_change: Callable[[int], None] = lambda offset: None
 
 
 @dataclass
@@ -195,6 +206,8 @@ class Platform:
     vcpus: list[Vcpu] = field(default_factory=list)
     #: the CPUID table vCPU 0 was given
     cpuid0: list = field(default_factory=list)
+    #: model features the host lacked, left out of that table
+    cpu_filtered: tuple[str, ...] = ()
     pci: Optional[PciPlatform] = None
     devices: DeviceManager = field(default_factory=DeviceManager)
     #: the VM's GSI routing table (MSI vectors join it)
@@ -274,13 +287,32 @@ def attach_legacy_devices(vm: VmFd, pio: Bus, cfg: VmConfig, host_serial: HostSe
     for ident, kind, base, length, dev in (
             ("serial0", "isa-serial", layout.COM1_PORT, 8, serial),
             ("i8042", "i8042", layout.I8042_DATA_PORT, 5, i8042),
-            ("rtc", "mc146818rtc", layout.RTC_PORT, 2, CmosRtc(ram_size=cfg.memory)),
+            ("rtc", "mc146818rtc", layout.RTC_PORT, 2, make_rtc(vm, cfg, hooks)),
             ("acpi-pm", "acpi-pm", layout.PM1A_EVT_PORT,
              layout.PM_TMR_PORT + layout.PM_TMR_LEN - layout.PM1A_EVT_PORT, pm),
             ("post", "port80", layout.POST_PORT, 1, Sink())):
         pio.insert(base, length, dev, ident)  # type: ignore[arg-type]
         devices.add(ident, kind, dev, f"isa {base:#x}")
     return serial, pm, uarts
+
+
+def make_rtc(vm: VmFd, cfg: VmConfig, hooks: Hooks) -> CmosRtc:
+    """The MC146818 on ISA IRQ 8, its clock at the configured offset."""
+    return CmosRtc(offset_seconds=base_offset(cfg.clock), ram_size=cfg.memory,
+                   irq=IrqLine(vm, layout.RTC_IRQ), on_change=hooks.on_rtc_change,
+                   lost_tick_policy=cfg.clock.rtc_lost_ticks)
+
+
+def numa_distances(cfg: VmConfig) -> tuple[tuple[int, ...], ...]:
+    """The SLIT matrix from the cells' ``<distances>`` (empty when none are given, as
+    QEMU builds no SLIT without -numa dist): a missing entry takes the reverse
+    direction's value, else 10 to itself and 20 to others."""
+    given = {(c.id, other): value for c in cfg.numa for other, value in c.distances}
+    if not given:
+        return ()
+    n = len(cfg.numa)
+    return tuple(tuple(given.get((a, b), given.get((b, a), 10 if a == b else 20))
+                       for b in range(n)) for a in range(n))
 
 
 def guest_topology(cfg: VmConfig) -> Topology:
@@ -405,7 +437,12 @@ def acpi_description(cfg: VmConfig) -> AcpiPlatform:
                         apic_ids=tuple(topo.apic_id(i) for i in range(cfg.vcpus)),
                         pci_root=True, pci_intx_gsis=PCI_INTX_GSIS, pci_prt_slots=slots,
                         pci_express=machine_family(cfg.machine) == "q35",
-                        pci_mmio64=mmio64_window(cfg.memory))
+                        pci_mmio64=mmio64_window(cfg.memory),
+                        numa_nodes=tuple(
+                            (tuple(i for i in c.cpus if i < cfg.vcpus), tuple(runs))
+                            for c, runs in zip(
+                                cfg.numa, layout.numa_ranges([c.memory for c in cfg.numa]))),
+                        numa_distances=numa_distances(cfg))
 
 
 def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig,
@@ -429,22 +466,44 @@ def load_guest(memory: GuestMemory, cfg: VmConfig,
     return kernel, entry
 
 
+def machine_cpu(kvm: Kvm, cfg: VmConfig, supported_cpuid: list) -> GuestCpu:
+    """The CPU model the vCPUs get (raises :class:`CpuModelRefused` naming what the
+    host lacks); warns on stderr, as QEMU does, about features left out."""
+    msrs = kvm.get_feature_msrs(list(FEATURE_MSRS)) \
+        if cfg.cpu.mode == "custom" or cfg.cpu.features else {}
+    cpu = guest_cpu(supported_cpuid, cfg.cpu, cfg.features, feature_msrs=msrs)
+    warning = filtered_warning(cpu)
+    if warning and cfg.cpu.check != "none":
+        print(f"pyhv: {warning}", file=sys.stderr)
+    return cpu
+
+
 def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology,
-                 pio: Bus, mmio: Bus, hooks: Hooks, supported_cpuid: list) -> list[Vcpu]:
+                 pio: Bus, mmio: Bus, hooks: Hooks, cpu: GuestCpu) -> list[Vcpu]:
+    if not cpu.pmu and vm.check_extension(abi.CAP_PMU_CAPABILITY) & abi.PMU_CAP_DISABLE:
+        try:
+            vm.enable_cap(abi.CAP_PMU_CAPABILITY, abi.PMU_CAP_DISABLE)  # before any vCPU
+        except KvmError as e:
+            # EINVAL: this KVM has no vPMU to take away (kvm.enable_pmu=0); the
+            # guest's CPUID (leaf 0xA) says there is none either way
+            if e.errno != errno.EINVAL:
+                raise
     vcpus = []
     for i in range(cfg.vcpus):
         fd = vm.create_vcpu(topo.apic_id(i))
-        fd.set_cpuid2(vcpu_cpuid(supported_cpuid, i, topo))
+        fd.set_cpuid2(cpu.table(i, topo))
         set_boot_msrs(fd)
+        if cpu.msrs:
+            set_boot_msrs(fd, cpu.msrs)
         init_fpu(fd)
         init_lapic_lints(fd)
         vcpus.append(Vcpu(fd, pio, mmio, hooks.on_vcpu_event))
     return vcpus
 
 
-def set_boot_msrs(fd: object) -> None:
-    """Write :data:`BOOT_MSRS`, skipping any this KVM refuses."""
-    pending = dict(BOOT_MSRS)
+def set_boot_msrs(fd: object, msrs: Optional[dict[int, int]] = None) -> None:
+    """Write :data:`BOOT_MSRS` (or ``msrs``), skipping any this KVM refuses."""
+    pending = dict(BOOT_MSRS if msrs is None else msrs)
     while pending:
         n = fd.set_msrs(pending)  # type: ignore[attr-defined]
         keys = list(pending)
@@ -472,6 +531,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
     problems = unsupported(cfg)
     if problems:
         raise EngineError(problems[0])
+    cpu = machine_cpu(kvm, cfg, supported_cpuid)
     vm = create_vm(kvm)
     try:
         attach_memory(vm, memory, host_addrs)
@@ -497,8 +557,9 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
             plat.closers.append(line.close)
         attach_virtio(plat, hooks)
         topo = guest_topology(cfg)
-        plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, supported_cpuid)
-        plat.cpuid0 = vcpu_cpuid(supported_cpuid, 0, topo)
+        plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, cpu)
+        plat.cpuid0 = cpu.table(0, topo)
+        plat.cpu_filtered = cpu.filtered
         return plat
     except BaseException:
         vm.close()

@@ -91,6 +91,26 @@ def ram_ranges(ram_size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def numa_ranges(sizes: list[int]) -> list[list[tuple[int, int]]]:
+    """Guest-physical RAM of each NUMA node: consecutive runs of :func:`ram_ranges`
+    in node order, skipping the MMIO hole (a node may straddle it: two runs)."""
+    runs = ram_ranges(sum(sizes))
+    out: list[list[tuple[int, int]]] = []
+    run, used = 0, 0
+    for size in sizes:
+        mine: list[tuple[int, int]] = []
+        while size:
+            addr, length = runs[run]
+            take = min(size, length - used)
+            mine.append((addr + used, take))
+            size -= take
+            used += take
+            if used == length:
+                run, used = run + 1, 0
+        out.append(mine)
+    return out
+
+
 def e820_map(ram_size: int) -> list[E820Entry]:
     """The memory map handed to the guest (Linux e820 and PVH memmap alike)."""
     low = min(ram_size, MMIO_HOLE_START)

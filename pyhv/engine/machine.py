@@ -19,10 +19,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pyhv.config import VmConfig
-from pyhv.engine import layout
+from pyhv.engine import layout, pinning
 from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
 from pyhv.engine.chardev import PtyEnd
 from pyhv.engine.console import HostSerial, SerialInputPump, open_serial
@@ -31,8 +31,12 @@ from pyhv.engine.eventloop import EventLoop
 from pyhv.engine.host import HostResources
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
+from pyhv.engine.numa import bind_guest_ram
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
 from pyhv.placement import place
+
+if TYPE_CHECKING:
+    from pyhv.engine.devices.rtc import CmosRtc
 
 
 class MachineState(enum.Enum):
@@ -58,7 +62,9 @@ class MachineEvent:
     on), ``block-io-error``
     (detail: the disk id; ``data`` the :class:`~pyhv.engine.virtio.blk.BlkIoError`;
     on action ``stop`` the machine pauses right after), ``block-write-threshold``
-    (detail: the disk id; ``data``: (bytes past the threshold, the threshold)).
+    (detail: the disk id; ``data``: (bytes past the threshold, the threshold)),
+    ``rtc-change`` (``data``: the guest's RTC offset from the configured base, in
+    seconds, after the guest set its clock; kept across resets).
     """
 
     kind: str
@@ -73,10 +79,21 @@ Subscriber = Callable[[MachineEvent], None]
 
 
 def _schedule(loop: EventLoop, device: object, delay: float,
-              work: Callable[[], None]) -> None:
-    """A device's timer: its work runs on ``loop`` as its transport runs queue work."""
+              work: Callable[[], None]) -> object:
+    """A device's timer: its work runs on ``loop`` as its transport runs queue work
+    (the :class:`~pyhv.engine.eventloop.Timer` returned can be cancelled)."""
     guard = getattr(device, "guard", None)
-    loop.call_later(delay, work if guard is None else functools.partial(guard, work))
+    return loop.call_later(delay, work if guard is None else functools.partial(guard, work))
+
+
+def _schedule_from_any_thread(loop: EventLoop, delay: float,
+                              work: Callable[[], None]) -> None:
+    """A timer armed from a vCPU thread as well as from the loop (the RTC's): the
+    loop's own thread adds it, so a loop asleep in epoll wakes up for it."""
+    def arm() -> None:
+        loop.call_later(delay, work, "rtc")
+
+    loop.call_soon_threadsafe(arm)
 
 
 class Machine:
@@ -98,6 +115,8 @@ class Machine:
         self.host_serial = host_serial
         self._own_serial = host_serial is None
         self._pins: list[object] = []
+        #: vCPU index → where its thread ran when the platform was last torn down
+        self._carried: dict[int, pinning.ThreadPlacement] = {}
         self._host_addrs: list[int] = []
         self._cpuid: list = []
         self._loop: Optional[EventLoop] = None
@@ -107,6 +126,8 @@ class Machine:
         self.host = HostResources()
         #: the ids of the virtio-serial ports the guest has open
         self.open_ports: set[str] = set()
+        #: seconds the guest moved its RTC from the configured base (None: never)
+        self.rtc_adjust: Optional[int] = None
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -120,11 +141,14 @@ class Machine:
         if self.config.vcpus > self._kvm.max_vcpus():
             raise EngineError(f"vcpus {self.config.vcpus}: this KVM allows at most "
                               f"{self._kvm.max_vcpus()}")
+        pinning.check_host(self.config.cputune)
         ranges = layout.ram_ranges(self.config.memory)
-        if self.config.shared_memory:
-            self.memory = GuestMemory.shared_fd(ranges)
-        else:
-            self.memory = GuestMemory.anonymous(ranges)
+        backing = self.config.memory_backing
+        self.memory = GuestMemory.allocate(ranges, backing, shared=self.config.shared_memory,
+                                           settle=False)
+        bind_guest_ram(self.memory, self.config)  # <numatune>, before the guest runs
+        self.memory.settle(backing)  # KSM, prealloc, mlock: after the binding
+        pinning.place_emulator(self.config.cputune)
         self._host_addrs, self._pins = host_addresses(self.memory)
         self._cpuid = self._kvm.get_supported_cpuid()
         if self.host_serial is None:
@@ -147,7 +171,8 @@ class Machine:
                          "block-threshold", (ident, past, at)),
                      on_port_open=lambda ident, is_open: self._post(
                          "port-open", (ident, is_open)),
-                     on_rx_filter=lambda ident: self._post("rx-filter", ident))
+                     on_rx_filter=lambda ident: self._post("rx-filter", ident),
+                     on_rtc_change=lambda offset: self._post("rtc-change", offset))
 
     def _boot(self, paused: bool) -> None:
         assert self._kvm is not None and self.memory is not None and self.host_serial
@@ -155,9 +180,14 @@ class Machine:
                                        self.config, self.host_serial, self._hooks(),
                                        self._cpuid, self.host)
         self.boots += 1
+        rtc = self.rtc()
+        if rtc is not None and self.rtc_adjust is not None:
+            rtc.set_offset(rtc.base_offset + self.rtc_adjust)  # the RTC outlives resets
         if self._loop is not None:
             self._watch(self._loop)
         for v in self.platform.vcpus:
+            v.placement = self._carried.get(v.index) or \
+                pinning.vcpu_placement(self.config.cputune, v.index)
             v.start(paused=paused)
         self.state = MachineState.PAUSED if paused else MachineState.RUNNING
 
@@ -181,10 +211,16 @@ class Machine:
             loop.add_reader(fd, callback, name)
         for dev in self.platform.timed:
             dev.schedule = functools.partial(_schedule, loop, dev)  # type: ignore
+        rtc = self.rtc()
+        if rtc is not None:
+            rtc.schedule = functools.partial(_schedule_from_any_thread, loop)
         for dev in self.platform.served:
             dev.start(loop)  # type: ignore
 
     def _unwatch(self) -> None:
+        rtc = self.rtc()
+        if rtc is not None:
+            rtc.schedule = None  # its pending timers become no-ops
         if self._loop is not None and self.platform is not None:
             for fd, _cb, _name in self.platform.watches:
                 self._loop.remove_reader(fd)
@@ -205,7 +241,11 @@ class Machine:
             self._post("port-open", (ident, False))
         self._unwatch()
         if self.platform is not None:
+            vcpus = list(self.platform.vcpus)
             self.platform.close()
+            for v in vcpus:  # a reset's new threads get the old ones' pins
+                if v.final_placement is not None:
+                    self._carried[v.index] = v.final_placement
             self.platform = None
 
     def close(self) -> None:
@@ -354,9 +394,26 @@ class Machine:
                     out[rec.id] = fn.device
         return out
 
+    def rtc(self) -> Optional["CmosRtc"]:
+        """The RTC of the running platform."""
+        from pyhv.engine.devices.rtc import CmosRtc
+
+        rec = self.platform.devices.get("rtc") if self.platform is not None else None
+        return rec.device if rec is not None and isinstance(rec.device, CmosRtc) else None
+
+    def rtc_reset_reinjection(self) -> None:
+        """Drop the RTC's periodic ticks owed to the guest (QMP rtc-reset-reinjection)."""
+        rtc = self.rtc()
+        if rtc is not None:
+            rtc.reset_reinjection()
+
     def cpuid(self) -> list:
         """The CPUID table vCPU 0 was given."""
         return list(self.platform.cpuid0) if self.platform is not None else []
+
+    def cpu_filtered(self) -> tuple[str, ...]:
+        """CPU model features this host's KVM lacked (left out of the CPUID)."""
+        return self.platform.cpu_filtered if self.platform is not None else ()
 
     # ---- console input ----------------------------------------------------------
     def serial_input(self, data: bytes) -> int:
@@ -431,6 +488,11 @@ class Machine:
                 self._emit(MachineEvent("block-write-threshold", str(ident),
                                         f"disk {ident}: a write went {past} bytes past the "
                                         f"write threshold {at}", data=(past, at)))
+            elif kind == "rtc-change":
+                self.rtc_adjust = int(payload)  # type: ignore[call-overload]
+                self._emit(MachineEvent("rtc-change", str(payload),
+                                        f"the guest set its clock {payload} s from the "
+                                        "configured base", data=int(payload)))  # type: ignore
             elif kind == "rx-filter":
                 self._emit(MachineEvent("rx-filter-changed", str(payload),
                                         f"NIC {payload}: the guest changed its receive "

@@ -10,13 +10,19 @@ interface, never on how the memory was mapped: the same class serves
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
+import resource
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 from pyhv.engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from pyhv.config import MemoryBackingConfig
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -50,6 +56,8 @@ class GuestRegion:
     fd: int = -1
     #: offset of this region within ``fd``
     fd_offset: int = 0
+    #: punch the contents out of the backing file on close (``discard-data``)
+    discard: bool = False
 
     @property
     def end(self) -> int:
@@ -124,6 +132,100 @@ class GuestMemory:
             regions.append(GuestRegion(addr, size, buf, fd=fd, fd_offset=offset))
             offset += size
         return cls(regions)
+
+    @classmethod
+    def allocate(cls, ranges: Iterable[tuple[int, int]], backing: "MemoryBackingConfig",
+                 shared: bool = False, settle: bool = True) -> "GuestMemory":
+        """Guest RAM as ``<memoryBacking>`` / QEMU's memory backends describe it.
+
+        anonymous: private anonymous pages (a memfd when shared); memfd: one memfd,
+        shared or private; file: a file in ``backing.path`` (a directory gets an
+        unlinked file, as QEMU makes one); hugepages: hugetlb pages of the size
+        asked (memfd with MFD_HUGETLB, or a file on hugetlbfs), refused with one line
+        when the host has too few free.  Then :meth:`settle` (unless ``settle`` is
+        false: a caller that binds the RAM to host nodes first calls it after).
+        """
+        ranges = list(ranges)
+        total = sum(s for _, s in ranges)
+        page = 0
+        if backing.hugepages:
+            page = _hugepage_size(backing)
+            for _addr, size in ranges:
+                if size % page:
+                    raise GuestMemoryError(
+                        f"memory backing: guest RAM ({_fmt(total)}) is not a multiple of the "
+                        f"{_fmt(page)} hugepage size")
+            _check_free_hugepages(page, total // page)
+        if backing.locked:
+            _check_memlock(total)
+        if backing.path is not None or (backing.source == "file" and not backing.hugepages):
+            fd = _open_backing_file(backing.path, total, page)
+        elif backing.hugepages or backing.source == "memfd" or shared:
+            flags = os.MFD_CLOEXEC
+            if page:
+                flags |= _MFD_HUGETLB | (page.bit_length() - 1) << _MFD_HUGE_SHIFT
+            try:
+                fd = os.memfd_create("pyhv-guest-ram", flags)
+                os.ftruncate(fd, total)
+            except OSError as e:
+                raise GuestMemoryError(f"memfd: cannot create guest memory: {e.strerror}") \
+                    from e
+        else:
+            memory = cls.anonymous(ranges)
+            if settle:
+                memory.settle(backing)
+            return memory
+        regions: list[GuestRegion] = []
+        offset = 0
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        try:
+            for addr, size in ranges:
+                try:
+                    buf = mmap.mmap(fd, size, flags=flags,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                except OSError as e:
+                    if page and e.errno == errno.ENOMEM:
+                        raise GuestMemoryError(
+                            f"memory backing: the host ran out of free {_fmt(page)} "
+                            f"hugepages mapping {_fmt(size)} of guest RAM "
+                            f"({_hugepage_dir(page)}/free_hugepages)") from e
+                    raise GuestMemoryError(f"cannot map {_fmt(size)} of guest memory: "
+                                           f"{e.strerror}") from e
+                # a private mapping is this process's alone: no descriptor to share
+                regions.append(GuestRegion(addr, size, buf, fd=fd if shared else -1,
+                                           fd_offset=offset, discard=backing.discard))
+                offset += size
+        except GuestMemoryError:
+            for r in regions:
+                r.buffer.close()  # type: ignore[union-attr]
+            os.close(fd)
+            raise
+        if not shared:
+            os.close(fd)
+        memory = cls(regions)
+        if settle:
+            try:
+                memory.settle(backing)
+            except GuestMemoryError:
+                memory.close()
+                raise
+        return memory
+
+    def settle(self, backing: "MemoryBackingConfig") -> None:
+        """KSM advice (MADV_MERGEABLE unless ``merge`` is off), preallocation and
+        mlock (``locked``) of every region, as QEMU does them."""
+        for r in self.regions:
+            buf = r.buffer
+            assert isinstance(buf, mmap.mmap)
+            # as QEMU: errors ignored (KSM skips shared and hugetlb mappings itself)
+            try:
+                buf.madvise(mmap.MADV_MERGEABLE if backing.merge else mmap.MADV_UNMERGEABLE)
+            except OSError:
+                pass
+            if backing.prealloc and not backing.locked:  # mlock populates anyway
+                _populate(buf, r.size)
+            if backing.locked:
+                _mlock(buf, r.size)
 
     @classmethod
     def from_fds(cls, regions: Iterable[tuple[int, int, int, int]]) -> "GuestMemory":
@@ -253,9 +355,204 @@ class GuestMemory:
             os.close(fd)
         for r in regions:
             if isinstance(r.buffer, mmap.mmap):
+                if r.discard and not r.buffer.closed:
+                    try:  # QEMU's discard-data: the file's contents go, not to disk
+                        r.buffer.madvise(mmap.MADV_REMOVE)
+                    except OSError:
+                        pass
                 try:
                     r.buffer.close()
                 except BufferError as e:  # someone still holds a view: unmapped when freed
                     busy = e
         if busy is not None:
             raise GuestMemoryError(f"guest memory still in use: {busy}") from busy
+
+
+# ---- host memory: hugepages, locking ---------------------------------------------
+
+_MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 4)
+_MFD_HUGE_SHIFT = 26
+_HUGEPAGES = "/sys/kernel/mm/hugepages"
+_HUGETLBFS_MAGIC = 0x958458F6
+_CAP_IPC_LOCK = 14
+_MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fmt(n: int) -> str:
+    from pyhv.config import format_size
+
+    return format_size(n)
+
+
+def _hugepage_dir(page: int) -> str:
+    return f"{_HUGEPAGES}/hugepages-{page >> 10}kB"
+
+
+def host_hugepage_sizes() -> list[int]:
+    """The hugepage sizes this host's kernel offers, in bytes."""
+    try:
+        names = os.listdir(_HUGEPAGES)
+    except OSError:
+        return []
+    return sorted(int(n[len("hugepages-"):-2]) << 10 for n in names
+                  if n.startswith("hugepages-") and n.endswith("kB"))
+
+
+def default_hugepage_size() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_hugepages(page: int) -> Optional[int]:
+    """Hugepages of ``page`` bytes free and not reserved (None: no such size)."""
+    d = _hugepage_dir(page)
+    try:
+        with open(f"{d}/free_hugepages") as f:
+            free = int(f.read())
+        with open(f"{d}/resv_hugepages") as f:
+            resv = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return max(free - resv, 0)
+
+
+def hugetlbfs_page_size(path: str) -> Optional[int]:
+    """The page size of the hugetlbfs ``path`` lives on (None: not hugetlbfs)."""
+    best = ""
+    fstype = ""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and \
+                        len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        return None
+    if fstype != "hugetlbfs":
+        return None
+    return os.statvfs(path).f_bsize
+
+
+def _hugepage_size(backing: "MemoryBackingConfig") -> int:
+    sizes = host_hugepage_sizes()
+    listed = ", ".join(_fmt(s) for s in sizes) or "none"
+    if backing.path is not None:
+        where = backing.path if os.path.isdir(backing.path) else \
+            os.path.dirname(backing.path) or "."
+        try:
+            fs_page = hugetlbfs_page_size(where)
+        except OSError as e:
+            raise GuestMemoryError(f"memory backing: {where}: {e.strerror}") from e
+        if fs_page is None:
+            raise GuestMemoryError(f"memory backing: {where} is not on hugetlbfs (mount "
+                                   "one: mount -t hugetlbfs -o pagesize=2M none DIR)")
+        if backing.hugepage_size is not None and backing.hugepage_size != fs_page:
+            raise GuestMemoryError(
+                f"memory backing: {where} has {_fmt(fs_page)} hugepages, not the "
+                f"{_fmt(backing.hugepage_size)} asked for")
+        return fs_page
+    page = backing.hugepage_size or default_hugepage_size()
+    if page is None or page not in sizes:
+        what = _fmt(page) if page else "any size"
+        raise GuestMemoryError(f"memory backing: this host has no hugepages of {what} "
+                               f"(sizes it has: {listed})")
+    return page
+
+
+def _check_free_hugepages(page: int, need: int) -> None:
+    free = free_hugepages(page)
+    if free is None:
+        raise GuestMemoryError(f"memory backing: this host has no {_fmt(page)} hugepages")
+    if free < need:
+        raise GuestMemoryError(
+            f"memory backing: guest RAM needs {need} hugepages of {_fmt(page)}, the host has "
+            f"{free} free (reserve more: echo N > {_hugepage_dir(page)}/nr_hugepages)")
+
+
+def _open_backing_file(path: Optional[str], total: int, page: int) -> int:
+    """A descriptor for file-backed RAM of ``total`` bytes: an unlinked new file in
+    a directory (``path`` None: the temporary directory), or the file ``path``."""
+    import tempfile
+
+    where = path if path is not None else tempfile.gettempdir()
+    try:
+        if os.path.isdir(where):
+            fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        else:
+            fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, total)
+    except OSError as e:
+        if page and e.errno in (errno.ENOMEM, errno.ENOSPC):
+            raise GuestMemoryError(f"memory backing: {where}: too few free {_fmt(page)} "
+                                   "hugepages") from e
+        raise GuestMemoryError(f"memory backing: {where}: cannot create guest memory: "
+                               f"{e.strerror}") from e
+    return fd
+
+
+def _has_cap_ipc_lock() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _limit_text(n: int) -> str:
+    return "unlimited" if n == resource.RLIM_INFINITY else _fmt(n) if n else "0 bytes"
+
+
+def _check_memlock(total: int) -> None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and soft < total and not _has_cap_ipc_lock():
+        raise GuestMemoryError(
+            f"memory backing: locked memory needs {_fmt(total)} but RLIMIT_MEMLOCK is "
+            f"{_limit_text(soft)} (raise it: ulimit -l, prlimit --memlock; libvirt: "
+            "<memtune><hard_limit>)")
+
+
+def _address(buf: mmap.mmap) -> int:
+    view = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def _mlock(buf: mmap.mmap, size: int) -> None:
+    if _libc.mlock(ctypes.c_void_p(_address(buf)), ctypes.c_size_t(size)) != 0:
+        err = ctypes.get_errno()
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        raise GuestMemoryError(
+            f"memory backing: cannot lock {_fmt(size)} of guest RAM: {os.strerror(err)} "
+            f"(RLIMIT_MEMLOCK is {_limit_text(soft)}; raise it: ulimit -l, prlimit "
+            "--memlock; libvirt: <memtune><hard_limit>)")
+
+
+def _populate(buf: mmap.mmap, size: int) -> None:
+    """Fault every page in now (QEMU's prealloc)."""
+    try:
+        buf.madvise(_MADV_POPULATE_WRITE)  # Linux 5.14
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOMEM, errno.EFAULT):
+            raise GuestMemoryError(f"memory backing: cannot preallocate {_fmt(size)} of "
+                                   f"guest RAM: {e.strerror}") from e
+    step = mmap.PAGESIZE
+    for off in range(0, size, step):
+        buf[off] = buf[off]

@@ -4,8 +4,9 @@ A pure function of the config (no KVM): front ends map everything a user can
 describe, ``pyhv domxml check`` marks what is listed here, and the builder
 refuses to build a machine that needs any of it (``create_platform`` checks,
 so a front end that forgets cannot get a machine missing a device).  Today the
-engine builds RAM (anonymous, or a shared memfd), vCPUs in any
-sockets × cores × threads topology (no dies) with the host's CPUID, direct
+engine builds RAM (anonymous, memfd, file, hugepages; locked, shared), vCPUs in any
+sockets × cores × threads topology (no dies) with the host's CPUID or a
+named model from libvirt's CPU map (:mod:`pyhv.cpumodel`), direct
 kernel boot, COM1 as one isa-serial (stdio/file/pty/null/fd, optionally
 logged), ACPI, the i8042, the RTC and ACPI PM, the pc/q35 PCI chipset,
 pci-bridge and pcie-root-port controllers, the USB host controllers, and
@@ -53,13 +54,6 @@ def issues(cfg: VmConfig) -> list[Issue]:
     def add(kind: str, index: int, label: str, message: str) -> None:
         out.append(Issue((kind, index), label, message))
 
-    mb = cfg.memory_backing
-    if mb.hugepages:
-        add("memory", 0, "memory", f"hugepage backing {NOT_BUILT}")
-    if mb.source == "file":
-        add("memory", 0, "memory", f"file-backed memory {NOT_BUILT}")
-    if mb.locked:
-        add("memory", 0, "memory", f"locked memory {NOT_BUILT}")
     if cfg.current_memory is not None and cfg.current_memory != cfg.memory and \
             cfg.balloon is None:
         add("memory", 0, "memory", "starting below the configured size (currentMemory) "
@@ -72,22 +66,20 @@ def issues(cfg: VmConfig) -> list[Issue]:
     if topo is not None and topo.dies != 1:
         add("cpu", 0, "cpu", f"topology with {topo.dies} dies per socket {NOT_BUILT} "
                              "(built: sockets × cores × threads)")
-    if cpu.mode == "custom":
-        add("cpu", 0, "cpu", f"CPU model {cpu.model!r} {NOT_BUILT} (built: the host's "
-                             "CPU, mode host-passthrough)")
-    elif cpu.mode == "host-model":
-        add("cpu", 0, "cpu", f"mode host-model {NOT_BUILT} (built: host-passthrough)")
-    if cpu.features:
-        names = ", ".join(f"{f.policy} {f.name}" for f in cpu.features)
-        add("cpu", 0, "cpu", f"CPU feature changes ({names}) are {NOT_BUILT[3:]}")
+    if cpu.mode in ("custom", "host-model") or cpu.features:
+        # named models and feature names come from libvirt's CPU map
+        from pyhv.cpumodel import CpuModelError, cpu_map
+        try:
+            cmap = cpu_map()
+            if cpu.mode == "custom" and cpu.model is not None:
+                cmap.model(cpu.model, "cpu model")
+            for feat in cpu.features:
+                cmap.feature_name(feat.name, "cpu feature")
+        except CpuModelError as e:
+            add("cpu", 0, "cpu", str(e))
     f = cfg.features
     if not f.apic:
         add("features", 0, "features", f"a machine without APIC {NOT_BUILT}")
-    if f.pmu is not None:
-        add("features", 0, "features", f"setting the PMU {'on' if f.pmu else 'off'} "
-                                       f"{NOT_BUILT}")
-    if cfg.clock.offset != "utc" or cfg.clock.adjustment:
-        add("clock", 0, "clock", f"RTC offset {cfg.clock.offset} {NOT_BUILT} (built: utc)")
     if cfg.on_poweroff != "destroy":
         add("on_poweroff", 0, "on_poweroff", f"{cfg.on_poweroff} {NOT_BUILT} (built: "
                                              "destroy)")

@@ -34,6 +34,7 @@ from pyhv.engine.kvm.exits import (
     SystemEvent,
     Unsupported,
 )
+from pyhv.engine.pinning import PinningError, ThreadPlacement, snapshot
 
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -139,6 +140,13 @@ class Vcpu:
         self._want_pause = False
         self._want_stop = False
         self._thread: Optional[threading.Thread] = None
+        #: host CPUs and scheduler the thread gives itself before running the guest
+        self.placement: Optional[ThreadPlacement] = None
+        self._placed = threading.Event()
+        self._place_error: Optional[PinningError] = None
+        #: the placement the thread had when it ended (whoever set it: a successor
+        #: thread after a reset gets the same)
+        self.final_placement: Optional[ThreadPlacement] = None
 
     @property
     def thread_id(self) -> int:
@@ -152,6 +160,11 @@ class Vcpu:
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}",
                                         daemon=True)
         self._thread.start()
+        if self.placement is not None:  # placed before any guest code runs
+            self._placed.wait()
+            if self._place_error is not None:
+                self._thread.join()
+                raise self._place_error
 
     def _kick(self) -> None:
         self.fd.set_immediate_exit(True)
@@ -205,6 +218,22 @@ class Vcpu:
             return True
 
     def _main(self) -> None:
+        try:  # the name QEMU gives it (debug-threads=on): ps, top and tests tell them apart
+            with open("/proc/thread-self/comm", "w") as f:
+                f.write(f"CPU {self.index}/KVM")
+        except OSError:
+            pass
+        if self.placement is not None:
+            try:
+                self.placement.apply(0, f"vCPU {self.index}")
+            except PinningError as e:
+                self._place_error = e
+                with self._cond:
+                    self.state = VcpuState.EXITED
+                    self._cond.notify_all()
+                return
+            finally:
+                self._placed.set()
         try:
             self._loop()
         except Exception as e:  # a fault in pyhv itself (a device model): report it
@@ -214,6 +243,7 @@ class Vcpu:
             self._report("vmm-error", f"pyhv error: {type(e).__name__}: {e} "
                                       f"({where.filename}:{where.lineno})")
         finally:
+            self.final_placement = snapshot(0)
             with self._cond:
                 self.state = VcpuState.EXITED
                 self._cond.notify_all()

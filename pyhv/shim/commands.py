@@ -139,6 +139,10 @@ class MachineControl(Protocol):
         NIC_RX_FILTER_CHANGED)."""
         ...
 
+    def rtc_reset_reinjection(self) -> None:
+        """Drop the RTC periodic interrupts still owed to the guest (driftfix=slew)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ImageDesc:
@@ -252,7 +256,7 @@ def _qom_types(reg: Any) -> dict[str, _QomType]:
             out.setdefault("virtio-device", _QomType("virtio-device", "device", True))
             out[backend] = _QomType(backend, "virtio-device", False)
     cpu_props = tuple((n, t, "", None) for n, t in _CPU_PROPS)
-    for cpu in reg.CPU_MODELS:
+    for cpu in getattr(reg, "cpu_models", lambda: reg.CPU_MODELS)():
         out[cpu.typename] = _QomType(cpu.typename, "x86_64-cpu", False, cpu_props)
     machine_props = tuple((n, t, "", None) for n, t in _MACHINE_PROPS)
     for m in reg.MACHINES:
@@ -417,9 +421,22 @@ class Commands:
         return out
 
     def cmd_query_cpu_definitions(self, args: dict[str, Any], conn: QmpConnection) -> Any:
-        return [{"name": c.name, "typename": c.typename, "static": c.static,
-                 "migration-safe": c.migration_safe, "unavailable-features": [],
-                 "deprecated": False} for c in self.registry.CPU_MODELS]
+        from pyhv.shim import cpus
+        models = getattr(self.registry, "cpu_models", lambda: self.registry.CPU_MODELS)()
+        return cpus.definitions(models)
+
+    def cmd_query_cpu_model_expansion(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        from pyhv.shim import cpus
+        return cpus.expansion(args["type"], args["model"])
+
+    def cmd_query_cpu_model_baseline(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        from pyhv.shim import cpus
+        return cpus.baseline(args["modela"], args["modelb"])
+
+    def cmd_query_cpu_model_comparison(self, args: dict[str, Any],
+                                       conn: QmpConnection) -> Any:
+        from pyhv.shim import cpus
+        return cpus.comparison(args["modela"], args["modelb"])
 
     def cmd_query_tpm_models(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         return []
@@ -596,6 +613,10 @@ class Commands:
             raise QmpError(f"Device '{args['name']}' not found", DEVICE_NOT_FOUND)
         self.machine.set_link(args["name"], bool(args["up"]))
 
+    def cmd_rtc_reset_reinjection(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        if self.machine is not None:
+            self.machine.rtc_reset_reinjection()
+
     def cmd_query_rx_filter(self, args: dict[str, Any], conn: QmpConnection) -> Any:
         return self.machine.rx_filters(args.get("name")) if self.machine else []
 
@@ -720,16 +741,25 @@ class Commands:
         if prop == "type":
             return self._cpu_type()
         if prop in ("feature-words", "filtered-features"):
+            # filtered: model features the host's KVM lacked (left out, as QEMU does)
+            filtered = {(leaf, sub, reg): value for leaf, sub, reg, value in
+                        getattr(self.machine, "cpuid_filtered", lambda: ())()}
             words = []
             for leaf, subleaf, reg, value in self.machine.cpuid_words():
                 w: dict[str, Any] = {"cpuid-input-eax": leaf}
                 if subleaf is not None:
                     w["cpuid-input-ecx"] = subleaf
                 w["cpuid-register"] = reg
-                # nothing the vCPU was asked for is filtered out: pyhv gives
-                # the vCPUs what KVM supports
-                w["features"] = value if prop == "feature-words" else 0
+                w["features"] = value if prop == "feature-words" else \
+                    filtered.pop((leaf, subleaf, reg), 0)
                 words.append(w)
+            if prop == "filtered-features":
+                for (leaf, subleaf, reg), value in sorted(filtered.items(),
+                                                         key=lambda kv: str(kv[0])):
+                    w = {"cpuid-input-eax": leaf, "cpuid-register": reg, "features": value}
+                    if subleaf is not None:
+                        w["cpuid-input-ecx"] = subleaf
+                    words.append(w)
             return words
         raise QmpError(f"Property '{self._cpu_type()}.{prop}' not found")
 

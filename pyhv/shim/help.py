@@ -98,7 +98,7 @@ def device_props_help(name: str) -> str:
 
 def cpu_help() -> str:
     out = ["Available CPUs:"]
-    out += [f"x86 {m.name:<20} {m.description}" for m in registry.CPU_MODELS]
+    out += [f"x86 {m.name:<20} {m.description}" for m in registry.cpu_models()]
     return "\n".join(out) + "\n"
 
 

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from pyhv.config import (
     BackingFile,
@@ -41,12 +41,16 @@ from pyhv.config import (
     KernelBoot,
     MemoryBackingConfig,
     NetConfig,
+    NumaCell,
+    NumaTune,
     RngConfig,
     SerialConfig,
     SerialPortConfig,
     VmConfig,
+    parse_cpuset,
 )
 from pyhv.config import PciAddress as ConfigPciAddress
+from pyhv.cpumodel import CpuModelError, cpu_map, parse_cpu_option
 from pyhv.placement import place
 from pyhv.shim import registry
 from pyhv.shim.argv import (
@@ -357,7 +361,6 @@ _REFUSED = {
     "spice": "graphics (SPICE) are not supported by pyhv; use -display none",
     "bios": "firmware boot is not supported by pyhv; boot with -kernel",
     "dtb": "device trees are not used on x86",
-    "numa": "NUMA topologies are not supported by pyhv",
     "tpmdev": "TPMs are not supported by pyhv",
     "iscsi": "iSCSI is not supported by pyhv",
     "preconfig": "the preconfig state is not supported by pyhv",
@@ -380,13 +383,9 @@ _GLOBALS_OK = {
     ("ICH9-LPC", "disable_s3"), ("ICH9-LPC", "disable_s4"), ("ICH9-LPC", "noreboot"),
 }
 
-#: -cpu options that are properties of the CPU object, not CPUID feature flags
-_CPU_PROPERTIES = {
-    "migratable", "check", "enforce", "host-phys-bits", "host-phys-bits-limit", "phys-bits",
-    "l3-cache", "host-cache-info", "kvm", "hv-vendor-id", "hv-spinlocks", "min-level",
-    "min-xlevel", "level", "xlevel", "family", "model", "stepping", "vendor", "model-id",
-    "tsc-frequency", "kvm-no-smi-migration",
-}
+#: -cpu properties the shim applies (the others are noted as not applied)
+_CPU_APPLIED = ("migratable", "check", "enforce", "pmu", "kvm", "vendor", "model-id")
+
 
 #: QEMU's BlockdevOnError values (werror=, rerror=)
 ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
@@ -461,8 +460,13 @@ class _Builder:
         self.cpu_config = CpuConfig()
         self.max_vcpus: Optional[int] = None
         self.topology: Optional[CpuTopology] = None
+        self.numa_cells: tuple[NumaCell, ...] = ()
+        self.numatune: Optional[NumaTune] = None
         self.mem_lock = False
+        #: -machine mem-merge (KSM), the default of each backend's ``merge``
+        self.mem_merge = True
         self.pmu: Optional[bool] = None
+        self.kvm_hidden = False
         self.nic_count = 0
         self.vcpus = 1
 
@@ -669,6 +673,8 @@ class _Builder:
                 opts.get_bool(key)
         if "usb" in opts and opts.get_str("usb") != "auto":
             self.machine_usb = opts.get_bool("usb")
+        if "mem-merge" in opts and opts.get_str("mem-merge") != "auto":
+            self.mem_merge = opts.get_bool("mem-merge")
         return m, opts
 
     def default_usb(self, machine: registry.MachineType) -> None:
@@ -756,10 +762,12 @@ class _Builder:
             opts.get_bool("discard-data")
             if opts.get_bool("pmem") or opts.get_bool("readonly"):
                 raise _unsupported(opts.where, "pmem and read-only RAM are not supported")
-        if opts.get_bool("prealloc"):
-            self.note(f"{opts.where}: prealloc is not honoured")
-        if "host-nodes" in opts or opts.get_str("policy", "default") != "default":
-            self.note(f"{opts.where}: NUMA memory policy is not honoured")
+        opts.get_bool("prealloc")
+        opts.get_bool("merge")
+        if ("host-nodes" in opts or opts.get_str("policy", "default") != "default") and \
+                opts.get_str("id") not in self.numa_memdevs():
+            self.note(f"{opts.where}: NUMA memory policy is not honoured (it is for the "
+                      "memory backends of -numa node)")
 
     def memory(self, machine: registry.MachineType, machine_opts: Optional[Opts]) -> int:
         size: Optional[int] = None
@@ -784,13 +792,138 @@ class _Builder:
             size = bsize
             self.backing_from(obj, where)
         else:
+            numa_ram = self.numa_memdevs()
             backends = [o for o in self.objects.values()
-                        if o.qom_type.startswith("memory-backend-")]
+                        if o.qom_type.startswith("memory-backend-") and o.id not in numa_ram]
             if backends:
                 ids = ", ".join(b.id for b in backends)
                 self.note(f"-object {ids}: memory backends not named by -machine "
                           "memory-backend= are not used")
+            # -m alone: -overcommit mem-lock and -machine mem-merge still apply
+            self.backing = replace(self.backing, locked=self.mem_lock, merge=self.mem_merge)
         return size if size is not None else 128 * MiB
+
+    def numa_memdevs(self) -> list[str]:
+        """The memory backends ``-numa node,memdev=`` names, in node order."""
+        out = []
+        for o in find(self.opts, "numa"):
+            pairs = dict(split_list(o.arg or "", "type", o.where))
+            if pairs.get("type") == "node" and "memdev" in pairs:
+                out.append(pairs["memdev"])
+        return out
+
+    def numa(self, memory: int) -> None:
+        """``-numa node|dist|cpu`` (libvirt 9.0: one memory-backend-ram/-file per node,
+        ``cpus=`` given once per range) → guest NUMA cells; the backends' ``policy``/
+        ``host-nodes`` → the cells' host binding."""
+        options = find(self.opts, "numa")
+        if not options:
+            return
+        nodes: dict[int, dict[str, object]] = {}
+        dist: dict[tuple[int, int], int] = {}
+        memnodes = []
+        total = self.max_vcpus or self.vcpus
+        topo = self.topology or CpuTopology(1, 1, total, 1)
+        first_backend = None
+        for o in options:
+            pairs = split_list(o.arg or "", "type", o.where)
+            kind = pairs[0][1] if pairs and pairs[0][0] == "type" else "node"
+            keys = dict(pairs)
+            if kind == "node":
+                allowed = {"type", "nodeid", "cpus", "memdev", "mem", "initiator"}
+                bad = [k for k, _v in pairs if k not in allowed]
+                if bad:
+                    raise _usage(o.where, f"invalid parameter '{bad[0]}'")
+                if "mem" in keys:
+                    raise _unsupported(o.where, "mem= is not supported; give each node a "
+                                                "memory backend with memdev=")
+                node = parse_int(keys.get("nodeid", str(len(nodes))), "nodeid", o.where, 0,
+                                 127)
+                if node in nodes:
+                    raise _usage(o.where, f"duplicate NUMA nodeid: {node}")
+                cpus: list[int] = []
+                for k, v in pairs:
+                    if k == "cpus":
+                        try:
+                            cpus += parse_cpuset(v, "cpus")
+                        except ConfigError as e:
+                            raise _usage(o.where, str(e)) from None
+                size = 0
+                memdev = keys.get("memdev")
+                if memdev is not None:
+                    obj = self.objects.get(memdev)
+                    if obj is None or not obj.qom_type.startswith("memory-backend-"):
+                        raise _usage(o.where, f"memdev '{memdev}' is not a memory backend")
+                    size = _size_of(obj.props.get("size"), self.object_where[memdev])
+                    policy = str(obj.props.get("policy", "default"))
+                    hosts = obj.props.get("host-nodes")
+                    if hosts is not None and policy != "default":
+                        mode = {"bind": "strict", "preferred": "preferred",
+                                "interleave": "interleave"}.get(policy)
+                        if mode is None:
+                            raise _usage(o.where, f"memdev '{memdev}': policy '{policy}' "
+                                                  "(default, preferred, bind, interleave)")
+                        text = ",".join(str(h) for h in hosts) if isinstance(hosts, list) \
+                            else str(hosts)
+                        try:
+                            memnodes.append((node, mode, parse_cpuset(text, "host-nodes")))
+                        except ConfigError as e:
+                            raise _usage(o.where, str(e)) from None
+                    if first_backend is None:
+                        first_backend = obj
+                nodes[node] = {"cpus": cpus, "memory": size}
+            elif kind == "dist":
+                bad = [k for k in keys if k not in ("type", "src", "dst", "val")]
+                if bad:
+                    raise _usage(o.where, f"invalid parameter '{bad[0]}'")
+                src = parse_int(keys.get("src"), "src", o.where, 0)
+                dst = parse_int(keys.get("dst"), "dst", o.where, 0)
+                val = parse_int(keys.get("val"), "val", o.where, 10, 255)
+                if (src == dst) != (val == 10):
+                    raise _usage(o.where, f"invalid distance {val} from node {src} to {dst} "
+                                          "(10 to itself, 11-255 to others)")
+                dist[(src, dst)] = val
+            elif kind == "cpu":
+                bad = [k for k in keys if k not in ("type", "node-id", "socket-id", "die-id",
+                                                    "core-id", "thread-id")]
+                if bad:
+                    raise _usage(o.where, f"invalid parameter '{bad[0]}'")
+                node = parse_int(keys.get("node-id"), "node-id", o.where, 0)
+                ids = [parse_int(keys.get(k, "0"), k, o.where, 0)
+                       for k in ("socket-id", "die-id", "core-id", "thread-id")]
+                index = ((ids[0] * topo.dies + ids[1]) * topo.cores + ids[2]) \
+                    * topo.threads + ids[3]
+                if index >= total:
+                    raise _usage(o.where, "no CPU with these ids")
+                if node not in nodes:
+                    raise _usage(o.where, f"NUMA node {node} is not defined")
+                nodes[node]["cpus"].append(index)  # type: ignore[attr-defined]
+            else:
+                raise _unsupported(o.where, f"-numa {kind} is not supported by pyhv "
+                                            "(node, dist and cpu are)")
+        if sorted(nodes) != list(range(len(nodes))):
+            raise _usage("-numa", f"NUMA node ids {sorted(nodes)} must be 0, 1, ...")
+        if any(not n["cpus"] for n in nodes.values()):
+            empty = next(i for i, n in nodes.items() if not n["cpus"])
+            raise _unsupported(f"-numa node,nodeid={empty}", "a NUMA node without CPUs is "
+                                                             "not supported by pyhv")
+        if all(not n["memory"] for n in nodes.values()):
+            # QEMU spreads RAM over nodes given without memory: evenly, in 8 MiB units
+            share = memory // len(nodes) & ~(8 * MiB - 1)
+            for i in nodes:
+                nodes[i]["memory"] = share
+            nodes[len(nodes) - 1]["memory"] = memory - share * (len(nodes) - 1)
+        cells = []
+        for i in range(len(nodes)):
+            sib = tuple((b, v) for (a, b), v in sorted(dist.items()) if a == i)
+            cells.append(NumaCell(i, tuple(sorted(set(nodes[i]["cpus"]))),  # type: ignore
+                                  int(nodes[i]["memory"]), sib))  # type: ignore[call-overload]
+        self.numa_cells = tuple(cells)
+        if memnodes:
+            self.numatune = NumaTune(memnodes=tuple(memnodes))
+        machine = merged(self.opts, "machine")
+        if first_backend is not None and not (machine and machine.raw("memory-backend")):
+            self.backing_from(first_backend, "-numa")
 
     def backing_from(self, obj: ObjectSpec, where: str) -> None:
         props = obj.props
@@ -799,21 +932,21 @@ class _Builder:
         source = {"memory-backend-ram": "anonymous", "memory-backend-memfd": "memfd",
                   "memory-backend-file": "file"}[qom]
         path = props.get("mem-path")
+        # libvirt's hugepage backends are files on a hugetlbfs mount (mem-path is a
+        # directory there: /dev/hugepages2M/libvirt/qemu/ID-NAME)
         hugepages = _truth(props.get("hugetlb"), where) or (
-            isinstance(path, str) and "hugepages" in path)
+            isinstance(path, str) and ("hugepages" in path or _on_hugetlbfs(path)))
         page = props.get("hugetlbsize")
         page_size = _size_of(page, where) if page is not None else None
-        if isinstance(path, str) and not hugepages:
-            self.note(f"-object {obj.id}: mem-path {path} is not used; pyhv places "
-                      "file-backed RAM itself")
-        if _truth(props.get("prealloc"), where):
-            self.note(f"-object {obj.id}: prealloc is not honoured")
+        merge = _truth(props.get("merge", self.mem_merge), where)
         if "host-nodes" in props or props.get("policy", "default") != "default":
             self.note(f"-object {obj.id}: NUMA memory policy is not honoured")
         try:
             self.backing = MemoryBackingConfig(
                 source, hugepages, page_size if hugepages else None,  # type: ignore[arg-type]
-                locked=self.mem_lock, discard=_truth(props.get("discard-data"), where))
+                locked=self.mem_lock, discard=_truth(props.get("discard-data"), where),
+                path=path if isinstance(path, str) else None, merge=merge,
+                prealloc=_truth(props.get("prealloc"), where))
         except ConfigError as e:
             raise _usage(where, str(e)) from None
 
@@ -851,48 +984,55 @@ class _Builder:
         o = self.one("cpu")
         model, features = "qemu64", {}
         where = "-cpu"
+        option = None
         if o is not None:
             where = o.where
-            model, *rest = o.text.split(",")
-            for item in rest:
-                if not item:
-                    continue
-                if item[0] in "+-":
-                    features[item[1:]] = "on" if item[0] == "+" else "off"
-                elif "=" in item:
-                    k, v = item.split("=", 1)
-                    features[k] = v
-                else:
-                    features[item] = "on"
+            try:
+                option = parse_cpu_option(o.text)
+            except CpuModelError as e:
+                raise _usage(where, str(e).removeprefix("-cpu: ")) from None
+            model = option.model
+            for name, on in option.flags:
+                features[name] = "on" if on else "off"
+            features.update(option.props)
         info = registry.find_cpu_model(model)
-        if info is None:
+        if info is None or (info.static and not info.passthrough and model == "base"):
             raise _unsupported(f"-cpu {model}", f"unable to find CPU model '{model}' "
                                                 "('-cpu help' lists pyhv's)")
         self.vcpus = cpus
-        flags: list[CpuFeature] = []
-        ignored: list[str] = []
-        for k, v in features.items():
-            if k == "pmu":
-                self.pmu = parse_bool(v, k, where)
-            elif k in _CPU_PROPERTIES:
-                if k not in ("migratable", "check", "enforce"):
-                    ignored.append(f"{k}={v}")
-            elif v.lower() in ("on", "off", "true", "false", "yes", "no"):
-                on = parse_bool(v, k, where)
-                flags = [f for f in flags if f.name != k]
-                flags.append(CpuFeature(k, "require" if on else "disable"))
-            else:
-                ignored.append(f"{k}={v}")
-        if ignored:
-            self.note(f"{where}: CPU properties " + ", ".join(ignored) + " are not applied")
-        if o is None:
+        if o is None or option is None:
             self.note("no -cpu: the guest sees the host CPU (QEMU would give qemu64)")
             self.cpu_config = CpuConfig(topology=self.topology)
-        else:
-            mode = {"host": "host-passthrough", "max": "maximum"}.get(model, "custom")
+            return CpuSpec(model, features, info.passthrough, sockets, dies, cores, threads)
+        try:
+            enforce = option.enforce
+            check = "full" if enforce else "partial" if option.check else "none"
+            flags: dict[str, CpuFeature] = {}
+            if option.flags:
+                cmap = cpu_map()
+                for name, on in option.flags:
+                    canonical = cmap.feature_name(name, where)
+                    flags[canonical] = CpuFeature(
+                        canonical, ("require" if enforce else "optional") if on else "disable")
+            props = option.props
+            if "pmu" in props:
+                self.pmu = parse_bool(props["pmu"], "pmu", where)
+            if "kvm" in props:
+                self.kvm_hidden = not parse_bool(props["kvm"], "kvm", where)
+            ignored = [f"{k}={v}" for k, v in props.items() if k not in _CPU_APPLIED]
+            if ignored:
+                self.note(f"{where}: CPU properties " + ", ".join(ignored) +
+                          " are not applied")
+            mode = {"host": "host-passthrough", "max": "maximum"}.get(info.name, "custom")
             self.cpu_config = CpuConfig(
-                mode, model if mode == "custom" else None,  # type: ignore[arg-type]
-                self.topology, tuple(flags))
+                mode, info.name if mode == "custom" else None,  # type: ignore[arg-type]
+                self.topology, tuple(flags.values()),
+                check=check,  # type: ignore[arg-type]
+                vendor=props.get("vendor"), model_id=props.get("model-id"))
+        except CpuModelError as e:
+            raise _usage(where, str(e).removeprefix(f"{where}: ")) from None
+        except ConfigError as e:
+            raise _usage(where, str(e)) from None
         return CpuSpec(model, features, info.passthrough, sockets, dies, cores, threads)
 
     # ----------------------------------------------------------------- block and net
@@ -1656,18 +1796,23 @@ class _Builder:
                                      "2006-06-17T16:01:21 or 2006-06-17)")
         spec = RtcSpec(base, opts.choice("clock", ("host", "rt", "vm"), "host") or "host",
                        opts.choice("driftfix", ("none", "slew"), "none") or "none")
-        if spec.clock != "host" or spec.driftfix != "none":
-            self.note(f"{opts.where}: clock={spec.clock}, driftfix={spec.driftfix} are not "
-                      "honoured; the RTC follows the host clock")
+        if spec.clock != "host":
+            self.note(f"{opts.where}: clock={spec.clock} is not honoured; the RTC follows "
+                      "the host clock")
+        lost: Literal["discard", "slew"] = "slew" if spec.driftfix == "slew" else "discard"
         if base == "localtime":
-            self.clock = ClockConfig("localtime")
+            # libvirt's offset='timezone' sets TZ for the process: localtime follows it
+            self.clock = ClockConfig("localtime", rtc_lost_ticks=lost)
         elif base != "utc":
             fmt = "%Y-%m-%dT%H:%M:%S" if "T" in base else "%Y-%m-%d"
             try:
                 start = datetime.strptime(base, fmt).replace(tzinfo=timezone.utc)
             except ValueError:
                 raise _usage(opts.where, f"invalid date '{base}'") from None
-            self.clock = ClockConfig("variable", int(start.timestamp() - self.now))
+            self.clock = ClockConfig("variable", int(start.timestamp() - self.now),
+                                     rtc_lost_ticks=lost)
+        else:
+            self.clock = ClockConfig(rtc_lost_ticks=lost)
         return spec
 
     def misc(self) -> None:
@@ -1823,6 +1968,18 @@ def _truth(value: object, where: str) -> bool:
     return False if value is None else parse_bool(value, "flag", where)
 
 
+def _on_hugetlbfs(path: str) -> bool:
+    import os
+
+    from pyhv.engine.memory import hugetlbfs_page_size
+
+    try:
+        return hugetlbfs_page_size(path if os.path.isdir(path) else
+                                   os.path.dirname(path) or ".") is not None
+    except OSError:
+        return False
+
+
 def _parse_devfn(raw: JsonValue, where: str) -> tuple[int, int]:
     if isinstance(raw, int) and not isinstance(raw, bool):
         slot, fn = raw >> 3, raw & 7
@@ -1889,6 +2046,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
     b.read_objects()
     memory = b.memory(machine, machine_opts)
     cpu = b.cpu()
+    b.numa(memory)
     rtc = b.rtc()
     boot = b.boot(machine)
     b.read_blockdevs()
@@ -1922,8 +2080,10 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
                 memory_backing=b.backing,
                 max_vcpus=b.max_vcpus,
                 cpu=b.cpu_config,
-                features=FeaturesConfig(acpi=b.acpi, pmu=b.pmu),
+                features=FeaturesConfig(acpi=b.acpi, pmu=b.pmu, kvm_hidden=b.kvm_hidden),
                 clock=b.clock,
+                numa=b.numa_cells,
+                numatune=b.numatune,
                 boot_order=b.boot_order,
                 disks=tuple(b.disk_configs),
                 nets=tuple(b.net_configs),
@@ -1958,6 +2118,8 @@ def _uuid(o: Optional[Option]) -> Optional[str]:
 
 
 def _config_where(message: str) -> str:
+    if message.startswith(("numa", "numatune")):
+        return "-numa"
     if message.startswith("memory"):
         return "-m"
     if message.startswith(("vcpus", "max vcpus", "cpu")):

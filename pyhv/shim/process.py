@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pyhv.shim.monitor import MonitorServer
 
 _REGISTERS = ("EAX", "EBX", "ECX", "EDX")  # QEMU's X86CPURegister32 names
+#: the QOM path RTC_CHANGE names for the machine's MC146818
+RTC_QOM_PATH = "/machine/rtc"
 
 
 class PidFile:
@@ -68,7 +70,9 @@ class ShimMachine:
         self._rx_notify: set[str] = {n.id for n in place(cfg).nets if n.id is not None}
         self.name = plan.options.name
         self.uuid = cfg.uuid
-        self.cpu_type = "host-x86_64-cpu"
+        model = cfg.cpu.model if cfg.cpu.mode == "custom" else \
+            "max" if cfg.cpu.mode == "maximum" else "host"
+        self.cpu_type = f"{model}-x86_64-cpu"
         #: QEMU's prelaunch: vCPUs built but never run since start or reset-from-shutdown
         self.prelaunch = plan.options.start_paused
         self.internal_error = False
@@ -181,6 +185,16 @@ class ShimMachine:
                 words.append((fn, sub, name, value))
         return words
 
+    def cpuid_filtered(self) -> Sequence[CpuidWord]:
+        """The CPUID bits of model features the host lacked (QEMU's filtered-features)."""
+        names = self.machine.cpu_filtered()
+        if not names:
+            return []
+        from pyhv.cpumodel import cpu_map
+        bits = cpu_map().bits(n for n in names if cpu_map().features[n].cpuid)
+        return [(fn, idx if fn in (7, 0xD, 0x14) else None, _REGISTERS[reg], mask)
+                for (fn, idx, reg), mask in sorted(bits.items())]
+
     def peripherals(self) -> Sequence[tuple[str, str]]:
         return [(d.id, d.driver) for d in self.plan.devices if d.id]
 
@@ -272,6 +286,9 @@ class ShimMachine:
     def set_link(self, name: str, up: bool) -> None:
         nic_id, _fn = self._nic(name)
         self.machine.set_link(nic_id, up)
+
+    def rtc_reset_reinjection(self) -> None:
+        self.machine.rtc_reset_reinjection()
 
     def rx_filters(self, name: Optional[str]) -> list[dict[str, Any]]:
         if name is not None:
@@ -449,6 +466,9 @@ class ShimProcess:
                     "path": f"/machine/peripheral/{ev.detail}/virtio-backend"})
         elif ev.kind == "vserport-change":
             self.broadcast("VSERPORT_CHANGE", {"id": ev.detail, "open": bool(ev.data)})
+        elif ev.kind == "rtc-change":
+            # QEMU's offset: the guest's RTC minus the -rtc base, in seconds
+            self.broadcast("RTC_CHANGE", {"offset": int(ev.detail), "qom-path": RTC_QOM_PATH})
         elif ev.kind == "paused":
             self.broadcast("STOP")
         elif ev.kind == "resumed":

@@ -389,9 +389,31 @@ CPU_MODELS: tuple[CpuModel, ...] = (
 )
 
 
+#: map models QEMU itself does not define (RHEL-only)
+_NOT_QEMU_MODELS = ("cpu64-rhel5", "cpu64-rhel6")
+
+
+def cpu_models() -> tuple[CpuModel, ...]:
+    """``host``, ``max``, ``base`` and every model in libvirt's CPU map (read at the
+    first call; without the map, the models above with a description)."""
+    from pyhv.cpumodel import CpuModelError, cpu_map
+
+    try:
+        names = sorted(cpu_map().models)
+    except CpuModelError:
+        return CPU_MODELS
+    known = {m.name for m in CPU_MODELS}
+    extra = tuple(CpuModel(n, f"{n} (libvirt CPU map)") for n in names
+                  if n not in known and n not in _NOT_QEMU_MODELS)
+    inmap = set(names)
+    return tuple(m for m in CPU_MODELS if m.passthrough or m.static or m.name in inmap) + extra
+
+
 def find_cpu_model(name: str) -> Optional[CpuModel]:
-    for m in CPU_MODELS:
-        if m.name == name:
+    """A model by QEMU's name, or its ``-v1`` version name."""
+    models = cpu_models()
+    for m in models:
+        if m.name == name or f"{m.name}-v1" == name:
             return m
     return None
 

@@ -23,8 +23,9 @@ wants it to find are:
 
 and it deliberately leaves out what would make libvirt use features pyhv
 lacks: ``query-display-options``, ``query-hotpluggable-cpus``'s ``die-id``,
-``chardev-add``, migration parameters, NBD, ``screendump``,
-``query-cpu-model-expansion`` (libvirt then reads the host CPU itself).
+``chardev-add``, migration parameters, NBD, ``screendump``.
+``query-cpu-model-expansion`` answers from libvirt's CPU map and this host's
+KVM (:mod:`pyhv.shim.cpus`), so libvirt's host-model is what KVM can give.
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ TYPES: Final[tuple[TypeDef, ...]] = (
         req("name", "str"), opt("migration-safe", "bool"), req("static", "bool"),
         opt("unavailable-features", "[str]"), req("typename", "str"),
         opt("alias-of", "str"), req("deprecated", "bool"))),
+    Struct("CpuModelInfo", (req("name", "str"), opt("props", "any"))),
+    Enum("CpuModelExpansionType", ("static", "full")),
+    Struct("CpuModelExpansionInfo", (req("model", "CpuModelInfo"),
+                                     opt("deprecated-props", "[str]"))),
+    Enum("CpuModelCompareResult", ("incompatible", "identical", "superset", "subset")),
+    Struct("CpuModelCompareInfo", (req("result", "CpuModelCompareResult"),
+                                   req("responsible-properties", "[str]"))),
+    Struct("CpuModelBaselineInfo", (req("model", "CpuModelInfo"),)),
     Enum("TpmModel", ()),
     Enum("TpmType", ()),
     Struct("CommandLineParameterInfo", (req("name", "str"), req("type", "str"),
@@ -349,6 +358,15 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
                returns="[ObjectPropertyInfo]"),
     CommandDef("query-machines", (opt("compat-props", "bool"),), returns="[MachineInfo]"),
     CommandDef("query-cpu-definitions", returns="[CpuDefinitionInfo]"),
+    CommandDef("query-cpu-model-expansion", (req("type", "CpuModelExpansionType"),
+                                             req("model", "CpuModelInfo")),
+               returns="CpuModelExpansionInfo"),
+    CommandDef("query-cpu-model-baseline", (req("modela", "CpuModelInfo"),
+                                            req("modelb", "CpuModelInfo")),
+               returns="CpuModelBaselineInfo"),
+    CommandDef("query-cpu-model-comparison", (req("modela", "CpuModelInfo"),
+                                              req("modelb", "CpuModelInfo")),
+               returns="CpuModelCompareInfo"),
     CommandDef("query-tpm-models", returns="[TpmModel]"),
     CommandDef("query-tpm-types", returns="[TpmType]"),
     CommandDef("query-command-line-options", (opt("option", "str"),),
@@ -381,6 +399,7 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
     CommandDef("stop"),
     CommandDef("system_powerdown"),
     CommandDef("system_reset"),
+    CommandDef("rtc-reset-reinjection"),
     CommandDef("quit"),
     CommandDef("human-monitor-command", (req("command-line", "str"), opt("cpu-index", "int")),
                returns="str", features=("savevm-monitor-nodes",)),
@@ -410,6 +429,7 @@ EVENTS: Final[tuple[EventDef, ...]] = (
     EventDef("BLOCK_WRITE_THRESHOLD", (req("node-name", "str"), req("amount-exceeded", "int"),
                                        req("write-threshold", "int"))),
     EventDef("VSERPORT_CHANGE", (req("id", "str"), req("open", "bool"))),
+    EventDef("RTC_CHANGE", (req("offset", "int"), req("qom-path", "str"))),
     EventDef("NIC_RX_FILTER_CHANGED", (opt("name", "str"), req("path", "str"))),
 )
 

@@ -1,10 +1,12 @@
 /*
  * pyhv test guest: reports what the VMM told it (boot protocol, command line,
- * memory map, initrd, ACPI tables, CPUs, RTC) as '@' lines on COM1, starts
- * the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
+ * memory map, initrd, ACPI tables, CPUs, NUMA affinity, RTC) as '@' lines on
+ * COM1, takes RTC interrupts and sets the clock (pyhv.rtc-irq, pyhv.rtc-set),
+ * starts the APs, enumerates PCI (pyhv.pci), brings up USB host controllers
  * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
  * (pyhv.virtio), virtio-console (pyhv.virtio-console), virtio-net
- * (pyhv.virtio-net) and virtio-9p (pyhv.virtio-9p), then powers off through
+ * (pyhv.virtio-net) and virtio-9p (pyhv.virtio-9p), reports CPUID words
+ * (pyhv.cpuid), then powers off through
  * ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
@@ -653,6 +655,53 @@ static void sci_routing(void)
 	}
 }
 
+/* SRAT (pyhv and QEMU with guest NUMA): each CPU's and memory range's
+ * proximity domain; SLIT: the distance matrix, row by row */
+static u64 srat_table, slit_table;
+
+static void report_srat(u64 t)
+{
+	u64 end = t + rd32(t + 4);
+	for (u64 p = t + 48; p + 2 <= end;) {
+		u8 type = rd8(p), l = rd8(p + 1);
+		if (l < 2)
+			break;
+		if (type == 0 && l >= 16) {		/* local APIC affinity */
+			line("srat-cpu");
+			kv_dec("apic", rd8(p + 3));
+			kv_dec("domain", rd8(p + 2) | (u32)rd8(p + 9) << 8 | (u32)rd16(p + 10) << 16);
+			kv_dec("enabled", rd32(p + 4) & 1);
+			eol();
+		} else if (type == 2 && l >= 24) {	/* x2APIC affinity */
+			line("srat-cpu");
+			kv_dec("apic", rd32(p + 8));
+			kv_dec("domain", rd32(p + 4));
+			kv_dec("enabled", rd32(p + 12) & 1);
+			eol();
+		} else if (type == 1 && l >= 40) {	/* memory affinity */
+			line("srat-mem");
+			kv_dec("domain", rd32(p + 2));
+			kv_hex("base", rd64(p + 8));
+			kv_hex("len", rd64(p + 16));
+			kv_dec("enabled", rd32(p + 28) & 1);
+			eol();
+		}
+		p += l;
+	}
+	if (!slit_table)
+		return;
+	u64 n = rd64(slit_table + 36);
+	line("slit");
+	kv_dec("localities", n);
+	key("distances");
+	for (u64 i = 0; i < n * n && i < 64 * 64 && 44 + i < rd32(slit_table + 4); i++) {
+		if (i)
+			putc_(',');
+		put_dec(rd8(slit_table + 44 + i));
+	}
+	eol();
+}
+
 static void report_acpi(void)
 {
 	u64 rsdp = 0;
@@ -702,7 +751,10 @@ static void report_acpi(void)
 		else if (sig == 0x4746434d && !pci.mcfg) {	/* "MCFG" */
 			pci.mcfg = t;
 			pci.mcfg_len = tl;
-		}
+		} else if (sig == 0x54415253 && !srat_table)	/* "SRAT" */
+			srat_table = t;
+		else if (sig == 0x54494c53 && !slit_table)	/* "SLIT" */
+			slit_table = t;
 	}
 	if (acpi.fadt) {
 		acpi.dsdt_len = report_table(acpi.dsdt, "FACP");
@@ -726,6 +778,8 @@ static void report_acpi(void)
 	}
 	if (acpi.madt)
 		parse_madt(acpi.madt, rd32(acpi.madt + 4));
+	if (srat_table)
+		report_srat(srat_table);
 	sci_routing();
 }
 
@@ -4137,6 +4191,189 @@ static void report_virtio(int virtio_sw, int console_sw, int net_sw, int p9_sw)
 	eol();
 }
 
+/* ---- RTC interrupts (pyhv.rtc-irq) --------------------------------------- */
+/*
+ * ISA IRQ 8 through the IOAPIC (edge, active high, after any MADT override) on
+ * RTC_VECTOR.  Three phases, each enabling one source in status B and waiting
+ * (interrupts on, bounded by the PM timer) for a number of interrupts: the
+ * periodic interrupt at 64 Hz (16 of them), the update-ended interrupt (2),
+ * and the alarm 2 seconds ahead with don't-care minute and hour (1).  The
+ * handler reads status C, which acknowledges the RTC, and counts the flags of
+ * the enabled source only.
+ */
+#define RTC_VECTOR 0x48
+static volatile u32 rtc_enabled, rtc_irqs, rtc_hits, rtc_alarm_sec;
+
+static void cmos_w(u8 reg, u8 v)
+{
+	outb(0x70, reg);
+	outb(0x71, v);
+}
+
+__attribute__((interrupt)) static void rtc_irq(struct interrupt_frame *f)
+{
+	(void)f;
+	u8 c = cmos(0x0c);
+	rtc_irqs++;
+	if ((c & 0x80) && (c & rtc_enabled)) {
+		rtc_hits++;
+		if (rtc_enabled == 0x20)
+			rtc_alarm_sec = cmos(0);
+	}
+	lapic_write(0xb0, 0);
+}
+
+static void rtc_phase(const char *source, u8 enable, u32 want, u32 ms)
+{
+	rtc_hits = 0;
+	rtc_enabled = enable;
+	(void)cmos(0x0c);
+	cmos_w(0x0b, (u8)(cmos(0x0b) | enable));
+	/* bounded by the PM timer, or by the TSC (as at most 3 GHz) without one */
+	u32 t0 = pm_ticks();
+	u64 c0 = rdtsc();
+	__asm__ volatile("sti" ::: "memory");
+	while (rtc_hits < want) {
+		if (acpi.pm_tmr ? ((pm_ticks() - t0) & 0xffffff) >= ms * 3580 :
+		    rdtsc() - c0 >= (u64)ms * 3000000)
+			break;
+		pause();
+	}
+	__asm__ volatile("cli" ::: "memory");
+	u32 took = ((pm_ticks() - t0) & 0xffffff) / 3580;
+	cmos_w(0x0b, (u8)(cmos(0x0b) & ~enable));
+	rtc_enabled = 0;
+	u8 c = cmos(0x0c);
+	line("rtc-irq");
+	kv_str("source", source);
+	kv_dec("want", want);
+	kv_dec("got", rtc_hits);
+	kv_dec("ok", rtc_hits >= want);
+	kv_dec("ms", took);
+	kv_hex("c_after", c & 0x80);	/* IRQF is clear once the source is off */
+	eol();
+}
+
+static void report_rtc_irq(void)
+{
+	if (!acpi.have_ioapic || cmos(0x0b) == 0xff) {
+		error("rtc-irq-unsupported", "ioapic", acpi.have_ioapic);
+		return;
+	}
+	u32 gsi = 8;
+	if (acpi.madt) {
+		u64 m = acpi.madt, end = m + rd32(m + 4);
+		for (u64 p = m + 44; p + 2 <= end && rd8(p + 1) >= 2; p += rd8(p + 1))
+			if (rd8(p) == 2 && rd8(p + 3) == 8)
+				gsi = rd32(p + 4);
+	}
+	lapic_setup();
+	if (acpi.madt_flags & 1) {	/* PCAT_COMPAT: mask the 8259s */
+		outb(0x21, 0xff);
+		outb(0xa1, 0xff);
+	}
+	set_gate(RTC_VECTOR, (u64)rtc_irq);
+	u32 pin = gsi - acpi.ioapic_gsi_base;
+	lapic_write(0x80, 0);
+	lapic_write(0xf0, 0x1ff);
+	ioapic_write(0x11 + 2 * pin, lapic_id() << 24);
+	ioapic_write(0x10 + 2 * pin, RTC_VECTOR);	/* edge, active high */
+	u8 a = cmos(0x0a);
+	cmos_w(0x0a, (u8)((a & 0xf0) | 0x0a));		/* rate 10: 64 Hz */
+	rtc_phase("periodic", 0x40, 16, 2000);
+	cmos_w(0x0a, a);
+	rtc_phase("update", 0x10, 2, 3000);
+	for (int i = 0; i < 1000 && (cmos(0x0a) & 0x80); i++)
+		pause();
+	u8 b = cmos(0x0b);
+	u32 sec = cmos(0);
+	if (!(b & 4))
+		sec = bcd(sec);
+	sec = (sec + 2) % 60;
+	cmos_w(0x01, (u8)((b & 4) ? sec : (sec / 10) << 4 | sec % 10));
+	cmos_w(0x03, 0xc0);				/* any minute */
+	cmos_w(0x05, 0xc0);				/* any hour */
+	rtc_phase("alarm", 0x20, 1, 4000);
+	ioapic_write(0x10 + 2 * pin, 1 << 16);		/* masked again */
+	u32 seen = rtc_alarm_sec;
+	line("rtc-irq-end");
+	kv_dec("irqs", rtc_irqs);
+	kv_dec("alarm_sec", sec);
+	kv_dec("alarm_seen", (b & 4) ? seen : bcd(seen));
+	eol();
+}
+
+/* ---- CPUID (pyhv.cpuid) -------------------------------------------------- */
+
+/* One "@cpuid leaf=L sub=S eax= ebx= ecx= edx=" line per leaf the guest's CPU
+ * model decides (vendor, signature, feature words, PMU, KVM signature, brand),
+ * then "@cpuid-vendor vendor=...".  Leaves above the reported maximum are
+ * skipped. */
+static void cpuid_count(u32 leaf, u32 sub, u32 r[4])
+{
+	__asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3])
+			 : "a"(leaf), "c"(sub));
+}
+
+static void report_cpuid(void)
+{
+	static const u32 leaves[][2] = {
+		{0, 0}, {1, 0}, {6, 0}, {7, 0}, {7, 1}, {0xa, 0}, {0xd, 0}, {0xd, 1},
+		{0x40000000, 0}, {0x40000001, 0}, {0x80000000, 0}, {0x80000001, 0},
+		{0x80000002, 0}, {0x80000003, 0}, {0x80000004, 0}, {0x80000007, 0},
+		{0x80000008, 0},
+	};
+	u32 r[4], max_basic, max_ext;
+	cpuid_count(0, 0, r);
+	max_basic = r[0];
+	u8 vendor[12];
+	for (int i = 0; i < 4; i++) {
+		vendor[i] = (u8)(r[1] >> (8 * i));
+		vendor[4 + i] = (u8)(r[3] >> (8 * i));
+		vendor[8 + i] = (u8)(r[2] >> (8 * i));
+	}
+	cpuid_count(0x80000000, 0, r);
+	max_ext = r[0];
+	for (u64 i = 0; i < sizeof(leaves) / sizeof(leaves[0]); i++) {
+		u32 leaf = leaves[i][0];
+		if ((leaf < 0x40000000 && leaf > max_basic) ||
+		    (leaf >= 0x80000000 && leaf > max_ext))
+			continue;
+		cpuid_count(leaf, leaves[i][1], r);
+		line("cpuid");
+		kv_hex("leaf", leaf);
+		kv_hex("sub", leaves[i][1]);
+		kv_hex("eax", r[0]);
+		kv_hex("ebx", r[1]);
+		kv_hex("ecx", r[2]);
+		kv_hex("edx", r[3]);
+		eol();
+	}
+	line("cpuid-vendor");
+	key("vendor");
+	put_escaped(vendor, 12, 0);
+	eol();
+}
+
+/* pyhv.rtc-set: move the RTC one year ahead the way an OS sets it (SET bit,
+ * the year register, SET cleared), then report the clock again. */
+static void rtc_set_next_year(void)
+{
+	for (int i = 0; i < 1000 && (cmos(0x0a) & 0x80); i++)
+		pause();
+	u8 b = cmos(0x0b);
+	cmos_w(0x0b, (u8)(b | 0x80));
+	u32 y = cmos(9);
+	y = ((b & 4) ? y : bcd(y)) + 1;
+	y %= 100;
+	cmos_w(9, (u8)((b & 4) ? y : (y / 10) << 4 | y % 10));
+	cmos_w(0x0b, (u8)(b & 0x7f));
+	line("rtc-set");
+	kv_dec("year", y);
+	eol();
+	report_rtc();
+}
+
 /* ---- main ---------------------------------------------------------------- */
 
 void guest_main(u32 proto, u64 info)
@@ -4157,6 +4394,12 @@ void guest_main(u32 proto, u64 info)
 	report_acpi();
 	start_aps();
 	report_rtc();
+	if (has_switch("pyhv.rtc-irq"))
+		report_rtc_irq();
+	if (has_switch("pyhv.rtc-set"))
+		rtc_set_next_year();
+	if (has_switch("pyhv.cpuid"))
+		report_cpuid();
 	int usb_sw = has_switch("pyhv.usb"), barmove_sw = has_switch("pyhv.barmove");
 	int virtio_sw = has_switch("pyhv.virtio") || has_switch("pyhv.virtio=msix") ||
 		has_switch("pyhv.virtio=intx");

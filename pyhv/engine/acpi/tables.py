@@ -1,4 +1,5 @@
-"""ACPI tables of a pyhv machine: RSDP, XSDT/RSDT, FADT, FACS, MADT, MCFG, DSDT.
+"""ACPI tables of a pyhv machine: RSDP, XSDT/RSDT, FADT, FACS, MADT, MCFG, DSDT,
+and for guest NUMA, SRAT and SLIT.
 
 The machine is a legacy PC as ACPI sees it (not hardware-reduced): fixed PM1a
 event/control blocks and PM timer in port I/O, ACPI always enabled (no SMI
@@ -54,6 +55,11 @@ MPS_CONFORM = 0
 MPS_ACTIVE_HIGH = 0x1
 MPS_EDGE = 0x4
 MPS_LEVEL = 0xC
+# SRAT (ACPI 6.0 section 5.2.16)
+SRAT_LAPIC, SRAT_MEMORY = 0, 1
+SRAT_ENABLED = 1
+#: SLIT distances a node has to itself and, by default, to every other node
+LOCAL_DISTANCE, REMOTE_DISTANCE = 10, 20
 
 PCI_HOST_BRIDGE_OSC_UUID = "33DB4D5B-1FF7-401C-9657-7441C03DD766"
 
@@ -107,6 +113,11 @@ class AcpiPlatform:
     pci_express: bool = True
     #: the 64-bit MMIO window [start, end) for 64-bit BARs (None: none)
     pci_mmio64: Optional[tuple[int, int]] = None
+    #: guest NUMA nodes in proximity-domain order: (CPU indexes, RAM (address, size)
+    #: runs); empty: no SRAT
+    numa_nodes: tuple[tuple[tuple[int, ...], tuple[tuple[int, int], ...]], ...] = ()
+    #: node × node distances for the SLIT (empty: no SLIT, as QEMU without -numa dist)
+    numa_distances: tuple[tuple[int, ...], ...] = ()
     oem_id: str = "PYHV  "
     oem_table_id: str = "PYHVMACH"
     oem_revision: int = 1
@@ -135,6 +146,15 @@ class AcpiPlatform:
             raise AcpiError("invalid 32-bit PCI MMIO window")
         if not 0 <= self.rtc_century <= 0x7F:
             raise AcpiError(f"invalid CMOS century index 0x{self.rtc_century:x}")
+        if self.numa_nodes:
+            cpus = sorted(c for node, _ranges in self.numa_nodes for c in node)
+            if cpus != list(range(self.cpus)):
+                raise AcpiError("the NUMA nodes must list every CPU exactly once")
+        n = len(self.numa_nodes)
+        if self.numa_distances and (len(self.numa_distances) != n or any(
+                len(row) != n or not all(10 <= d <= 255 for d in row)
+                for row in self.numa_distances)):
+            raise AcpiError(f"NUMA distances must be a {n}×{n} matrix of 10..255")
 
 
 @dataclass(frozen=True)
@@ -253,6 +273,33 @@ def build_madt(platform: AcpiPlatform) -> bytes:
                             MPS_LEVEL | MPS_ACTIVE_HIGH))
     body.append(struct.pack("<BBBHB", MADT_LAPIC_NMI, 6, 0xFF, MPS_CONFORM, 1))
     return sdt("APIC", 4, b"".join(body), platform)
+
+
+def build_srat(platform: AcpiPlatform) -> bytes:
+    """The System Resource Affinity Table, revision 3: each CPU's and each RAM run's
+    proximity domain (the node's index).  CPUs get local APIC affinity entries (the
+    MADT has xAPIC entries only, so every APIC id is at most 254; x2APIC affinity,
+    type 2, would be needed beyond)."""
+    p = platform
+    apic_ids = p.apic_ids or tuple(range(p.cpus))
+    body = [struct.pack("<I8x", 1)]  # reserved, 1 for compatibility
+    for domain, (cpus, _ranges) in enumerate(p.numa_nodes):
+        for cpu in cpus:
+            body.append(struct.pack("<BBBBIB3sI", SRAT_LAPIC, 16, domain & 0xFF,
+                                    apic_ids[cpu], SRAT_ENABLED, 0,
+                                    (domain >> 8).to_bytes(3, "little"), 0))
+    for domain, (_cpus, ranges) in enumerate(p.numa_nodes):
+        for addr, size in ranges:
+            body.append(struct.pack("<BBIxxQQ4xI8x", SRAT_MEMORY, 40, domain, addr, size,
+                                    SRAT_ENABLED))
+    return sdt("SRAT", 3, b"".join(body), platform)
+
+
+def build_slit(platform: AcpiPlatform) -> bytes:
+    """The System Locality Information Table: the node-to-node distance matrix."""
+    rows = platform.numa_distances
+    body = struct.pack("<Q", len(rows)) + bytes(d for row in rows for d in row)
+    return sdt("SLIT", 1, body, platform)
 
 
 def build_mcfg(platform: AcpiPlatform) -> bytes:
@@ -376,7 +423,10 @@ def build_acpi(platform: AcpiPlatform, base: int = layout.ACPI_ADDR,
     dsdt = build_dsdt(platform)
     madt = build_madt(platform)
     mcfg = build_mcfg(platform) if platform.pci_root and platform.pci_express else None
-    listed = ["FACP", "APIC"] + (["MCFG"] if mcfg else [])
+    srat = build_srat(platform) if platform.numa_nodes else None
+    slit = build_slit(platform) if platform.numa_nodes and platform.numa_distances else None
+    listed = ["FACP", "APIC"] + (["MCFG"] if mcfg else []) + (["SRAT"] if srat else []) \
+        + (["SLIT"] if slit else [])
     rsdp_addr = place("RSD PTR ", RSDP_LEN)
     facs_addr = place("FACS", FACS_LEN, 64)
     dsdt_addr = place("DSDT", len(dsdt))
@@ -384,6 +434,10 @@ def build_acpi(platform: AcpiPlatform, base: int = layout.ACPI_ADDR,
     place("APIC", len(madt))
     if mcfg:
         place("MCFG", len(mcfg))
+    if srat:
+        place("SRAT", len(srat))
+    if slit:
+        place("SLIT", len(slit))
     pointers = [addresses[s] for s in listed]
     xsdt = build_xsdt(platform, pointers)
     rsdt = build_rsdt(platform, pointers)
@@ -403,6 +457,10 @@ def build_acpi(platform: AcpiPlatform, base: int = layout.ACPI_ADDR,
     }
     if mcfg:
         blobs["MCFG"] = mcfg
+    if srat:
+        blobs["SRAT"] = srat
+    if slit:
+        blobs["SLIT"] = slit
     ordered = tuple(sorted(((addresses[s], b) for s, b in blobs.items()),
                            key=lambda item: item[0]))
     return AcpiTables(rsdp_addr=rsdp_addr, blobs=ordered, addresses=addresses)

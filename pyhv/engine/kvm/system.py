@@ -94,6 +94,22 @@ class Kvm:
                 raise
             return list(buf.indices[0:buf.nmsrs])
 
+    def get_feature_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Feature MSRs (IA32_ARCH_CAPABILITIES...) as KVM can give them to a vCPU;
+        empty where this KVM has no KVM_CAP_GET_MSR_FEATURES."""
+        if self.check_extension(abi.CAP_GET_MSR_FEATURES) <= 0 or not indices:
+            return {}
+        out = {}
+        for index in indices:
+            buf = ffi.new("struct kvm_msrs *", {"nmsrs": 1, "entries": 1})
+            buf.entries[0].index = index
+            try:
+                if ioctl(self.fd, "KVM_GET_MSRS", buf) == 1:
+                    out[index] = int(buf.entries[0].data)
+            except KvmError:
+                continue
+        return out
+
     def create_vm(self) -> VmFd:
         while True:
             try:
