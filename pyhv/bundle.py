@@ -531,12 +531,26 @@ def check_roots(roots: Sequence[str]) -> list[str]:
     return out
 
 
+def check_upper(upper: str, roots: Sequence[str]) -> str:
+    """``--upper DIR``: an existing directory that is not one of the trees."""
+    if not os.path.isdir(upper):
+        raise BundleError(f"--upper {upper}: no such directory")
+    if len(roots) < 2:
+        raise BundleError(f"--upper {upper}: only with several --root trees")
+    full = os.path.abspath(upper)
+    if any(os.path.abspath(r) == full for r in roots):
+        raise BundleError(f"--upper {upper}: also given as --root")
+    return full
+
+
 def create_config(roots: Sequence[str], argv: Sequence[str], bundle: Bundle,
                   exit_file: str, cpus: int = 1, memory: str = "256M", com1: bool = False,
-                  readonly: bool = False) -> "VmConfig":
-    """The VmConfig ``pyhv create`` runs: the bundle's kernel and initramfs, one
-    virtio-9p device per tree, the exit port (to ``exit_file``) and a console on stdio
-    (COM1 with ``com1``, else a virtio console)."""
+                  readonly: bool = False, upper: Optional[str] = None) -> "VmConfig":
+    """The VmConfig ``pyhv create`` runs: the bundle's kernel and initramfs, the trees
+    as one virtio-9p export, the exit port (to ``exit_file``) and a console on stdio
+    (COM1 with ``com1``, else a virtio console).  Several trees are combined by
+    pyhv's 9P server (later trees over earlier ones, read-only) with ``upper``, a
+    directory the VMM owns, as the writable top layer."""
     from pyhv.config import (
         ChannelConfig,
         FilesystemConfig,
@@ -548,10 +562,14 @@ def create_config(roots: Sequence[str], argv: Sequence[str], bundle: Bundle,
     )
 
     trees = check_roots(roots)
-    cmdline = kernel_cmdline(argv, len(trees), readonly, "ttyS0" if com1 else "hvc0")
-    fss = tuple(FilesystemConfig(t, f"{TAG_PREFIX}{i}", "9p", "passthrough",
-                                 readonly or len(trees) > 1)
-                for i, t in enumerate(trees))
+    cmdline = kernel_cmdline(argv, 1, readonly, "ttyS0" if com1 else "hvc0")
+    if len(trees) > 1 and upper is None:
+        raise BundleError("create: several --root trees need a writable top layer "
+                          "(--upper DIR)")
+    top, lower = (upper, tuple(trees)) if len(trees) > 1 else (trees[0], ())
+    assert top is not None
+    fss = (FilesystemConfig(top, f"{TAG_PREFIX}0", "9p", "passthrough", readonly,
+                            lower=lower),)
     extra = () if com1 else (SerialPortConfig(SerialConfig("stdio"), "virtio", 0),)
     return VmConfig(
         boot=KernelBoot(str(bundle.vmlinux), str(bundle.initramfs), cmdline, "auto"),

@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(exit status: the command's)")
     cr.add_argument("--root", action="append", default=[], metavar="DIR",
                     help="a tree for the guest's /; repeat it: later trees hide earlier ones "
-                         "and writes then go to a tmpfs")
+                         "(read-only) and writes go to the --upper layer")
+    cr.add_argument("--upper", metavar="DIR",
+                    help="with several --root trees: the writable top layer, kept (default: "
+                         "a temporary directory removed at the end)")
     cr.add_argument("--kernel", metavar="BUNDLE", help="a bundle from import-kernel "
                     "(default: $PYHV_KERNEL_BUNDLE, else ~/.cache/pyhv/kernel)")
     cr.add_argument("--cpus", "--smp", type=int, default=1, help="number of vCPUs")
@@ -274,10 +277,16 @@ def create(args: argparse.Namespace) -> int:
         raise bundle.BundleError("create: no command given (pyhv create --root DIR -- "
                                  "COMMAND ...)")
     b = bundle.Bundle.open(args.kernel or bundle.default_bundle_dir())
+    if args.upper is not None:
+        bundle.check_upper(args.upper, args.root)
     with tempfile.TemporaryDirectory(prefix="pyhv-create-") as tmp:
         exit_file = os.path.join(tmp, "exit")
+        upper = args.upper
+        if upper is None and len(args.root) > 1:
+            upper = os.path.join(tmp, "upper")
+            os.mkdir(upper, 0o755)
         cfg = bundle.create_config(args.root, argv, b, exit_file, args.cpus, args.memory,
-                                   args.com1, args.readonly)
+                                   args.com1, args.readonly, upper)
         code = run_machine(cfg)
         with open(exit_file, "a+") as f:
             f.seek(0)

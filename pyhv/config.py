@@ -313,10 +313,16 @@ class FilesystemConfig:
     id: Optional[str] = None
     #: where the device sits; None: placed by :mod:`pyhv.placement`
     address: Optional[PciAddress] = None
+    #: 9p: read-only trees under ``source``, the bottom one first (novm's packs:
+    #: ``source`` is then the writable top layer, where writes and whiteouts land)
+    lower: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.source or not self.tag:
             raise ConfigError("filesystem: needs a source directory and a mount tag")
+        if self.lower and (self.driver != "9p" or not all(self.lower)):
+            raise ConfigError(f"filesystem {self.tag}: lower trees are for 9p exports, "
+                              f"as directory paths")
         if len(self.tag.encode(errors="surrogateescape")) > 255:
             raise ConfigError(f"filesystem {self.tag[:20]}...: mount tag longer than 255 bytes")
 

@@ -100,18 +100,26 @@ def test_create_config(tmp_path: Path, fake_bundle: bundle.Bundle) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
+    up = tmp_path / "up"
+    up.mkdir()
     argv = ["/bin/ls", "-l", "a dir"]
     cfg = bundle.create_config([str(a), str(b)], argv, fake_bundle, str(tmp_path / "exit"),
-                               cpus=2, memory="512M")
+                               cpus=2, memory="512M", upper=str(up))
     assert cfg.vcpus == 2 and cfg.memory == 512 * MiB
     assert cfg.boot.kernel == str(fake_bundle.vmlinux)
     assert cfg.boot.initrd == str(fake_bundle.initramfs)
     cmdline = cfg.boot.cmdline
     assert decoded_argv(cmdline) == argv
-    assert "console=hvc0" in cmdline.split() and "pyhv.roots=2" in cmdline.split()
+    assert "console=hvc0" in cmdline.split() and "pyhv.roots=1" in cmdline.split()
     text = "\n".join(describe(cfg))
-    assert f"filesystem pyhvroot0: virtio-9p, {a} (passthrough, readonly)" in text
-    assert f"filesystem pyhvroot1: virtio-9p, {b} (passthrough, readonly)" in text
+    # the trees are one export: pyhv's 9P server layers them, writes land in up/
+    assert f"filesystem pyhvroot0: virtio-9p, {up} over {b}, {a} (read-only) " \
+        "(passthrough)" in text
+    assert len(cfg.filesystems) == 1 and cfg.filesystems[0].lower == (str(a), str(b))
+    with pytest.raises(bundle.BundleError, match="--upper"):
+        bundle.create_config([str(a), str(b)], argv, fake_bundle, str(tmp_path / "exit"))
+    with pytest.raises(bundle.BundleError, match="also given as --root"):
+        bundle.check_upper(str(a), [str(a), str(b)])
     assert f"port 1 channel org.pyhv.exit: file {tmp_path / 'exit'}" in text
     assert "port 0 console hvc0: virtio-console, stdio" in text
     assert "serial COM1: isa-serial, null" in text

@@ -157,14 +157,20 @@ class Run:
 
 
 def run_pyhv(kernel: Path, tmp: Path, name: str, mode: str, readonly: bool = False,
-             cmd: str = "") -> Run:
+             cmd: str = "", upper: Optional[Path] = None) -> Run:
+    """With ``upper``: the export is a read-only lower tree under that writable top
+    layer (novm's packs, what ``pyhv create`` builds for several trees)."""
     machine, controllers, address, _bdf = MACHINES[name]
     out, export = tmp / "pyhv.txt", make_export(tmp)
+    fs = FilesystemConfig(str(export), TAG, accessmode="passthrough", readonly=readonly,
+                          address=address)
+    if upper is not None:
+        fs = FilesystemConfig(str(upper), TAG, accessmode="passthrough", readonly=readonly,
+                              address=address, lower=(str(export),))
     cfg = VmConfig(
         KernelBoot(str(kernel), cmdline=cmd or cmdline(mode)), memory=64 * MiB, vcpus=1,
         serial=SerialConfig("file", str(out)), machine=machine, controllers=controllers,
-        filesystems=(FilesystemConfig(str(export), TAG, accessmode="passthrough",
-                                      readonly=readonly, address=address),))
+        filesystems=(fs,))
     m = Machine(cfg)
     start = time.monotonic()
     try:
@@ -331,6 +337,22 @@ def test_virtio_9p_driver_under_pyhv(guests, tmp_path, name, mode):
     assert num(f["device_lo"]) | num(f["device_hi"]) << 32 == fn.offered
     assert fn.status == 0 and not fn.msix.enabled            # the guest reset it
     print(f"{name}-{mode}: {run.seconds:.2f} s under pyhv")
+
+
+def test_virtio_9p_driver_over_layered_trees(guests, tmp_path):
+    """The export as a read-only lower tree under a writable top layer: the guest
+    reads hello.txt from the lower tree, its new file lands in the top layer, and
+    the lower tree is left as it was."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    run = run_pyhv(guests.pvh_elf, tmp_path, "pc", "msix", upper=upper)
+    assert run.event is not None and run.event.kind == "powered-off", run.output[-3000:]
+    v = the_function(run.report, run.output, "pc", "msix")
+    check_9p(v)
+    assert sorted(os.listdir(run.export)) == ["hello.txt"]
+    assert (run.export / "hello.txt").read_bytes() == HELLO
+    assert sorted(os.listdir(upper)) == ["from-guest.txt"]
+    assert (upper / "from-guest.txt").read_bytes() == WRITTEN
 
 
 @pytest.mark.parametrize("mode", MODES)

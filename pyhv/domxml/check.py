@@ -84,7 +84,8 @@ def _pci_devices(cfg: VmConfig) -> list[PlannedDevice]:
                         f"({', '.join(flags)})", ("disk", i)))
     for i, fs in enumerate(cfg.filesystems):
         kind = "virtio-9p" if fs.driver == "9p" else "virtio-fs"
-        rows.append((fs, f"filesystem {fs.tag}: {kind}, {fs.source} ({fs.accessmode}"
+        layers = f" over {', '.join(reversed(fs.lower))} (read-only)" if fs.lower else ""
+        rows.append((fs, f"filesystem {fs.tag}: {kind}, {fs.source}{layers} ({fs.accessmode}"
                          f"{', readonly' if fs.readonly else ''})", ("filesystem", i)))
     for i, n in enumerate(cfg.nets):
         if n.backend == "vhost-user":

@@ -168,10 +168,11 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             continue  # virtio-fs: support.py refuses it
         from pyhv.engine.p9.server import Export
         from pyhv.engine.virtio.p9 import Virtio9p
-        if open_files and not os.path.isdir(fs.source):
-            raise EngineError(f"filesystem {fs.tag}: {fs.source} is not a directory")
+        for tree in (fs.source, *fs.lower) if open_files else ():
+            if not os.path.isdir(tree):
+                raise EngineError(f"filesystem {fs.tag}: {tree} is not a directory")
         out.append((fs.id, fs.address, Virtio9p(Export(fs.source, fs.readonly,
-                                                       fs.accessmode), fs.tag)))
+                                                       fs.accessmode, fs.lower), fs.tag)))
     for n in cfg.nets:
         assert n.address is not None and n.id is not None, "place the config first"
         if n.backend == "vhost-user":
