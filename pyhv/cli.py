@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "unsafe"), help="QEMU's cache modes (default writeback)")
     vub.add_argument("--queues", type=int, default=1, help="request queues (1 to 64)")
     vub.add_argument("--serial", help="the identifier the guest reads (GET_ID)")
+    vub.add_argument("--discard", choices=("ignore", "unmap"), default="ignore",
+                     help="unmap: offer DISCARD and free the ranges the guest trims "
+                          "(default ignore, as QEMU's)")
 
     vun = sub.add_parser("vhost-user-net", help="serve a tap to another VMM (QEMU's "
                                                 "-netdev vhost-user) over vhost-user")
@@ -349,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return vublk.serve(args.socket, vublk.make_device(
                 args.disk, readonly=args.readonly, cache=args.cache, queues=args.queues,
-                fmt=args.format, serial=args.serial))
+                fmt=args.format, serial=args.serial, discard=args.discard))
     except PyhvError as e:
         _fail(str(e), e.exit_status)
     except KeyboardInterrupt:

@@ -5,6 +5,10 @@ data with the page cache bypassed by a sync and a cache drop, reads it back, and
 powers off.  The host checks the checksums: the guest's, the guest's read-back and the
 file's bytes at the same place must all agree.
 
+A second run makes ext4 in the guest with e2fsprogs' own mke2fs on a backend with two
+request queues and ``--discard unmap``, runs fstrim, and checks a ``--readonly``
+export from inside the guest; the host runs ``e2fsck -fn`` and reads the files back.
+
 The initramfs is written by :func:`newc` (the cpio format the kernel unpacks), so the
 console node needs no mknod and the test needs no root.
 """
@@ -152,3 +156,149 @@ def test_linux_virtio_blk_driver_on_pyhv_vhost_user_blk(tmp_path, fmt):
     assert hashlib.sha256(data[4096:4096 + MiB]).hexdigest() == wrote == read
     assert data[:4096] == b"\xa5" * 4096 and data[4096 + MiB:] == b"\xa5" * (DISK - 4096 - MiB)
     print(f"Linux under QEMU (TCG) on pyhv vhost-user-blk ({fmt}): {seconds:.1f} s")
+
+
+# ---- ext4, fstrim, two queues and a read-only export --------------------------------------
+
+EXT4_INIT = """#!/bin/busybox sh
+export PATH=/bin:/sbin
+busybox mount -t proc proc /proc
+busybox mount -t sysfs sys /sys
+busybox mount -t devtmpfs dev /dev
+for m in {load}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
+i=0
+while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do busybox sleep 0.1; i=$((i+1)); done
+echo NQUEUES $(busybox ls /sys/block/vda/mq | busybox wc -l)
+/sbin/mke2fs -q -F -t ext4 -E nodiscard /dev/vda && echo MKFS-OK
+busybox mount -t ext4 /dev/vda /mnt && echo MOUNT-OK
+for f in f1 f2 f3 f4; do
+  busybox dd if=/dev/urandom of=/mnt/$f bs=4096 count=64 2>/dev/null
+  echo SUM $f $(busybox sha256sum /mnt/$f | busybox cut -d' ' -f1)
+done
+busybox dd if=/dev/urandom of=/mnt/big bs=1048576 count=8 2>/dev/null
+busybox sync
+busybox rm /mnt/big
+busybox sync
+echo FSTRIM $(busybox fstrim -v /mnt)
+busybox umount /mnt && echo UMOUNT-OK
+echo RO-FLAG $(busybox cat /sys/block/vdb/ro)
+busybox dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null
+echo RO-WRITE-RC $?
+echo RO-READ $(busybox dd if=/dev/vdb bs=512 count=1 2>/dev/null | busybox sha256sum)
+echo GUEST-DONE
+busybox poweroff -f
+"""
+
+
+def ext4_initramfs(tmp: Path, kernel: str) -> Path:
+    """The initramfs above plus e2fsprogs' mke2fs with the libraries it links
+    (``ldd``), so that the guest makes its own ext4."""
+    version = re.sub(r"^.*vmlinuz-", "", kernel)
+    moddir = Path("/lib/modules") / version
+    mke2fs = Path("/sbin/mke2fs")
+    if not mke2fs.exists():
+        pytest.skip("e2fsprogs (mke2fs) is not installed")
+    dirs = {"bin", "sbin", "dev", "proc", "sys", "lib", "mnt", "etc"}
+    files: list[tuple[str, int, bytes, int]] = [
+        ("dev/console", 0o020600, b"", (5 << 8) | 1),
+        ("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes(), 0),
+        ("sbin/mke2fs", 0o100755, mke2fs.read_bytes(), 0)]
+    if Path("/etc/mke2fs.conf").exists():
+        files.append(("etc/mke2fs.conf", 0o100644, Path("/etc/mke2fs.conf").read_bytes(), 0))
+    ldd = subprocess.run(["ldd", str(mke2fs)], capture_output=True, text=True, check=True)
+    for lib in re.findall(r"(/\S+\.so[.\d]*)", ldd.stdout):
+        real = Path(lib).resolve()
+        rel = lib.lstrip("/")
+        parts = Path(rel).parts
+        for k in range(1, len(parts)):
+            dirs.add(str(Path(*parts[:k])))
+        files.append((rel, 0o100755, real.read_bytes(), 0))
+    for rel in MODULES:
+        path = moddir / rel
+        if not path.exists():
+            pytest.skip(f"{path} is missing")
+        files.append((f"lib/{path.name}", 0o100644, path.read_bytes(), 0))
+    files.append(("init", 0o100755, EXT4_INIT.format(load=" ".join(LOAD)).encode(), 0))
+    entries = [(d, 0o040755, b"", 0) for d in sorted(dirs)] + files
+    image = tmp / "initramfs-ext4.cpio"
+    image.write_bytes(newc(entries))
+    return image
+
+
+def test_linux_ext4_fstrim_two_queues_and_a_readonly_export(tmp_path):
+    """Linux's virtio_blk on two ``pyhv vhost-user-blk`` backends: on the first (two
+    request queues, ``--discard unmap``) the guest makes ext4 with e2fsprogs' own
+    mke2fs, writes files, deletes an 8 MiB one and runs fstrim; the host's
+    ``e2fsck -fn`` finds nothing wrong, the files read back (debugfs) with the
+    guest's checksums, and the trimmed range was freed in the image.  The second is a
+    ``--readonly`` export: the guest sees it read-only, its write fails, and the
+    image is unchanged."""
+    kernel = cloud_kernel()
+    assert kernel is not None
+    if not os.path.exists("/bin/busybox") or not shutil.which("e2fsck") or \
+            not shutil.which("debugfs"):
+        pytest.skip("busybox-static and e2fsprogs are needed")
+    initrd = ext4_initramfs(tmp_path, kernel)
+    disk = tmp_path / "ext4.img"
+    with disk.open("wb") as f:
+        f.truncate(64 * MiB)
+    ro = tmp_path / "ro.img"
+    ro_data = os.urandom(MiB)
+    ro.write_bytes(ro_data)
+    backends, logs = [], []
+    socks = (tmp_path / "rw.sock", tmp_path / "ro.sock")
+    args = (["--disk", str(disk), "--queues", "2", "--discard", "unmap"],
+            ["--disk", str(ro), "--readonly"])
+    try:
+        for sock, extra in zip(socks, args):
+            log = (tmp_path / f"{sock.stem}.log").open("w")
+            logs.append(log)
+            backends.append(subprocess.Popen([sys.executable, "-m", "pyhv", "vhost-user-blk",
+                                              "--socket", str(sock), *extra], stderr=log))
+            wait_for_socket(sock, backends[-1])
+        # two vCPUs: Linux's virtio_blk uses at most one request queue per CPU
+        done = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "2",
+             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+             "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
+             "-display", "none", "-serial", "stdio", "-no-reboot",
+             "-kernel", kernel, "-initrd", str(initrd),
+             "-append", "console=ttyS0 panic=-1 quiet",
+             "-chardev", f"socket,id=c0,path={socks[0]}",
+             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=2",
+             "-chardev", f"socket,id=c1,path={socks[1]}",
+             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            timeout=300, check=False, capture_output=True, text=True)
+        for b in backends:
+            b.terminate()
+            assert b.wait(10) == 0
+    finally:
+        for b in backends:
+            if b.poll() is None:
+                b.kill()
+                b.wait()
+        for log in logs:
+            log.close()
+    out = done.stdout
+    assert "GUEST-DONE" in out, out[-3000:] + done.stderr[-2000:]
+    assert "INSMOD-FAILED" not in out, out[-3000:]
+    for marker in ("MKFS-OK", "MOUNT-OK", "UMOUNT-OK"):
+        assert marker in out, out[-3000:]
+    assert re.search(r"NQUEUES 2\b", out), out[-3000:]
+    trimmed = re.search(r"FSTRIM /mnt: (\d+) bytes trimmed", out)
+    assert trimmed and int(trimmed.group(1)) >= 8 * MiB, out[-3000:]
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    sums = dict(re.findall(r"SUM (f\d) ([0-9a-f]{64})", out))
+    assert sorted(sums) == ["f1", "f2", "f3", "f4"]
+    for name, want in sums.items():
+        got = subprocess.run(["debugfs", "-R", f"cat /{name}", str(disk)],
+                             capture_output=True, check=True).stdout
+        assert hashlib.sha256(got).hexdigest() == want, name
+    # the 8 MiB file's blocks were written, then trimmed: the image holds far less
+    assert os.stat(disk).st_blocks * 512 < 8 * MiB, os.stat(disk).st_blocks
+    assert re.search(r"RO-FLAG 1\b", out), out[-3000:]
+    rc = re.search(r"RO-WRITE-RC (\d+)", out)
+    assert rc and rc.group(1) != "0", out[-3000:]
+    assert hashlib.sha256(ro_data[:512]).hexdigest() in out
+    assert ro.read_bytes() == ro_data

@@ -19,18 +19,20 @@ QUEUE_SIZE = 1024
 
 
 def make_device(path: str, *, readonly: bool = False, cache: Optional[str] = None,
-                queues: int = 1, fmt: str = "raw", serial: Optional[str] = None) -> VirtioBlk:
+                queues: int = 1, fmt: str = "raw", serial: Optional[str] = None,
+                discard: str = "ignore") -> VirtioBlk:
     """The device for a disk file; :class:`~pyhv.errors.PyhvError` (one line) when the
-    options or the file are bad."""
+    options or the file are bad.  ``discard='unmap'`` offers DISCARD (QEMU's
+    ``discard=unmap``)."""
     from pyhv.config import DiskConfig
     from pyhv.engine.block import open_disk
 
     disk = DiskConfig(path, format=fmt, readonly=readonly, cache=cache,  # type: ignore[arg-type]
-                      queues=queues, serial=serial)
+                      queues=queues, serial=serial, discard=discard)  # type: ignore[arg-type]
     backend = open_disk(disk)
     try:
         return VirtioBlk(backend, serial=serial, num_queues=queues, queue_size=QUEUE_SIZE,
-                         werror="report", rerror="report")
+                         discard=discard == "unmap", werror="report", rerror="report")
     except ValueError:
         backend.close()
         raise
