@@ -78,6 +78,16 @@ class GuestMemory:
         #: (first, one past the last) guest address of each region: the hot lookup
         self._bounds: tuple[tuple[int, int], ...] = tuple((r.guest_addr, r.end)
                                                           for r in ordered)
+        self._fast_region()
+
+    def _fast_region(self) -> None:
+        """The lowest region, checked inline by the accessors before the general
+        lookup (rings and buffers nearly always lie there)."""
+        if self._views:
+            self._lo_first, self._lo_end = self._bounds[0]
+            self._lo_view: Optional[memoryview] = self._views[0]
+        else:  # closed or empty: no address passes the inline check
+            self._lo_first, self._lo_end, self._lo_view = 1, 0, None
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -286,6 +296,10 @@ class GuestMemory:
 
         The view is checked now; keep it only for the duration of one request.
         """
+        first = self._lo_first
+        if first <= addr and 0 <= size and addr + size <= self._lo_end:
+            off = addr - first
+            return self._lo_view[off:off + size]  # type: ignore[index]
         i = self.region_index(addr, size)
         off = addr - self.regions[i].guest_addr
         return self._views[i][off:off + size]
@@ -302,10 +316,17 @@ class GuestMemory:
         v[:] = bytes([byte]) * size
 
     def _unpack(self, s: struct.Struct, addr: int) -> int:
+        first = self._lo_first
+        if first <= addr and addr + s.size <= self._lo_end:
+            return s.unpack_from(self._lo_view, addr - first)[0]  # type: ignore[arg-type,no-any-return]
         i = self.region_index(addr, s.size)
         return s.unpack_from(self._views[i], addr - self.regions[i].guest_addr)[0]  # type: ignore[no-any-return]
 
     def _pack(self, s: struct.Struct, addr: int, value: int) -> None:
+        first = self._lo_first
+        if first <= addr and addr + s.size <= self._lo_end:
+            s.pack_into(self._lo_view, addr - first, value)  # type: ignore[arg-type]
+            return
         i = self.region_index(addr, s.size)
         s.pack_into(self._views[i], addr - self.regions[i].guest_addr, value)
 
@@ -335,11 +356,18 @@ class GuestMemory:
 
     def read_struct(self, fmt: Union[str, struct.Struct], addr: int) -> tuple:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        first = self._lo_first
+        if first <= addr and addr + s.size <= self._lo_end:
+            return s.unpack_from(self._lo_view, addr - first)  # type: ignore[arg-type]
         i = self.region_index(addr, s.size)
         return s.unpack_from(self._views[i], addr - self.regions[i].guest_addr)
 
     def write_struct(self, fmt: Union[str, struct.Struct], addr: int, *values: object) -> None:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        first = self._lo_first
+        if first <= addr and addr + s.size <= self._lo_end:
+            s.pack_into(self._lo_view, addr - first, *values)  # type: ignore[arg-type]
+            return
         i = self.region_index(addr, s.size)
         s.pack_into(self._views[i], addr - self.regions[i].guest_addr, *values)
 
@@ -349,6 +377,7 @@ class GuestMemory:
             v.release()
         self._views = []
         self._bounds = ()
+        self._fast_region()
         regions, self.regions = self.regions, ()
         busy = None
         for fd in {r.fd for r in regions if r.fd >= 0}:
