@@ -9,18 +9,17 @@ so the guest's view agrees with the MADT.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pyhv.config import CpuConfig, FeaturesConfig
-from pyhv.cpumodel import (
-    KVM_DEFAULT_OFF,
-    KVM_DEFAULT_ON,
-    CpuMap,
-    Word,
-    cpu_map,
-    vendor_words,
-)
 from pyhv.engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from pyhv.cpumodel import CpuMap
+
+# (leaf, subleaf, register index 0-3), as pyhv.cpumodel has it (imported only when a
+# model, host-model or a feature change is asked for: not on the host CPU's launch path)
+Word = tuple[int, int, int]
 
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # fn, index, flags, eax, ebx, ecx, edx
 
@@ -184,6 +183,8 @@ def guest_cpu(supported: list[CpuidEntry], cpu: CpuConfig,
                          for f in cpu.features)
     if plain and pmu:
         return GuestCpu(list(supported), pmu=True, kvm_hidden=feats.kvm_hidden)
+    from pyhv.cpumodel import KVM_DEFAULT_OFF, KVM_DEFAULT_ON, cpu_map
+
     cmap = cmap or cpu_map()
     host = words_of(supported)
     host_features = cmap.present(host)
@@ -307,6 +308,8 @@ def _replace(table: list[CpuidEntry], fn: int, idx: int,
 
 
 def _set_vendor(table: list[CpuidEntry], vendor: str) -> list[CpuidEntry]:
+    from pyhv.cpumodel import vendor_words
+
     b, d, c = vendor_words(vendor)
     for fn in (0, 0x80000000):
         table = _replace(table, fn, 0, {1: b, 2: c, 3: d})
