@@ -92,7 +92,7 @@ def test_cputune_maps():
      "priority between 1 and 99"),
     ("<vcpu>2</vcpu>", '<cputune><vcpusched vcpus="0" scheduler="deadline"/></cputune>',
      "scheduler 'deadline'"),
-    ("<vcpu>2</vcpu>", "<cputune><shares>1024</shares></cputune>", "<shares>"),
+    ("<vcpu>2</vcpu>", "<cputune><quota>50000</quota></cputune>", "<quota>"),
 ])
 def test_bad_cputune_is_one_line(vcpu, cputune, needle):
     with pytest.raises(DomainXmlError) as e:
@@ -102,6 +102,17 @@ def test_bad_cputune_is_one_line(vcpu, cputune, needle):
     # libvirt's own schema (where installed) may refuse it first, naming the element
     where = "/domain/cputune" if cputune else "/domain/vcpu"
     assert needle in msg or ("libvirt's domain schema" in msg and where in msg), msg
+
+
+def test_cpu_shares_are_a_note_not_a_refusal():
+    """OpenStack Nova writes <cputune><shares> into every domain: a relative weight
+    pyhv run cannot apply without cgroups, so it is noted, not refused."""
+    from pyhv.domxml import map_domain
+
+    mapped = map_domain(dom("/k", "<vcpu>2</vcpu>",
+                            "<cputune><shares>1024</shares></cputune>").encode())
+    assert any(n.startswith("/domain/cputune/shares") and "not applied" in n
+               for n in mapped.notes), mapped.notes
 
 
 def test_host_cpus_that_do_not_exist():

@@ -405,7 +405,15 @@ class _Mapper:
             scheds.append(self.sched(vs, "vcpusched", which))
         esched_el = self.child(el, "emulatorsched")
         esched = self.sched(esched_el, "emulatorsched") if esched_el is not None else None
-        for tag in ("shares", "period", "quota", "global_period", "global_quota",
+        shares = el.find("shares")
+        if shares is not None:
+            # a relative weight (what OpenStack Nova always writes): nothing to enforce
+            # without contention's arbiter, the cgroup libvirtd makes
+            self.mark(shares)
+            self.notes.append(f"{self.path(shares)}: a CPU weight needs cgroups, which "
+                              "pyhv run does not use (libvirtd applies it itself): not "
+                              "applied")
+        for tag in ("period", "quota", "global_period", "global_quota",
                     "emulator_period", "emulator_quota", "iothread_period", "iothread_quota"):
             sub = el.find(tag)
             if sub is not None:
