@@ -351,6 +351,9 @@ class NetConfig:
     #: vhost-user: the unix socket path, and whether pyhv listens on it
     socket: Optional[str] = None
     server: bool = False
+    #: vhost-user, pyhv connecting: seconds between attempts to reach a backend that
+    #: went away (``<reconnect enabled='yes' timeout=>``); None: no reconnection
+    reconnect: Optional[int] = None
     mac: Optional[str] = None
     model: Literal["virtio"] = "virtio"
     #: libvirt's alias (``virtio-disk0``); None: generated when the machine is built
@@ -361,6 +364,10 @@ class NetConfig:
     def __post_init__(self) -> None:
         if self.backend == "vhost-user" and not self.socket:
             raise ConfigError("net: vhost-user needs a socket path")
+        if self.reconnect is not None and (self.backend != "vhost-user" or self.server or
+                                           self.reconnect < 1):
+            raise ConfigError("net: reconnect needs a vhost-user client socket and a "
+                              "timeout of 1 second or more")
         if any(fd < 0 for fd in self.fds + self.vhost_fds):
             raise ConfigError("net: tap fds must not be negative")
         if not 1 <= self.queues <= MAX_NET_QUEUES:

@@ -440,3 +440,21 @@ def test_vhostuser_disk() -> None:
     assert "access mode='shared'" in why
     with pytest.raises(DomainXmlError, match="driver type is raw"):
         parse_domain(VHOSTUSER_DISK.format(backing=SHARED, fmt="qcow2", reconnect="").encode())
+
+
+def test_vhostuser_interface_reconnect() -> None:
+    xml = f"""<domain type='kvm'><name>vn</name><memory unit='MiB'>64</memory>
+      {SHARED}
+      <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/k</kernel></os>
+      <devices><interface type='vhostuser'><mac address='52:54:00:00:00:09'/>
+        <source type='unix' path='/run/vu-net.sock' mode='client'>
+          <reconnect enabled='yes' timeout='3'/></source>
+        <model type='virtio'/><driver queues='2'/></interface></devices></domain>"""
+    cfg = parse_domain(xml.encode())
+    (n,) = cfg.nets
+    assert (n.backend, n.socket, n.server, n.reconnect, n.queues) == \
+        ("vhost-user", "/run/vu-net.sock", False, 3, 2)
+    assert parse_domain(to_xml(cfg).encode()) == cfg
+    assert unsupported(cfg) == []
+    with pytest.raises(DomainXmlError, match="reconnect needs a vhost-user client"):
+        parse_domain(xml.replace("mode='client'", "mode='server'").encode())

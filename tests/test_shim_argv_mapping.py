@@ -372,6 +372,17 @@ def test_vhost_user_net() -> None:
     assert plan.config is not None
     (net,) = plan.config.nets
     assert net.backend == "vhost-user" and net.socket == "/run/vu.sock" and net.server
+    # pyhv connecting, with libvirt's reconnect, two queue pairs and a host MTU
+    plan = build(["-machine", "pc,memory-backend=m", "-kernel", "/k",
+                  "-object", "memory-backend-memfd,id=m,size=256M",
+                  "-chardev", "socket,id=charnet0,path=/run/vu.sock,reconnect=10",
+                  "-netdev", '{"type":"vhost-user","chardev":"charnet0","queues":2,'
+                             '"id":"hostnet0"}',
+                  "-device", "virtio-net-pci,netdev=hostnet0,mac=52:54:00:00:00:01,mq=on,"
+                             "host_mtu=1400"])
+    assert plan.config is not None
+    (net,) = plan.config.nets
+    assert (net.server, net.reconnect, net.queues, net.mtu) == (False, 10, 2, 1400)
 
 
 # ----------------------------------------------------------------- errors

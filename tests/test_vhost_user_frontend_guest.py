@@ -142,7 +142,9 @@ def test_no_backend_is_one_clear_error(tmp_path):
 def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path):
     """The guest waits (``pyhv.wait=echo``) after bringing the disk up; the backend
     is killed; within a few seconds the device reports NEEDS_RESET, the machine is
-    still running and ends cleanly."""
+    still running; with ``reconnect=1`` a backend started again on the socket is
+    connected (its features and configuration read) within seconds, and the machine
+    ends cleanly."""
     global GUEST
     GUEST = guests.pvh_elf
     image = tmp_path / "disk.img"
@@ -150,9 +152,11 @@ def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path
     sock = tmp_path / "blk.sock"
     proc = backend("pyhv", sock, image)
     cfg = config(sock, tmp_path / "out.txt", "msix")
+    disk = DiskConfig(str(sock), "vda", source_type="vhostuser", address=DISK_ADDRESS["pc"],
+                      reconnect=1)
     cfg = VmConfig(KernelBoot(str(GUEST), cmdline=cmdline("msix") + " pyhv.wait=echo"),
                    memory=cfg.memory, vcpus=1, serial=cfg.serial, machine=cfg.machine,
-                   controllers=cfg.controllers, disks=cfg.disks, shared_memory=True)
+                   controllers=cfg.controllers, disks=(disk,), shared_memory=True)
     from pyhv.engine.errors import EngineError
     from pyhv.engine.virtio.pci import STATUS_NEEDS_RESET, VirtioPciFunction
     m = Machine(cfg)
@@ -178,6 +182,17 @@ def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path
             assert time.monotonic() < deadline, "no NEEDS_RESET after the backend died"
             pump()
         assert "went away" in (fn.broken_reason or "")
+        assert not m.finished
+        dev = fn.device
+        assert not dev.client.connected  # type: ignore[attr-defined]
+        os.unlink(sock)
+        proc = backend("pyhv", sock, image)
+        deadline = time.monotonic() + 10
+        while not dev.client.connected:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the backend was not reconnected"
+            pump()
+        assert dev.broken is None and dev.config_bytes()[:8] == \
+            (len(image.read_bytes()) // SECTOR).to_bytes(8, "little")  # type: ignore
         assert not m.finished
     finally:
         m.close()

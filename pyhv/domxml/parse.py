@@ -974,6 +974,7 @@ class _Mapper:
         src = self.child(el, "source")
         bridge = network = socket = None
         server = False
+        reconnect: Optional[int] = None
         if kind == "network":
             network = self.attr(src, "network") if src is not None else None
             if src is not None:
@@ -992,6 +993,11 @@ class _Mapper:
             socket = self.attr(src, "path")
             server = self.choice(src, "mode", ("server", "client"), "client",
                                  "vhost-user mode") == "server"
+            rc = self.child(src, "reconnect")
+            if rc is not None and self.choice(rc, "enabled", ("yes", "no"), "no",
+                                              "reconnect") == "yes":
+                reconnect = self.integer(rc, self.attr(rc, "timeout") or "10",
+                                         "reconnect timeout", 1)
         elif src is not None:
             self.fail(src, "an ethernet interface has no <source> (name the tap with "
                            "<target dev='tap0'/>)")
@@ -1015,7 +1021,8 @@ class _Mapper:
         try:
             return NetConfig("vhost-user" if kind == "vhostuser" else "tap", ifname,
                              bridge=bridge, network=network, socket=socket, server=server,
-                             mac=mac, queues=queues, mtu=mtu, link_up=link_up)
+                             mac=mac, queues=queues, mtu=mtu, link_up=link_up,
+                             reconnect=reconnect)
         except ConfigError as e:
             self.fail(el, str(e))
 

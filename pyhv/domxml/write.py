@@ -273,8 +273,10 @@ def to_xml(cfg: VmConfig) -> str:
         if n.mac:
             _sub(el, "mac", address=n.mac)
         if n.backend == "vhost-user":
-            _sub(el, "source", type="unix", path=n.socket,
-                 mode="server" if n.server else "client")
+            src = _sub(el, "source", type="unix", path=n.socket,
+                       mode="server" if n.server else "client")
+            if n.reconnect is not None:
+                _sub(src, "reconnect", enabled="yes", timeout=str(n.reconnect))
         elif n.network:
             _sub(el, "source", network=n.network)
         elif n.bridge:

@@ -1685,7 +1685,8 @@ class _Builder:
             except ConfigError as e:
                 raise _usage(where, str(e)) from None
         else:
-            cd = self.claim_chardev(nd.need_str("chardev"), nd.where, nd.where)
+            cd = self.claim_chardev(nd.need_str("chardev"), nd.where, nd.where,
+                                    reconnect_ok=True)
             self.need_shared_memory(where)
             if cd.backend != "socket" or cd.path is None:
                 raise _unsupported(where, f"vhost-user netdev '{nid}' needs a unix socket "
@@ -1694,7 +1695,8 @@ class _Builder:
                           bootindex=opts.get_int("bootindex"), addr=spec.addr)
             try:
                 net = NetConfig("vhost-user", socket=cd.path, server=cd.server,
-                                mac=mac.lower(), id=spec.id,
+                                mac=mac.lower(), queues=queues, mtu=opts.get_int("host_mtu"),
+                                reconnect=cd.reconnect or None, id=spec.id,
                                 address=self.config_address(spec))
             except ConfigError as e:
                 raise _usage(where, str(e)) from None

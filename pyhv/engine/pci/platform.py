@@ -180,7 +180,7 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             from pyhv.engine.virtio.net import mac_bytes
             out.append((n.id, n.address, VhostUserNet(
                 host.vhost_user.get(n.id) if host is not None else None,
-                mac_bytes(n.mac or _mac(n.id)), n.queues, n.mtu, n.link_up)))
+                mac_bytes(n.mac or _mac(n.id)), n.queues, n.mtu, n.link_up, n.reconnect)))
             continue
         from pyhv.engine.net.tap import Tap
         from pyhv.engine.virtio.net import VirtioNet, mac_bytes

@@ -68,7 +68,8 @@ FRONT_FEATURES = F_MAC | F_STATUS | F_CTRL_VQ | F_CTRL_RX | F_CTRL_RX_EXTRA | \
 
 class VhostUserNet(VhostUserDevice):
     def __init__(self, client: Optional[VhostUserClient], mac: bytes, pairs: int = 1,
-                 mtu: Optional[int] = None, link_up: bool = True) -> None:
+                 mtu: Optional[int] = None, link_up: bool = True,
+                 reconnect: Optional[int] = None) -> None:
         self.mac = mac
         self.pairs = pairs
         self.mtu = mtu
@@ -79,7 +80,7 @@ class VhostUserNet(VhostUserDevice):
         #: the receive filter changed (QMP's NIC_RX_FILTER_CHANGED); set by the owner
         self.on_filter_changed: Optional[Callable[[], None]] = None
         super().__init__(client, TYPE_NET, "vhost-user-net", pairs, QUEUE_SIZE,
-                         BACKEND_FEATURES, 0, None)
+                         BACKEND_FEATURES, 0, reconnect)
         self.queue_sizes = (QUEUE_SIZE,) * (2 * pairs) + (64,)
         self.local_queues = frozenset({2 * pairs})
 
