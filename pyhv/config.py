@@ -527,6 +527,9 @@ class CpuConfig:
     vendor: Optional[str] = None
     #: CPUID brand string (QEMU's ``model-id=``; None: the model's)
     model_id: Optional[str] = None
+    #: host-passthrough: leave out what blocks migration (the invariant TSC), as
+    #: QEMU's ``-cpu host`` does unless ``migratable=off``
+    migratable: bool = True
 
     def __post_init__(self) -> None:
         if self.vendor is not None and len(self.vendor) != 12:

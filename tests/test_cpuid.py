@@ -262,6 +262,24 @@ def test_hypervisor_bit_and_hidden_kvm() -> None:
         [e for e in plain if e[0] != 1 and not 0x40000000 <= e[0] <= 0x400000FF]
 
 
+def test_host_passthrough_leaves_out_the_invariant_tsc_unless_migratable_off() -> None:
+    """QEMU's ``-cpu host`` is migratable=on by default: no invariant TSC
+    (0x80000007 EDX bit 8); ``migratable=off`` (libvirt's migratable='off') keeps it;
+    nothing else changes."""
+    from pyhv.config import CpuConfig
+    from pyhv.engine.cpuid import INVTSC, guest_cpu
+
+    host = [e for e in SUPPORTED if e[0] != 0x80000007] + \
+        [(0x80000007, 0, 0, 0, 0, 0, INVTSC | 0x1)]
+    on = guest_cpu(host, CpuConfig("host-passthrough"))
+    off = guest_cpu(host, CpuConfig("host-passthrough", migratable=False))
+    topo = flat_topology(1)
+    assert leaf(on.table(0, topo), 0x80000007)[6] == 0x1
+    assert leaf(off.table(0, topo), 0x80000007)[6] == INVTSC | 0x1
+    assert [e for e in on.table(0, topo) if e[0] != 0x80000007] == \
+        [e for e in off.table(0, topo) if e[0] != 0x80000007]
+
+
 def test_leaf_80000008(topo: Topology) -> None:
     per_pkg = topo.cores * topo.threads
     _f, _i, _fl, a, b, c, d = leaf(vcpu_cpuid(SUPPORTED, 0, topo), 0x80000008)

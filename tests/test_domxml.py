@@ -458,3 +458,17 @@ def test_vhostuser_interface_reconnect() -> None:
     assert unsupported(cfg) == []
     with pytest.raises(DomainXmlError, match="reconnect needs a vhost-user client"):
         parse_domain(xml.replace("mode='client'", "mode='server'").encode())
+
+
+def test_cpu_migratable() -> None:
+    """virt-manager writes migratable='on' (QEMU's -cpu host default); 'off' keeps the
+    features that block migration and is written back."""
+    base = ("<domain type='kvm'><name>m</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type><kernel>/k</kernel></os>"
+            "<cpu mode='host-passthrough' check='none' migratable='{}'/></domain>")
+    assert parse_domain(base.format("on").encode()).cpu.migratable
+    off = parse_domain(base.format("off").encode())
+    assert not off.cpu.migratable
+    assert parse_domain(to_xml(off).encode()) == off
+    with pytest.raises(DomainXmlError, match="migratable|/domain/cpu"):  # or the schema
+        parse_domain(base.format("maybe").encode())

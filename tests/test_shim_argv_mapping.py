@@ -653,3 +653,10 @@ def test_fsdev_errors() -> None:
         ["-kernel", "/k", "-fsdev", "local,id=f,path=/s,security_model=none",
          "-device", "virtio-9p-pci,fsdev=f,mount_tag=a",
          "-device", "virtio-9p-pci,fsdev=f,mount_tag=b"])
+
+
+def test_cpu_host_migratable() -> None:
+    c = build(["-kernel", "/k", "-cpu", "host,migratable=off"]).config
+    assert c is not None and not c.cpu.migratable and c.cpu.mode == "host-passthrough"
+    c = build(["-kernel", "/k", "-cpu", "host,migratable=on"]).config
+    assert c is not None and c.cpu.migratable

@@ -493,7 +493,8 @@ class _Mapper:
                            "custom", "cpu mode") or "custom"
         self.choice(el, "match", ("exact", "minimum", "strict"), None, "cpu match")
         check = self.choice(el, "check", ("none", "partial", "full"), None, "cpu check")
-        self.attr(el, "migratable")
+        migratable = self.choice(el, "migratable", ("on", "off"), "on",
+                                 "cpu migratable") != "off"
         model = None
         vendor_id = None
         model_el = self.child(el, "model")
@@ -547,7 +548,7 @@ class _Mapper:
                              # libvirt's check only concerns a model's features
                              check=(check if mode in ("custom", "host-model") and check
                                     else "partial"),  # type: ignore[arg-type]
-                             vendor=vendor_id)
+                             vendor=vendor_id, migratable=migratable)
         except ConfigError as e:
             self.fail(el, str(e))
 

@@ -152,6 +152,8 @@ def to_xml(cfg: VmConfig) -> str:
     cpu_el = _sub(root, "cpu", mode=cpu.mode)
     if cpu.check != "partial":
         cpu_el.set("check", cpu.check)
+    if not cpu.migratable:
+        cpu_el.set("migratable", "off")
     if cpu.mode == "custom":
         cpu_el.set("match", "exact")
         model_el = _sub(cpu_el, "model", cpu.model, fallback="forbid")

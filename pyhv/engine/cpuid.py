@@ -165,6 +165,18 @@ def words_of(entries: list[CpuidEntry]) -> dict[Word, int]:
     return out
 
 
+#: CPUID 0x80000007 EDX bit 8: the invariant TSC, which blocks migration
+INVTSC = 1 << 8
+
+
+def without_invtsc(supported: list[CpuidEntry]) -> list[CpuidEntry]:
+    """The host's CPUID less the invariant TSC (what QEMU's ``-cpu host`` drops
+    unless ``migratable=off``)."""
+    return [(fn, idx, flags, a, b, c, d & ~INVTSC) if fn == 0x80000007 else
+            (fn, idx, flags, a, b, c, d)
+            for fn, idx, flags, a, b, c, d in supported]
+
+
 def guest_cpu(supported: list[CpuidEntry], cpu: CpuConfig,
               features: Optional[FeaturesConfig] = None, *,
               feature_msrs: Optional[dict[int, int]] = None,
@@ -176,6 +188,8 @@ def guest_cpu(supported: list[CpuidEntry], cpu: CpuConfig,
     missing feature where the policies or ``check='full'`` ask for it."""
     feats = features or FeaturesConfig()
     passthrough = cpu.mode in ("host-passthrough", "maximum")
+    if cpu.mode == "host-passthrough" and cpu.migratable:
+        supported = without_invtsc(supported)
     pmu = feats.pmu if feats.pmu is not None else passthrough
     plain = passthrough and not cpu.features and cpu.vendor is None and \
         cpu.model_id is None

@@ -1028,7 +1028,8 @@ class _Builder:
                 mode, info.name if mode == "custom" else None,  # type: ignore[arg-type]
                 self.topology, tuple(flags.values()),
                 check=check,  # type: ignore[arg-type]
-                vendor=props.get("vendor"), model_id=props.get("model-id"))
+                vendor=props.get("vendor"), model_id=props.get("model-id"),
+                migratable=parse_bool(props.get("migratable", "on"), "migratable", where))
         except CpuModelError as e:
             raise _usage(where, str(e).removeprefix(f"{where}: ")) from None
         except ConfigError as e:
