@@ -232,7 +232,28 @@ def run_file(v: Variant, timeout: float, interval: float) -> dict:
     if poller.done is None:
         r["error"] = f"no {REPORT_DONE} line within {timeout:.0f} s " \
                      f"({len(text)} bytes: {text[-200:]!r})"
+    else:
+        r.update(power_off(v.dom, t0, timeout))
     return r
+
+
+def power_off(dom, t0: float, timeout: float) -> dict:
+    """``virsh shutdown`` (the ACPI power button the guest waits for) once the
+    report is done: the time until libvirt sees the domain shut off, from the
+    request and from the start of create()."""
+    import libvirt
+    t2 = time.perf_counter()
+    try:
+        dom.shutdown()
+    except libvirt.libvirtError as e:
+        return {"poweroff_error": str(e)}
+    deadline = t2 + timeout
+    while dom.isActive():
+        if time.perf_counter() > deadline:
+            return {"poweroff_error": f"still running {timeout:.0f} s after shutdown()"}
+        time.sleep(0.002)
+    t3 = time.perf_counter()
+    return {"shutdown_s": t3 - t2, "start_to_off_s": t3 - t0}
 
 
 class ConsoleReader(threading.Thread):
@@ -361,7 +382,8 @@ def summarise(results: dict[str, dict]) -> dict[str, dict]:
     for label, res in results.items():
         ok = [r for r in res["runs"] if "error" not in r]
         out[label] = {key: stats([r[key] for r in ok if r.get(key) is not None])
-                      for key in ("create_s", "first_byte_s", "report_s", "open_console_s")}
+                      for key in ("create_s", "first_byte_s", "report_s", "open_console_s",
+                                  "shutdown_s", "start_to_off_s")}
         out[label]["errors"] = sum(1 for r in res["runs"] if "error" in r)
     return out
 
@@ -381,6 +403,9 @@ def print_table(mode: str, variants: list[Variant], results: dict, summary: dict
             f"{fmt_stats(s['first_byte_s']):>30} {fmt_stats(s['report_s']):>30} "
             f"{fmt_s(cold.get('create_s')) + ' / ' + fmt_s(cold.get('first_byte_s')):>22} "
             f"{fmt_s(v.define_s.get(mode)):>8}")
+        if s.get("shutdown_s"):
+            log(f"{'':<14} {'':<16} shutdown() -> shut off {fmt_stats(s['shutdown_s'])}; "
+                f"create() -> shut off {fmt_stats(s['start_to_off_s'])}")
         if s["errors"]:
             log(f"   {v.label}: {s['errors']} failed run(s)")
 
@@ -481,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                 print_table(mode, active, results, summary)
                 for label, why in dropped.items():
                     log(f"   {label}: not measured, {why}")
-                rat = {k: ratios(summary, k) for k in ("first_byte_s", "create_s", "report_s")}
+                rat = {k: ratios(summary, k) for k in ("first_byte_s", "create_s", "report_s",
+                                                       "start_to_off_s")}
                 for key, rs in rat.items():
                     if rs:
                         log(f"   pyhv/QEMU {key[:-2]} (medians): " + ", ".join(
