@@ -200,3 +200,34 @@ def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path
             proc.kill()
         if os.path.exists(sock):
             os.unlink(sock)
+
+
+def test_sigterm_ends_a_wait_for_the_backend_at_once(tmp_path):
+    """pyhv listening for a vhost-user NIC backend that never comes: SIGTERM ends the
+    wait (and the process) at once, in one line, and the socket file is removed."""
+    import signal
+    import subprocess
+    import sys
+
+    sock = tmp_path / "net.sock"
+    xml = tmp_path / "d.xml"
+    xml.write_text(f"""<domain type='kvm'><name>w</name><memory unit='MiB'>64</memory>
+      <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+      <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/nonexistent</kernel></os>
+      <devices><interface type='vhostuser'><source type='unix' path='{sock}'
+        mode='server'/><model type='virtio'/></interface>
+        <serial type='null'/><memballoon model='none'/></devices></domain>""")
+    p = subprocess.Popen([sys.executable, "-m", "pyhv", "run", str(xml)],
+                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err.count("\n") == 1 and "signal 15 while waiting" in err, err
+    assert not sock.exists()

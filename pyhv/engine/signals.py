@@ -13,7 +13,20 @@ from __future__ import annotations
 import os
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
+
+#: the pipes of the signal_pipe contexts now open, innermost last
+_active: list["SignalPipe"] = []
+
+
+def pending() -> Optional[int]:
+    """The first handled signal not yet acted on, if any: for the bounded waits
+    of a command's set-up (before its loop runs), so that SIGTERM/SIGINT end a
+    wait for a peer at once rather than when it times out."""
+    for pipe in reversed(_active):
+        if pipe.caught:
+            return pipe.caught[0]
+    return None
 
 
 class SignalPipe:
@@ -46,9 +59,11 @@ def signal_pipe(*signums: int) -> Iterator[SignalPipe]:
         pipe.caught.append(signum)
 
     old = {s: signal.signal(s, on_signal) for s in signums}
+    _active.append(pipe)
     try:
         yield pipe
     finally:
+        _active.remove(pipe)
         signal.set_wakeup_fd(old_wakeup)
         for s, handler in old.items():
             signal.signal(s, handler)

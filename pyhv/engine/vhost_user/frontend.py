@@ -102,13 +102,22 @@ class VhostUserClient:
     def connect(self, wait: float = 0.0) -> None:
         """Connect (or accept the backend, when listening), trying for ``wait``
         seconds; :class:`VhostUserFrontendError` when nobody answers."""
+        from pyhv.engine import signals
+
         self.close_connection()
         deadline = time.monotonic() + wait
         while True:
+            signum = signals.pending()
+            if signum is not None:
+                err = VhostUserFrontendError(f"{self.what}: signal {signum} while waiting "
+                                             f"for the vhost-user backend at {self.path}")
+                err.exit_status = 128 + signum  # as if the signal had ended the process
+                raise err
             try:
                 if self.listener is not None:
-                    self.listener.settimeout(max(0.0, deadline - time.monotonic()) or None
-                                             if wait else 0.0)
+                    # in slices, so that a signal ends the wait at once
+                    left = deadline - time.monotonic()
+                    self.listener.settimeout(min(0.1, left) if left > 0 else 0.0)
                     self.sock, _ = self.listener.accept()
                 else:
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
