@@ -657,6 +657,58 @@ class ClockConfig:
                 raise ConfigError(f"clock: unknown time zone {self.timezone!r}") from None
 
 
+#: the fields of each SMBIOS structure a user may set (libvirt's ``<sysinfo>`` entry
+#: names; ``processor`` and ``memory`` are QEMU's ``-smbios type=4|17`` keys)
+SMBIOS_FIELDS: dict[str, tuple[str, ...]] = {
+    "bios": ("vendor", "version", "date", "release"),
+    "system": ("manufacturer", "product", "version", "serial", "uuid", "sku", "family"),
+    "baseboard": ("manufacturer", "product", "version", "serial", "asset", "location"),
+    "chassis": ("manufacturer", "version", "serial", "asset", "sku"),
+    "processor": ("sock_pfx", "manufacturer", "version", "serial", "asset", "part",
+                  "max-speed", "current-speed"),
+    "memory": ("loc_pfx", "bank", "manufacturer", "serial", "asset", "part", "speed"),
+}
+SmbiosFields = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class SmbiosConfig:
+    """What the guest's SMBIOS (DMI) tables say: libvirt's ``<os><smbios mode>`` and
+    ``<sysinfo type='smbios'>`` (QEMU's ``-smbios``).  ``mode`` None or ``emulate``:
+    pyhv's defaults; ``sysinfo``: the fields below over the defaults; ``host``: the
+    host's own values (read from /sys/class/dmi/id when the machine is built)."""
+
+    mode: Optional[Literal["emulate", "sysinfo", "host"]] = None
+    bios: SmbiosFields = ()
+    system: SmbiosFields = ()
+    baseboards: tuple[SmbiosFields, ...] = ()
+    chassis: SmbiosFields = ()
+    processor: SmbiosFields = ()
+    memory: SmbiosFields = ()
+    oem_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in (None, "emulate", "sysinfo", "host"):
+            raise ConfigError(f"smbios: unknown mode {self.mode!r} "
+                              "(supported: emulate, sysinfo, host)")
+        for kind, fields in (("bios", self.bios), ("system", self.system),
+                             ("chassis", self.chassis), ("processor", self.processor),
+                             ("memory", self.memory),
+                             *(("baseboard", b) for b in self.baseboards)):
+            unknown = [k for k, _v in fields if k not in SMBIOS_FIELDS[kind]]
+            if unknown:
+                raise ConfigError(f"smbios {kind}: unknown field(s) {', '.join(unknown)} "
+                                  f"(supported: {', '.join(SMBIOS_FIELDS[kind])})")
+        uuid = dict(self.system).get("uuid")
+        if uuid is not None:
+            import uuid as uuidlib
+
+            try:
+                uuidlib.UUID(uuid)
+            except ValueError:
+                raise ConfigError(f"smbios system: uuid {uuid!r} is not a UUID") from None
+
+
 @dataclass(frozen=True)
 class NumaCell:
     """One guest NUMA node (libvirt ``<cpu><numa><cell>``): its vCPUs and memory."""
@@ -814,6 +866,8 @@ class VmConfig:
     balloon: Optional[BalloonConfig] = None
     #: PCI bridges and root ports, USB and virtio-serial controllers
     controllers: tuple[ControllerConfig, ...] = ()
+    #: SMBIOS/DMI tables (``<sysinfo>``, ``<os><smbios>``)
+    smbios: SmbiosConfig = field(default_factory=SmbiosConfig)
 
     def __post_init__(self) -> None:
         from pyhv.engine.layout import MAX_RAM, MIN_RAM

@@ -32,6 +32,11 @@ def boot(kernel: Path, out: Path, *, cmdline: str = "", initrd: Optional[Path] =
                               protocol),  # type: ignore[arg-type]
                    memory=memory, vcpus=cpus, serial=SerialConfig("file", str(out)),
                    on_reboot=on_reboot)  # type: ignore[arg-type]
+    return run_config(cfg, out, timeout=timeout, control=control)
+
+
+def run_config(cfg: VmConfig, out: Path, *, timeout: float = 60, control=None) -> Boot:
+    """Run a machine built from ``cfg`` (COM1 to the file ``out``) until it ends."""
     m = Machine(cfg)
     try:
         m.start()

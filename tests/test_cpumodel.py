@@ -419,22 +419,15 @@ _DYNAMIC = {"osxsave", "ospke"}
 @pytest.mark.parametrize("name", MODELS)
 def test_guest_sees_model(cmap: CpuMap, host_cpuid: list, guests, tmp_path: Path,
                           name: str) -> None:
-    from guests.report import parse_report
-
-    from pyhv.engine.machine import Machine
+    from engine_helpers import run_config
 
     out = tmp_path / "out.txt"
     cpu = CpuConfig("custom", name, check="none")
     cfg = VmConfig(KernelBoot(str(guests.pvh_elf), None, "pyhv.cpuid"), memory=64 << 20,
                    vcpus=1, serial=SerialConfig("file", str(out)), cpu=cpu)
-    m = Machine(cfg)
-    try:
-        m.start()
-        ev = m.run(timeout=120)
-    finally:
-        m.close()
-    report = parse_report(out.read_text(errors="replace"))
-    assert ev.kind == "powered-off" and report.complete, report
+    run = run_config(cfg, out, timeout=120)
+    report = run.report
+    assert run.event.kind == "powered-off" and report.complete, report
     seen = _guest_words(report)
     expected = words_of(guest_cpu(host_cpuid, cpu, cmap=cmap).table(0, flat_topology(1)))
     model = cmap.model(name)

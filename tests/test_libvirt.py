@@ -840,3 +840,32 @@ def test_vhostuser_disk(daemon, guests, tmp_path):
         virsh(daemon, "undefine", name, check=False)
         backend.terminate()
         backend.communicate(timeout=20)
+
+
+def test_sysinfo_smbios_reaches_the_guest(daemon, guests, tmp_path):
+    """OpenStack Nova's <sysinfo type='smbios'> with <smbios mode='sysinfo'/>: libvirt
+    passes -smbios type=1,... and the guest reads them from pyhv's SMBIOS tables."""
+    name = "sysinfo"
+    out = tmp_path / "serial.log"
+    serial = f"<serial type='file'><source path='{out}'/><target port='0'/></serial>"
+    xml = domain_xml(name, guests.pvh_elf, "pyhv.smbios", serial)
+    xml = xml.replace("<os>", "<uuid>1c8a1f6e-4c7a-4a28-9a3c-5e5b1d0f2a77</uuid>"
+                              "<sysinfo type='smbios'><system>"
+                              "<entry name='manufacturer'>OpenStack Foundation</entry>"
+                              "<entry name='product'>OpenStack Nova</entry>"
+                              "<entry name='serial'>nova-serial-1</entry>"
+                              "</system></sysinfo><os>")
+    xml = xml.replace("</os>", "<smbios mode='sysinfo'/></os>")
+    define(daemon, tmp_path, name, xml)
+    try:
+        virsh(daemon, "start", name)
+        assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
+        argv = daemon.domain_log(name).read_text()
+        assert "-smbios" in argv and "OpenStack Nova" in argv, argv[-3000:]
+        text = out.read_text()
+        m = re.search(r"^@smbios-system (.*)$", text, re.M)
+        assert m, text[-3000:]
+        assert "manufacturer=OpenStack" in m.group(1) and "serial=nova-serial-1" in m.group(1)
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

@@ -153,6 +153,21 @@ def _pinning_lines(cfg: VmConfig) -> list[str]:
     return out
 
 
+def _smbios_line(cfg: VmConfig) -> str:
+    from pyhv.engine.smbios import smbios_description
+
+    sm = cfg.smbios
+    where = f"tables at 0x{layout.SMBIOS_ADDR:x} (SMBIOS 3.0)"
+    if sm.mode == "host":
+        return f"smbios: host (BIOS and system values from /sys/class/dmi/id), {where}"
+    d = smbios_description(cfg, 1, 1, 1)
+    sysinfo = ", ".join(f"{k} {v!r}" for k, v in d.system.items())
+    extra = f", {len(sm.oem_strings)} OEM string(s)" if sm.oem_strings else ""
+    asset = d.chassis.get("asset")
+    extra += f", chassis asset {asset!r}" if asset else ""
+    return f"smbios: {sm.mode or 'emulate'}: system {sysinfo}{extra}; {where}"
+
+
 def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     """The report ``pyhv domxml check`` prints, line by line."""
     found = issues(cfg)
@@ -221,6 +236,7 @@ def describe(cfg: VmConfig, notes: Optional[list[str]] = None) -> list[str]:
     if cfg.clock.rtc_lost_ticks == "slew":
         clock += ", rtc catchup"
     lines.append(f"features: {' '.join(on) or '(none)'}; clock {clock}")
+    lines.append(_smbios_line(cfg))
     lines.append(f"on_poweroff {cfg.on_poweroff}, on_reboot {cfg.on_reboot}, "
                  f"on_crash {cfg.on_crash}")
     for key in (("features", 0), ("clock", 0), ("on_poweroff", 0), ("on_reboot", 0),

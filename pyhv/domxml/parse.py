@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Optional, TypeVar, cast
 
 from pyhv.config import (
+    SMBIOS_FIELDS,
     USB_MODELS,
     BackingFile,
     BalloonConfig,
@@ -43,6 +44,7 @@ from pyhv.config import (
     SchedPolicy,
     SerialConfig,
     SerialPortConfig,
+    SmbiosConfig,
     VmConfig,
     machine_family,
     parse_cpuset,
@@ -231,6 +233,7 @@ class _Mapper:
         numatune = self.numatune(root)
         features = self.features(root)
         clock = self.clock(root)
+        smbios = self.smbios(root, os_el, uuid)
         actions = {}
         for tag, allowed in (("on_poweroff", ("destroy", "restart", "preserve")),
                              ("on_reboot", ("restart", "destroy")),
@@ -260,7 +263,7 @@ class _Mapper:
                 filesystems=tuple(dev.filesystems), nets=tuple(dev.nets),
                 extra_serials=tuple(dev.extra_serials), channels=tuple(dev.channels),
                 rngs=tuple(dev.rngs), balloon=dev.balloon,
-                controllers=tuple(dev.controllers),
+                controllers=tuple(dev.controllers), smbios=smbios,
             )
         except ConfigError as e:
             self.fail(root, str(e))
@@ -479,7 +482,7 @@ class _Mapper:
         bm = os_el.find("bootmenu")
         if bm is not None:
             self.ignore(bm)  # firmware's menu: direct kernel boot has none
-        for tag in ("smbios", "bios", "dtb", "acpi", "init", "initarg", "initenv"):
+        for tag in ("bios", "dtb", "acpi", "init", "initarg", "initenv"):
             el = os_el.find(tag)
             if el is not None:
                 self.fail(el, f"<{tag}> is not supported by pyhv")
@@ -650,6 +653,78 @@ class _Mapper:
             if hidden is not None:
                 kvm_hidden = self.onoff(hidden, "state", False)
         return FeaturesConfig(acpi, apic_el is not None, pae, pmu, kvm_hidden)
+
+    def smbios(self, root: Any, os_el: Any, uuid: Optional[str]) -> SmbiosConfig:
+        """``<os><smbios mode>`` and ``<sysinfo type='smbios'>``."""
+        mode_el = self.child(os_el, "smbios")
+        mode = None
+        if mode_el is not None:
+            mode = self.choice(mode_el, "mode", ("emulate", "host", "sysinfo"), None,
+                               "smbios mode")
+            if mode is None:
+                self.fail(mode_el, "missing attribute mode (emulate, host or sysinfo)")
+        found: Optional[Any] = None
+        for el in self.children(root, "sysinfo"):
+            kind = self.attr(el, "type")
+            if kind == "fwcfg":
+                self.fail(el, "sysinfo type 'fwcfg' is not supported by pyhv (it has no "
+                              "fw_cfg device; use type='smbios')")
+            if kind != "smbios":
+                self.fail(el, f"sysinfo type {kind!r} is not supported (supported: smbios)")
+            if found is not None:
+                self.fail(el, "more than one <sysinfo type='smbios'>")
+            found = el
+        fields: dict[str, Any] = {}
+        if found is not None:
+            tags = {"bios": "bios", "system": "system", "baseBoard": "baseboard",
+                    "chassis": "chassis"}
+            boards = []
+            for sub in found:
+                if not _is_element(sub):
+                    continue
+                tag = _local(sub.tag)
+                if tag == "oemStrings":
+                    self.mark(sub)
+                    fields["oem_strings"] = tuple(
+                        (e.text or "") for e in self.children(sub, "entry"))
+                    continue
+                if tag not in tags:
+                    self.fail(sub, f"<{tag}> is not supported in <sysinfo> (supported: "
+                                   "bios, system, baseBoard, chassis, oemStrings)")
+                if tag != "baseBoard" and tags[tag] in fields:
+                    self.fail(sub, f"more than one <{tag}>")
+                self.mark(sub)
+                kind = tags[tag]
+                entries = []
+                for e in self.children(sub, "entry"):
+                    name = self.attr(e, "name")
+                    if name is None:
+                        self.fail(e, "missing attribute name")
+                    entries.append((name, self.text(e)))
+                unknown = [n for n, _v in entries if n not in SMBIOS_FIELDS[kind]]
+                if unknown:
+                    self.fail(sub, f"unknown entry name(s) {', '.join(unknown)} "
+                                   f"(supported: {', '.join(SMBIOS_FIELDS[kind])})")
+                if kind == "baseboard":
+                    boards.append(tuple(entries))
+                else:
+                    fields[kind] = tuple(entries)
+            fields["baseboards"] = tuple(boards)
+            sys_uuid = dict(fields.get("system", ())).get("uuid")
+            if sys_uuid is not None and uuid is not None:
+                try:
+                    same = uuidlib.UUID(sys_uuid) == uuidlib.UUID(uuid)
+                except ValueError:
+                    self.fail(found, f"system uuid {sys_uuid!r} is not a UUID")
+                if not same:
+                    self.fail(found, f"system uuid {sys_uuid} differs from the domain's "
+                                     f"<uuid> {uuid}")
+        if mode == "sysinfo" and found is None:
+            self.fail(mode_el, "smbios mode 'sysinfo' needs a <sysinfo type='smbios'>")
+        try:
+            return SmbiosConfig(mode=mode, **fields)  # type: ignore[arg-type]
+        except ConfigError as e:
+            self.fail(found if found is not None else root, str(e))
 
     def clock(self, root: Any) -> ClockConfig:
         el = self.child(root, "clock")

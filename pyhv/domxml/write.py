@@ -127,6 +127,20 @@ def to_xml(cfg: VmConfig) -> str:
         if es is not None:
             prio = {"priority": str(es.priority)} if es.priority is not None else {}
             _sub(ct, "emulatorsched", scheduler=es.policy, **prio)
+    sm = cfg.smbios
+    if sm.bios or sm.system or sm.baseboards or sm.chassis or sm.oem_strings:
+        info = _sub(root, "sysinfo", type="smbios")
+        for tag, fields in (("bios", sm.bios), ("system", sm.system),
+                            *(("baseBoard", board) for board in sm.baseboards),
+                            ("chassis", sm.chassis)):
+            if fields:
+                part = _sub(info, tag)
+                for key, text in fields:
+                    _sub(part, "entry", text, name=key)
+        if sm.oem_strings:
+            oem = _sub(info, "oemStrings")
+            for text in sm.oem_strings:
+                _sub(oem, "entry", text)
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=cfg.machine)
     _sub(os_el, "kernel", cfg.boot.kernel)
@@ -136,6 +150,8 @@ def to_xml(cfg: VmConfig) -> str:
         _sub(os_el, "cmdline", cfg.boot.cmdline)
     for dev in cfg.boot_order:
         _sub(os_el, "boot", dev=dev)
+    if sm.mode is not None:
+        _sub(os_el, "smbios", mode=sm.mode)
     f = cfg.features
     feats = _sub(root, "features")
     if f.acpi:

@@ -60,6 +60,7 @@ from pyhv.engine.pci.platform import (
     pci_from_config,
 )
 from pyhv.engine.pci.root import bdf_text
+from pyhv.engine.smbios import smbios_description, write_smbios
 from pyhv.engine.support import unsupported
 from pyhv.engine.vcpu import (
     Vcpu,
@@ -446,14 +447,17 @@ def acpi_description(cfg: VmConfig) -> AcpiPlatform:
 
 
 def attach_firmware_tables(memory: GuestMemory, cfg: VmConfig,
-                           topo: Topology) -> Optional[int]:
-    """ACPI tables (unless ACPI is off) and an MP table; returns the RSDP's address."""
+                           topo: Topology, cpuid: Optional[list] = None) -> Optional[int]:
+    """ACPI tables (unless ACPI is off), an MP table and the SMBIOS tables (``cpuid``:
+    the boot vCPU's, for the processor structures); returns the RSDP's address."""
     apic_ids = tuple(topo.apic_id(i) for i in range(cfg.vcpus))
     rsdp = None
     if cfg.features.acpi:
         rsdp = write_acpi(memory, acpi_description(cfg))
     if cfg.vcpus <= MPTABLE_MAX_CPUS:
         write_mptable(memory, cfg.vcpus, apic_ids=apic_ids)
+    write_smbios(memory, smbios_description(cfg, topo.sockets, topo.cores, topo.threads,
+                                            cpuid))
     return rsdp
 
 
@@ -569,7 +573,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
 def cold_boot(plat: Platform, memory: GuestMemory, cfg: VmConfig) -> None:
     """What a power-on gives the guest: firmware tables, the kernel (and initrd) in
     RAM, and the boot vCPU at the kernel's entry."""
-    rsdp = attach_firmware_tables(memory, cfg, guest_topology(cfg))
+    rsdp = attach_firmware_tables(memory, cfg, guest_topology(cfg), plat.cpuid0)
     plat.kernel, plat.entry = load_guest(memory, cfg, rsdp)
     plat.rsdp_addr = rsdp
     apply_entry_state(plat.vcpus[0].fd, plat.entry)

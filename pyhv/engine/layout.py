@@ -16,6 +16,7 @@ writes; RAM above 1 MiB is the guest's; a hole below 4 GiB holds device MMIO
     0x0002_0000  kernel command line (up to 64 KiB)
     0x0009_fc00  EBDA: Intel MP table (reserved in e820)
     0x000e_0000  ACPI tables, RSDP first (reserved in e820, BIOS scan area)
+    0x000f_8000  SMBIOS entry points (_SM3_, _SM_) and structure table (reserved)
     0x0010_0000  1 MiB: where non-relocatable kernels load
     0xc000_0000  start of the 32-bit MMIO hole (1 GiB)
     0xe000_0000  PCIe ECAM (MMCONFIG), 256 MiB
@@ -48,7 +49,13 @@ EBDA_START = 0x9FC00
 MPTABLE_ADDR = EBDA_START
 LOW_RAM_END = 0xA0000
 ACPI_ADDR = 0xE0000
-ACPI_END = 0x100000
+#: ACPI tables end where the SMBIOS tables begin (32 KiB below 1 MiB)
+ACPI_END = 0xF8000
+#: the legacy BIOS area guests scan for SMBIOS entry points (16-byte aligned)
+SMBIOS_SCAN_START = 0xF0000
+SMBIOS_SCAN_END = 0x100000
+SMBIOS_ADDR = ACPI_END
+SMBIOS_END = 0x100000
 HIMEM_START = 0x100000
 
 MMIO_HOLE_START = 0xC000_0000
@@ -117,7 +124,7 @@ def e820_map(ram_size: int) -> list[E820Entry]:
     entries = [
         E820Entry(0, EBDA_START, E820_RAM),
         E820Entry(EBDA_START, LOW_RAM_END - EBDA_START, E820_RESERVED),
-        E820Entry(ACPI_ADDR, ACPI_END - ACPI_ADDR, E820_RESERVED),
+        E820Entry(ACPI_ADDR, SMBIOS_END - ACPI_ADDR, E820_RESERVED),
     ]
     if low > HIMEM_START:
         entries.append(E820Entry(HIMEM_START, low - HIMEM_START, E820_RAM))

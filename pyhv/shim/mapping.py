@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Literal, Optional, Sequence
 
 from pyhv.config import (
+    SMBIOS_FIELDS,
     BackingFile,
     BalloonConfig,
     ChannelConfig,
@@ -46,6 +47,7 @@ from pyhv.config import (
     RngConfig,
     SerialConfig,
     SerialPortConfig,
+    SmbiosConfig,
     VmConfig,
     parse_cpuset,
 )
@@ -407,6 +409,7 @@ class _Builder:
         #: the time a ``-rtc base=DATE`` is measured from (seconds since the epoch)
         self.now = time.time() if now is None else now
         self.clock = ClockConfig()
+        self.smbios = SmbiosConfig()
         self.boot_order: tuple[str, ...] = ()
         self.pending: list[str] = []
         self.fds: list[int] = []
@@ -1840,14 +1843,53 @@ class _Builder:
                 self.note(f"{o.where}: cpu-pm is not honoured")
         for o in find(self.opts, "sandbox"):
             o.opts.get_bool("enable")
-        for name in ("smbios", "fw_cfg"):
-            for o in find(self.opts, name):
-                self.note(f"{o.where}: not passed to the guest (not supported yet)")
+        self.read_smbios()
+        for o in find(self.opts, "fw_cfg"):
+            self.note(f"{o.where}: not passed to the guest (not supported yet)")
         if self.has("no-acpi"):
             self.acpi = False
         for o in find(self.opts, "audiodev"):
             o.opts.need_str("id")
             o.opts.need_str("driver")
+
+    def read_smbios(self) -> None:
+        """``-smbios type=0|1|2|3|4|11|17,...`` (libvirt's ``<sysinfo>``): fields of
+        the guest's SMBIOS tables; later options' keys win, as in QEMU."""
+        kinds = {"0": "bios", "1": "system", "2": "baseboard", "3": "chassis",
+                 "4": "processor", "17": "memory"}
+        merged_fields: dict[str, dict[str, str]] = {k: {} for k in kinds.values()}
+        oem: list[str] = []
+        for o in find(self.opts, "smbios"):
+            kind = o.opts.get_str("type")
+            if kind is None:
+                raise _unsupported(o.where, "SMBIOS binary files (file=) are not supported "
+                                            "by pyhv; give type=N and fields")
+            if kind == "11":
+                o.opts.check_keys(("type", "value"))
+                oem += [v for k, v in split_list(o.arg or "", "type", o.where)
+                        if k == "value"]
+                continue
+            if kind not in kinds:
+                raise _unsupported(o.where, f"SMBIOS type {kind} is not supported (supported: "
+                                            "0, 1, 2, 3, 4, 11, 17)")
+            name = kinds[kind]
+            allowed = SMBIOS_FIELDS[name] + (("uefi",) if name == "bios" else ())
+            o.opts.check_keys(("type",) + allowed)
+            for key in o.opts.keys():
+                value = o.opts.get_str(key) or ""
+                if key == "uefi":
+                    parse_bool(value, key, o.where)  # firmware kind: no UEFI here
+                elif key != "type":
+                    merged_fields[name][key] = value
+        uuid = merged_fields["system"].get("uuid")
+        if uuid is not None and not _UUID.match(uuid):
+            raise _usage("-smbios type=1", f"invalid UUID '{uuid}' (expected 8-4-4-4-12 "
+                                           "hexadecimal digits)")
+        f = {k: tuple(v.items()) for k, v in merged_fields.items()}
+        self.smbios = SmbiosConfig(
+            bios=f["bios"], system=f["system"], chassis=f["chassis"],
+            baseboards=(f["baseboard"],) if f["baseboard"] else (),
+            processor=f["processor"], memory=f["memory"], oem_strings=tuple(oem))
 
     def globals(self) -> tuple[tuple[str, str, str], ...]:
         out = []
@@ -2096,6 +2138,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
                 rngs=tuple(b.rng_configs),
                 balloon=b.balloon,
                 controllers=tuple(b.controllers),
+                smbios=b.smbios,
             )
             config = place(config)
         except ConfigError as e:

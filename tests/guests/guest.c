@@ -6,7 +6,7 @@
  * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
  * (pyhv.virtio), virtio-console (pyhv.virtio-console), virtio-net
  * (pyhv.virtio-net) and virtio-9p (pyhv.virtio-9p), reports CPUID words
- * (pyhv.cpuid), then powers off through
+ * (pyhv.cpuid), the SMBIOS tables (pyhv.smbios), then powers off through
  * ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
@@ -4355,6 +4355,112 @@ static void report_cpuid(void)
 	eol();
 }
 
+/* ---- SMBIOS (pyhv.smbios) ----------------------------------------------- */
+
+/* Scan 0xF0000-0xFFFFF in 16-byte steps for the 64-bit "_SM3_" entry point, else
+ * the 32-bit "_SM_" one (as Linux's dmi_scan does), check its checksum, walk the
+ * structure table and report "@smbios addr= ep=sm3|sm ep_ok= version= table= len=
+ * structs= end=" and type 1 as
+ * "@smbios-system manufacturer= product= serial= uuid=" (UUID bytes as stored,
+ * hex).  "@smbios addr=0" when there is no entry point. */
+static const u8 *smbios_str(const u8 *set, const u8 *end, u32 n)
+{
+	if (!n)
+		return 0;
+	for (u32 i = 1; set < end && *set; i++) {
+		if (i == n)
+			return set;
+		while (set < end && *set)
+			set++;
+		set++;
+	}
+	return 0;
+}
+
+static void smbios_kv_str(const char *k, const u8 *set, const u8 *end, u32 n)
+{
+	const u8 *p = smbios_str(set, end, n);
+	u64 len = 0;
+	while (p && p + len < end && p[len])
+		len++;
+	key(k);
+	put_escaped(p ? p : (const u8 *)"", len, 0);
+}
+
+static void report_smbios(void)
+{
+	u64 ep = 0, ep2 = 0;
+	for (u64 a = 0xf0000; a < 0x100000 && !ep; a += 16) {
+		if (!memcmp((const void *)a, "_SM3_", 5))
+			ep = a;
+		else if (!ep2 && !memcmp((const void *)a, "_SM_", 4))
+			ep2 = a;
+	}
+	line("smbios");
+	kv_hex("addr", ep ? ep : ep2);
+	if (!ep && !ep2) {
+		eol();
+		return;
+	}
+	u64 e = ep ? ep : ep2;
+	u8 sum = 0, eplen = rd8(e + (ep ? 6 : 5));
+	for (u32 i = 0; i < eplen && i < 0x40; i++)
+		sum = (u8)(sum + rd8(e + i));
+	u64 table;
+	u32 max;
+	if (ep) {
+		table = rd32(ep + 0x10) | (u64)rd32(ep + 0x14) << 32;
+		max = rd32(ep + 0xc);
+	} else {
+		table = rd32(ep2 + 0x18);
+		max = rd16(ep2 + 0x16);
+	}
+	kv_str("ep", ep ? "sm3" : "sm");
+	kv_dec("ep_ok", eplen >= (ep ? 0x18 : 0x1f) && sum == 0);
+	kv_hex("version", (u32)rd8(e + (ep ? 7 : 6)) << 8 | rd8(e + (ep ? 8 : 7)));
+	kv_hex("table", table);
+	kv_dec("len", max);
+	if (!mapped(table, max)) {
+		eol();
+		return;
+	}
+	const u8 *p = (const u8 *)table, *end = p + max;
+	const u8 *sys = 0, *sys_end = 0;
+	u32 count = 0, at_end = 0;
+	while (p + 4 <= end && p[1] >= 4 && p + p[1] <= end) {
+		const u8 *q = p + p[1];
+		while (q + 1 < end && (q[0] || q[1]))
+			q++;
+		q += 2;
+		count++;
+		if (p[0] == 1 && p[1] >= 0x19) {
+			sys = p;
+			sys_end = q;
+		}
+		if (p[0] == 127) {
+			at_end = 1;
+			break;
+		}
+		p = q;
+	}
+	kv_dec("structs", count);
+	kv_dec("end", at_end);
+	eol();
+	if (!sys)
+		return;
+	const u8 *set = sys + sys[1];
+	line("smbios-system");
+	smbios_kv_str("manufacturer", set, sys_end, sys[4]);
+	smbios_kv_str("product", set, sys_end, sys[5]);
+	smbios_kv_str("serial", set, sys_end, sys[7]);
+	key("uuid");
+	for (u32 i = 0; i < 16; i++) {
+		putc_("0123456789abcdef"[sys[8 + i] >> 4]);
+		putc_("0123456789abcdef"[sys[8 + i] & 15]);
+	}
+	eol();
+}
+
 /* pyhv.rtc-set: move the RTC one year ahead the way an OS sets it (SET bit,
  * the year register, SET cleared), then report the clock again. */
 static void rtc_set_next_year(void)
@@ -4400,6 +4506,8 @@ void guest_main(u32 proto, u64 info)
 		rtc_set_next_year();
 	if (has_switch("pyhv.cpuid"))
 		report_cpuid();
+	if (has_switch("pyhv.smbios"))
+		report_smbios();
 	int usb_sw = has_switch("pyhv.usb"), barmove_sw = has_switch("pyhv.barmove");
 	int virtio_sw = has_switch("pyhv.virtio") || has_switch("pyhv.virtio=msix") ||
 		has_switch("pyhv.virtio=intx");
