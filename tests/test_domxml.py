@@ -43,6 +43,7 @@ needs_schema = pytest.mark.skipif(not domschema.available(),
 
 #: examples the engine can build today; the others map but are refused by `pyhv run`
 BUILDABLE = {"test-guest.xml", "direct-kernel-q35.xml", "flat-smp.xml", "disks.xml",
+             "openstack-nova.xml",
              "q35-platform.xml", "channel-rng-balloon.xml",
              "consoles.xml", "smp-topology.xml"}
 
@@ -472,3 +473,14 @@ def test_cpu_migratable() -> None:
     assert parse_domain(to_xml(off).encode()) == off
     with pytest.raises(DomainXmlError, match="migratable|/domain/cpu"):  # or the schema
         parse_domain(base.format("maybe").encode())
+
+
+def test_openstack_nova_example() -> None:
+    """Nova's domain: sysinfo for SMBIOS, host-model CPU, CPU shares and vmcoreinfo
+    (both noted), a qcow2 root disk, a logged pty console."""
+    mapped = map_domain((ROOT / "examples" / "domains" / "openstack-nova.xml").read_bytes())
+    cfg = mapped.config
+    assert cfg.smbios.mode == "sysinfo" and cfg.cpu.mode == "host-model"
+    assert cfg.disks[0].format == "qcow2" and cfg.serial.kind == "pty"
+    assert any("cputune/shares" in n for n in mapped.notes)
+    assert any("vmcoreinfo: not built" in n for n in mapped.notes)

@@ -856,12 +856,15 @@ def test_sysinfo_smbios_reaches_the_guest(daemon, guests, tmp_path):
                               "<entry name='serial'>nova-serial-1</entry>"
                               "</system></sysinfo><os>")
     xml = xml.replace("</os>", "<smbios mode='sysinfo'/></os>")
+    # Nova adds <vmcoreinfo/> to every x86 guest: libvirt passes -device vmcoreinfo
+    xml = xml.replace("<apic/>", "<apic/><vmcoreinfo/>")
     define(daemon, tmp_path, name, xml)
     try:
         virsh(daemon, "start", name)
         assert wait_state(daemon, name, "shut off (shutdown)") == "shut off (shutdown)"
         argv = daemon.domain_log(name).read_text()
         assert "-smbios" in argv and "OpenStack Nova" in argv, argv[-3000:]
+        assert "vmcoreinfo" in argv, argv[-3000:]
         text = out.read_text()
         m = re.search(r"^@smbios-system (.*)$", text, re.M)
         assert m, text[-3000:]

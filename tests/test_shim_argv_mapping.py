@@ -660,3 +660,12 @@ def test_cpu_host_migratable() -> None:
     assert c is not None and not c.cpu.migratable and c.cpu.mode == "host-passthrough"
     c = build(["-kernel", "/k", "-cpu", "host,migratable=on"]).config
     assert c is not None and c.cpu.migratable
+
+
+def test_vmcoreinfo_is_accepted_with_a_note() -> None:
+    """OpenStack Nova's <vmcoreinfo/> reaches pyhv-qemu as -device vmcoreinfo: no
+    fw_cfg to build it on, so it is noted and nothing else changes."""
+    plan = build(["-kernel", "/k", "-device", '{"driver":"vmcoreinfo"}'])
+    assert plan.config is not None
+    assert any("vmcoreinfo: not built" in n for n in plan.pending), plan.pending
+    assert "sits on no bus" in fails(["-kernel", "/k", "-device", "vmcoreinfo,bus=pci.0"])

@@ -646,6 +646,14 @@ class _Mapper:
         if vmport is not None:
             self.mark(vmport)
             self.choice(vmport, "state", ("off",), "on", "vmport state")
+        vmci = el.find("vmcoreinfo")
+        if vmci is not None:
+            # OpenStack Nova adds it to every x86 guest
+            self.mark(vmci)
+            if self.onoff(vmci, "state", True):
+                self.notes.append(f"{self.path(vmci)}: not built: pyhv has no fw_cfg, so "
+                                  "the guest kernel's crash-dump notes have nowhere to go "
+                                  "(nothing else changes)")
         kvm_hidden = False
         kvm_el = self.child(el, "kvm")
         if kvm_el is not None:

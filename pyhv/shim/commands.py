@@ -244,6 +244,8 @@ def _qom_types(reg: Any) -> dict[str, _QomType]:
     for name, parent in _ABSTRACT.items():
         out[name] = _QomType(name, parent, True)
     built = getattr(reg, "BUILT", None)
+    if built is not None:
+        built = built | getattr(reg, "NOTED", frozenset())
     for dev in reg.DEVICES.values():
         if built is not None and dev.name not in built:
             continue  # known to the command line (for a clear refusal), not offered

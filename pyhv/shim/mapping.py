@@ -1346,6 +1346,10 @@ class _Builder:
     def place(self, dtype: registry.DeviceType, opts: Opts, root: str) -> str:
         where = opts.where
         bus = opts.get_str("bus")
+        if not dtype.bus:  # a device on no bus (QEMU's plain TYPE_DEVICE)
+            if bus is not None:
+                raise _usage(where, f"device '{dtype.name}' sits on no bus")
+            return ""
         if bus is None:
             if dtype.bus == "PCI":
                 return root
@@ -1504,6 +1508,10 @@ class _Builder:
 
     def dev_ich9_usb_uhci3(self, spec: DeviceSpec, opts: Opts) -> None:
         self._usb(spec, opts, "ich9-uhci3")
+
+    def dev_vmcoreinfo(self, spec: DeviceSpec, opts: Opts) -> None:
+        self.note(f"{spec.where}: not built: pyhv has no fw_cfg, so the guest kernel's "
+                  "crash-dump notes have nowhere to go (nothing else changes)")
 
     def dev_qemu_xhci(self, spec: DeviceSpec, opts: Opts) -> None:
         self._usb(spec, opts, "qemu-xhci")

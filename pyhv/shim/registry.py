@@ -317,6 +317,8 @@ DEVICES: dict[str, DeviceType] = {d.name: d for d in (
              PropInfo("tx", "str"),
              PropInfo("tx_queue_size", "uint16", default=256),
          ), alias="virtio-net"),
+    _dev("vmcoreinfo", "", "Misc", "the guest kernel's crash-dump notes, kept in fw_cfg "
+         "(accepted, not built: pyhv has no fw_cfg)", "device", ()),
     _dev("vhost-user-blk-pci", "PCI", "Storage", "vhost-user block device", "virtio-pci",
          _VIRTIO_PCI + (
              _BOOTINDEX,
@@ -470,6 +472,11 @@ BUILT: frozenset[str] = frozenset({
     "virtio-balloon-pci", "virtio-balloon-pci-non-transitional",
     "vhost-user-blk-pci",  # the queues served by another process (vhost-user frontend)
 })
+
+#: devices accepted on the command line but not built, each with a note saying so:
+#: OpenStack Nova adds vmcoreinfo to every x86 guest, and libvirt only passes it to
+#: an emulator that lists it
+NOTED: frozenset[str] = frozenset({"vmcoreinfo"})
 
 #: virtio device types (QEMU's proxies' back halves) libvirt probes for: present when
 #: the proxy is built
