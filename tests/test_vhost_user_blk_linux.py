@@ -42,7 +42,8 @@ MODULES = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring
 LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
         "virtio_pci", "virtio_blk")
 
-INIT = """#!/bin/busybox sh
+#: the init's first steps: the filesystems, the virtio modules, then /dev/vda
+PREAMBLE = """#!/bin/busybox sh
 export PATH=/bin
 busybox mount -t proc proc /proc
 busybox mount -t sysfs sys /sys
@@ -50,7 +51,9 @@ busybox mount -t devtmpfs dev /dev
 for m in {load}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do busybox sleep 0.1; i=$((i+1)); done
-echo VDA-SECTORS $(busybox cat /sys/block/vda/size)
+"""
+
+INIT = PREAMBLE + """echo VDA-SECTORS $(busybox cat /sys/block/vda/size)
 busybox dd if=/dev/urandom of=/pattern bs=4096 count=256 2>/dev/null
 echo PATTERN-SUM $(busybox sha256sum /pattern)
 busybox dd if=/pattern of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null

@@ -21,9 +21,11 @@ from virtio_driver import Driver
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.vhost_user.message import (
     HEADER,
+    INFLIGHT,
     U64,
     VRING_NOFD,
     Body,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Request,
@@ -107,6 +109,49 @@ class Frontend:
             return True
         except socket.timeout:
             return False
+
+    # ---- inflight tracking ------------------------------------------------------------------
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
+        """GET_INFLIGHT_FD: the backend's answer and the descriptor it sent."""
+        self.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size))
+        want = HEADER.size + INFLIGHT.size
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, want, 4)
+        if not data:
+            raise ConnectionResetError("the backend hung up")
+        data += self._exactly(want - len(data))
+        req, _f, payload = decode_reply(data)
+        assert req == Request.GET_INFLIGHT_FD and len(fds) == 1, (req, fds)
+        return Inflight(*INFLIGHT.unpack(payload)), fds[0]
+
+    def set_inflight(self, info: Inflight, fd: int) -> int:
+        """SET_INFLIGHT_FD (with NEED_REPLY): the status."""
+        return self.ack(Request.SET_INFLIGHT_FD, info, [fd])
+
+    def reconnect(self, sock: socket.socket) -> None:
+        """Go on with the same guest memory and rings over a new connection (a
+        restarted backend): the rings must be set up again with :meth:`restart_ring`."""
+        self.sock.close()
+        sock.settimeout(self.timeout)
+        self.sock = sock
+        for fd in [*self.kicks, *self.calls, *self.errs]:
+            os.close(fd)
+        self.kicks, self.calls, self.errs = [], [], []
+
+    def restart_ring(self, index: int, base: int) -> None:
+        """Hand an existing ring (:attr:`drivers`) to the backend again, from
+        available index ``base`` (after a crash QEMU gives the used index)."""
+        d = self.drivers[index]
+        assert self.ack(Request.SET_VRING_NUM, VringState(index, d.size)) == 0
+        assert self.ack(Request.SET_VRING_BASE, VringState(index, base)) == 0
+        assert self.ack(Request.SET_VRING_ADDR, VringAddr(
+            index, 0, self.user(d.desc), self.user(d.used), self.user(d.avail))) == 0
+        for fds, req in ((self.calls, Request.SET_VRING_CALL),
+                         (self.errs, Request.SET_VRING_ERR),
+                         (self.kicks, Request.SET_VRING_KICK)):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fds.append(fd)
+            assert self.ack(req, index, [fd]) == 0
+        assert self.ack(Request.SET_VRING_ENABLE, VringState(index, 1)) == 0
 
     # ---- addresses ------------------------------------------------------------------------
     def user(self, guest: int) -> int:

@@ -29,6 +29,14 @@ the driver broke (:class:`~pyhv.engine.virtio.queue.QueueError`) is stopped and
 its error eventfd written.  When the frontend goes, everything it gave is undone
 (rings stopped, descriptors closed, memory unmapped, the device reset) and the
 next frontend is served.
+
+Inflight tracking (INFLIGHT_SHMFD) is offered for devices whose requests can be
+run again (virtio-blk): GET_INFLIGHT_FD creates a sealed, zero-filled memfd for
+the queue count and size the frontend names (bounded by the device's), which the
+frontend hands back with SET_INFLIGHT_FD after a reconnect; the rings are
+:class:`~pyhv.engine.vhost_user.inflight.TrackedQueue` objects that record what
+they take and complete there, and a ring that starts resubmits what is still
+marked, in counter order, before new requests.
 """
 
 from __future__ import annotations
@@ -43,10 +51,12 @@ from typing import Callable, Optional
 from pyhv.engine.eventloop import EventLoop
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vhost_user.connection import Connection, Disconnected
+from pyhv.engine.vhost_user.inflight import MAX_QUEUE_SIZE, InflightRegion, TrackedQueue
 from pyhv.engine.vhost_user.message import (
     F_PROTOCOL_FEATURES,
     MAX_CONFIG_SIZE,
     PF_CONFIG,
+    PF_INFLIGHT_SHMFD,
     PF_MQ,
     PF_REPLY_ACK,
     PF_RESET_DEVICE,
@@ -54,6 +64,7 @@ from pyhv.engine.vhost_user.message import (
     VRING_NOFD,
     Body,
     ConfigSpace,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -73,13 +84,15 @@ from pyhv.engine.virtio.device import (
     F_VERSION_1,
     VirtioDevice,
 )
-from pyhv.engine.virtio.queue import DESC_SIZE, SplitQueue, VirtioError
+from pyhv.engine.virtio.queue import DESC_SIZE, VirtioError
 
 Log = Callable[[str], None]
 
 #: what the backend offers on top of the device's own features
 TRANSPORT_FEATURES = F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_PROTOCOL_FEATURES
 PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_RESET_DEVICE
+#: devices whose requests may run again after a backend restart (inflight tracking)
+REPLAYABLE = frozenset({"virtio-blk"})
 
 #: requests the specification answers with a payload of their own
 _REPLIES = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
@@ -110,7 +123,7 @@ class _Unsupported(RequestError):
 class Vring:
     """One ring as the frontend set it up."""
 
-    queue: SplitQueue
+    queue: TrackedQueue
     addr: Optional[VringAddr] = None
     kick: Optional[int] = None
     call: Optional[int] = None
@@ -150,14 +163,22 @@ class _CallInterrupts:
 class Backend:
     """Serves ``device`` to one frontend at a time (see the module's description)."""
 
-    def __init__(self, device: VirtioDevice, loop: EventLoop, log: Log = _stderr) -> None:
+    def __init__(self, device: VirtioDevice, loop: EventLoop, log: Log = _stderr,
+                 inflight: Optional[bool] = None) -> None:
+        """``inflight``: offer INFLIGHT_SHMFD (default: for devices in
+        :data:`REPLAYABLE`)."""
         self.device = device
         self.loop = loop
         self.log = log
         self.features = device.features | TRANSPORT_FEATURES
-        self.protocol_features = PROTOCOL_FEATURES
-        self.vrings = [Vring(SplitQueue(n)) for n in device.queue_sizes]
+        if inflight is None:
+            inflight = device.kind in REPLAYABLE
+        self.protocol_features = PROTOCOL_FEATURES | (PF_INFLIGHT_SHMFD if inflight else 0)
+        self.vrings = [Vring(TrackedQueue(n)) for n in device.queue_sizes]
         self.conn: Optional[Connection] = None
+        self.inflight: Optional[InflightRegion] = None
+        #: descriptors to send with the next reply (GET_INFLIGHT_FD's memfd)
+        self._reply_fds: list[int] = []
         self.on_disconnect: Callable[[], None] = lambda: None
         self._reset_session()
 
@@ -171,6 +192,9 @@ class Backend:
         for v in self.vrings:
             v.queue.reset()
             v.addr, v.enabled, v.started = None, None, False
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     # ---- the connection ------------------------------------------------------------------
     def attach(self, sock: socket.socket) -> None:
@@ -191,8 +215,9 @@ class Backend:
         try:
             for msg in conn.read():
                 reply = self.handle(msg)
+                fds, self._reply_fds = self._reply_fds, []
                 if reply is not None and self.conn is conn:
-                    conn.send(reply)
+                    conn.send(reply, fds)
         except Disconnected as e:
             self.disconnect(None if e.clean else str(e))
         except ProtocolError as e:
@@ -347,6 +372,63 @@ class Backend:
             self._unmap(old)
         return None
 
+    # inflight tracking
+    def _inflight_sizes(self, msg: Message) -> Inflight:
+        body = msg.body
+        assert isinstance(body, Inflight)
+        if not self.protocol_features & PF_INFLIGHT_SHMFD:
+            raise _Unsupported(f"{msg.name} is not supported (INFLIGHT_SHMFD was not "
+                               f"offered)")
+        if not self.acked_protocol_features & PF_INFLIGHT_SHMFD:
+            raise RequestError("INFLIGHT_SHMFD was not negotiated")
+        if not 1 <= body.num_queues <= len(self.vrings):
+            raise RequestError(f"inflight memory for {body.num_queues} queues (the device "
+                               f"has {len(self.vrings)})")
+        most = min(MAX_QUEUE_SIZE, max(v.queue.max_size for v in self.vrings))
+        if not 1 <= body.queue_size <= most:
+            raise RequestError(f"inflight memory for queues of {body.queue_size} "
+                               f"(1 to {most})")
+        if any(v.started for v in self.vrings):
+            raise RequestError("inflight memory while rings are running")
+        return body
+
+    def _get_inflight_fd(self, msg: Message) -> Body:
+        body = self._inflight_sizes(msg)
+        region = InflightRegion.create(body.num_queues, body.queue_size)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+        self._reply_fds = [region.fd]
+        return Inflight(region.size, 0, body.num_queues, body.queue_size)
+
+    def _set_inflight_fd(self, msg: Message) -> Body:
+        body = self._inflight_sizes(msg)
+        fd = msg.take_fd()
+        if fd is None:
+            raise RequestError("no inflight memory descriptor")
+        region = InflightRegion.adopt(fd, body.mmap_size, body.mmap_offset,
+                                      body.num_queues, body.queue_size)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+        return None
+
+    def _resume_inflight(self, index: int) -> None:
+        """Attach the ring to its inflight region, if any, and queue what is still
+        marked there to run before new requests."""
+        q = self.vrings[index].queue
+        region = self.inflight
+        if region is None or index >= region.num_queues:
+            return
+        state = region.queue(index)
+        heads = state.resume(q.size, q.next_used)
+        q.track = state
+        q.resubmit = heads
+        if heads:
+            # every chain taken is used or inflight: new ones start after both
+            q.next_avail = (q.next_used + len(heads)) & 0xFFFF
+            self.log(f"ring {index}: resubmitting {len(heads)} inflight request(s)")
+
     # rings
     def _set_vring_num(self, msg: Message) -> Body:
         assert isinstance(msg.body, VringState)
@@ -491,6 +573,10 @@ class Backend:
             q.next_used = self.memory.read_u16(q.used_addr + 2)
         except (VirtioError, GuestMemoryError) as e:
             raise RequestError(f"ring {index}: {e}") from e
+        try:
+            self._resume_inflight(index)
+        except RequestError as e:
+            raise RequestError(f"ring {index}: {e}") from e
         q.ready = True
         v.started = True
         self._activate()
@@ -557,6 +643,8 @@ _HANDLERS: dict[Request, Callable[[Backend, Message], Body]] = {
     Request.SET_VRING_ENABLE: Backend._set_vring_enable,
     Request.GET_CONFIG: Backend._get_config,
     Request.SET_CONFIG: Backend._set_config,
+    Request.GET_INFLIGHT_FD: Backend._get_inflight_fd,
+    Request.SET_INFLIGHT_FD: Backend._set_inflight_fd,
 }
 
 
