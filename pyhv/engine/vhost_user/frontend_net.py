@@ -24,10 +24,6 @@ from pyhv.engine.vhost_user.frontend import (
 from pyhv.engine.vhost_user.message import F_PROTOCOL_FEATURES, Request, VringState
 from pyhv.engine.virtio.device import TYPE_NET, Interrupts
 from pyhv.engine.virtio.net import (
-    CTRL_ANNOUNCE,
-    CTRL_MAC,
-    CTRL_MQ,
-    ERR,
     F_CSUM,
     F_CTRL_MAC_ADDR,
     F_CTRL_RX,
@@ -47,16 +43,12 @@ from pyhv.engine.virtio.net import (
     F_MRG_RXBUF,
     F_MTU,
     F_STATUS,
-    MAC_ADDR_SET,
-    MAX_CONTROL,
-    OK,
     QUEUE_SIZE,
-    S_ANNOUNCE,
     S_LINK_UP,
+    NetControl,
     RxFilter,
-    filter_command,
 )
-from pyhv.engine.virtio.queue import ChainError, SplitQueue
+from pyhv.engine.virtio.queue import SplitQueue
 
 #: what the backend's data path may provide (offloads, merged receive buffers)
 BACKEND_FEATURES = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN | \
@@ -66,7 +58,7 @@ FRONT_FEATURES = F_MAC | F_STATUS | F_CTRL_VQ | F_CTRL_RX | F_CTRL_RX_EXTRA | \
     F_CTRL_VLAN | F_CTRL_MAC_ADDR | F_GUEST_ANNOUNCE
 
 
-class VhostUserNet(VhostUserDevice):
+class VhostUserNet(NetControl, VhostUserDevice):
     def __init__(self, client: Optional[VhostUserClient], mac: bytes, pairs: int = 1,
                  mtu: Optional[int] = None, link_up: bool = True,
                  reconnect: Optional[int] = None) -> None:
@@ -124,60 +116,12 @@ class VhostUserNet(VhostUserDevice):
         except VhostUserFrontendError as e:
             self._lost(str(e))
 
-    # ---- link ----------------------------------------------------------------------------
-    def set_link(self, up: bool) -> None:
-        if up == self.link_up:
-            return
-        self.link_up = up
-        self.status = (self.status & ~S_LINK_UP) | (S_LINK_UP if up else 0)
-        if self.interrupts is not None and self.acked_features & F_STATUS:
-            self.interrupts.config()
-
-    def announce(self) -> None:
-        if self.acked_features & F_GUEST_ANNOUNCE and self.interrupts is not None:
-            self.status |= S_ANNOUNCE
-            self.interrupts.config()
-
-    # ---- the control queue ---------------------------------------------------------------
+    # ---- the control queue (net.NetControl) ----------------------------------------------
     def queue_notify(self, index: int) -> None:
-        if index != 2 * self.pairs or self.memory is None:
-            return
-        q = self.queues[index]
-        while (chain := q.pop_valid(self.memory)) is not None:
-            r, w = chain.reader(), chain.writer()
-            try:
-                command = r.read(min(r.available, MAX_CONTROL))
-            except ChainError:
-                command = b""
-            ack = self._command(command) if len(command) >= 2 else ERR
-            try:
-                w.write(bytes([ack]))
-            except ChainError:
-                pass
-            q.add_used(self.memory, chain.head, w.written)
-        if q.needs_notification(self.memory) and self.interrupts is not None:
-            self.interrupts.queue(index)
+        if index == 2 * self.pairs:
+            self.serve_control()
 
-    def _command(self, command: bytes) -> int:
-        cls, cmd, data = command[0], command[1], command[2:]
-        f = self.acked_features
-        before = self.filter.describe()
-        ack = filter_command(self.filter, f, cls, cmd, data)
-        if ack is not None:
-            if ack == OK and cls == CTRL_MAC and cmd == MAC_ADDR_SET:
-                self.mac = self.filter.mac
-            if ack == OK and self.filter.describe() != before and \
-                    self.on_filter_changed is not None:
-                self.on_filter_changed()
-            return ack
-        if cls == CTRL_ANNOUNCE and cmd == 0 and f & F_GUEST_ANNOUNCE:
-            self.status &= ~S_ANNOUNCE
-            return OK
-        if cls == CTRL_MQ and cmd == 0 and f & F_MQ and len(data) >= 2:
-            pairs = struct.unpack_from("<H", data)[0]
-            if not 1 <= pairs <= self.pairs:
-                return ERR
-            self.active_pairs = pairs
-            self._enable_pairs(pairs)
-            return OK
-        return ERR
+    def _set_pairs(self, pairs: int) -> bool:
+        self.active_pairs = pairs
+        self._enable_pairs(pairs)
+        return True

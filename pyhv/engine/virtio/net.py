@@ -33,6 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
+from pyhv.engine.memory import GuestMemory
 from pyhv.engine.net.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -42,7 +43,7 @@ from pyhv.engine.net.tap import (
     Tap,
     TapError,
 )
-from pyhv.engine.virtio.device import TYPE_NET, VirtioDevice
+from pyhv.engine.virtio.device import TYPE_NET, Interrupts, VirtioDevice
 from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue
 
 if TYPE_CHECKING:
@@ -161,7 +162,94 @@ def mac_bytes(text: str) -> bytes:
     return bytes(int(p, 16) for p in text.split(":"))
 
 
-class VirtioNet(VirtioDevice):
+class NetControl:
+    """virtio-net's control queue (5.1.6.5), shared by the tap device and the
+    vhost-user front: rx modes, MAC tables and address, VLANs, announce, queue pairs;
+    a device adds its own commands in :meth:`_extra_command`."""
+
+    filter: RxFilter
+    mac: bytes
+    status: int
+    pairs: int
+    acked_features: int
+    memory: Optional[GuestMemory]
+    queues: list[SplitQueue]
+    interrupts: Optional[Interrupts]
+    on_filter_changed: Optional[Callable[[], None]]
+    link_up: bool
+
+    def set_link(self, up: bool) -> None:
+        """Plug (True) or pull (False) the virtual cable (on the loop)."""
+        if up == self.link_up:
+            return
+        self.link_up = up
+        self.status = (self.status & ~S_LINK_UP) | (S_LINK_UP if up else 0)
+        if self.interrupts is not None and self.acked_features & F_STATUS:
+            self.interrupts.config()
+        self._link_changed()
+
+    def _link_changed(self) -> None:
+        """What the device itself does when the cable is plugged or pulled."""
+
+    def announce(self) -> None:
+        """Ask the guest to announce itself (gratuitous ARP; QMP announce-self)."""
+        if self.acked_features & F_GUEST_ANNOUNCE and self.interrupts is not None:
+            self.status |= S_ANNOUNCE
+            self.interrupts.config()
+
+    def serve_control(self) -> None:
+        if self.memory is None:
+            return
+        index = 2 * self.pairs
+        q = self.queues[index]
+        while (chain := q.pop_valid(self.memory)) is not None:
+            r, w = chain.reader(), chain.writer()
+            try:
+                command = r.read(min(r.available, MAX_CONTROL))
+            except ChainError:
+                command = b""
+            ack = self._command(command) if len(command) >= 2 else ERR
+            try:
+                w.write(bytes([ack]))
+            except ChainError:
+                pass  # no room for the ack: the driver broke its own command
+            q.add_used(self.memory, chain.head, w.written)
+        if q.needs_notification(self.memory) and self.interrupts is not None:
+            self.interrupts.queue(index)
+
+    def _command(self, command: bytes) -> int:
+        cls, cmd, data = command[0], command[1], command[2:]
+        f = self.acked_features
+        before = self.filter.describe()
+        ack = filter_command(self.filter, f, cls, cmd, data)
+        if ack is not None:
+            if ack == OK and cls == CTRL_MAC and cmd == MAC_ADDR_SET:
+                self.mac = self.filter.mac
+            if ack == OK and self.filter.describe() != before and \
+                    self.on_filter_changed is not None:
+                self.on_filter_changed()
+            return ack
+        if cls == CTRL_ANNOUNCE and cmd == 0 and f & F_GUEST_ANNOUNCE:
+            self.status &= ~S_ANNOUNCE
+            return OK
+        if cls == CTRL_MQ and cmd == 0 and f & F_MQ and len(data) >= 2:
+            pairs = struct.unpack_from("<H", data)[0]
+            if not 1 <= pairs <= self.pairs:
+                return ERR
+            return OK if self._set_pairs(pairs) else ERR
+        extra = self._extra_command(cls, cmd, data)
+        return ERR if extra is None else extra
+
+    def _set_pairs(self, pairs: int) -> bool:
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: the first ``pairs`` pairs carry traffic."""
+        raise NotImplementedError
+
+    def _extra_command(self, cls: int, cmd: int, data: bytes) -> Optional[int]:
+        """A device's own commands: the ack, or None when it is not one."""
+        return None
+
+
+class VirtioNet(NetControl, VirtioDevice):
     device_type = TYPE_NET
     kind = "virtio-net"
 
@@ -275,26 +363,13 @@ class VirtioNet(VirtioDevice):
             pass  # the tap keeps handing plain frames: still correct, only slower
 
     # ---- link ----------------------------------------------------------------------------
-    def set_link(self, up: bool) -> None:
-        """Plug (True) or pull (False) the virtual cable (on the loop)."""
-        if up == self.link_up:
-            return
-        self.link_up = up
-        self.status = (self.status & ~S_LINK_UP) | (S_LINK_UP if up else 0)
-        if self.interrupts is not None and self.acked_features & F_STATUS:
-            self.interrupts.config()
+    def _link_changed(self) -> None:
         self._watch()
-
-    def announce(self) -> None:
-        """Ask the guest to announce itself (gratuitous ARP; QMP announce-self)."""
-        if self.acked_features & F_GUEST_ANNOUNCE and self.interrupts is not None:
-            self.status |= S_ANNOUNCE
-            self.interrupts.config()
 
     # ---- queues --------------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
         if index == 2 * self.pairs:
-            self._control()
+            self.serve_control()
         elif index % 2:
             self._tx(index // 2)
         else:
@@ -460,59 +535,25 @@ class VirtioNet(VirtioDevice):
         self.stats["rx_bytes"] += len(frame) - VNET_HDR_SIZE
         return True
 
-    # ---- control -------------------------------------------------------------------------
-    def _control(self) -> None:
-        assert self.memory is not None
-        index = 2 * self.pairs
-        q = self.queues[index]
-        while (chain := q.pop_valid(self.memory)) is not None:
-            r, w = chain.reader(), chain.writer()
-            try:
-                command = r.read(min(r.available, MAX_CONTROL))
-            except ChainError:
-                command = b""
-            ack = self._command(command) if len(command) >= 2 else ERR
-            try:
-                w.write(bytes([ack]))
-            except ChainError:
-                pass  # no room for the ack: the driver broke its own command
-            q.add_used(self.memory, chain.head, w.written)
-        self._notify(index)
+    # ---- control (the shared part: NetControl) ------------------------------------------------
+    def _set_pairs(self, pairs: int) -> bool:
+        self.active_pairs = pairs
+        try:
+            self.tap.enable_queues(pairs)
+        except TapError:
+            return False
+        self._watch()
+        return True
 
-    def _command(self, command: bytes) -> int:
-        cls, cmd, data = command[0], command[1], command[2:]
-        f = self.acked_features
-        before = self.filter.describe()
-        ack = filter_command(self.filter, f, cls, cmd, data)
-        if ack is not None:
-            if ack == OK and cls == CTRL_MAC and cmd == MAC_ADDR_SET:
-                self.mac = self.filter.mac
-            if ack == OK and self.filter.describe() != before and \
-                    self.on_filter_changed is not None:
-                self.on_filter_changed()
-            return ack
-        if cls == CTRL_ANNOUNCE and cmd == 0 and f & F_GUEST_ANNOUNCE:
-            self.status &= ~S_ANNOUNCE
-            return OK
-        if cls == CTRL_MQ and cmd == 0 and f & F_MQ and len(data) >= 2:
-            pairs = struct.unpack_from("<H", data)[0]
-            if not 1 <= pairs <= self.pairs:
-                return ERR
-            self.active_pairs = pairs
-            try:
-                self.tap.enable_queues(pairs)
-            except TapError:
-                return ERR
-            self._watch()
-            return OK
-        if cls == CTRL_GUEST_OFFLOADS and cmd == 0 and f & F_CTRL_GUEST_OFFLOADS and \
-                len(data) >= 8:
+    def _extra_command(self, cls: int, cmd: int, data: bytes) -> Optional[int]:
+        if cls == CTRL_GUEST_OFFLOADS and cmd == 0 and \
+                self.acked_features & F_CTRL_GUEST_OFFLOADS and len(data) >= 8:
             wanted = struct.unpack_from("<Q", data)[0]
             if wanted & ~self.acked_features & 0xFFFFFFFF:
                 return ERR  # only offloads the driver negotiated may be turned on
             self._set_offloads(wanted)
             return OK
-        return ERR
+        return None
 
     def close(self) -> None:
         return None  # the tap is the machine's: it outlives this device
