@@ -927,11 +927,7 @@ class _Mapper:
             if fmt != "raw":
                 self.fail(drv, "a vhostuser disk's driver type is raw (the backend serves "
                                "the image)")
-            rc = self.child(src, "reconnect")
-            if rc is not None and self.choice(rc, "enabled", ("yes", "no"), "no",
-                                              "reconnect") == "yes":
-                reconnect = self.integer(rc, self.attr(rc, "timeout") or "10",
-                                         "reconnect timeout", 1)
+            reconnect = self.reconnect(src)
         attr = "file" if kind == "file" else "path" if kind == "vhostuser" else "dev"
         path = self.attr(src, attr) if src is not None else None
         if not path:
@@ -962,6 +958,14 @@ class _Mapper:
                               backing=backing, reconnect=reconnect)
         except ConfigError as e:
             self.fail(el, str(e))
+
+    def reconnect(self, src: Any) -> Optional[int]:
+        """A vhost-user ``<source>``'s ``<reconnect enabled='yes' timeout=N/>``: N
+        (libvirt's default 10), or None when absent or disabled."""
+        rc = self.child(src, "reconnect")
+        if rc is None or self.choice(rc, "enabled", ("yes", "no"), "no", "reconnect") != "yes":
+            return None
+        return self.integer(rc, self.attr(rc, "timeout") or "10", "reconnect timeout", 1)
 
     def backing_store(self, disk: Any, fmt: str) -> Optional[tuple[BackingFile, ...]]:
         """A disk's ``<backingStore>`` chain: None when absent (each image's header
@@ -1077,11 +1081,7 @@ class _Mapper:
             socket = self.attr(src, "path")
             server = self.choice(src, "mode", ("server", "client"), "client",
                                  "vhost-user mode") == "server"
-            rc = self.child(src, "reconnect")
-            if rc is not None and self.choice(rc, "enabled", ("yes", "no"), "no",
-                                              "reconnect") == "yes":
-                reconnect = self.integer(rc, self.attr(rc, "timeout") or "10",
-                                         "reconnect timeout", 1)
+            reconnect = self.reconnect(src)
         elif src is not None:
             self.fail(src, "an ethernet interface has no <source> (name the tap with "
                            "<target dev='tap0'/>)")
