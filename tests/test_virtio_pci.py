@@ -285,3 +285,34 @@ def test_intx_status_bit_and_interrupt_disable() -> None:
     assert fn.intx.events == ["high"]
     assert fn.bar_read(MODERN_BAR, 0x1000, 1) == 1           # reading the ISR clears both
     assert not fn.config.get(0x06, 2) & 0x08 and fn.intx.events == ["high", "low"]
+
+
+def test_a_device_that_fails_to_start_or_to_take_a_config_write_sets_needs_reset() -> None:
+    """A device whose activation or configuration write fails (a vhost-user
+    backend that cannot be reached) reports NEEDS_RESET through the transport; the
+    error does not escape to the vCPU's bus access."""
+    from pyhv.engine.virtio.device import VirtioDevice
+    from pyhv.engine.virtio.pci import DEVICE_OFFSET
+    from pyhv.engine.virtio.queue import VirtioError
+
+    class Failing(VirtioDevice):
+        device_type = 4
+        queue_sizes = (8,)
+
+        def activate(self, memory, queues, interrupts, features) -> None:  # type: ignore[no-untyped-def]
+            raise VirtioError("the backend went away")
+
+        def write_config(self, offset: int, data: bytes) -> None:
+            raise VirtioError("the backend refused the write")
+
+    for step in ("activate", "config"):
+        fn = VirtioPciFunction(Failing(), memory(), "f0")
+        fn.intx = RecordingLine()
+        drv = PciDriver(fn)
+        drv.negotiate(F_VERSION_1)
+        if step == "activate":
+            drv.w(0x14, 1, drv.status() | STATUS_DRIVER_OK)
+        else:
+            fn.bar_write(MODERN_BAR, DEVICE_OFFSET, 1, 1)
+        assert drv.status() & STATUS_NEEDS_RESET, step
+        assert fn.broken_reason is not None and "backend" in fn.broken_reason

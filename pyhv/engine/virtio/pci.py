@@ -239,7 +239,12 @@ class VirtioPciFunction(PciFunction):
         elif COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_LENGTH:
             self._common_write(offset - COMMON_OFFSET, size, value)
         elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_LENGTH:
-            self.device.write_config(offset - DEVICE_OFFSET, value.to_bytes(size, "little"))
+            with self._work:
+                try:
+                    self.device.write_config(offset - DEVICE_OFFSET,
+                                             value.to_bytes(size, "little"))
+                except VirtioError as e:
+                    self._needs_reset(str(e))
         elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_LENGTH:
             q = (offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER
             if q < len(self.notify_fds):
@@ -351,8 +356,11 @@ class VirtioPciFunction(PciFunction):
             self._needs_reset(str(e))
             return
         with self._work:
-            self.device.activate(self.memory, self.queues, _Interrupts(self),
-                                 self.driver_features)
+            try:
+                self.device.activate(self.memory, self.queues, _Interrupts(self),
+                                     self.driver_features)
+            except VirtioError as e:  # e.g. a vhost-user backend that cannot be reached
+                self._needs_reset(str(e))
 
     def process(self, index: int) -> None:
         """Serve queue ``index`` (the engine's loop, after its eventfd fired)."""
