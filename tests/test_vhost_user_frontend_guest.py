@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from guests.report import initrd_checksum
@@ -63,15 +64,15 @@ def backend(kind: str, sock: Path, image: Path) -> subprocess.Popen:
     return p
 
 
-def config(sock: Path, out: Path, mode: str, shared: bool = True) -> VmConfig:
+def config(kernel: Path, sock: Path, out: Path, cmd: str, shared: bool = True,
+           reconnect: Optional[int] = None) -> VmConfig:
+    """The test guest on a pc machine with one vhost-user-blk disk on ``sock``."""
     machine, controllers, _rng, _bdf = MACHINES["pc"]
-    disk = DiskConfig(str(sock), "vda", source_type="vhostuser", address=DISK_ADDRESS["pc"])
-    return VmConfig(KernelBoot(str(GUEST), cmdline=cmdline(mode)), memory=64 * MiB, vcpus=1,
+    disk = DiskConfig(str(sock), "vda", source_type="vhostuser", address=DISK_ADDRESS["pc"],
+                      reconnect=reconnect)
+    return VmConfig(KernelBoot(str(kernel), cmdline=cmd), memory=64 * MiB, vcpus=1,
                     serial=SerialConfig("file", str(out)), machine=machine,
                     controllers=controllers, disks=(disk,), shared_memory=shared)
-
-
-GUEST = Path("/nonexistent")
 
 
 @pytest.mark.parametrize("kind", ["pyhv", "qsd"])
@@ -79,15 +80,13 @@ GUEST = Path("/nonexistent")
 def test_guest_drives_a_vhost_user_blk_backend(guests, tmp_path, kind, mode):
     if kind == "qsd" and not shutil.which("qemu-storage-daemon"):
         pytest.skip("qemu-storage-daemon is not installed")
-    global GUEST
-    GUEST = guests.pvh_elf
     image = tmp_path / "disk.img"
     before = make_image(image)
     sock = tmp_path / "blk.sock"
     proc = backend(kind, sock, image)
     out = tmp_path / "out.txt"
     try:
-        m = Machine(config(sock, out, mode))
+        m = Machine(config(guests.pvh_elf, sock, out, cmdline(mode)))
         try:
             m.start()
             event = m.run(timeout=90)
@@ -126,7 +125,7 @@ def test_guest_drives_a_vhost_user_blk_backend(guests, tmp_path, kind, mode):
 
 
 def test_without_shared_memory_the_disk_is_refused(tmp_path):
-    cfg = config(tmp_path / "none.sock", tmp_path / "out.txt", "msix", shared=False)
+    cfg = config(Path("/k"), tmp_path / "none.sock", tmp_path / "out.txt", "", shared=False)
     problems = unsupported(cfg)
     assert len(problems) == 1 and "access mode='shared'" in problems[0]
 
@@ -145,18 +144,12 @@ def test_backend_that_dies_sets_needs_reset_and_the_vmm_goes_on(guests, tmp_path
     still running; with ``reconnect=1`` a backend started again on the socket is
     connected (its features and configuration read) within seconds, and the machine
     ends cleanly."""
-    global GUEST
-    GUEST = guests.pvh_elf
     image = tmp_path / "disk.img"
     make_image(image)
     sock = tmp_path / "blk.sock"
     proc = backend("pyhv", sock, image)
-    cfg = config(sock, tmp_path / "out.txt", "msix")
-    disk = DiskConfig(str(sock), "vda", source_type="vhostuser", address=DISK_ADDRESS["pc"],
-                      reconnect=1)
-    cfg = VmConfig(KernelBoot(str(GUEST), cmdline=cmdline("msix") + " pyhv.wait=echo"),
-                   memory=cfg.memory, vcpus=1, serial=cfg.serial, machine=cfg.machine,
-                   controllers=cfg.controllers, disks=(disk,), shared_memory=True)
+    cfg = config(guests.pvh_elf, sock, tmp_path / "out.txt",
+                 cmdline("msix") + " pyhv.wait=echo", reconnect=1)
     from pyhv.engine.errors import EngineError
     from pyhv.engine.virtio.pci import STATUS_NEEDS_RESET, VirtioPciFunction
     m = Machine(cfg)
