@@ -669,3 +669,10 @@ def test_vmcoreinfo_is_accepted_with_a_note() -> None:
     assert plan.config is not None
     assert any("vmcoreinfo: not built" in n for n in plan.pending), plan.pending
     assert "sits on no bus" in fails(["-kernel", "/k", "-device", "vmcoreinfo,bus=pci.0"])
+
+
+@pytest.mark.parametrize("name", ["PIIX4_PM", "ICH9-LPC"])
+def test_machine_built_in_devices_cannot_be_added(name: str) -> None:
+    """Found by the mapping fuzzer: -device PIIX4_PM raised AttributeError."""
+    assert f"device '{name}' is part of the machine" in fails(
+        ["-kernel", "/k", "-device", name])

@@ -1321,6 +1321,10 @@ class _Builder:
         if dtype is None:
             raise _unsupported(opts.where, "device is not supported by pyhv")
         where = opts.where
+        handler = getattr(self, "dev_" + dtype.name.replace("-", "_"), None)
+        if handler is None:  # listed for libvirt's probe, built into the machine
+            raise _usage(where, f"device '{dtype.name}' is part of the machine and cannot "
+                                "be added with -device")
         did = opts.get_str("id")
         if did is not None:
             if did in self.device_ids:
@@ -1341,7 +1345,7 @@ class _Builder:
             addr = self.pci_address(dtype, bus, props, where)
         spec = DeviceSpec(dtype.name, did, bus, addr, props, where)
         self.devices.append(spec)
-        getattr(self, "dev_" + dtype.name.replace("-", "_"))(spec, opts)
+        handler(spec, opts)
 
     def place(self, dtype: registry.DeviceType, opts: Opts, root: str) -> str:
         where = opts.where
