@@ -139,6 +139,9 @@ class ControllerConfig:
     master_port: Optional[int] = None
     #: virtio-serial: ports
     max_ports: Optional[int] = None
+    #: pcie-root-port: its slot takes devices while the machine runs (libvirt's
+    #: ``<target hotplug='off'/>``, QEMU's ``hotplug=off``: it does not)
+    hotplug: bool = True
 
     def __post_init__(self) -> None:
         if self.index < 0:

@@ -872,3 +872,53 @@ def test_sysinfo_smbios_reaches_the_guest(daemon, guests, tmp_path):
     finally:
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
+
+
+def _q35_with_spare_ports(name: str, kernel: Path, cmdline: str, ports: int = 2) -> str:
+    spare = "".join(f"<controller type='pci' index='{i}' model='pcie-root-port'/>"
+                    for i in range(1, ports + 1))
+    xml = domain_xml(name, kernel, cmdline, vcpus=1)
+    xml = xml.replace("machine='pc'", "machine='q35'")
+    return xml.replace("<memballoon model='none'/>", spare + "<memballoon model='none'/>")
+
+
+def test_disk_hotplug(daemon, guests, tmp_path):
+    """`virsh attach-disk --live` / `detach-disk --live` on a q35 domain with a spare
+    root port, the guest running the test kit's hotplug driver (``pyhv.hotplug``:
+    pciehp's steps): libvirt's blockdev-add + device_add put a virtio-blk disk into
+    the empty root port, the guest powers the slot on and reads the disk's capacity;
+    on detach the guest powers the slot off, pyhv sends DEVICE_DELETED and libvirt
+    drops the disk from the live XML (and its nodes with blockdev-del)."""
+    name = "hotdisk"
+    image = tmp_path / "hot.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    define(daemon, tmp_path, name, _q35_with_spare_ports(
+        name, guests.pvh_elf, "pyhv.pci pyhv.hotplug pyhv.wait=echo"))
+    try:
+        virsh(daemon, "start", name)
+        con = Console(daemon, name)
+        con.read_until("@hotplug step=ready")
+        virsh(daemon, "attach-disk", name, str(image), "vdb", "--targetbus", "virtio",
+              "--live")
+        assert "<target dev='vdb' bus='virtio'/>" in virsh(daemon, "dumpxml", name).stdout
+        qom = virsh(daemon, "qemu-monitor-command", name,
+                    '{"execute":"qom-list","arguments":{"path":"/machine/peripheral"}}').stdout
+        assert "virtio-disk" in qom, qom
+        blocks = virsh(daemon, "qemu-monitor-command", name,
+                       '{"execute":"query-named-block-nodes"}').stdout
+        assert str(image) in blocks, blocks
+        text = con.read_until("@hotplug step=unplug-ready")
+        device = next(ln for ln in text.splitlines() if "@hotplug step=device" in ln)
+        assert "device=0x1042" in device and "capacity=2048" in device, device
+        virsh(daemon, "detach-disk", name, "vdb", "--live")
+        text = con.read_until("@echo-ready")  # the guest waits after its report
+        con.close()
+        assert "@hotplug step=removed" in text, text[-2000:]
+        assert str(image) not in virsh(daemon, "domblklist", name).stdout
+        blocks = virsh(daemon, "qemu-monitor-command", name,
+                       '{"execute":"query-named-block-nodes"}').stdout
+        assert str(image) not in blocks, blocks  # libvirt's blockdev-del went through
+        assert "running" in state(daemon, name)
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from libvirt_daemon import LibvirtDaemon, unavailable_reason
-from test_libvirt import EMULATOR, define, log_tail, state, virsh
+from test_libvirt import EMULATOR, Console, define, log_tail, state, virsh
 
 pytestmark = pytest.mark.libvirt
 
@@ -93,6 +93,50 @@ def test_network_interface_link_and_stats(daemon, guests, tmp_path):
         virsh(daemon, "destroy", name, check=False)
         virsh(daemon, "undefine", name, check=False)
 
+
+
+def test_interface_hotplug(daemon, guests, tmp_path):
+    """`virsh attach-interface --live` / `detach-interface --live` on a q35 domain with
+    spare root ports, the guest running the test kit's hotplug driver: libvirt opens
+    the tap, puts it on the network's bridge, passes it with getfd (SCM_RIGHTS) and
+    sends netdev_add + device_add; the guest powers the slot on and reads the NIC's
+    MAC.  On detach the guest lets go, pyhv closes the tap (it leaves the bridge) and
+    libvirt drops the NIC from the live XML."""
+    name = "hotnic"
+    spare = "".join(f"<controller type='pci' index='{i}' model='pcie-root-port'/>"
+                    for i in (1, 2))
+    xml = domain(name, guests.pvh_elf, "pyhv.pci pyhv.hotplug pyhv.wait=echo", spare)
+    define(daemon, tmp_path, name, xml.replace("machine='pc'", "machine='q35'"))
+    try:
+        virsh(daemon, "start", name)
+        con = Console(daemon, name)
+        con.read_until("@hotplug step=ready")
+        virsh(daemon, "attach-interface", name, "network", NETWORK, "--model", "virtio",
+              "--mac", MAC, "--live")
+        out = virsh(daemon, "domiflist", name).stdout
+        m = re.search(rf"(vnet\d+)\s+network\s+{NETWORK}\s+virtio\s+{MAC}", out)
+        assert m, out
+        tap = m.group(1)
+        links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", BRIDGE)
+        assert tap in links.stdout, links.stdout + links.stderr
+        filters = virsh(daemon, "qemu-monitor-command", name,
+                        '{"execute":"query-rx-filter"}').stdout
+        assert MAC in filters, filters
+        assert virsh(daemon, "domif-getlink", name, tap).stdout.strip().endswith("up")
+        text = con.read_until("@hotplug step=unplug-ready")
+        device = next(ln for ln in text.splitlines() if "@hotplug step=device" in ln)
+        assert "device=0x1041" in device and f"mac={MAC}" in device, device
+        virsh(daemon, "detach-interface", name, "network", "--mac", MAC, "--live")
+        text = con.read_until("@echo-ready")
+        con.close()
+        assert "@hotplug step=removed" in text, text[-2000:]
+        assert MAC not in virsh(daemon, "domiflist", name).stdout
+        links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", BRIDGE)
+        assert tap not in links.stdout, links.stdout  # closed by pyhv, gone
+        assert "running" in state(daemon, name)
+    finally:
+        virsh(daemon, "destroy", name, check=False)
+        virsh(daemon, "undefine", name, check=False)
 
 CAPTURE = textwrap.dedent("""
     import socket, sys, time

@@ -110,6 +110,30 @@ class FakeMachine:
     def rtc_reset_reinjection(self) -> None:
         self.calls.append("rtc-reset-reinjection")
 
+    def device_add(self, args: dict[str, Any]) -> None:
+        if args.get("bus") != "pci.1":
+            raise QmpError("Bus 'pcie.0' does not support hotplugging")
+        self.calls.append(f"device_add {args.get('driver')}")
+
+    def device_del(self, ident: str) -> None:
+        if ident != "net0":
+            raise QmpError(f"Device '{ident}' not found", "DeviceNotFound")
+        self.calls.append(f"device_del {ident}")
+
+    def netdev_add(self, args: dict[str, Any], take_fd: Any) -> None:
+        if "fd" in args:
+            take_fd(args["fd"])
+        self.calls.append(f"netdev_add {args.get('id')}")
+
+    def netdev_del(self, ident: str) -> None:
+        self.calls.append(f"netdev_del {ident}")
+
+    def blockdev_add(self, args: dict[str, Any]) -> None:
+        self.calls.append(f"blockdev-add {args.get('node-name')}")
+
+    def blockdev_del(self, name: str) -> None:
+        self.calls.append(f"blockdev-del {name}")
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
 
@@ -259,6 +283,8 @@ def schema_has(path: str) -> bool:
     "query-cpu-definitions",
     "query-cpu-model-expansion",
     "SHUTDOWN",
+    "DEVICE_DELETED",
+    "getfd",
 ])
 def test_libvirt_finds(path: str) -> None:
     assert schema_has(path)
@@ -280,7 +306,6 @@ def test_libvirt_finds(path: str) -> None:
     "set-action",
     "blockdev-reopen",
     "query-vnc",
-    "DEVICE_DELETED",
     "MIGRATION",
 ])
 def test_libvirt_does_not_find(path: str) -> None:
@@ -327,9 +352,47 @@ def test_argument_errors(name: str, args: dict[str, Any], cls: str, desc: str) -
 def test_open_arguments_of_device_add() -> None:
     c = negotiated()
     cls, desc = c.err("device_add", driver="pcie-root-port", id="d", addr="0x5")
-    assert cls == "GenericError" and "not supported" in desc
+    assert cls == "GenericError" and "there is no machine" in desc
     assert c.err("device_add", driver="nonsense")[1] == \
         "'nonsense' is not a valid device model name"
+
+
+
+def test_getfd_names_the_descriptor_that_came_with_it() -> None:
+    m = FakeMachine()
+    c = negotiated(m)
+    assert c.err("getfd", fdname="tap0") == (
+        "GenericError", "No file descriptor supplied via SCM_RIGHTS")
+    r, w = os.pipe()
+    c.session.conn.receive_fds([r])
+    assert c.ok("getfd", fdname="tap0") == {}
+    assert c.err("getfd", fdname="0bad")[1] == "Parameter 'fdname' may not start with a digit"
+    assert c.ok("netdev_add", type="tap", id="hostnet1", fd="tap0") == {}
+    assert m.calls[-1] == "netdev_add hostnet1"
+    assert c.err("netdev_add", type="tap", id="hostnet2", fd="tap0")[1] == \
+        "File descriptor named 'tap0' has not been found"  # taken by the first
+    os.close(r)
+    c.session.conn.receive_fds([w])
+    c.ok("getfd", fdname="w")
+    assert c.ok("closefd", fdname="w") == {}
+    with pytest.raises(OSError):
+        os.fstat(w)  # closed by closefd
+    assert c.err("closefd", fdname="w")[1] == "File descriptor named 'w' not found"
+
+
+def test_hotplug_commands_reach_the_machine() -> None:
+    m = FakeMachine()
+    c = negotiated(m)
+    c.ok("blockdev-add", driver="file", filename="/x", **{"node-name": "s"})
+    c.ok("device_add", driver="virtio-blk-pci", drive="s", id="d", bus="pci.1")
+    assert c.err("device_add", driver="virtio-blk-pci", drive="s", id="d")[1] == \
+        "Bus 'pcie.0' does not support hotplugging"
+    c.ok("device_del", id="net0")
+    assert c.err("device_del", id="nope") == ("DeviceNotFound", "Device 'nope' not found")
+    c.ok("netdev_del", id="hostnet0")
+    c.ok("blockdev-del", **{"node-name": "s"})
+    assert m.calls == ["blockdev-add s", "device_add virtio-blk-pci", "device_del net0",
+                       "netdev_del hostnet0", "blockdev-del s"]
 
 
 # ------------------------------------------------------------ the probe
@@ -351,7 +414,7 @@ def test_libvirt_probe_sequence() -> None:
     types = {t["name"]: t for t in c.ok("qom-list-types")}
     # only what the engine builds is offered (domcapabilities lists nothing else)
     assert "isa-serial" in types and "max-x86_64-cpu" in types
-    assert "virtio-net-pci" not in types and "virtio-rng-pci" in types
+    assert "vhost-user-fs-pci" not in types and "virtio-net-pci" in types
     assert "virtio-blk-pci" in types and "virtio-blk-pci-non-transitional" in types
     # modern-only virtio: the "-non-transitional" name is what makes libvirt put
     # virtio devices on PCI Express ports
@@ -367,7 +430,7 @@ def test_libvirt_probe_sequence() -> None:
 
     props = {p["name"]: p for p in c.ok("device-list-properties", typename="PIIX4_PM")}
     assert props["disable_s3"]["default-value"] == 1  # S3/S4 off: pyhv offers S5 only
-    for absent in ("scsi-hd", "ide-hd", "virtio-net-pci", "kvm-pit", "usb-host"):
+    for absent in ("scsi-hd", "ide-hd", "kvm-pit", "usb-host"):
         assert c.err("device-list-properties", typename=absent) == (
             "DeviceNotFound", f"Device '{absent}' not found")
     assert c.err("device-list-properties", typename="secret")[0] == "GenericError"

@@ -76,10 +76,11 @@ class Qmp:
         return str(self.cmd("query-status")["status"])  # type: ignore[index]
 
 
-def start(tmp: Path, kernel: Path, cmdline: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+def start(tmp: Path, kernel: Path, cmdline: str, *extra: str,
+          machine: str = "pc") -> tuple[subprocess.Popen, Path]:
     sock = tmp / "qmp.sock"
     proc = subprocess.Popen([*EMULATOR, "-S", "-nodefaults", "-no-user-config",
-                             "-machine", "pc,accel=kvm", "-m", "64", "-smp", "2",
+                             "-machine", f"{machine},accel=kvm", "-m", "64", "-smp", "2",
                              "-kernel", str(kernel), "-append", cmdline,
                              "-serial", f"file:{tmp / 'serial.log'}",
                              "-qmp", f"unix:{sock},server=on,wait=off", *extra],
@@ -203,3 +204,81 @@ def test_endless_or_blocking_boot_files_are_refused(guests, tmp_path, what):
         assert p.returncode == 1, p.stderr
         assert bad in p.stderr and "must be a regular file" in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def _error(q: Qmp, name: str, **args: object) -> str:
+    with pytest.raises(AssertionError) as e:
+        q.cmd(name, **args)
+    return str(e.value)
+
+
+def test_hotplug_commands(guests, tmp_path):
+    """QMP's hotplug commands as libvirt sends them, on a q35 machine with two
+    empty root ports: getfd (a descriptor over SCM_RIGHTS), blockdev-add,
+    device_add into a root port, netdev_add naming getfd's descriptor; each bad
+    request is one error that leaves nothing behind."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    proc, sock = start(tmp_path, guests.pvh_elf, "pyhv.wait=powerbutton",
+                       "-device", "pcie-root-port,id=pci.1,bus=pcie.0,addr=0x2,port=8,"
+                       "chassis=1", "-device", "pcie-root-port,id=pci.2,bus=pcie.0,"
+                       "addr=0x3,port=9,chassis=2", machine="q35")
+    try:
+        q = Qmp(sock)
+
+        def open_fds() -> int:
+            return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+        before = open_fds()
+        assert "No file descriptor supplied" in _error(q, "getfd", fdname="none")
+        r, w = os.pipe()
+        q.sock.sendmsg([json.dumps({"execute": "getfd", "id": "getfd",
+                                    "arguments": {"fdname": "pipe"}}).encode() + b"\n"],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+                           __import__("array").array("i", [r])).cast("B")))])
+        assert q._read() == {"return": {}, "id": "getfd"}
+        os.close(r)
+        assert q.cmd("closefd", fdname="pipe") == {}
+        assert "not found" in _error(q, "closefd", fdname="pipe")
+        os.close(w)
+        assert open_fds() == before
+
+        assert "No such file" in _error(q, "blockdev-add", driver="file",
+                                         filename=str(tmp_path / "nope"), **{"node-name": "x"})
+        assert "does not accept value 'nbd'" in _error(q, "blockdev-add", driver="nbd",
+                                                       **{"node-name": "x"})
+        q.cmd("blockdev-add", driver="file", filename=str(image), **{"node-name": "s1"})
+        q.cmd("blockdev-add", driver="raw", file="s1", **{"node-name": "f1"})
+        assert "does not support hotplugging" in _error(
+            q, "device_add", driver="virtio-blk-pci", drive="f1", id="d1")
+        assert "not supported by pyhv" in _error(q, "device_add", driver="virtio-rng-pci",
+                                                 id="r1", bus="pci.1")
+        assert "drive 'nope' not found" in _error(q, "device_add", driver="virtio-blk-pci",
+                                                  drive="nope", id="d1", bus="pci.1")
+        q.cmd("device_add", driver="virtio-blk-pci", drive="f1", id="d1", bus="pci.1")
+        peripherals = q.cmd("qom-list", path="/machine/peripheral")
+        assert "d1" in [p["name"] for p in peripherals]  # type: ignore[union-attr]
+        assert "is busy" in _error(q, "blockdev-del", **{"node-name": "f1"})
+        q.cmd("blockdev-add", driver="file", filename=str(image), **{"node-name": "s2"})
+        q.cmd("blockdev-add", driver="raw", file="s2", **{"node-name": "f2"})
+        assert "pci.1 is taken by d1" in _error(q, "device_add", driver="virtio-blk-pci",
+                                                drive="f2", id="d2", bus="pci.1")
+        assert "write\" lock" in _error(q, "device_add", driver="virtio-blk-pci",
+                                         drive="f2", id="d2", bus="pci.2")  # d1 has it
+        other = tmp_path / "other.img"
+        other.write_bytes(b"\0" * (1 << 20))
+        q.cmd("blockdev-add", driver="file", filename=str(other), **{"node-name": "s3"})
+        q.cmd("blockdev-add", driver="raw", file="s3", **{"node-name": "f3"})
+        q.cmd("device_add", driver="virtio-blk-pci", drive="f3", id="d2", bus="pci.2")
+        assert "Device 'zz' not found" in _error(q, "device_del", id="zz")
+        q.cmd("device_del", id="d2")  # a request: the guest has no driver to answer it
+        assert "has not been found" in _error(q, "netdev_add", type="tap", id="n1", fd="nofd")
+        q.cmd("netdev_add", type="tap", id="n1", ifname="x")  # the id is still free
+        q.cmd("netdev_del", id="n1")
+        assert q.status() == "prelaunch"
+        q.cmd("quit")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1321,7 +1321,10 @@ class _Mapper:
                     self.fail(el, "pcie-root-port controllers need a q35 machine")
                 tgt = el.find("target")
                 port = chassis = None
+                hotplug = True
                 if tgt is not None:
+                    if tgt.get("hotplug") is not None:
+                        hotplug = self.onoff(tgt, "hotplug", True)
                     if tgt.get("port") is not None:
                         port = self.integer(tgt, tgt.get("port"), "root port number")
                     if tgt.get("chassis") is not None:
@@ -1332,7 +1335,7 @@ class _Mapper:
                 try:
                     dev.controllers.append(ControllerConfig(
                         "pci", model, index, alias.get("name") if alias is not None else None,
-                        self.pci_address(el), port, chassis))
+                        self.pci_address(el), port, chassis, hotplug=hotplug))
                 except ConfigError as e:
                     self.fail(el, str(e))
                 return

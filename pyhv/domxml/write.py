@@ -226,12 +226,14 @@ def to_xml(cfg: VmConfig) -> str:
                   ports=_opt(c.max_ports))
         if c.master_port is not None:
             _sub(el, "master", startport=str(c.master_port))
-        if c.type == "pci" and (c.port is not None or c.chassis is not None):
+        if c.type == "pci" and (c.port is not None or c.chassis is not None
+                                or not c.hotplug):
             if c.model == "pci-bridge":
                 _sub(el, "target", chassisNr=_opt(c.chassis))
             else:
                 _sub(el, "target", chassis=_opt(c.chassis),
-                     port=None if c.port is None else f"{c.port:#x}")
+                     port=None if c.port is None else f"{c.port:#x}",
+                     hotplug=None if c.hotplug else "off")
         _placed(el, c)
     names = _disk_names()
     taken = {d.target for d in cfg.disks if d.target}

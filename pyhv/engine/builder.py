@@ -60,6 +60,7 @@ from pyhv.engine.pci.platform import (
     pci_from_config,
 )
 from pyhv.engine.pci.root import bdf_text
+from pyhv.engine.pci.rootport import RootPort
 from pyhv.engine.smbios import smbios_description, write_smbios
 from pyhv.engine.support import unsupported
 from pyhv.engine.vcpu import (
@@ -69,6 +70,7 @@ from pyhv.engine.vcpu import (
     init_fpu,
     init_lapic_lints,
 )
+from pyhv.engine.virtio.device import VirtioDevice
 from pyhv.engine.virtio.pci import NOTIFY_MULTIPLIER, VirtioPciFunction
 from pyhv.placement import pci_functions, place
 
@@ -221,6 +223,8 @@ class Platform:
     served: list[object] = field(default_factory=list)
     #: called when the platform goes away
     closers: list[Callable[[], None]] = field(default_factory=list)
+    #: what each virtio function (by id) put on the lists above
+    attached: dict[str, "Attached"] = field(default_factory=dict)
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -363,43 +367,122 @@ def _ioeventfd_binder(vm: VmFd, fn: VirtioPciFunction) -> Callable[[Optional[int
     return bind
 
 
+@dataclass
+class Attached:
+    """What one virtio function added to its platform's lists (a hot-unplug takes
+    it off them again)."""
+
+    watches: list[tuple[int, Callable[[int], None], str]] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    timed: list[object] = field(default_factory=list)
+    served: list[object] = field(default_factory=list)
+
+    def join(self, plat: Platform) -> None:
+        plat.watches += self.watches
+        plat.closers += self.closers
+        plat.timed += self.timed
+        plat.served += self.served
+
+    def leave(self, plat: Platform) -> None:
+        plat.watches = [w for w in plat.watches if w not in self.watches]
+        plat.closers = [c for c in plat.closers if c not in self.closers]
+        plat.timed = [t for t in plat.timed if t not in self.timed]
+        plat.served = [s for s in plat.served if s not in self.served]
+
+
 def attach_virtio(plat: Platform, hooks: Hooks) -> None:
     """MSI-X vectors through KVM, and the queue eventfds the machine's loop serves."""
-    assert plat.pci is not None and plat.irq is not None
+    assert plat.pci is not None
     for _bus, _dfn, fn, _parent in plat.pci.root.walk():
-        if not isinstance(fn, VirtioPciFunction):
+        if isinstance(fn, VirtioPciFunction):
+            att = plat.attached[fn.name] = attach_virtio_function(plat, hooks, fn)
+            att.join(plat)
+
+
+def attach_virtio_function(plat: Platform, hooks: Hooks, fn: VirtioPciFunction) -> Attached:
+    """One virtio function's MSI-X vectors, queue eventfds and hooks; what the
+    machine's loop must serve for it (not yet on the platform's lists)."""
+    assert plat.irq is not None
+    out = Attached()
+    vectors = KvmMsiVectors(plat.irq, fn.msix.size)
+    fn.attach_msi(vectors)
+    out.closers.append(vectors.close)
+    out.closers.append(fn.close)
+    local: Any = range(len(fn.notify_fds))
+    if hasattr(fn.device, "kick_fds"):
+        # a vhost-user device: its backend reads the kicks (pyhv raises its calls),
+        # but for the queues pyhv serves itself
+        fn.device.kick_fds = fn.notify_fds
+        fn.device.open_calls()  # type: ignore[attr-defined]
+        local = fn.device.local_queues  # type: ignore[attr-defined]
+    for q, fd in enumerate(fn.notify_fds):
+        if q in local:
+            out.watches.append((fd, functools.partial(_serve, fn, q), f"{fn.name} queue {q}"))
+    if hasattr(fn.device, "close"):
+        out.closers.append(fn.device.close)
+    if hasattr(fn.device, "schedule"):
+        out.timed.append(fn.device)
+    if hasattr(fn.device, "start"):
+        out.served.append(fn.device)
+    _hook_up(fn, hooks)
+    return out
+
+
+def plug_virtio(plat: Platform, hooks: Hooks, memory: GuestMemory, port: RootPort,
+                ident: str, device: VirtioDevice) -> Attached:
+    """Hot-add a virtio device in ``port``'s slot of the running platform; what it
+    added to the platform's lists (the caller's loop must serve ``watches``)."""
+    assert plat.pci is not None
+    fn = VirtioPciFunction(device, memory, ident, express=True, notify=True)
+    fn.on_notify_moved = _ioeventfd_binder(plat.vm, fn)
+    att = attach_virtio_function(plat, hooks, fn)
+    lines: list[ResampleLine] = []
+    try:
+        plat.pci.plug(port, fn, lambda gsi: intx_line(plat.vm, gsi, lines))
+    except BaseException:
+        for close in reversed(att.closers + [line.close for line in lines]):
+            close()
+        raise
+    for line in lines:
+        att.watches.append((line.resample_fd, line.resampled, f"INTx GSI {line.gsi}"))
+        att.closers.append(line.close)
+    plat.devices.add(fn.name, fn.kind, fn, port.name)
+    plat.attached[ident] = att
+    att.join(plat)
+    return att
+
+
+def unplug_virtio(plat: Platform, port: RootPort) -> list[PciFunction]:
+    """Take the card out of ``port``'s slot: off the buses and the platform's lists,
+    its fds closed (take its ``attached`` watches off the loop first)."""
+    assert plat.pci is not None
+    gone = plat.pci.unplug(port)
+    for fn in gone:
+        plat.devices.remove(fn.name)
+        att = plat.attached.pop(fn.name, None)
+        if att is None:
             continue
-        vectors = KvmMsiVectors(plat.irq, fn.msix.size)
-        fn.attach_msi(vectors)
-        plat.closers.append(vectors.close)
-        plat.closers.append(fn.close)
-        local: Any = range(len(fn.notify_fds))
-        if hasattr(fn.device, "kick_fds"):
-            # a vhost-user device: its backend reads the kicks (pyhv raises its calls),
-            # but for the queues pyhv serves itself
-            fn.device.kick_fds = fn.notify_fds
-            fn.device.open_calls()  # type: ignore[attr-defined]
-            local = fn.device.local_queues  # type: ignore[attr-defined]
-        for q, fd in enumerate(fn.notify_fds):
-            if q in local:
-                plat.watches.append((fd, functools.partial(_serve, fn, q),
-                                     f"{fn.name} queue {q}"))
-        if hasattr(fn.device, "close"):
-            plat.closers.append(fn.device.close)
-        if hasattr(fn.device, "schedule"):
-            plat.timed.append(fn.device)
-        if hasattr(fn.device, "start"):
-            plat.served.append(fn.device)
-        if hasattr(fn.device, "on_port_open"):
-            fn.device.on_port_open = hooks.on_port_open
-        if hasattr(fn.device, "on_filter_changed"):
-            fn.device.on_filter_changed = functools.partial(hooks.on_rx_filter, fn.name)
-        if hasattr(fn.device, "on_actual"):
-            fn.device.on_actual = hooks.on_balloon
-        if hasattr(fn.device, "on_io_error"):
-            fn.device.on_io_error = functools.partial(hooks.on_block_error, fn.name)
-        if hasattr(fn.device, "on_threshold"):
-            fn.device.on_threshold = functools.partial(hooks.on_block_threshold, fn.name)
+        att.leave(plat)
+        for close in att.closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing must not stop the others
+                pass
+    return gone
+
+
+def _hook_up(fn: VirtioPciFunction, hooks: Hooks) -> None:
+    """A device's notifications to the machine."""
+    if hasattr(fn.device, "on_port_open"):
+        fn.device.on_port_open = hooks.on_port_open
+    if hasattr(fn.device, "on_filter_changed"):
+        fn.device.on_filter_changed = functools.partial(hooks.on_rx_filter, fn.name)
+    if hasattr(fn.device, "on_actual"):
+        fn.device.on_actual = hooks.on_balloon
+    if hasattr(fn.device, "on_io_error"):
+        fn.device.on_io_error = functools.partial(hooks.on_block_error, fn.name)
+    if hasattr(fn.device, "on_threshold"):
+        fn.device.on_threshold = functools.partial(hooks.on_block_threshold, fn.name)
 
 
 def _serve(fn: VirtioPciFunction, queue: int, _fd: int) -> None:

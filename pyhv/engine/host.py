@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pyhv.config import SerialConfig, VmConfig
+from pyhv.config import DiskConfig, NetConfig, SerialConfig, VmConfig
 from pyhv.engine.chardev import HostEnd, open_end
 from pyhv.engine.net.tap import Tap, TapError
 
@@ -45,25 +45,40 @@ class HostResources:
                 if p.target == "isa-serial":
                     res.serials[p.index] = open_end(p.chardev, f"serial COM{p.index + 1}")
             for d in cfg.disks:
-                if d.source_type == "vhostuser":
-                    assert d.id is not None, "place the config first"
-                    res.vhost_user[d.id] = _vhost_user(d.path, False, f"disk {d.target or d.id}")
+                res.open_disk(d)
             for n in cfg.nets:
-                if n.backend == "vhost-user":
-                    assert n.id is not None and n.socket is not None, "place the config first"
-                    res.vhost_user[n.id] = _vhost_user(n.socket, n.server, f"interface {n.id}")
-                if n.backend != "tap":
-                    continue
-                assert n.id is not None, "place the config first"
-                if n.fds:
-                    res.taps[n.id] = Tap.adopt(n.fds)
-                else:
-                    res.taps[n.id] = Tap.open(n.ifname or "tap%d", n.queues, n.bridge,
-                                              n.mtu)
+                res.open_nic(n)
         except BaseException:
             res.close()
             raise
         return res
+
+    def open_disk(self, d: DiskConfig) -> None:
+        """What a placed disk needs on the host (a vhost-user backend's connection)."""
+        if d.source_type == "vhostuser":
+            assert d.id is not None, "place the config first"
+            self.vhost_user[d.id] = _vhost_user(d.path, False, f"disk {d.target or d.id}")
+
+    def open_nic(self, n: NetConfig) -> None:
+        """What a placed NIC needs on the host: its tap or vhost-user connection."""
+        assert n.id is not None, "place the config first"
+        if n.backend == "vhost-user":
+            assert n.socket is not None
+            self.vhost_user[n.id] = _vhost_user(n.socket, n.server, f"interface {n.id}")
+        elif n.backend == "tap":
+            if n.fds:
+                self.taps[n.id] = Tap.adopt(n.fds)
+            else:
+                self.taps[n.id] = Tap.open(n.ifname or "tap%d", n.queues, n.bridge, n.mtu)
+
+    def release(self, ident: str) -> None:
+        """Close what device ``ident`` had (it was unplugged)."""
+        tap = self.taps.pop(ident, None)
+        if tap is not None:
+            tap.close()
+        client = self.vhost_user.pop(ident, None)
+        if client is not None:
+            client.close()
 
     def close(self) -> None:
         for end in self.ports.values():

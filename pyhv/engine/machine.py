@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from pyhv.config import VmConfig
+from pyhv.config import DiskConfig, VmConfig
 from pyhv.engine import layout, pinning
 from pyhv.engine.builder import Hooks, Platform, build_platform, host_addresses
 from pyhv.engine.chardev import PtyEnd
@@ -32,11 +32,13 @@ from pyhv.engine.host import HostResources
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.numa import bind_guest_ram
+from pyhv.engine.pci.rootport import RootPort
 from pyhv.engine.vcpu import VcpuEvent, install_kick_handler
 from pyhv.placement import place
 
 if TYPE_CHECKING:
     from pyhv.engine.devices.rtc import CmosRtc
+    from pyhv.engine.hotplug import HotItem
 
 
 class MachineState(enum.Enum):
@@ -64,7 +66,9 @@ class MachineEvent:
     on action ``stop`` the machine pauses right after), ``block-write-threshold``
     (detail: the disk id; ``data``: (bytes past the threshold, the threshold)),
     ``rtc-change`` (``data``: the guest's RTC offset from the configured base, in
-    seconds, after the guest set its clock; kept across resets).
+    seconds, after the guest set its clock; kept across resets), ``device-deleted``
+    (detail: the id of a disk or NIC the guest let go of after
+    :meth:`Machine.remove_device`; it is gone from the machine and its config).
     """
 
     kind: str
@@ -180,6 +184,10 @@ class Machine:
                                        self.config, self.host_serial, self._hooks(),
                                        self._cpuid, self.host)
         self.boots += 1
+        if self.platform.pci is not None:
+            for port in self.platform.pci.bridges:
+                if isinstance(port, RootPort):
+                    port.on_power_off = lambda p: self._post("unplug", p)
         rtc = self.rtc()
         if rtc is not None and self.rtc_adjust is not None:
             rtc.set_offset(rtc.base_offset + self.rtc_adjust)  # the RTC outlives resets
@@ -381,6 +389,107 @@ class Machine:
         dev: Any = fn.device
         fn.host_work(lambda: dev.set_link(up))
 
+    # ---- hotplug (the owning thread) ---------------------------------------------
+    def add_device(self, item: "HotItem") -> str:
+        """Hot-add a disk or NIC into an empty hotplug ``pcie-root-port`` (the one its
+        address names, else the first); its id.  The guest sees a card put in its
+        slot; a reset keeps the device, as QEMU keeps hot-added devices.  A NIC's
+        descriptors (``fds``, ``vhost_fds``) are the machine's from this call: an
+        error closes them too."""
+        from pyhv.engine import hotplug
+        from pyhv.engine.builder import plug_virtio
+        from pyhv.engine.pci.platform import disk_device, net_device
+
+        given = () if isinstance(item, DiskConfig) else item.fds + item.vhost_fds
+        try:
+            plat = self._running_platform()
+            new_cfg, placed, ctl = hotplug.admit(self.config, item)
+            port = plat.pci.port(ctl.id or f"pci.{ctl.index}") if plat.pci else None
+            if port is None or port.present:
+                raise EngineError(f"{hotplug.label(placed)}: {ctl.id} is not an empty slot")
+            ident = placed.id
+            assert ident is not None and self.memory is not None
+            if isinstance(placed, DiskConfig):
+                self.host.open_disk(placed)
+            else:
+                self.host.open_nic(placed)
+        except BaseException:
+            for fd in given:  # nothing took them
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        try:
+            if isinstance(placed, DiskConfig):
+                device = disk_device(placed, True, self.host)
+            else:
+                device = net_device(placed, self.host)
+            att = plug_virtio(plat, self._hooks(), self.memory, port, ident, device)
+        except BaseException:
+            self.host.release(ident)
+            raise
+        self.config = new_cfg
+        if self._loop is not None:
+            for fd, callback, name in att.watches:
+                self._loop.add_reader(fd, callback, name)
+            for dev in att.timed:
+                dev.schedule = functools.partial(_schedule, self._loop, dev)  # type: ignore
+            for dev in att.served:
+                dev.start(self._loop)  # type: ignore
+        return ident
+
+    def remove_device(self, ident: str) -> None:
+        """Ask the guest to let go of the device ``ident`` (the attention button of
+        its slot).  When the guest powers the slot off, the device goes and a
+        ``device-deleted`` event says so; a guest that ignores the button keeps it."""
+        plat = self._running_platform()
+        port = self._port_holding(ident)
+        if port is None:
+            if plat.devices.get(ident) is None:
+                raise EngineError(f"no device {ident!r}")
+            raise EngineError(f"device {ident} is not in a hotplug slot (only devices in "
+                              "a pcie-root-port with hotplug on can be removed)")
+        with port.lock:
+            port.press_button()
+
+    def _running_platform(self) -> Platform:
+        if self.platform is None or self.state not in (MachineState.RUNNING,
+                                                       MachineState.PAUSED):
+            raise EngineError(f"machine {self.config.name} is not running")
+        return self.platform
+
+    def _port_holding(self, ident: str) -> Optional["RootPort"]:
+        if self.platform is None or self.platform.pci is None:
+            return None
+        for port in self.platform.pci.bridges:
+            if isinstance(port, RootPort) and port.hotplug and \
+                    any(fn.name == ident for fn in port.children.values()):
+                return port
+        return None
+
+    def _unplug(self, port: "RootPort") -> None:
+        """The guest powered ``port``'s slot off: take the card out."""
+        from pyhv.engine.builder import unplug_virtio
+        from pyhv.engine.hotplug import without
+
+        plat = self.platform
+        if plat is None or plat.pci is None or port not in plat.pci.bridges or \
+                not port.present or port.powered:
+            return  # a report from before a reset, or the guest powered it on again
+        for fn in port.children.values():
+            att = plat.attached.get(fn.name)
+            if att is not None and self._loop is not None:
+                for fd, _cb, _name in att.watches:
+                    self._loop.remove_reader(fd)
+                for dev in att.served:
+                    dev.stop()  # type: ignore
+        for fn in unplug_virtio(plat, port):
+            self.host.release(fn.name)
+            self.config = without(self.config, fn.name)
+            self._emit(MachineEvent("device-deleted", fn.name,
+                                    f"the guest let go of {fn.name}: it was removed"))
+
     def disks(self) -> dict[str, object]:
         """The virtio-blk device models of the running platform, by disk id."""
         from pyhv.engine.virtio.blk import VirtioBlk
@@ -507,6 +616,9 @@ class Machine:
                 self._emit(MachineEvent("vserport-change", str(ident),
                                         f"the guest {'opened' if is_open else 'closed'} "
                                         f"port {ident}", data=bool(is_open)))
+            elif kind == "unplug":
+                assert isinstance(payload, RootPort)
+                self._unplug(payload)
             elif kind == "device-broken":
                 assert isinstance(payload, tuple)
                 ident, dkind, why = (str(x) for x in payload)

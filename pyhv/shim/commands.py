@@ -14,6 +14,7 @@ QEMU would run ``-machine none`` paused).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Optional, Protocol, Sequence
 
@@ -142,6 +143,24 @@ class MachineControl(Protocol):
     def rtc_reset_reinjection(self) -> None:
         """Drop the RTC periodic interrupts still owed to the guest (driftfix=slew)."""
         ...
+
+    def device_add(self, args: dict[str, Any]) -> None:
+        """Hot-add a device (QmpError when it cannot go in)."""
+        ...
+
+    def device_del(self, ident: str) -> None:
+        """Ask the guest to let go of device ``ident`` (DEVICE_DELETED when it did)."""
+        ...
+
+    def netdev_add(self, args: dict[str, Any], take_fd: Callable[[str], int]) -> None:
+        """A netdev for a later device_add; ``take_fd`` hands over getfd's fds."""
+        ...
+
+    def netdev_del(self, ident: str) -> None: ...
+
+    def blockdev_add(self, args: dict[str, Any]) -> None: ...
+
+    def blockdev_del(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -309,6 +328,8 @@ class Commands:
         self.kvm = kvm
         #: ``quit`` was executed: close the connection once its reply is written
         self.quit_requested = False
+        #: descriptors ``getfd`` named, until a command takes them or ``closefd``
+        self.named_fds: dict[str, int] = {}
         self._qom = _qom_types(registry)
         self._handlers: dict[str, Handler] = {
             name: getattr(self, "cmd_" + name.replace("-", "_"))
@@ -786,18 +807,25 @@ class Commands:
                 return f"{name}\r\n" if name else ""
         return f"unknown command: '{' '.join(words[:2])}'\r\n"
 
-    # ------------------------------------------------------------ hotplug: refused
+    # ------------------------------------------------------------ hotplug
 
     def _no_hotplug(self, what: str) -> None:
-        raise QmpError(f"{what} is not supported by pyhv: its machines are fixed at start")
+        raise QmpError(f"{what} is not supported by pyhv: objects are fixed at start")
+
+    def _hot(self, what: str) -> MachineControl:
+        if self.machine is None:
+            raise QmpError(f"{what}: there is no machine (-machine none)")
+        return self.machine
 
     def cmd_device_add(self, args: dict[str, Any], conn: QmpConnection) -> None:
         if args["driver"] not in self._qom:
             raise QmpError(f"'{args['driver']}' is not a valid device model name")
-        self._no_hotplug("device_add")
+        self._hot("device_add").device_add(args)
 
     def cmd_device_del(self, args: dict[str, Any], conn: QmpConnection) -> None:
-        raise QmpError(f"Device '{args['id']}' not found", DEVICE_NOT_FOUND)
+        if self.machine is None:
+            raise QmpError(f"Device '{args['id']}' not found", DEVICE_NOT_FOUND)
+        self.machine.device_del(args["id"])
 
     def cmd_object_add(self, args: dict[str, Any], conn: QmpConnection) -> None:
         self._no_hotplug("object-add")
@@ -806,16 +834,51 @@ class Commands:
         self._no_hotplug("object-del")
 
     def cmd_netdev_add(self, args: dict[str, Any], conn: QmpConnection) -> None:
-        self._no_hotplug("netdev_add")
+        self._hot("netdev_add").netdev_add(args, self._take_fd)
 
     def cmd_netdev_del(self, args: dict[str, Any], conn: QmpConnection) -> None:
-        self._no_hotplug("netdev_del")
+        self._hot("netdev_del").netdev_del(args["id"])
 
     def cmd_blockdev_add(self, args: dict[str, Any], conn: QmpConnection) -> None:
-        self._no_hotplug("blockdev-add")
+        self._hot("blockdev-add").blockdev_add(args)
 
     def cmd_blockdev_del(self, args: dict[str, Any], conn: QmpConnection) -> None:
-        self._no_hotplug("blockdev-del")
+        self._hot("blockdev-del").blockdev_del(args["node-name"])
+
+    # ------------------------------------------------------------ descriptors (getfd)
+
+    def cmd_getfd(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        """Name the descriptor that came with this command (SCM_RIGHTS)."""
+        name = args["fdname"]
+        if name[:1].isdigit():
+            raise QmpError("Parameter 'fdname' may not start with a digit")
+        fd = conn.take_fd()
+        if fd is None:
+            raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+        old = self.named_fds.pop(name, None)
+        if old is not None:
+            _close(old)
+        self.named_fds[name] = fd
+
+    def cmd_closefd(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        fd = self.named_fds.pop(args["fdname"], None)
+        if fd is None:
+            raise QmpError(f"File descriptor named '{args['fdname']}' not found")
+        _close(fd)
+
+    def _take_fd(self, name: str) -> int:
+        """A named descriptor, handed over (the name is free again)."""
+        fd = self.named_fds.pop(name, None)
+        if fd is None:
+            raise QmpError(f"File descriptor named '{name}' has not been found")
+        return fd
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _cpu_props(v: VcpuInfo) -> dict[str, int]:

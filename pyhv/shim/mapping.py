@@ -19,11 +19,12 @@ Pure: no file is opened and no descriptor touched.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, Union
 
 from pyhv.config import (
     SMBIOS_FIELDS,
@@ -334,6 +335,8 @@ class ShimPlan:
     globals: tuple[tuple[str, str, str], ...] = ()
     #: accepted but not built yet (or built differently): one line each, for the log
     pending: tuple[str, ...] = ()
+    #: the command line's mapping state, which QMP's hotplug commands go on with
+    builder: Optional["_Builder"] = field(default=None, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -394,6 +397,18 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 _COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 
 
+#: what ``device_add`` can hot-add (into a pcie-root-port)
+HOT_DRIVERS = ("virtio-blk-pci", "virtio-blk-pci-non-transitional", "virtio-net-pci",
+               "virtio-net-pci-non-transitional")
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _fd_number(value: object, what: str, where: str) -> int:
     fd = parse_int(value, what, where)
     if fd <= 2:
@@ -424,6 +439,8 @@ class _Builder:
         self.drives: dict[str, Opts] = {}
         self.used_nodes: dict[str, str] = {}
         self.netdevs: dict[str, Opts] = {}
+        #: netdev_add's descriptors by netdev id, until a NIC takes them
+        self.hot_fds: dict[str, list[int]] = {}
         #: -fsdev id → its options; each serves one virtio-9p-pci
         self.fsdevs: dict[str, Opts] = {}
         self.used_fsdevs: dict[str, str] = {}
@@ -1257,31 +1274,35 @@ class _Builder:
 
     def read_netdevs(self) -> None:
         for o in find(self.opts, "netdev"):
-            opts = o.opts
-            kind = opts.need_str("type")
-            nid = opts.need_str("id")
-            if nid in self.netdevs:
-                raise _usage(o.where, f"duplicate netdev id '{nid}'")
-            if kind == "tap":
-                opts.check_keys(("type", "id", "fd", "fds", "vhost", "vhostfd", "vhostfds",
-                                 "vhostforce", "ifname", "script", "downscript", "queues",
-                                 "vnet_hdr", "sndbuf", "poll-us"))
-                for key in ("script", "downscript"):
-                    value = opts.get_str(key)
-                    if value not in (None, "", "no"):
-                        raise _unsupported(o.where, f"{key}={value}: pyhv runs no scripts")
-                if not ("fd" in opts or "fds" in opts or "ifname" in opts):
-                    raise _usage(o.where, "a tap netdev needs 'fd', 'fds' or 'ifname'")
-            elif kind == "vhost-user":
-                opts.check_keys(("type", "id", "chardev", "queues", "vhostforce"))
-                opts.need_str("chardev")
-            elif kind == "user":
-                raise _unsupported(o.where, "user networking (SLIRP) is not supported by "
-                                            "pyhv; use a tap interface (bridge or network)")
-            else:
-                raise _unsupported(o.where, f"netdev type '{kind}' is not supported by pyhv "
-                                            "(tap and vhost-user are)")
-            self.netdevs[nid] = opts
+            self.netdev(o.opts)
+
+    def netdev(self, opts: Opts) -> None:
+        """One ``-netdev`` (or ``netdev_add``), checked and recorded by id."""
+        where = opts.where
+        kind = opts.need_str("type")
+        nid = opts.need_str("id")
+        if nid in self.netdevs:
+            raise _usage(where, f"duplicate netdev id '{nid}'")
+        if kind == "tap":
+            opts.check_keys(("type", "id", "fd", "fds", "vhost", "vhostfd", "vhostfds",
+                             "vhostforce", "ifname", "script", "downscript", "queues",
+                             "vnet_hdr", "sndbuf", "poll-us"))
+            for key in ("script", "downscript"):
+                value = opts.get_str(key)
+                if value not in (None, "", "no"):
+                    raise _unsupported(where, f"{key}={value}: pyhv runs no scripts")
+            if not ("fd" in opts or "fds" in opts or "ifname" in opts):
+                raise _usage(where, "a tap netdev needs 'fd', 'fds' or 'ifname'")
+        elif kind == "vhost-user":
+            opts.check_keys(("type", "id", "chardev", "queues", "vhostforce"))
+            opts.need_str("chardev")
+        elif kind == "user":
+            raise _unsupported(where, "user networking (SLIRP) is not supported by "
+                                      "pyhv; use a tap interface (bridge or network)")
+        else:
+            raise _unsupported(where, f"netdev type '{kind}' is not supported by pyhv "
+                                      "(tap and vhost-user are)")
+        self.netdevs[nid] = opts
 
     def fd_list(self, opts: Opts, one: str, many: str) -> tuple[int, ...]:
         out: list[int] = []
@@ -1454,7 +1475,8 @@ class _Builder:
         port = opts.get_int("port", 0) or 0
         self.bridges.append(BridgeSpec(spec.driver, name, spec.addr, chassis=chassis,
                                        port=port, slot=opts.get_int("slot", 0) or 0))
-        self._controller(spec, name, port=port, chassis=chassis)
+        self._controller(spec, name, port=port, chassis=chassis,
+                         hotplug=opts.get_bool("hotplug", True))
 
     def dev_pci_bridge(self, spec: DeviceSpec, opts: Opts) -> None:
         chassis = opts.get_int("chassis_nr", 0) or 0
@@ -1465,7 +1487,7 @@ class _Builder:
         self._controller(spec, name, chassis=chassis)
 
     def _controller(self, spec: DeviceSpec, bus: str, port: Optional[int] = None,
-                    chassis: Optional[int] = None) -> None:
+                    chassis: Optional[int] = None, hotplug: bool = True) -> None:
         """A bridge's bus gets libvirt's index: ``pci.N`` is controller N."""
         m = re.fullmatch(r"pci\.(\d+)", bus)
         used = set(self.bus_index.values())
@@ -1474,7 +1496,8 @@ class _Builder:
         self.bus_index[bus] = index
         model = "pcie-root-port" if spec.driver == "pcie-root-port" else "pci-bridge"
         self.controllers.append(ControllerConfig("pci", model, index, spec.id,
-                                                 self.config_address(spec), port, chassis))
+                                                 self.config_address(spec), port, chassis,
+                                                 hotplug=hotplug))
 
     def _usb(self, spec: DeviceSpec, opts: Opts, model: str) -> None:
         """A USB host controller: libvirt's model name in the config, its bus named
@@ -1997,6 +2020,109 @@ class _Builder:
             logfile=log.text if log else None)
 
 
+    # ----------------------------------------------------------------- hotplug (QMP)
+
+    def hot_netdev(self, values: dict[str, JsonValue], take_fd: Callable[[str], int]) -> None:
+        """``netdev_add``: a netdev a later ``device_add`` uses; descriptors are given
+        by the names ``getfd`` gave them (``take_fd`` hands each over, once)."""
+        values = dict(values)
+        taken: list[int] = []
+        try:
+            for key in ("fd", "vhostfd", "fds", "vhostfds"):
+                value = values.get(key)
+                if isinstance(value, str):
+                    fds = [int(p) if p.isdigit() else take_fd(p) for p in value.split(":")]
+                    taken += fds
+                    values[key] = ":".join(str(fd) for fd in fds)
+            self.netdev(Opts(values, json=True, where="netdev_add"))
+        except BaseException:
+            for fd in taken:
+                _close(fd)
+            raise
+        self.hot_fds[str(values["id"])] = taken
+
+    def hot_netdev_del(self, nid: str) -> None:
+        """``netdev_del``: the descriptors no NIC took are closed."""
+        if nid not in self.netdevs:
+            raise _usage("netdev_del", f"netdev '{nid}' not found")
+        del self.netdevs[nid]
+        self.used_netdevs.pop(nid, None)
+        for fd in self.hot_fds.pop(nid, []):
+            _close(fd)
+
+    def hot_blockdev(self, values: dict[str, JsonValue]) -> None:
+        """``blockdev-add``: a node a later ``device_add`` uses (checked now, as QEMU
+        opens it now)."""
+        where = "blockdev-add"
+        name = values.get("node-name")
+        if not isinstance(name, str) or not name:
+            raise _usage(where, "parameter 'node-name' is missing")
+        driver = values.get("driver")
+        if driver not in ("file", "host_device", "raw", "qcow2"):
+            raise _unsupported(where, f"driver '{driver}' is not supported by pyhv (file, "
+                                      "host_device, raw and qcow2 are)")
+        filename = values.get("filename")
+        if driver in ("file", "host_device") and \
+                (not isinstance(filename, str) or not os.path.exists(filename)):
+            raise _usage(where, f"Could not open '{filename}': No such file or directory")
+        for key in ("file", "backing"):
+            child = values.get(key)
+            if isinstance(child, str) and child not in self.nodes:
+                raise _usage(where, f"Cannot find device='' nor node-name='{child}'")
+        self.add_node(dict(values), where)
+
+    def hot_blockdev_del(self, name: str) -> None:
+        where = "blockdev-del"
+        if name not in self.nodes:
+            raise _usage(where, f"Failed to find node with node-name='{name}'")
+        if name in self.used_nodes:
+            raise _usage(where, f"Node '{name}' is busy: node is used as guest device")
+        if any(v.get("file") == name or v.get("backing") == name
+               for v in self.nodes.values()):
+            raise _usage(where, f"Node '{name}' is busy: a node above it uses it")
+        del self.nodes[name]
+        self.node_where.pop(name, None)
+
+    def hot_device(self, values: dict[str, JsonValue], root: str
+                   ) -> tuple[Union[DiskConfig, NetConfig], Union[DiskSpec, NicSpec]]:
+        """``device_add`` of a disk or NIC: its config and spec, mapped by the same
+        code as ``-device``; on an error nothing is kept."""
+        where = "device_add"
+        driver = values.get("driver")
+        if driver not in HOT_DRIVERS:
+            raise _unsupported(where, f"hot-adding '{driver}' is not supported by pyhv "
+                                      "(virtio-blk-pci and virtio-net-pci are)")
+        if values.get("bus") in (None, root):
+            raise _usage(where, f"Bus '{root}' does not support hotplugging: pyhv hot-adds "
+                                "into a pcie-root-port (bus=)")
+        saved = (set(self.device_ids), dict(self.used_nodes), dict(self.used_netdevs),
+                 len(self.devices), len(self.disks), len(self.nics),
+                 len(self.disk_configs), len(self.net_configs), self.nic_count)
+        try:
+            self.device(Opts(dict(values), json=True, where=where), root)
+        except BaseException:
+            (self.device_ids, self.used_nodes, self.used_netdevs, nd, ns, nn, ndc, nnc,
+             self.nic_count) = saved
+            del self.devices[nd:], self.disks[ns:], self.nics[nn:]
+            del self.disk_configs[ndc:], self.net_configs[nnc:]
+            raise
+        if len(self.disk_configs) > saved[6]:
+            return self.disk_configs.pop(), self.disks[-1]
+        nic = self.nics[-1]
+        self.hot_fds.pop(nic.netdev, None)  # the NIC owns its taps now
+        return self.net_configs.pop(), nic
+
+    def hot_forget(self, ident: str) -> None:
+        """The guest let go of device ``ident``: its id, drive and netdev are free."""
+        self.device_ids.discard(ident)
+        for d in [d for d in self.disks if d.id == ident]:
+            self.used_nodes.pop(d.node, None)
+            self.disks.remove(d)
+        for n in [n for n in self.nics if n.id == ident]:
+            self.used_netdevs.pop(n.netdev, None)
+            self.nics.remove(n)
+
+
 def _size_of_key(value: object, key: str, where: str) -> int:
     from pyhv.shim.argv import parse_size
 
@@ -2164,7 +2290,7 @@ def build(args: Sequence[str], now: Optional[float] = None) -> ShimPlan:
         devices=tuple(b.devices), disks=tuple(b.disks), nics=tuple(b.nics),
         rngs=tuple(b.rngs), balloons=tuple(b.balloons), virtio_serial=vs,
         vhost_user=tuple(b.vhost_user), bridges=tuple(b.bridges), objects=dict(b.objects),
-        globals=global_props, pending=tuple(b.pending))
+        globals=global_props, pending=tuple(b.pending), builder=b)
 
 
 def _uuid(o: Optional[Option]) -> Optional[str]:

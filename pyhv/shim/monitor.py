@@ -9,6 +9,7 @@ every negotiated session.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -32,6 +33,8 @@ class MonitorSession:
 
     HIGH_WATER = 1 << 20
     MAX_QUEUED = 16 << 20
+    #: descriptors taken with one message (libvirt sends one per getfd)
+    MAX_FDS = 16
 
     def __init__(self, server: "MonitorServer", sock: socket.socket) -> None:
         self.server = server
@@ -85,13 +88,18 @@ class MonitorSession:
         self._flush()
 
     def _readable(self, fd: int) -> None:
+        conn = self.session.conn
         try:
-            data = self.sock.recv(65536)
+            data, fds = self._receive()
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        if fds:
+            conn.receive_fds(fds)  # for the command they came with (getfd)
         self.send(self.session.feed(data))
+        if not data:
+            conn.drop_fds()
         if self.server.after_commands is not None:
             self.server.after_commands()
         if not data or self.session.done:
@@ -99,6 +107,20 @@ class MonitorSession:
             self._closing = True
             self._loop.remove_reader(self.fd)
             self._flush()
+
+    def _receive(self) -> tuple[bytes, list[int]]:
+        """Bytes, and the descriptors that came with them (at most
+        :attr:`MAX_FDS`, close-on-exec; any beyond were closed by the kernel)."""
+        if self.sock.family != socket.AF_UNIX:
+            return self.sock.recv(65536), []
+        data, ancdata, _flags, _addr = self.sock.recvmsg(
+            65536, socket.CMSG_SPACE(self.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds += array.array("i", payload[:usable]).tolist()
+        return data, fds
 
     def drain(self, timeout: float) -> None:
         """Before the process ends: give queued replies (quit's) a last chance."""
@@ -117,6 +139,7 @@ class MonitorSession:
         self.closed = True
         self._loop.remove_reader(self.fd)
         self._loop.remove_writer(self.fd)
+        self.session.conn.drop_fds()
         try:
             self.sock.close()
         except OSError:

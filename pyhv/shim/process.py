@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import signal
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from pyhv.engine.errors import EngineError
 from pyhv.engine.eventloop import EventLoop
 from pyhv.placement import place
 from pyhv.shim.commands import (
@@ -18,6 +20,7 @@ from pyhv.shim.commands import (
     VcpuInfo,
 )
 from pyhv.shim.errors import ShimError
+from pyhv.shim.mapping import DiskSpec, NicSpec
 from pyhv.shim.qmp import DEVICE_NOT_FOUND, QmpError
 
 if TYPE_CHECKING:
@@ -194,6 +197,75 @@ class ShimMachine:
         bits = cpu_map().bits(n for n in names if cpu_map().features[n].cpuid)
         return [(fn, idx if fn in (7, 0xD, 0x14) else None, _REGISTERS[reg], mask)
                 for (fn, idx, reg), mask in sorted(bits.items())]
+
+    # ---- hotplug -----------------------------------------------------------------
+    def _builder(self, what: str) -> Any:
+        if self.plan.builder is None or self.plan.machine.root_bus is None:
+            raise QmpError(f"{what}: this machine takes no devices while it runs")
+        return self.plan.builder
+
+    def device_add(self, args: dict[str, Any]) -> None:
+        """Map the device as ``-device`` would and put it in its root port's slot."""
+        b = self._builder("device_add")
+        try:
+            config, spec = b.hot_device(args, self.plan.machine.root_bus)
+        except ShimError as e:
+            raise QmpError(e.detail) from None
+        try:
+            self.machine.add_device(config)
+        except EngineError as e:
+            b.hot_forget(spec.id)
+            raise QmpError(str(e)) from None
+        for fd in getattr(spec, "vhost_fds", ()):  # pyhv's virtio-net runs in userspace
+            _close_fd(fd)
+        self.plan = dataclasses.replace(
+            self.plan, devices=self.plan.devices + (b.devices[-1],),
+            disks=self.plan.disks + ((spec,) if isinstance(spec, DiskSpec) else ()),
+            nics=self.plan.nics + ((spec,) if isinstance(spec, NicSpec) else ()))
+        if isinstance(spec, NicSpec) and spec.id is not None:
+            self._rx_notify.add(spec.id)
+
+    def device_del(self, ident: str) -> None:
+        if ident not in {d.id for d in self.plan.devices}:
+            raise QmpError(f"Device '{ident}' not found", DEVICE_NOT_FOUND)
+        try:
+            self.machine.remove_device(ident)
+        except EngineError as e:
+            raise QmpError(str(e)) from None
+
+    def device_deleted(self, ident: str) -> None:
+        """The guest let go of ``ident``: the shim forgets it too."""
+        if self.plan.builder is not None:
+            self.plan.builder.hot_forget(ident)
+        self.plan = dataclasses.replace(
+            self.plan, devices=tuple(d for d in self.plan.devices if d.id != ident),
+            disks=tuple(d for d in self.plan.disks if d.id != ident),
+            nics=tuple(n for n in self.plan.nics if n.id != ident))
+        self._rx_notify.discard(ident)
+
+    def netdev_add(self, args: dict[str, Any], take_fd: Callable[[str], int]) -> None:
+        try:
+            self._builder("netdev_add").hot_netdev(args, take_fd)
+        except ShimError as e:
+            raise QmpError(e.detail) from None
+
+    def netdev_del(self, ident: str) -> None:
+        try:
+            self._builder("netdev_del").hot_netdev_del(ident)
+        except ShimError:
+            raise QmpError(f"Device '{ident}' not found", DEVICE_NOT_FOUND) from None
+
+    def blockdev_add(self, args: dict[str, Any]) -> None:
+        try:
+            self._builder("blockdev-add").hot_blockdev(args)
+        except ShimError as e:
+            raise QmpError(e.detail) from None
+
+    def blockdev_del(self, name: str) -> None:
+        try:
+            self._builder("blockdev-del").hot_blockdev_del(name)
+        except ShimError as e:
+            raise QmpError(e.detail) from None
 
     def peripherals(self) -> Sequence[tuple[str, str]]:
         return [(d.id, d.driver) for d in self.plan.devices if d.id]
@@ -443,7 +515,7 @@ class ShimProcess:
         elif ev.kind == "block-io-error":
             self.log(ev.message)
             err: Any = ev.data
-            spec = next((d for d in self.plan.disks if d.id == ev.detail), None)
+            spec = next((d for d in self.control.plan.disks if d.id == ev.detail), None)
             data = {"device": "", "operation": err.operation, "action": err.action,
                     "reason": err.reason}
             if spec is not None:
@@ -464,6 +536,10 @@ class ShimProcess:
                 self.broadcast("NIC_RX_FILTER_CHANGED", {
                     "name": ev.detail,
                     "path": f"/machine/peripheral/{ev.detail}/virtio-backend"})
+        elif ev.kind == "device-deleted":
+            self.control.device_deleted(ev.detail)
+            self.broadcast("DEVICE_DELETED", {"device": ev.detail,
+                                              "path": f"/machine/peripheral/{ev.detail}"})
         elif ev.kind == "vserport-change":
             self.broadcast("VSERPORT_CHANGE", {"id": ev.detail, "open": bool(ev.data)})
         elif ev.kind == "rtc-change":
@@ -552,3 +628,10 @@ def _image_chain(backend: Any, spec: Any) -> tuple[ImageDesc, ...]:
             (header.backing_format if header is not None else None),
             bool(header is not None and header.incompatible & 1), length, node, file_node))
     return tuple(out)
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

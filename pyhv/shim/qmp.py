@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Optional, Union
@@ -248,6 +249,8 @@ class QmpConnection:
         #: capabilities negotiation is over: commands are accepted, events sent
         self.negotiated = False
         self.closed = False
+        #: descriptors that came with the last bytes carrying any (SCM_RIGHTS)
+        self.fds: list[int] = []
 
     # ------------------------------------------------------------------ input
 
@@ -257,6 +260,25 @@ class QmpConnection:
             self.closed = True
             return
         self._scanner.buf += data
+
+    def receive_fds(self, fds: list[int]) -> None:
+        """Descriptors the peer sent: they replace (and close) any that no command
+        took."""
+        self.drop_fds()
+        self.fds = list(fds)
+
+    def take_fd(self) -> Optional[int]:
+        """The last descriptor received, handed over (None: none is waiting)."""
+        return self.fds.pop() if self.fds else None
+
+    def drop_fds(self) -> None:
+        """Close the descriptors no command took."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
 
     @property
     def buffered(self) -> int:

@@ -470,6 +470,8 @@ BUILT: frozenset[str] = frozenset({
     "virtio-rng-pci", "virtio-rng-pci-non-transitional",
     "virtio-blk-pci", "virtio-blk-pci-non-transitional",
     "virtio-balloon-pci", "virtio-balloon-pci-non-transitional",
+    "virtio-net-pci", "virtio-serial-pci", "virtserialport", "virtconsole",
+    "virtio-9p-pci", "virtio-9p-pci-non-transitional",
     "vhost-user-blk-pci",  # the queues served by another process (vhost-user frontend)
 })
 

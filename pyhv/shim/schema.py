@@ -388,6 +388,8 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
     CommandDef("query-block-jobs", returns="[BlockJobInfo]"),
     CommandDef("query-migrate", returns="MigrationInfo"),
     CommandDef("query-fdsets", returns="[FdsetInfo]"),
+    CommandDef("getfd", (req("fdname", "str"),)),
+    CommandDef("closefd", (req("fdname", "str"),)),
     CommandDef("balloon", (req("value", "int"),)),
     CommandDef("block_resize", (opt("device", "str"), opt("node-name", "str"),
                                 req("size", "int"))),
@@ -431,6 +433,7 @@ EVENTS: Final[tuple[EventDef, ...]] = (
     EventDef("VSERPORT_CHANGE", (req("id", "str"), req("open", "bool"))),
     EventDef("RTC_CHANGE", (req("offset", "int"), req("qom-path", "str"))),
     EventDef("NIC_RX_FILTER_CHANGED", (opt("name", "str"), req("path", "str"))),
+    EventDef("DEVICE_DELETED", (opt("device", "str"), req("path", "str"))),
 )
 
 #: the introspection types themselves (``query-qmp-schema``'s return type)

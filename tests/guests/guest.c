@@ -6,7 +6,8 @@
  * (pyhv.usb), moves BARs (pyhv.barmove), drives virtio-rng and virtio-blk
  * (pyhv.virtio), virtio-console (pyhv.virtio-console), virtio-net
  * (pyhv.virtio-net) and virtio-9p (pyhv.virtio-9p), reports CPUID words
- * (pyhv.cpuid), the SMBIOS tables (pyhv.smbios), then powers off through
+ * (pyhv.cpuid), the SMBIOS tables (pyhv.smbios), drives a PCI Express
+ * hotplug slot (pyhv.hotplug), then powers off through
  * ACPI.  The grammar is in README.md.
  *
  * Freestanding, 64-bit, identity-mapped low 4 GiB (see entry.S).  Everything
@@ -4191,6 +4192,479 @@ static void report_virtio(int virtio_sw, int console_sw, int net_sw, int p9_sw)
 	eol();
 }
 
+/* ---- PCI Express native hotplug (pyhv.hotplug) --------------------------- */
+
+/*
+ * A polling hotplug driver in the manner of Linux's pciehp, from the PCI
+ * Express Base Specification (7.5.3.9-7.5.3.11 Slot Capabilities, Control and
+ * Status; 7.5.3.6-7.5.3.8 Link Capabilities and Status; 6.7 the hotplug
+ * model), on the first empty hot-plug capable root port the walk's buses
+ * hold.  No interrupts are taken: the port's INTx is read from its PCI status
+ * register's Interrupt Status bit.  Slot Control and Slot Status are written
+ * as 16-bit registers (as pciehp does), so clearing a status bit is never a
+ * command.  Each step is one "@hotplug step=NAME ..." line; `step=ready` and
+ * `step=unplug-ready` are the host's cues to add the card and to ask for it
+ * back.  Waits are bounded by the PM timer (HP_HOST_MS for the host's doings);
+ * one that runs out reports "step=timeout timeout=STEP wait=WHAT" and ends
+ * the section.
+ */
+#define HP_HOST_MS	20000		/* waits for the host: the card, the button */
+#define HP_CMD_MS	1000		/* Command Completed (pciehp: 1 s) */
+#define HP_LINK_MS	2000		/* Data Link Layer Link Active */
+#define HP_GONE_MS	5000		/* Presence Detect State drops after power off */
+#define HPOLL_FAIL	0xffffffffu	/* rounds of a poll whose condition never held */
+
+/* inside the PCI Express capability */
+#define PX_LNKCAP	0x0c
+#define PX_LNKSTA	0x12
+#define PX_SLTCAP	0x14
+#define PX_SLTCTL	0x18
+#define PX_SLTSTA	0x1a
+#define LNKCAP_DLLLARC	(1u << 20)
+#define LNKSTA_DLLLA	(1u << 13)
+#define SLTCAP_ABP	(1u << 0)
+#define SLTCAP_PCP	(1u << 1)
+#define SLTCAP_AIP	(1u << 3)
+#define SLTCAP_PIP	(1u << 4)
+#define SLTCAP_HPS	(1u << 5)
+#define SLTCAP_HPC	(1u << 6)
+#define SLTCAP_NCCS	(1u << 18)
+#define SLTCTL_ABPE	(1u << 0)
+#define SLTCTL_PDCE	(1u << 3)
+#define SLTCTL_HPIE	(1u << 5)
+#define SLTCTL_PIC	(3u << 8)
+#define SLTCTL_PIC_ON	(1u << 8)
+#define SLTCTL_PIC_OFF	(3u << 8)
+#define SLTCTL_PCC	(1u << 10)
+#define SLTCTL_DLLSCE	(1u << 12)
+#define SLTSTA_ABP	(1u << 0)
+#define SLTSTA_PDC	(1u << 3)
+#define SLTSTA_CC	(1u << 4)
+#define SLTSTA_PDS	(1u << 6)
+#define SLTSTA_DLLSC	(1u << 8)
+#define SLTSTA_EVENTS	0x011fu		/* ABP PFD MRLSC PDC CC DLLSC: write 1 to clear */
+
+static struct {
+	u32 bdf, cap, slotcap, sec;
+	u64 win[3][2], next[3];		/* io, mem, pref: [base, limit]; allocation cursor */
+	u64 clock;
+	u32 clock_last;
+} hp;
+
+/* PM timer ticks, monotonic while called at least every 4.6 s (the timer's
+ * 24-bit wrap); without a PM timer the TSC / 1000 stands in. */
+static u64 hp_clock(void)
+{
+	if (!acpi.pm_tmr)
+		return rdtsc() / 1000;
+	u32 t = pm_ticks();
+	hp.clock += (t - hp.clock_last) & 0xffffff;
+	hp.clock_last = t;
+	return hp.clock;
+}
+
+/* Poll until `done` holds, for at most `ms` milliseconds; the rounds it took,
+ * HPOLL_FAIL when it never held. */
+#define HPOLL(done, ms) ({							\
+	u32 _n = 0;								\
+	u64 _t0 = hp_clock();							\
+	while (!(done) && hp_clock() - _t0 < (u64)(ms) * 3580 && _n < HPOLL_FAIL - 1) \
+		_n++;								\
+	(done) ? _n : HPOLL_FAIL; })
+
+static void cfg_wr16(u32 bdf, u32 reg, u16 v)
+{
+	pci.writes++;
+	if (pci.ecam) {
+		wr16(pci.ecam + ((u64)bdf << 12) + reg, v);
+		return;
+	}
+	outl(0xcf8, 0x80000000u | bdf << 8 | (reg & ~3u));
+	outw((u16)(0xcfc + (reg & 2)), v);
+}
+
+/* the offset of capability `id` of a function, 0: none */
+static u32 pci_cap(u32 bdf, u32 id)
+{
+	if (!(cfg_rd(bdf, 0x04) & (0x10 << 16)))
+		return 0;
+	u32 n = 0;
+	for (u32 p = cfg_rd(bdf, 0x34) & 0xfc; p >= 0x40 && n < 48; n++) {
+		u32 c = cfg_rd(bdf, p);
+		if ((c & 0xff) == id)
+			return p;
+		p = (c >> 8) & 0xfc;
+	}
+	return 0;
+}
+
+static u32 hp_ctl(void) { return cfg_rd(hp.bdf, hp.cap + PX_SLTCTL) & 0xffff; }
+static u32 hp_sta(void) { return cfg_rd(hp.bdf, hp.cap + PX_SLTCTL) >> 16; }
+static u32 hp_lnk(void) { return cfg_rd(hp.bdf, hp.cap + 0x10) >> 16; }
+static void hp_clear(u32 bits) { cfg_wr16(hp.bdf, hp.cap + PX_SLTSTA, (u16)bits); }
+
+static void hp_step(const char *name)
+{
+	line("hotplug");
+	kv_str("step", name);
+}
+
+static void hp_bit(const char *k, u32 v, u32 bit) { kv_dec(k, !!(v & bit)); }
+
+/* Slot Control, Slot Status and Link Status as they read now */
+static void hp_state(void)
+{
+	u32 sta = hp_sta(), lnk = hp_lnk();
+	kv_hex("slotctl", hp_ctl());
+	kv_hex("slotsta", sta);
+	hp_bit("pds", sta, SLTSTA_PDS);
+	hp_bit("pdc", sta, SLTSTA_PDC);
+	hp_bit("abp", sta, SLTSTA_ABP);
+	hp_bit("dllsc", sta, SLTSTA_DLLSC);
+	hp_bit("cc", sta, SLTSTA_CC);
+	kv_hex("lnksta", lnk);
+	hp_bit("dllla", lnk, LNKSTA_DLLLA);
+	kv_dec("intsts", intsts(hp.bdf));
+}
+
+static void hp_timeout(const char *step_name, const char *what)
+{
+	hp_step("timeout");
+	kv_str("timeout", step_name);
+	kv_str("wait", what);
+	hp_state();
+	eol();
+}
+
+/* One command: Slot Control written; unless the port has No Command Completed
+ * Support, Command Completed polled for and cleared.  The rounds it took
+ * (0 with NCCS), HPOLL_FAIL after a timeout (reported). */
+static u32 hp_command(u32 ctl, const char *step_name)
+{
+	cfg_wr16(hp.bdf, hp.cap + PX_SLTCTL, (u16)ctl);
+	if (hp.slotcap & SLTCAP_NCCS)
+		return 0;
+	u32 n = HPOLL(hp_sta() & SLTSTA_CC, HP_CMD_MS);
+	if (n == HPOLL_FAIL)
+		hp_timeout(step_name, "cc");
+	else
+		hp_clear(SLTSTA_CC);
+	return n;
+}
+
+/* the first PCIe root port (type 4) with a hot-plug capable, empty slot on the
+ * buses the walk saw */
+static int hp_scan(void)
+{
+	for (u32 bus = 0; bus <= pci.last_bus; bus++) {
+		if (!pci.seen[bus])
+			continue;
+		for (u32 dev = 0; dev < 32; dev++) {
+			for (u32 f = 0; f < 8; f++) {
+				u32 bdf = bus << 8 | dev << 3 | f, id = cfg_rd(bdf, 0);
+				if ((id & 0xffff) == 0xffff || !(id & 0xffff)) {
+					if (!f)
+						break;
+					continue;
+				}
+				u32 hdr = (cfg_rd(bdf, 0x0c) >> 16) & 0xff;
+				u32 cap = (hdr & 0x7f) == 1 ? pci_cap(bdf, 0x10) : 0;
+				if (cap && ((cfg_rd(bdf, cap) >> 20) & 0xf) == 4) {
+					u32 sc = cfg_rd(bdf, cap + PX_SLTCAP);
+					u32 ss = cfg_rd(bdf, cap + PX_SLTCTL) >> 16;
+					if ((sc & SLTCAP_HPC) && !(ss & SLTSTA_PDS)) {
+						hp.bdf = bdf;
+						hp.cap = cap;
+						hp.slotcap = sc;
+						return 1;
+					}
+				}
+				if (!f && !(hdr & 0x80))
+					break;
+			}
+		}
+	}
+	return 0;
+}
+
+/* the root port's windows as programmed (as the walk reads them) */
+static void hp_windows(void)
+{
+	u32 io = cfg_rd(hp.bdf, 0x1c), mem = cfg_rd(hp.bdf, 0x20), pf = cfg_rd(hp.bdf, 0x24);
+	hp.win[0][0] = (io & 0xf0) << 8;
+	hp.win[0][1] = (io & 0xf000) | 0xfff;
+	if ((io & 0xf) == 1) {
+		u32 up = cfg_rd(hp.bdf, 0x30);
+		hp.win[0][0] |= (u64)(up & 0xffff) << 16;
+		hp.win[0][1] |= (u64)(up >> 16) << 16;
+	}
+	hp.win[1][0] = (u64)(mem & 0xfff0) << 16;
+	hp.win[1][1] = ((u64)(mem >> 16 & 0xfff0) << 16) | 0xfffff;
+	hp.win[2][0] = (u64)(pf & 0xfff0) << 16;
+	hp.win[2][1] = ((u64)(pf >> 16 & 0xfff0) << 16) | 0xfffff;
+	if ((pf & 0xf) == 1) {
+		hp.win[2][0] |= (u64)cfg_rd(hp.bdf, 0x28) << 32;
+		hp.win[2][1] |= (u64)cfg_rd(hp.bdf, 0x2c) << 32;
+	}
+	for (int k = 0; k < 3; k++)
+		hp.next[k] = hp.win[k][0];
+}
+
+static int hp_open(int k) { return hp.win[k][0] <= hp.win[k][1]; }
+
+/* `size` bytes (a power of two), aligned, from window k; 0: no room */
+static u64 hp_alloc(int k, u64 size)
+{
+	u64 a = (hp.next[k] + size - 1) & ~(size - 1);
+	if (!hp_open(k) || a < hp.next[k] || a + size - 1 > hp.win[k][1] || a + size < a)
+		return 0;
+	hp.next[k] = a + size;
+	return a;
+}
+
+/* Size the card's BARs (decoding is off: the card is fresh) and place each in
+ * the port's window: 64-bit prefetchable BARs (and 32-bit prefetchable ones
+ * when the window lies below 4 GiB) in the prefetchable window, the others in
+ * the memory window; I/O BARs are left unassigned.  Prints " barN=ADDR+SIZE
+ * barN_win=mem|pref|io|none" and fills addr[] (0: not assigned). */
+static void hp_bars(u32 bdf, u64 addr[6])
+{
+	for (u32 i = 0; i < 6; i++) {
+		u32 reg = 0x10 + 4 * i, index = i;
+		u32 lo = cfg_rd(bdf, reg);
+		cfg_wr(bdf, reg, ~0u);
+		u32 mlo = cfg_rd(bdf, reg);
+		addr[i] = 0;
+		if (!mlo) {
+			cfg_wr(bdf, reg, lo);
+			continue;
+		}
+		u64 mask = mlo & (mlo & 1 ? ~3u : ~15u), a = 0;
+		int is64 = !(mlo & 1) && (mlo & 6) == 4 && i < 5, pref = !(mlo & 1) && (mlo & 8);
+		u32 hi = 0;
+		if (is64) {
+			hi = cfg_rd(bdf, reg + 4);
+			cfg_wr(bdf, reg + 4, ~0u);
+			mask |= (u64)cfg_rd(bdf, reg + 4) << 32;
+			i++;
+		}
+		u64 size = mask & -mask;
+		const char *win = "io";
+		if (!(mlo & 1)) {
+			int k = pref && hp_open(2) && (is64 || hp.win[2][1] < MAPPED_LIMIT) ? 2 : 1;
+			a = hp_alloc(k, size);
+			if (!a && k == 2 && (is64 || hp.win[1][1] < MAPPED_LIMIT)) {
+				k = 1;
+				a = hp_alloc(k, size);
+			}
+			win = !a ? "none" : k == 2 ? "pref" : "mem";
+		}
+		cfg_wr(bdf, reg, a ? (u32)a : lo);
+		if (is64)
+			cfg_wr(bdf, reg + 4, a ? (u32)(a >> 32) : hi);
+		addr[index] = a;
+		char k[12] = "bar0";
+		k[3] = (char)('0' + index);
+		key(k);
+		put_hex(a);
+		putc_('+');
+		put_hex(size);
+		memcpy(k + 4, "_win", 5);
+		kv_str(k, win);
+	}
+}
+
+/* virtio-pci modern: where the device-specific configuration is (cfg_type 4),
+ * mapped; 0: not found or not reachable */
+static u64 hp_virtio_device_cfg(u32 bdf, const u64 addr[6])
+{
+	if (!(cfg_rd(bdf, 0x04) & (0x10 << 16)))
+		return 0;
+	u32 n = 0;
+	for (u32 p = cfg_rd(bdf, 0x34) & 0xfc; p >= 0x40 && n < 48; n++) {
+		u32 c = cfg_rd(bdf, p);
+		if ((c & 0xff) == 0x09 && (c >> 24) == 4) {
+			u32 bar = cfg_rd(bdf, p + 4) & 0xff, off = cfg_rd(bdf, p + 8);
+			u32 len = cfg_rd(bdf, p + 12);
+			if (bar > 5 || !addr[bar] || !len || !map_high(addr[bar] + off, len))
+				return 0;
+			return addr[bar] + off;
+		}
+		p = (c >> 8) & 0xfc;
+	}
+	return 0;
+}
+
+static void report_hotplug(void)
+{
+	/* 1. the slot */
+	if (!hp_scan()) {
+		hp_step("scan");
+		kv_dec("none", 1);
+		eol();
+		return;
+	}
+	hp_windows();
+	u32 sc = hp.slotcap, lnkcap = cfg_rd(hp.bdf, hp.cap + PX_LNKCAP);
+	hp.sec = (cfg_rd(hp.bdf, 0x18) >> 8) & 0xff;
+	hp_step("scan");
+	key("bdf");
+	put_bdf(hp.bdf);
+	kv_hex("cap", hp.cap);
+	kv_hex("slotcap", sc);
+	hp_bit("abp_cap", sc, SLTCAP_ABP);
+	hp_bit("pcp", sc, SLTCAP_PCP);
+	hp_bit("aip", sc, SLTCAP_AIP);
+	hp_bit("pip", sc, SLTCAP_PIP);
+	hp_bit("hps", sc, SLTCAP_HPS);
+	hp_bit("hpc", sc, SLTCAP_HPC);
+	hp_bit("nccs", sc, SLTCAP_NCCS);
+	kv_dec("psn", sc >> 19);
+	kv_hex("lnkcap", lnkcap);
+	hp_bit("dlllarc", lnkcap, LNKCAP_DLLLARC);
+	kv_hex("cmd", cfg_rd(hp.bdf, 0x04) & 0xffff);
+	kv_hex("sec", hp.sec);
+	pci_window("io", hp.win[0][0], hp.win[0][1]);
+	pci_window("mem", hp.win[1][0], hp.win[1][1]);
+	pci_window("pref", hp.win[2][0], hp.win[2][1]);
+	hp_state();
+	eol();
+
+	/* 2. events on (stale ones cleared first, as pciehp does), power as found */
+	u32 found = hp_ctl(), sta0 = hp_sta();
+	hp_clear(SLTSTA_EVENTS);
+	u32 ctl = found | SLTCTL_PDCE | SLTCTL_ABPE | SLTCTL_DLLSCE | SLTCTL_HPIE;
+	u32 n = hp_command(ctl, "ready");
+	if (n == HPOLL_FAIL)
+		return;
+	hp_step("ready");
+	kv_hex("found", found);
+	kv_hex("slotsta_found", sta0);
+	kv_hex("written", ctl);
+	kv_dec("cc_polls", n);
+	hp_state();
+	eol();
+
+	/* 3. the card arrives */
+	n = HPOLL(hp_sta() & SLTSTA_PDC, HP_HOST_MS);
+	if (n == HPOLL_FAIL) {
+		hp_timeout("added", "pdc");
+		return;
+	}
+	u32 sta = hp_sta();
+	hp_step("added");
+	kv_dec("polls", n);
+	hp_state();
+	hp_clear(sta & SLTSTA_EVENTS);
+	kv_hex("slotsta_after", hp_sta());
+	kv_dec("intsts_after", intsts(hp.bdf));
+	eol();
+
+	/* 4. power on (power indicator on), then the link */
+	ctl = hp_ctl();
+	u32 cc = 0, pcc_was = !!(ctl & SLTCTL_PCC);
+	if ((sc & SLTCAP_PCP) && pcc_was) {
+		ctl = (ctl & ~(SLTCTL_PCC | SLTCTL_PIC)) | SLTCTL_PIC_ON;
+		cc = hp_command(ctl, "powered");
+		if (cc == HPOLL_FAIL)
+			return;
+	}
+	if (lnkcap & LNKCAP_DLLLARC) {
+		n = HPOLL(hp_lnk() & LNKSTA_DLLLA, HP_LINK_MS);
+		if (n == HPOLL_FAIL) {
+			hp_timeout("powered", "dllla");
+			return;
+		}
+	} else {
+		n = 0;
+	}
+	udelay(100000);		/* 6.6.1: 100 ms after the link is up before configuration */
+	sta = hp_sta();
+	hp_step("powered");
+	kv_dec("pcc_was", pcc_was);
+	kv_hex("written", ctl);
+	kv_dec("cc_polls", cc);
+	kv_dec("polls", n);
+	hp_state();
+	hp_clear(sta & SLTSTA_EVENTS);
+	kv_hex("slotsta_after", hp_sta());
+	kv_dec("intsts_after", intsts(hp.bdf));
+	eol();
+
+	/* 5. the card: BARs in the port's windows, decoding on, what it is */
+	u32 card = hp.sec << 8, id = cfg_rd(card, 0), cls = cfg_rd(card, 0x08);
+	u64 addr[6] = {0};
+	hp_step("device");
+	key("bdf");
+	put_bdf(card);
+	kv_hex("vendor", id & 0xffff);
+	kv_hex("device", id >> 16);
+	if ((id & 0xffff) != 0xffff && (id & 0xffff)) {
+		kv_hex("class", cls >> 8);
+		kv_hex("hdr", (cfg_rd(card, 0x0c) >> 16) & 0xff);
+		hp_bars(card, addr);
+		u32 pcmd = cfg_rd(hp.bdf, 0x04) & 0xffff;
+		if ((pcmd & 0x6) != 0x6)	/* the port forwards memory and DMA */
+			cfg_wr16(hp.bdf, 0x04, (u16)(pcmd | 0x6));
+		kv_hex("port_cmd", cfg_rd(hp.bdf, 0x04) & 0xffff);
+		cfg_wr16(card, 0x04, (u16)((cfg_rd(card, 0x04) & 0xffff) | 0x6));
+		kv_hex("cmd", cfg_rd(card, 0x04) & 0xffff);
+		u32 dev = id >> 16;
+		if ((id & 0xffff) == 0x1af4 && dev >= 0x1040 && dev <= 0x107f) {
+			u64 d = hp_virtio_device_cfg(card, addr);
+			if (!d)
+				kv_str("device_cfg", "none");
+			else if (dev == 0x1042)
+				kv_dec("capacity", rd32(d) | (u64)rd32(d + 4) << 32);
+			else if (dev == 0x1041) {
+				u8 mac[6];
+				for (u32 i = 0; i < 6; i++)
+					mac[i] = rd8(d + i);
+				kv_mac("mac", mac);
+			}
+		}
+	}
+	eol();
+	hp_step("unplug-ready");
+	eol();
+
+	/* 6. the attention button: let go of the card as pciehp does (without its
+	 * 5 s of grace), power off with the indicator off, the card leaves */
+	n = HPOLL(hp_sta() & SLTSTA_ABP, HP_HOST_MS);
+	if (n == HPOLL_FAIL) {
+		hp_timeout("button", "abp");
+		return;
+	}
+	hp_step("button");
+	kv_dec("polls", n);
+	hp_state();
+	hp_clear(SLTSTA_ABP);
+	kv_hex("slotsta_after", hp_sta());
+	eol();
+	if ((id & 0xffff) != 0xffff && (id & 0xffff))
+		cfg_wr16(card, 0x04, (u16)(cfg_rd(card, 0x04) & 0xfff9));
+	ctl = (hp_ctl() & ~SLTCTL_PIC) | SLTCTL_PCC | SLTCTL_PIC_OFF;
+	cc = hp_command(ctl, "removed");
+	if (cc == HPOLL_FAIL)
+		return;
+	n = HPOLL(!(hp_sta() & SLTSTA_PDS), HP_GONE_MS);
+	if (n == HPOLL_FAIL) {
+		hp_timeout("removed", "pds");
+		return;
+	}
+	sta = hp_sta();
+	hp_step("removed");
+	kv_hex("written", ctl);
+	kv_dec("cc_polls", cc);
+	kv_dec("polls", n);
+	hp_state();
+	kv_hex("vendor", cfg_rd(card, 0) & 0xffff);
+	hp_clear(sta & SLTSTA_EVENTS);
+	kv_hex("slotsta_after", hp_sta());
+	kv_dec("intsts_after", intsts(hp.bdf));
+	eol();
+}
+
 /* ---- RTC interrupts (pyhv.rtc-irq) --------------------------------------- */
 /*
  * ISA IRQ 8 through the IOAPIC (edge, active high, after any MADT override) on
@@ -4517,8 +4991,9 @@ void guest_main(u32 proto, u64 info)
 		has_switch("pyhv.virtio-net=intx");
 	int p9_sw = has_switch("pyhv.virtio-9p") || has_switch("pyhv.virtio-9p=msix") ||
 		has_switch("pyhv.virtio-9p=intx");
+	int hotplug_sw = has_switch("pyhv.hotplug");
 	if (has_switch("pyhv.pci") || usb_sw || barmove_sw || virtio_sw || console_sw || net_sw ||
-	    p9_sw)
+	    p9_sw || hotplug_sw)
 		report_pci();
 	if (usb_sw)
 		report_usb();
@@ -4526,6 +5001,8 @@ void guest_main(u32 proto, u64 info)
 		report_barmove();
 	if (virtio_sw || console_sw || net_sw || p9_sw)
 		report_virtio(virtio_sw, console_sw, net_sw, p9_sw);
+	if (hotplug_sw)
+		report_hotplug();
 	line("end");
 	eol();
 	if (has_switch("pyhv.wait=powerbutton"))

@@ -55,6 +55,11 @@ class DeviceManager:
     def get(self, ident: str) -> Optional[DeviceRecord]:
         return self._devices.get(ident)
 
+    def remove(self, ident: str) -> None:
+        """A device unplugged while the machine runs."""
+        with self._lock:
+            self._devices.pop(ident, None)
+
     def find(self, device: object) -> Optional[DeviceRecord]:
         for rec in self._devices.values():
             if rec.device is device:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Optional
 
 from pyhv.engine.bus import Bus, BusError, Region
 from pyhv.engine.pci.config import (
-    CAP_ID_EXP,
     CAP_ID_PM,
     CMD_INTX_DISABLE,
     COMMAND,
@@ -268,6 +267,12 @@ class PciBridge(PciFunction):
     def subordinate(self) -> int:
         return self.config.get(SUBORDINATE_BUS, 1)
 
+    @property
+    def visible(self) -> bool:
+        """Whether what is behind the bridge answers configuration cycles (a root
+        port's slot without power: no)."""
+        return True
+
     def reset(self) -> None:
         super().reset()
         for child in self.children.values():
@@ -282,18 +287,3 @@ def pci_bridge(name: str, chassis_nr: int) -> PciBridge:
     cfg.add_capability(0x04, pack("BB", 0, chassis_nr))  # slot identification
     cfg.add_capability(CAP_ID_PM, *pm_capability())
     return PciBridge(cfg, name)
-
-
-def pcie_root_port(name: str, port: int, slot: int, multifunction: bool = False) -> PciBridge:
-    """QEMU's ``pcie-root-port`` (1b36:000c) with its PCI Express capability."""
-    cfg = ConfigSpace(REDHAT, 0x000C, CLASS_PCI_BRIDGE, header_type=1, interrupt_pin=1,
-                      pcie=True, multifunction=multifunction)
-    body, wmask = pcie_capability(PCIE_ROOT_PORT, slot=slot)
-    lc = PCIE_LINK_CAPS
-    body = body[:lc] + (int.from_bytes(body[lc:lc + 4], "little") | (port << 24)).to_bytes(
-        4, "little") + body[lc + 4:]
-    cfg.add_capability(CAP_ID_EXP, body, wmask)
-    cfg.add_capability(CAP_ID_PM, *pm_capability())
-    bridge = PciBridge(cfg, name)
-    bridge.kind = "pcie-root-port"
-    return bridge

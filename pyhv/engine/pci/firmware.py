@@ -49,6 +49,12 @@ MEM_GRANULE = 0x10_0000
 ROOT_PORT_RESERVE = (0, 2 * MEM_GRANULE, 2 * MEM_GRANULE)
 
 
+def intx_gsi(gsis: tuple[int, ...], root_slot: int, swizzle: int, pin: int) -> int:
+    """The GSI of INTx pin ``pin`` (1 = INTA) of a function whose path from bus 0
+    starts at slot ``root_slot`` and is swizzled by ``swizzle`` below it."""
+    return gsis[(root_slot + (pin - 1 + swizzle) % 4) % len(gsis)]
+
+
 class PciFirmwareError(ResourceError):
     """The devices do not fit in the machine's PCI windows."""
 
@@ -218,8 +224,7 @@ class PciFirmware:
             pin = fn.config.get(INTERRUPT_PIN, 1)
             extra = swizzle + (slot if parent is not None else 0)
             if pin and self.gsis:
-                gsi = self.gsis[(at_root + (pin - 1 + extra) % 4) % len(self.gsis)]
-                self.intx.append((fn, gsi))
+                self.intx.append((fn, intx_gsi(self.gsis, at_root, extra, pin)))
             if isinstance(fn, PciBridge):
                 child_swizzle = extra if parent is not None else 0
                 self._enable_and_route(fn.children, fn, at_root, child_swizzle)

@@ -14,7 +14,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from pyhv.config import ControllerConfig, PciAddress, VmConfig, machine_family
+from pyhv.config import (
+    ControllerConfig,
+    DiskConfig,
+    NetConfig,
+    PciAddress,
+    VmConfig,
+    machine_family,
+)
 from pyhv.engine import layout
 from pyhv.engine.block import BlockError
 from pyhv.engine.bus import Bus
@@ -22,6 +29,7 @@ from pyhv.engine.devices import InterruptLine
 from pyhv.engine.errors import EngineError
 from pyhv.engine.host import HostResources
 from pyhv.engine.memory import GuestMemory
+from pyhv.engine.pci.config import INTERRUPT_PIN
 from pyhv.engine.pci.device import (
     HostBridge,
     IsaBridge,
@@ -29,10 +37,10 @@ from pyhv.engine.pci.device import (
     PciBuses,
     PciFunction,
     pci_bridge,
-    pcie_root_port,
 )
-from pyhv.engine.pci.firmware import PciFirmware
+from pyhv.engine.pci.firmware import PciFirmware, intx_gsi
 from pyhv.engine.pci.root import ConfigIo, Ecam, PciRoot, bdf_text
+from pyhv.engine.pci.rootport import RootPort, pcie_root_port
 from pyhv.engine.resources import AddressAllocator
 from pyhv.engine.virtio.device import VirtioDevice
 
@@ -76,6 +84,8 @@ class BridgeSpec:
     #: pcie-root-port: port number and the physical slot (chassis-unique)
     port: int = 0
     chassis: int = 0
+    #: pcie-root-port: a hotplug slot (libvirt's ``<target hotplug='off'/>``: not)
+    hotplug: bool = True
 
 
 @dataclass
@@ -88,6 +98,8 @@ class PciPlatform:
     bridges: list[PciBridge] = field(default_factory=list)
     #: (function, GSI) of every function with an INTx pin, as firmware routed them
     intx: list[tuple[PciFunction, int]] = field(default_factory=list)
+    #: the buses BARs go on (after :meth:`attach`)
+    buses: Optional[PciBuses] = None
 
     @property
     def express(self) -> bool:
@@ -100,10 +112,48 @@ class PciPlatform:
         if self.ecam is not None:
             mmio.insert(layout.PCIE_ECAM_START, self.ecam.size, self.ecam, "pci-ecam")
         buses = PciBuses(pio, mmio)
+        self.buses = buses
         for fn, gsi in self.intx:
             fn.set_intx(line_for(gsi), gsi)
         for _bus, _dfn, fn, _parent in self.root.walk():
             fn.attach(buses)
+
+    def port(self, name: str) -> Optional[RootPort]:
+        """The root port called ``name`` (libvirt's alias, ``pci.N``)."""
+        return next((b for b in self.bridges if isinstance(b, RootPort) and b.name == name),
+                    None)
+
+    def plug(self, port: RootPort, fn: PciFunction,
+             line_for: Callable[[int], InterruptLine]) -> None:
+        """Hot-add ``fn`` in ``port``'s slot: its INTx wired as firmware would have
+        wired it there (a line from ``line_for``), its BARs unassigned (the guest
+        assigns them), the card in."""
+        assert self.buses is not None, "attach first"
+        pin = fn.config.get(INTERRUPT_PIN, 1)
+        if pin:
+            gsi = intx_gsi(PCI_INTX_GSIS, self._root_slot(port), 0, pin)
+            fn.set_intx(line_for(gsi), gsi)
+            self.intx.append((fn, gsi))
+        fn.attach(self.buses)
+        with port.lock:
+            port.plug(fn)
+
+    def unplug(self, port: RootPort) -> list[PciFunction]:
+        """Take the card out of ``port``'s slot; its functions, off the buses."""
+        with port.lock:
+            gone = port.unplug()
+        for fn in gone:
+            with fn.lock:
+                fn.detach()
+            self.intx = [(f, g) for f, g in self.intx if f is not fn]
+        return gone
+
+    def _root_slot(self, port: RootPort) -> int:
+        for _bus, dfn, fn, parent in self.root.walk():
+            if fn is port:
+                assert parent is None, "root ports sit on bus 0"
+                return dfn >> 3
+        raise ValueError(f"{port.name} is not on this machine")
 
     def detach(self) -> None:
         for _bus, _dfn, fn, _parent in self.root.walk():
@@ -150,18 +200,7 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             out.append((c.id, c.address, VirtioConsole(ports, c.max_ports or 31)))
     for d in cfg.disks:
         assert d.address is not None and d.id is not None, "place the config first"
-        if d.source_type == "vhostuser":
-            from pyhv.engine.vhost_user.frontend import vhost_user_blk
-            out.append((d.id, d.address, vhost_user_blk(
-                host.vhost_user.get(d.id) if host is not None else None, d.queues,
-                d.reconnect)))
-            continue
-        from pyhv.engine.virtio.blk import VirtioBlk
-        if open_files:
-            blk = VirtioBlk.from_config(d, d.queues)
-        else:
-            blk = VirtioBlk(_Unopened(d.path, d.readonly), d.serial, d.queues)
-        out.append((d.id, d.address, blk))
+        out.append((d.id, d.address, disk_device(d, open_files, host)))
     for fs in cfg.filesystems:
         assert fs.address is not None and fs.id is not None, "place the config first"
         if fs.driver != "9p":
@@ -175,20 +214,7 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
                                                        fs.accessmode, fs.lower), fs.tag)))
     for n in cfg.nets:
         assert n.address is not None and n.id is not None, "place the config first"
-        if n.backend == "vhost-user":
-            from pyhv.engine.vhost_user.frontend_net import VhostUserNet
-            from pyhv.engine.virtio.net import mac_bytes
-            out.append((n.id, n.address, VhostUserNet(
-                host.vhost_user.get(n.id) if host is not None else None,
-                mac_bytes(n.mac or _mac(n.id)), n.queues, n.mtu, n.link_up, n.reconnect)))
-            continue
-        from pyhv.engine.net.tap import Tap
-        from pyhv.engine.virtio.net import VirtioNet, mac_bytes
-        tap = host.taps.get(n.id) if host is not None else None
-        if tap is None:
-            tap = Tap.unopened(n.ifname or "tap", n.queues)
-        out.append((n.id, n.address, VirtioNet(tap, mac_bytes(n.mac or _mac(n.id)),
-                                                n.queues, n.mtu, n.link_up)))
+        out.append((n.id, n.address, net_device(n, host)))
     for r in cfg.rngs:
         assert r.address is not None and r.id is not None, "place the config first"
         from pyhv.engine.virtio.rng import VirtioRng
@@ -205,6 +231,39 @@ def virtio_devices(cfg: VmConfig, open_files: bool = True,
             balloon.set_target(cfg.current_memory)
         out.append((b.id, b.address, balloon))
     return out
+
+
+def disk_device(d: DiskConfig, open_files: bool = True,
+                host: Optional[HostResources] = None) -> VirtioDevice:
+    """A placed disk's device model: its image opened (unless ``open_files`` is off,
+    for a description), or its vhost-user backend's connection from ``host``."""
+    assert d.id is not None, "place the config first"
+    if d.source_type == "vhostuser":
+        from pyhv.engine.vhost_user.frontend import vhost_user_blk
+        return vhost_user_blk(host.vhost_user.get(d.id) if host is not None else None,
+                              d.queues, d.reconnect)
+    from pyhv.engine.virtio.blk import VirtioBlk
+    if open_files:
+        return VirtioBlk.from_config(d, d.queues)
+    return VirtioBlk(_Unopened(d.path, d.readonly), d.serial, d.queues)
+
+
+def net_device(n: NetConfig, host: Optional[HostResources] = None) -> VirtioDevice:
+    """A placed NIC's device model on its tap (or vhost-user backend) from ``host``
+    (without one: a description, nothing opened)."""
+    assert n.id is not None, "place the config first"
+    from pyhv.engine.virtio.net import mac_bytes
+    mac = mac_bytes(n.mac or _mac(n.id))
+    if n.backend == "vhost-user":
+        from pyhv.engine.vhost_user.frontend_net import VhostUserNet
+        return VhostUserNet(host.vhost_user.get(n.id) if host is not None else None,
+                            mac, n.queues, n.mtu, n.link_up, n.reconnect)
+    from pyhv.engine.net.tap import Tap
+    from pyhv.engine.virtio.net import VirtioNet
+    tap = host.taps.get(n.id) if host is not None else None
+    if tap is None:
+        tap = Tap.unopened(n.ifname or "tap", n.queues)
+    return VirtioNet(tap, mac, n.queues, n.mtu, n.link_up)
 
 
 def _mac(ident: str) -> str:
@@ -289,7 +348,7 @@ def bridge_specs(controllers: Sequence[ControllerConfig]) -> list[BridgeSpec]:
         parent = order.index(addr.bus) if addr.bus else None
         specs.append(BridgeSpec(c.model, PciSlot(addr.slot, addr.function, parent),
                                 c.id or f"pci.{c.index}", port=c.port or 0,
-                                chassis=c.chassis or 0))
+                                chassis=c.chassis or 0, hotplug=c.hotplug))
     return specs
 
 
@@ -352,8 +411,9 @@ def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
         root.add(None, 1, 0, IsaBridge(PIIX3_ISA, "PIIX3 ISA bridge", multifunction=False))
     built: list[PciBridge] = []
     for spec in bridges:
+        b: PciBridge
         if spec.model == "pcie-root-port":
-            b = pcie_root_port(spec.name, spec.port, 0)
+            b = pcie_root_port(spec.name, spec.port, 0, hotplug=spec.hotplug)
         elif spec.model == "pci-bridge":
             b = pci_bridge(spec.name, spec.chassis)
         else:
@@ -365,6 +425,9 @@ def build_pci(family: str, ram_size: int, bridges: Sequence[BridgeSpec] = (),
         root.add(built[at.parent] if at.parent is not None else None, at.slot, at.function,
                  fn)
     _mark_multifunction(root)
+    for port in built:
+        if isinstance(port, RootPort) and port.hotplug:
+            port.settle()  # cold-plugged cards: powered, the link up
     mmio64 = mmio64_window(ram_size)
     fw = PciFirmware(root,
                      AddressAllocator("PCI I/O", PCI_IO_START, PCI_IO_END),

@@ -67,6 +67,8 @@ class PciRoot:
             for child in table.values():
                 if isinstance(child, PciBridge) and \
                         0 < child.secondary <= bus <= child.subordinate:
+                    if not child.visible:
+                        return None
                     table, current = child.children, child.secondary
                     break
             else:

@@ -398,6 +398,12 @@ class VirtioPciFunction(PciFunction):
             self.on_notify_moved(None if before is None else before + NOTIFY_OFFSET,
                                  None if after is None else after + NOTIFY_OFFSET)
 
+    def detach(self) -> None:
+        at = self.mapped.get(MODERN_BAR)
+        super().detach()
+        if at is not None and self.on_notify_moved is not None:  # KVM lets go of the fds
+            self.on_notify_moved(at + NOTIFY_OFFSET, None)
+
     def close(self) -> None:
         for fd in self.notify_fds:
             os.close(fd)
