@@ -339,8 +339,12 @@ class NetConfig:
     ifname: Optional[str] = None
     #: tap: inherited, already-opened tap file descriptors, one per queue pair
     fds: tuple[int, ...] = ()
-    #: tap: inherited vhost-net descriptors (libvirt's; the data path stays in pyhv)
+    #: tap: inherited vhost-net descriptors (libvirt's), one per queue pair
     vhost_fds: tuple[int, ...] = ()
+    #: tap: the kernel's vhost-net data path: True asked for (libvirt's ``<driver
+    #: name='vhost'>``, QEMU's ``vhost=on``), False not (``name='qemu'``), None where
+    #: the host has it; without a usable one pyhv's userspace data path serves
+    vhost: Optional[bool] = None
     #: queue pairs (``<driver queues=N>``, QEMU's ``mq``/``queues``)
     queues: int = 1
     #: the MTU the guest is told (``<mtu size=>``, ``host_mtu``); None: not offered

@@ -380,6 +380,16 @@ def test_interface_queues_mtu_and_link_round_trip() -> None:
                                "<model type='virtio'/><mtu size='20'/></interface>").encode())
 
 
+@pytest.mark.parametrize("driver,vhost", [("", None), ("<driver name='vhost'/>", True),
+                                          ("<driver name='qemu' queues='2'/>", False)])
+def test_interface_driver_name_chooses_the_data_path(driver: str, vhost: object) -> None:
+    xml = dom(devices="<interface type='bridge'><source bridge='br0'/>"
+                      f"<model type='virtio'/>{driver}</interface>")
+    cfg = map_domain(xml.encode()).config
+    assert cfg.nets[0].vhost is vhost
+    assert parse_domain(to_xml(cfg).encode()) == cfg
+
+
 QCOW2_DISK = """<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
   <source file='/var/lib/libvirt/images/top.qcow2' index='3'/>
   {backing}

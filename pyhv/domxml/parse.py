@@ -1087,9 +1087,11 @@ class _Mapper:
                            "<target dev='tap0'/>)")
         drv = el.find("driver")
         queues = 1
+        vhost = None
         if drv is not None:
             self.mark(drv)
-            self.choice(drv, "name", ("vhost", "qemu"), None, "driver name")
+            name = self.choice(drv, "name", ("vhost", "qemu"), None, "driver name")
+            vhost = None if name is None else name == "vhost"
             if self.attr(drv, "queues") is not None:
                 queues = self.integer(drv, drv.get("queues"), "queues", 1)
         link = el.find("link")
@@ -1106,7 +1108,8 @@ class _Mapper:
             return NetConfig("vhost-user" if kind == "vhostuser" else "tap", ifname,
                              bridge=bridge, network=network, socket=socket, server=server,
                              mac=mac, queues=queues, mtu=mtu, link_up=link_up,
-                             reconnect=reconnect)
+                             reconnect=reconnect,
+                             vhost=vhost if kind != "vhostuser" else None)
         except ConfigError as e:
             self.fail(el, str(e))
 

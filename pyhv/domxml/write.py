@@ -304,8 +304,9 @@ def to_xml(cfg: VmConfig) -> str:
         if n.ifname and n.backend == "tap":
             _sub(el, "target", dev=n.ifname)
         _sub(el, "model", type="virtio")
-        if n.queues > 1:
-            _sub(el, "driver", queues=str(n.queues))
+        if n.queues > 1 or n.vhost is not None:
+            _sub(el, "driver", queues=str(n.queues) if n.queues > 1 else None,
+                 name=None if n.vhost is None else "vhost" if n.vhost else "qemu")
         if n.mtu is not None:
             _sub(el, "mtu", size=str(n.mtu))
         if not n.link_up:

@@ -9,6 +9,8 @@ or a missing bridge fails the start with one line) and closed when it ends.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,6 +29,8 @@ class HostResources:
     serials: dict[int, HostEnd] = field(default_factory=dict)
     #: vhost-user backends' connections, by device id (disks and NICs)
     vhost_user: dict[str, Any] = field(default_factory=dict)
+    #: the kernel's vhost-net descriptors, by NIC id (NICs without: userspace)
+    vhost_net: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: VmConfig) -> "HostResources":
@@ -70,6 +74,34 @@ class HostResources:
                 self.taps[n.id] = Tap.adopt(n.fds)
             else:
                 self.taps[n.id] = Tap.open(n.ifname or "tap%d", n.queues, n.bridge, n.mtu)
+            self._open_vhost_net(n)
+
+    def _open_vhost_net(self, n: NetConfig) -> None:
+        """The NIC's vhost-net descriptors, libvirt's or ``/dev/vhost-net`` opened;
+        where the kernel has none to give (or refuses), one line says so and pyhv's
+        userspace data path serves the NIC."""
+        from pyhv.engine.net.vhost_net import DEVICE, VhostNetBackend, VhostNetError
+
+        assert n.id is not None
+        what = f"interface {n.id}"
+        tap = self.taps[n.id]
+        try:
+            if n.vhost_fds:
+                if len(n.vhost_fds) != len(tap.fds):
+                    raise VhostNetError(f"{what}: {len(n.vhost_fds)} vhost-net "
+                                        f"descriptors for {len(tap.fds)} queue pairs")
+                self.vhost_net[n.id] = VhostNetBackend(n.vhost_fds, what)
+            elif n.vhost or (n.vhost is None and os.path.exists(DEVICE)):
+                self.vhost_net[n.id] = VhostNetBackend.open(len(tap.fds), what)
+        except VhostNetError as e:
+            for fd in n.vhost_fds:  # inherited, and not used
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if n.vhost is not None or n.vhost_fds:  # asked for: say why it is not used
+                print(f"pyhv: {e}; using pyhv's userspace virtio-net data path",
+                      file=sys.stderr, flush=True)
 
     def release(self, ident: str) -> None:
         """Close what device ``ident`` had (it was unplugged)."""
@@ -79,6 +111,9 @@ class HostResources:
         client = self.vhost_user.pop(ident, None)
         if client is not None:
             client.close()
+        vhost = self.vhost_net.pop(ident, None)
+        if vhost is not None:
+            vhost.close()
 
     def close(self) -> None:
         for end in self.ports.values():
@@ -89,7 +124,10 @@ class HostResources:
             end.close()
         for client in self.vhost_user.values():
             client.close()
+        for vhost in self.vhost_net.values():
+            vhost.close()
         self.ports, self.taps, self.serials, self.vhost_user = {}, {}, {}, {}
+        self.vhost_net = {}
 
 
 #: how long pyhv waits for a vhost-user backend: to answer (pyhv connects) or to

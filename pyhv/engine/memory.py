@@ -283,6 +283,14 @@ class GuestMemory:
                 return i
         raise InvalidGuestAddress(addr, size)
 
+    def host_address(self, addr: int, size: int) -> int:
+        """Where ``[addr, addr+size)`` (within one region) is in this process (for
+        the kernel's vhost, which reads guest RAM through pyhv's mappings)."""
+        import ctypes
+
+        r = self.regions[self.region_index(addr, size)]
+        return ctypes.addressof(ctypes.c_char.from_buffer(r.buffer)) + addr - r.guest_addr
+
     def contains(self, addr: int, size: int = 1) -> bool:
         try:
             self.region_index(addr, size)

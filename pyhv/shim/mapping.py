@@ -1709,16 +1709,14 @@ class _Builder:
             if fds and len(fds) != queues and "queues" in nd:
                 raise _usage(nd.where, f"{len(fds)} tap descriptors for {queues} queues")
             queues = max(queues, len(fds))
-            if vhost:
-                self.note(f"{nd.where}: vhost-net is not used; pyhv's virtio-net runs "
-                          "in userspace")
             ifname = nd.get_str("ifname")
             nic = NicSpec(spec.id, mac.lower(), "tap", nid, fds, ifname,
                           vhost_fds, vhost, queues, None, opts.get_int("bootindex"),
                           opts.get_int("host_mtu"), spec.addr)
             try:
                 net = NetConfig("tap", ifname=ifname if not fds else None, fds=fds,
-                                vhost_fds=vhost_fds, queues=queues, mac=mac.lower(),
+                                vhost_fds=vhost_fds, vhost=vhost, queues=queues,
+                                mac=mac.lower(),
                                 mtu=opts.get_int("host_mtu"), id=spec.id,
                                 address=self.config_address(spec))
             except ConfigError as e:

@@ -216,8 +216,6 @@ class ShimMachine:
         except EngineError as e:
             b.hot_forget(spec.id)
             raise QmpError(str(e)) from None
-        for fd in getattr(spec, "vhost_fds", ()):  # pyhv's virtio-net runs in userspace
-            _close_fd(fd)
         self.plan = dataclasses.replace(
             self.plan, devices=self.plan.devices + (b.devices[-1],),
             disks=self.plan.disks + ((spec,) if isinstance(spec, DiskSpec) else ()),
@@ -629,9 +627,3 @@ def _image_chain(backend: Any, spec: Any) -> tuple[ImageDesc, ...]:
             bool(header is not None and header.incompatible & 1), length, node, file_node))
     return tuple(out)
 
-
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -259,10 +259,13 @@ def net_device(n: NetConfig, host: Optional[HostResources] = None) -> VirtioDevi
         return VhostUserNet(host.vhost_user.get(n.id) if host is not None else None,
                             mac, n.queues, n.mtu, n.link_up, n.reconnect)
     from pyhv.engine.net.tap import Tap
-    from pyhv.engine.virtio.net import VirtioNet
+    from pyhv.engine.virtio.net import VhostNet, VirtioNet
     tap = host.taps.get(n.id) if host is not None else None
     if tap is None:
         tap = Tap.unopened(n.ifname or "tap", n.queues)
+    vhost = host.vhost_net.get(n.id) if host is not None else None
+    if vhost is not None:  # the kernel's data path
+        return VhostNet(tap, vhost, mac, len(tap.fds), n.mtu, n.link_up)
     return VirtioNet(tap, mac, n.queues, n.mtu, n.link_up)
 
 

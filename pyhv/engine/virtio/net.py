@@ -31,9 +31,9 @@ import functools
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from pyhv.engine.memory import GuestMemory
+from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.net.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -43,8 +43,16 @@ from pyhv.engine.net.tap import (
     Tap,
     TapError,
 )
-from pyhv.engine.virtio.device import TYPE_NET, Interrupts, VirtioDevice
-from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue
+from pyhv.engine.net.vhost_net import VhostNetBackend, VhostNetError
+from pyhv.engine.virtio.device import (
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    F_VERSION_1,
+    TYPE_NET,
+    Interrupts,
+    VirtioDevice,
+)
+from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue, VirtioError
 
 if TYPE_CHECKING:
     from pyhv.engine.eventloop import EventLoop
@@ -618,3 +626,146 @@ def _skip(views: list[memoryview], n: int) -> list[memoryview]:
         out.append(v[n:])
         n = 0
     return out
+
+
+#: the ring-layout features the kernel must have for the guest to be offered them
+_KERNEL_RING_FEATURES = F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX
+
+
+class VhostNet(VirtioNet):
+    """virtio-net whose receive and transmit rings the kernel's vhost-net serves
+    (one descriptor per queue pair, each on its pair's tap queue), as QEMU's
+    ``vhost=on``.  pyhv keeps the configuration space, the control queue and the
+    link: a link taken down, or a pair the guest turns off, detaches the tap from
+    the kernel's rings.  The receive filter the guest programs is recorded (QMP
+    ``query-rx-filter``) but not enforced: frames no longer pass through pyhv.  The
+    kernel signals used buffers on eventfds the machine's loop turns into the
+    queues' interrupts."""
+
+    def __init__(self, tap: Tap, vhost: VhostNetBackend, mac: bytes, pairs: int = 1,
+                 mtu: Optional[int] = None, link_up: bool = True) -> None:
+        super().__init__(tap, mac, pairs, mtu, link_up)
+        if len(vhost.fds) != pairs:
+            raise ValueError("one vhost-net descriptor per queue pair")
+        self.vhost = vhost
+        # merged receive buffers only where the kernel merges them
+        if not vhost.features & F_MRG_RXBUF:
+            self.features &= ~F_MRG_RXBUF
+        self.offer_mask = ~(_KERNEL_RING_FEATURES & ~vhost.features)
+        #: set by the engine: the transport's notify eventfds (the kernel reads them)
+        self.kick_fds: Sequence[int] = ()
+        self.call_fds: list[int] = []
+        self.local_queues = frozenset({2 * pairs})
+        #: pairs whose rings the kernel was given, and those with their tap attached
+        self._rings: set[int] = set()
+        self._attached: set[int] = set()
+
+    # ---- the engine: call eventfds on the loop -------------------------------------------
+    def open_calls(self) -> None:
+        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                         for _ in self.queue_sizes]
+
+    def start(self, loop: "EventLoop") -> None:
+        self._loop = loop
+        for i, fd in enumerate(self.call_fds[:2 * self.pairs]):
+            loop.add_reader(fd, functools.partial(self._call, i), f"{self.kind} call {i}")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            for fd in self.call_fds:
+                self._loop.remove_reader(fd)
+        self._loop = None
+
+    def _call(self, index: int, _fd: int) -> None:
+        try:
+            os.eventfd_read(self.call_fds[index])
+        except BlockingIOError:
+            return
+        interrupts = self.interrupts
+        if interrupts is not None:
+            self.guard(lambda: interrupts.queue(index))
+
+    def _watch(self) -> None:
+        return None  # the kernel reads the taps
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def activate(self, memory, queues, interrupts, features) -> None:  # type: ignore[no-untyped-def]
+        super().activate(memory, queues, interrupts, features)
+        try:
+            self.vhost.set_features(features & self.vhost.features)
+            self.vhost.set_mem_table([(r.guest_addr, r.size,
+                                       memory.host_address(r.guest_addr, r.size))
+                                      for r in memory.regions])
+            for pair in range(self.pairs):
+                rings = (queues[2 * pair], queues[2 * pair + 1])
+                if not all(q.ready for q in rings):
+                    continue
+                for ring, q in enumerate(rings):
+                    index = 2 * pair + ring
+                    self.vhost.set_ring(
+                        pair, ring, q.size,
+                        memory.host_address(q.desc_addr, 16 * q.size),
+                        memory.host_address(q.avail_addr, 6 + 2 * q.size),
+                        memory.host_address(q.used_addr, 6 + 8 * q.size),
+                        self.kick_fds[index], self.call_fds[index])
+                self._rings.add(pair)
+            self._attach()
+        except (VhostNetError, GuestMemoryError) as e:
+            raise VirtioError(f"{self.kind}: {e}") from None
+
+    def _attach(self) -> None:
+        """The tap queues behind the rings of the active pairs while the link is up."""
+        want = {p for p in self._rings if p < self.active_pairs} if self.link_up else set()
+        for pair in sorted(self._attached - want):
+            for ring in (0, 1):
+                self.vhost.set_backend(pair, ring, -1)
+            self._attached.discard(pair)
+        for pair in sorted(want - self._attached):
+            for ring in (0, 1):
+                self.vhost.set_backend(pair, ring, self.tap.fds[pair])
+            self._attached.add(pair)
+
+    def _stop_rings(self) -> None:
+        try:
+            for pair in sorted(self._attached):
+                for ring in (0, 1):
+                    self.vhost.set_backend(pair, ring, -1)
+            for pair in sorted(self._rings):
+                for ring in (0, 1):
+                    self.vhost.ring_base(pair, ring)
+        except VhostNetError:
+            pass  # a descriptor the kernel no longer takes: nothing runs on it
+        self._attached, self._rings = set(), set()
+
+    def reset(self) -> None:
+        self._stop_rings()
+        for fd in self.call_fds:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+        super().reset()
+
+    def _link_changed(self) -> None:
+        try:
+            self._attach()
+        except VhostNetError as e:
+            raise VirtioError(f"{self.kind}: {e}") from None
+
+    def _set_pairs(self, pairs: int) -> bool:
+        if not super()._set_pairs(pairs):
+            return False
+        try:
+            self._attach()
+        except VhostNetError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """The device model ends: the kernel lets go of the rings (the descriptors
+        and the taps are the machine's)."""
+        self.stop()
+        self._stop_rings()
+        for fd in self.call_fds:
+            os.close(fd)
+        self.call_fds = []
