@@ -134,6 +134,16 @@ class FakeMachine:
     def blockdev_del(self, name: str) -> None:
         self.calls.append(f"blockdev-del {name}")
 
+    def add_fd(self, fdset: Optional[int], fd: int, opaque: Optional[str]) -> int:
+        self.calls.append(f"add-fd {fdset} {opaque}")
+        os.close(fd)
+        return 5 if fdset is None else fdset
+
+    def remove_fd(self, fdset: int, fd: Optional[int]) -> None:
+        if fdset != 5:
+            raise QmpError(f"File descriptor named 'fdset-id={fdset}' not found")
+        self.calls.append(f"remove-fd {fdset} {fd}")
+
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(0, [(32, "serial0-source")]), (3, [(40, None), (41, None)])]
 
@@ -372,6 +382,10 @@ def test_getfd_names_the_descriptor_that_came_with_it() -> None:
     assert c.err("netdev_add", type="tap", id="hostnet2", fd="tap0")[1] == \
         "File descriptor named 'tap0' has not been found"  # taken by the first
     os.close(r)
+    c.session.conn.receive_fds([os.dup(w)])
+    assert c.ok("add-fd", opaque="rw:/x")["fdset-id"] == 5
+    assert c.err("add-fd")[1] == "No file descriptor supplied via SCM_RIGHTS"
+    c.ok("remove-fd", **{"fdset-id": 5})
     c.session.conn.receive_fds([w])
     c.ok("getfd", fdname="w")
     assert c.ok("closefd", fdname="w") == {}

@@ -240,6 +240,17 @@ def test_hotplug_commands(guests, tmp_path):
         os.close(r)
         assert q.cmd("closefd", fdname="pipe") == {}
         assert "not found" in _error(q, "closefd", fdname="pipe")
+        q.sock.sendmsg([json.dumps({"execute": "add-fd", "id": "add-fd",
+                                    "arguments": {"opaque": "rw:/x"}}).encode() + b"\n"],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+                           __import__("array").array("i", [w])).cast("B")))])
+        added = q._read()
+        assert added["return"]["fdset-id"] == 0, added
+        assert q.cmd("query-fdsets") == [{"fdset-id": 0, "fds": [
+            {"fd": added["return"]["fd"], "opaque": "rw:/x"}]}]
+        assert "not found" in _error(q, "remove-fd", **{"fdset-id": 7})
+        q.cmd("remove-fd", **{"fdset-id": 0})
+        assert q.cmd("query-fdsets") == []
         os.close(w)
         assert open_fds() == before
 

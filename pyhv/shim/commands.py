@@ -158,6 +158,12 @@ class MachineControl(Protocol):
 
     def netdev_del(self, ident: str) -> None: ...
 
+    def add_fd(self, fdset: Optional[int], fd: int, opaque: Optional[str]) -> int:
+        """Put ``fd`` in fd set ``fdset`` (None: a new one); the set's id."""
+        ...
+
+    def remove_fd(self, fdset: int, fd: Optional[int]) -> None: ...
+
     def blockdev_add(self, args: dict[str, Any]) -> None: ...
 
     def blockdev_del(self, name: str) -> None: ...
@@ -859,6 +865,22 @@ class Commands:
         if old is not None:
             _close(old)
         self.named_fds[name] = fd
+
+    def cmd_add_fd(self, args: dict[str, Any], conn: QmpConnection) -> Any:
+        """Put the descriptor that came with this command in an fd set."""
+        fd = conn.take_fd()
+        if fd is None:
+            raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+        if self.machine is None:
+            _close(fd)
+            raise QmpError("add-fd: there is no machine (-machine none)")
+        fdset = self.machine.add_fd(args.get("fdset-id"), fd, args.get("opaque"))
+        return {"fdset-id": fdset, "fd": fd}
+
+    def cmd_remove_fd(self, args: dict[str, Any], conn: QmpConnection) -> None:
+        if self.machine is None:
+            raise QmpError(f"File descriptor named 'fdset-id={args['fdset-id']}' not found")
+        self.machine.remove_fd(args["fdset-id"], args.get("fd"))
 
     def cmd_closefd(self, args: dict[str, Any], conn: QmpConnection) -> None:
         fd = self.named_fds.pop(args["fdname"], None)

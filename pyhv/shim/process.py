@@ -20,7 +20,7 @@ from pyhv.shim.commands import (
     VcpuInfo,
 )
 from pyhv.shim.errors import ShimError
-from pyhv.shim.mapping import DiskSpec, NicSpec
+from pyhv.shim.mapping import DiskSpec, FdSetEntry, NicSpec
 from pyhv.shim.qmp import DEVICE_NOT_FOUND, QmpError
 
 if TYPE_CHECKING:
@@ -394,6 +394,36 @@ class ShimMachine:
     def fdsets(self) -> Sequence[tuple[int, Sequence[tuple[int, Optional[str]]]]]:
         return [(n, [(e.fd, e.opaque) for e in entries])
                 for n, entries in sorted(self.plan.options.fdsets.items())]
+
+    def add_fd(self, fdset: Optional[int], fd: int, opaque: Optional[str]) -> int:
+        """A descriptor into fd set ``fdset`` (None: the lowest free set); the set."""
+        sets = self.plan.options.fdsets
+        if fdset is None:
+            fdset = next(n for n in range(len(sets) + 1) if n not in sets)
+        sets[fdset] = sets.get(fdset, ()) + (FdSetEntry(fd, opaque),)
+        if self.plan.builder is not None:  # /dev/fdset/N paths of later blockdev-adds
+            self.plan.builder.fdsets[fdset] = list(sets[fdset])
+        return fdset
+
+    def remove_fd(self, fdset: int, fd: Optional[int]) -> None:
+        sets = self.plan.options.fdsets
+        entries = sets.get(fdset, ())
+        gone = [e for e in entries if fd is None or e.fd == fd]
+        if not gone:
+            what = f"fdset-id={fdset}" + (f" fd={fd}" if fd is not None else "")
+            raise QmpError(f"File descriptor named '{what}' not found")
+        for e in gone:
+            try:
+                os.close(e.fd)
+            except OSError:
+                pass
+        left = tuple(e for e in entries if e not in gone)
+        if left:
+            sets[fdset] = left
+        else:
+            del sets[fdset]
+        if self.plan.builder is not None:
+            self.plan.builder.fdsets[fdset] = list(left)
 
 
 class ShimProcess:

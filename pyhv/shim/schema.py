@@ -238,6 +238,7 @@ TYPES: Final[tuple[TypeDef, ...]] = (
     Struct("MigrationInfo", (opt("status", "MigrationStatus"),)),
     Struct("FdsetFdInfo", (req("fd", "int"), opt("opaque", "str"))),
     Struct("FdsetInfo", (req("fdset-id", "int"), req("fds", "[FdsetFdInfo]"))),
+    Struct("AddfdInfo", (req("fdset-id", "int"), req("fd", "int"))),
     # ---- block layer (pyhv's -blockdev subset)
     Enum("BlockdevDriver", BLOCKDEV_DRIVERS),
     Enum("BlockdevDiscardOptions", ("ignore", "unmap")),
@@ -389,6 +390,8 @@ COMMANDS: Final[tuple[CommandDef, ...]] = (
     CommandDef("query-migrate", returns="MigrationInfo"),
     CommandDef("query-fdsets", returns="[FdsetInfo]"),
     CommandDef("getfd", (req("fdname", "str"),)),
+    CommandDef("add-fd", (opt("fdset-id", "int"), opt("opaque", "str")), "AddfdInfo"),
+    CommandDef("remove-fd", (req("fdset-id", "int"), opt("fd", "int"))),
     CommandDef("closefd", (req("fdname", "str"),)),
     CommandDef("balloon", (req("value", "int"),)),
     CommandDef("block_resize", (opt("device", "str"), opt("node-name", "str"),
