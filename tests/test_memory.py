@@ -437,3 +437,68 @@ def test_e820_map(size: int) -> None:
                                          layout.E820_RAM)]
     else:
         assert high == []
+
+
+@pytest.mark.parametrize("bits,n", SCALARS)
+def test_the_last_region_hit_still_refuses_what_lies_outside_it(mem: GuestMemory, bits: int,
+                                                                 n: int) -> None:
+    """After an access to the high region (the accessors' second inline check), each
+    bad address is refused all the same, and both regions keep their own bytes."""
+    mem.fill(LO, LO_SIZE, 0x33)
+    mem.fill(HI, HI_SIZE, 0x44)
+    for addr in scalar_bad_addrs(n):
+        getattr(mem, f"read_u{bits}")(HI)  # the high region is the last hit
+        with pytest.raises(InvalidGuestAddress):
+            getattr(mem, f"read_u{bits}")(addr)
+        with pytest.raises(InvalidGuestAddress):
+            getattr(mem, f"write_u{bits}")(addr, 0)
+        with pytest.raises(InvalidGuestAddress):
+            mem.view(addr, n)
+    for a in (HI, LO, HI + HI_SIZE - n, LO + LO_SIZE - n):
+        assert getattr(mem, f"read_u{bits}")(a) == int.from_bytes(
+            bytes([0x44 if a >= HI else 0x33]) * n, "little")
+
+
+READER = r"""
+import mmap, struct, sys
+fd, offset, fmt, a, b, n = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                            int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+m = mmap.mmap(fd, 4096, offset=offset)
+s = struct.Struct(fmt)
+print("ready", flush=True)
+seen = set()
+for _ in range(n):
+    seen.add(s.unpack_from(m, 0x100)[0])
+print(sorted(seen))
+"""
+
+
+@pytest.mark.parametrize("bits,a,b", [(16, 0x00FF, 0x0100), (32, 0x0000FFFF, 0x00010000),
+                                      (64, 0xFFFFFFFF, 1 << 32)])
+def test_another_cpu_never_sees_an_index_half_written(bits: int, a: int, b: int) -> None:
+    """What a guest CPU (here another process on the same shared memory) reads of a
+    ring index pyhv is updating is the old value or the new one, never a mixture or
+    a zero (``struct.pack_into`` zero-fills before it stores)."""
+    import subprocess
+    import sys
+
+    mem = GuestMemory.shared_fd([(0, 1 << 16)])
+    write = getattr(mem, f"write_u{bits}")
+    write(0x100, a)
+    r = mem.regions[0]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(r.fd), str(r.fd_offset),
+         {16: "<H", 32: "<I", 64: "<Q"}[bits], str(a), str(b), "2000000"],
+        pass_fds=[r.fd], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        while reader.poll() is None:
+            for _ in range(1000):
+                write(0x100, b)
+                write(0x100, a)
+        seen = reader.stdout.read().strip()
+    finally:
+        reader.kill()
+        reader.wait()
+        mem.close()
+    assert seen == str(sorted({a, b})), seen

@@ -82,12 +82,27 @@ class GuestMemory:
 
     def _fast_region(self) -> None:
         """The lowest region, checked inline by the accessors before the general
-        lookup (rings and buffers nearly always lie there)."""
+        lookup (rings and buffers of small guests lie there), and the region the
+        last other access hit (a big guest's memory above 4 GiB, a vhost-user
+        frontend's second region): one tuple, swapped whole, so that threads
+        racing on it each see a consistent (first, end, view)."""
         if self._views:
             self._lo_first, self._lo_end = self._bounds[0]
             self._lo_view: Optional[memoryview] = self._views[0]
+            self._hit: tuple[int, int, Optional[memoryview]] = (*self._bounds[0],
+                                                                self._views[0])
         else:  # closed or empty: no address passes the inline check
             self._lo_first, self._lo_end, self._lo_view = 1, 0, None
+            self._hit = (1, 0, None)
+
+    def _slow(self, addr: int, size: int) -> tuple[memoryview, int]:
+        """The view of the region holding ``[addr, addr+size)`` and the offset in it
+        (the last-hit cache updated), or raise."""
+        i = self.region_index(addr, size)
+        first, end = self._bounds[i]
+        view = self._views[i]
+        self._hit = (first, end, view)
+        return view, addr - first
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -286,8 +301,6 @@ class GuestMemory:
     def host_address(self, addr: int, size: int) -> int:
         """Where ``[addr, addr+size)`` (within one region) is in this process (for
         the kernel's vhost, which reads guest RAM through pyhv's mappings)."""
-        import ctypes
-
         r = self.regions[self.region_index(addr, size)]
         return ctypes.addressof(ctypes.c_char.from_buffer(r.buffer)) + addr - r.guest_addr
 
@@ -308,9 +321,12 @@ class GuestMemory:
         if first <= addr and 0 <= size and addr + size <= self._lo_end:
             off = addr - first
             return self._lo_view[off:off + size]  # type: ignore[index]
-        i = self.region_index(addr, size)
-        off = addr - self.regions[i].guest_addr
-        return self._views[i][off:off + size]
+        first, end, v = self._hit
+        if first <= addr and 0 <= size and addr + size <= end:
+            off = addr - first
+            return v[off:off + size]  # type: ignore[index]
+        v, off = self._slow(addr, size)
+        return v[off:off + size]
 
     def read(self, addr: int, size: int) -> bytes:
         return bytes(self.view(addr, size))
@@ -327,16 +343,29 @@ class GuestMemory:
         first = self._lo_first
         if first <= addr and addr + s.size <= self._lo_end:
             return s.unpack_from(self._lo_view, addr - first)[0]  # type: ignore[arg-type,no-any-return]
-        i = self.region_index(addr, s.size)
-        return s.unpack_from(self._views[i], addr - self.regions[i].guest_addr)[0]  # type: ignore[no-any-return]
+        first, end, v = self._hit
+        if first <= addr and addr + s.size <= end:
+            return s.unpack_from(v, addr - first)[0]  # type: ignore[arg-type,no-any-return]
+        v, off = self._slow(addr, s.size)
+        return s.unpack_from(v, off)[0]  # type: ignore[no-any-return]
 
     def _pack(self, s: struct.Struct, addr: int, value: int) -> None:
+        # never ``pack_into``: it zero-fills the destination before it stores, so
+        # a guest CPU reading a ring index meanwhile could see 0; a slice assignment
+        # copies the packed bytes in one go (one store for an aligned index)
+        n = s.size
         first = self._lo_first
-        if first <= addr and addr + s.size <= self._lo_end:
-            s.pack_into(self._lo_view, addr - first, value)  # type: ignore[arg-type]
+        if first <= addr and addr + n <= self._lo_end:
+            off = addr - first
+            self._lo_view[off:off + n] = s.pack(value)  # type: ignore[index]
             return
-        i = self.region_index(addr, s.size)
-        s.pack_into(self._views[i], addr - self.regions[i].guest_addr, value)
+        first, end, v = self._hit
+        if first <= addr and addr + n <= end:
+            off = addr - first
+            v[off:off + n] = s.pack(value)  # type: ignore[index]
+            return
+        v, off = self._slow(addr, n)
+        v[off:off + n] = s.pack(value)
 
     def read_u8(self, addr: int) -> int:
         return self._unpack(_U8, addr)
@@ -367,17 +396,27 @@ class GuestMemory:
         first = self._lo_first
         if first <= addr and addr + s.size <= self._lo_end:
             return s.unpack_from(self._lo_view, addr - first)  # type: ignore[arg-type]
-        i = self.region_index(addr, s.size)
-        return s.unpack_from(self._views[i], addr - self.regions[i].guest_addr)
+        first, end, v = self._hit
+        if first <= addr and addr + s.size <= end:
+            return s.unpack_from(v, addr - first)  # type: ignore[arg-type]
+        v, off = self._slow(addr, s.size)
+        return s.unpack_from(v, off)
 
     def write_struct(self, fmt: Union[str, struct.Struct], addr: int, *values: object) -> None:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        n = s.size  # as _pack: packed, then copied (pack_into zero-fills first)
         first = self._lo_first
-        if first <= addr and addr + s.size <= self._lo_end:
-            s.pack_into(self._lo_view, addr - first, *values)  # type: ignore[arg-type]
+        if first <= addr and addr + n <= self._lo_end:
+            off = addr - first
+            self._lo_view[off:off + n] = s.pack(*values)  # type: ignore[index]
             return
-        i = self.region_index(addr, s.size)
-        s.pack_into(self._views[i], addr - self.regions[i].guest_addr, *values)
+        first, end, v = self._hit
+        if first <= addr and addr + n <= end:
+            off = addr - first
+            v[off:off + n] = s.pack(*values)  # type: ignore[index]
+            return
+        v, off = self._slow(addr, n)
+        v[off:off + n] = s.pack(*values)
 
     def close(self) -> None:
         """Release the host mappings (the guest must no longer run)."""

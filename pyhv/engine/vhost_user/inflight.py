@@ -114,6 +114,9 @@ class InflightRegion:
             pass
 
 
+_H, _Q = struct.Struct("=H"), struct.Struct("=Q")
+
+
 class QueueState:
     """One queue's region in the shared memory."""
 
@@ -127,7 +130,10 @@ class QueueState:
         return int(struct.unpack_from("=H", self.mem, self.base + off)[0])
 
     def _set_u16(self, off: int, value: int) -> None:
-        struct.pack_into("=H", self.mem, self.base + off, value & 0xFFFF)
+        # never pack_into: it zero-fills before it stores, and a backend killed in
+        # between would leave a 0 for the next one to read
+        at = self.base + off
+        self.mem[at:at + 2] = _H.pack(value & 0xFFFF)
 
     @property
     def version(self) -> int:
@@ -148,14 +154,15 @@ class QueueState:
     # ---- as the device takes and completes chains ----------------------------------
     def take(self, head: int) -> None:
         d = self._desc(head)
-        struct.pack_into("=Q", self.mem, d + 8, self.counter)
+        self.mem[d + 8:d + 16] = _Q.pack(self.counter)
         self.counter = (self.counter + 1) & _U64
         self.mem[d] = 1
 
     def before_used(self, head: int) -> None:
         """The head becomes the last batch (of one) before its used entry is
         published."""
-        struct.pack_into("=H", self.mem, self._desc(head) + 6, self._u16(_LAST_BATCH_HEAD))
+        at = self._desc(head) + 6
+        self.mem[at:at + 2] = _H.pack(self._u16(_LAST_BATCH_HEAD))
         self._set_u16(_LAST_BATCH_HEAD, head)
 
     def after_used(self, head: int, used_idx: int) -> None:
@@ -173,7 +180,7 @@ class QueueState:
             self._set_u16(_DESC_NUM, self.capacity)
             self._set_u16(_LAST_BATCH_HEAD, 0)
             self._set_u16(_USED_IDX, used_idx)
-            struct.pack_into("=H", self.mem, self.base + _VERSION, VERSION)
+            self._set_u16(_VERSION, VERSION)
             self.counter = 0
             return []
         if self.version != VERSION:
