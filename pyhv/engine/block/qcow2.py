@@ -606,10 +606,11 @@ class Qcow2Backend(CheckedBackend):
             else:
                 n += (mask - i) * cs
             n = min(n, total - pos)
-            part = _slice(views, pos, n)
+            part = views if n == total else _slice(views, pos, n)
             if kind == NORMAL:
                 self._host(entry)
-                self._host(table[i + (within + n - 1) // cs])  # type: ignore[index]
+                if within + n > cs:  # the run's last cluster is checked too
+                    self._host(table[i + (within + n - 1) // cs])  # type: ignore[index]
                 self.file.read_into((entry & OFFSET_MASK) + within, part)
             elif kind == UNALLOCATED and self.backing is not None:
                 self._read_backing(off, part, n)

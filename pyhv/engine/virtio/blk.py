@@ -40,7 +40,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
 
 from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
 from pyhv.engine.memory import GuestMemoryError
@@ -128,9 +128,9 @@ class BlkLimits:
     max_write_zeroes_seg: int = MAX_WRITE_ZEROES_SEG
 
 
-@dataclass(frozen=True)
-class BlkRequest:
-    """One parsed request: what to do, or the status it already failed with."""
+class BlkRequest(NamedTuple):
+    """One parsed request: what to do, or the status it already failed with (a named
+    tuple: one is made per request)."""
 
     type: int
     sector: int
@@ -191,7 +191,9 @@ def parse_request(chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:
         return BlkRequest(-1, 0, reason="no device-writable status byte")
     last_addr, last_len = writable[-1]
     status_addr = last_addr + last_len - 1
-    if not memory.contains(status_addr, 1):
+    try:
+        memory.view(status_addr, 1)
+    except GuestMemoryError:
         return BlkRequest(-1, 0, reason=f"status byte {status_addr:#x} is not guest RAM")
     data_in = writable[:-1] + ([(last_addr, last_len - 1)] if last_len > 1 else [])
     in_len = sum(n for _, n in data_in)
@@ -200,15 +202,22 @@ def parse_request(chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:
         return BlkRequest(rtype, sector, status_addr=status_addr, status=status, reason=why)
 
     readable = _extents(chain.readable)
-    if sum(n for _, n in readable) < HEADER.size:
-        return fail(S_IOERR, "request header shorter than 16 bytes")
-    try:
-        rtype, _reserved, sector = HEADER.unpack(_read(memory, readable, HEADER.size))
-    except GuestMemoryError:
-        return fail(S_IOERR, "request header is not guest RAM")
-    data_out = _skip(readable, HEADER.size)
+    if readable and readable[0][1] == HEADER.size:  # the usual layout: a header of its own
+        try:
+            rtype, _reserved, sector = memory.read_struct(HEADER, readable[0][0])
+        except GuestMemoryError:
+            return fail(S_IOERR, "request header is not guest RAM")
+        data_out = readable[1:]
+    else:
+        if sum(n for _, n in readable) < HEADER.size:
+            return fail(S_IOERR, "request header shorter than 16 bytes")
+        try:
+            rtype, _reserved, sector = HEADER.unpack(_read(memory, readable, HEADER.size))
+        except GuestMemoryError:
+            return fail(S_IOERR, "request header is not guest RAM")
+        data_out = _skip(readable, HEADER.size)
     out_len = sum(n for _, n in data_out)
-    name = TYPE_NAMES.get(rtype, f"type {rtype}")
+    name = TYPE_NAMES.get(rtype) or f"type {rtype}"
 
     if rtype in (T_IN, T_OUT):
         data, length = (data_in, in_len) if rtype == T_IN else (data_out, out_len)

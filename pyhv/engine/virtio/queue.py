@@ -17,8 +17,7 @@ addresses) raises :class:`QueueError` (the device needs a reset).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from pyhv.engine.errors import EngineError
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
@@ -51,8 +50,9 @@ class ChainError(VirtioError):
     head: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
+    """One buffer of a chain (a named tuple: made for every descriptor walked)."""
+
     addr: int
     length: int
     writable: bool
@@ -254,8 +254,7 @@ class SplitQueue:
                                  f"the queue")
             ttl -= 1
             try:
-                addr, length, flags, nxt = _DESC.unpack(memory.read(table + DESC_SIZE * index,
-                                                                    DESC_SIZE))
+                addr, length, flags, nxt = memory.read_struct(_DESC, table + DESC_SIZE * index)
             except GuestMemoryError as e:
                 raise ChainError(f"descriptor {index} is not in guest RAM") from e
             if flags & DESC_F_INDIRECT:
