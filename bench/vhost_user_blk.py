@@ -95,6 +95,13 @@ DATA_END = 0x300000
 DESC = struct.Struct("<QIHH")
 HDR = struct.Struct("<IIQ")
 U16 = struct.Struct("<H")
+
+
+def _store16(mv: memoryview, off: int, value: int) -> None:
+    """A ring index the other side may be reading: one copy of the packed value
+    (``pack_into`` zero-fills before it stores, and a reader could see 0)."""
+    mv[off:off + 2] = U16.pack(value)
+
 U32 = struct.Struct("<I")
 
 
@@ -189,7 +196,8 @@ class Driver:
         kind = T_OUT if case.write else T_IN
         ring_avail = avail + 4
         used_event = avail + 4 + 2 * QUEUE
-        pack_hdr, pack16, unpack32 = HDR.pack_into, U16.pack_into, U32.unpack_from
+        pack_hdr, unpack32 = HDR.pack_into, U32.unpack_from
+        pack16 = _store16
         kick, poll, call = self.kick, self.poller.poll, self.call
         n_off = len(offsets)
         free = list(range(case.depth))
@@ -329,7 +337,7 @@ def null_backend(sock_path: str) -> int:
                 struct.pack_into("<II", mv, used + 4 + 8 * (new % num), head, 1)
                 new = (new + 1) & 0xFFFF
                 last = (last + 1) & 0xFFFF
-            U16.pack_into(mv, used + 2, new)
+            _store16(mv, used + 2, new)
         ring["last"], ring["used_idx"] = last, new
         if new == old:
             return

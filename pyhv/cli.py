@@ -142,6 +142,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     vub.add_argument("--discard", choices=("ignore", "unmap"), default="ignore",
                      help="unmap: offer DISCARD and free the ranges the guest trims "
                           "(default ignore, as QEMU's)")
+    vub.add_argument("--poll-us", type=int, default=32, metavar="US",
+                     help="watch a ring this long for more requests after a batch before "
+                          "sleeping on its kick (default 32, as QEMU's iothreads; 0: never)")
 
     vun = sub.add_parser("vhost-user-net", help="serve a tap to another VMM (QEMU's "
                                                 "-netdev vhost-user) over vhost-user")
@@ -355,9 +358,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "vhost-user-blk":
             from pyhv.engine.vhost_user import blk as vublk
 
+            if not 0 <= args.poll_us <= 1000:
+                _fail(f"--poll-us {args.poll_us}: 0 to 1000 microseconds", EXIT_USAGE)
             return vublk.serve(args.socket, vublk.make_device(
                 args.disk, readonly=args.readonly, cache=args.cache, queues=args.queues,
-                fmt=args.format, serial=args.serial, discard=args.discard))
+                fmt=args.format, serial=args.serial, discard=args.discard),
+                poll_us=args.poll_us)
     except PyhvError as e:
         _fail(str(e), e.exit_status)
     except KeyboardInterrupt:

@@ -437,3 +437,12 @@ def test_a_full_disk_pauses_until_sigcont(guests, tmp_path):
     assert "Traceback" not in res["stderr"]
     assert bytes.fromhex(res["sector"]) == bytes((i * 7 + 3) & 0xFF for i in range(512))
     assert "@end" in out.read_text(), res["stderr"]
+
+
+def test_vhost_user_blk_poll_window_is_bounded(tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 4096)
+    p = pyhv("vhost-user-blk", "--socket", str(tmp_path / "s"), "--disk", str(disk),
+             "--poll-us", "5000")
+    assert_one_line_error(p, "--poll-us 5000")
+    assert not (tmp_path / "s").exists()

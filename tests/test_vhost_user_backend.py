@@ -54,7 +54,10 @@ S_OK, S_IOERR = 0, 1
 class Served:
     """A backend on its own loop thread, listening at a socket path."""
 
-    def __init__(self, tmp: Path, queues: int = 1, readonly: bool = False) -> None:
+    def __init__(self, tmp: Path, queues: int = 1, readonly: bool = False,
+                 poll_us: int = 0) -> None:
+        """``poll_us`` 0 by default: the tests here publish requests without a kick
+        and expect them to wait (the polling test sets it)."""
         self.image = tmp / "disk.img"
         if not self.image.exists():
             self.image.write_bytes(bytes(range(256)) * (DISK // 256))
@@ -63,7 +66,8 @@ class Served:
                                   serial=SERIAL)
         self.logs: list[str] = []
         self.loop = EventLoop(log=self.logs.append)
-        self.backend = Backend(self.device, self.loop, log=self.logs.append)
+        self.backend = Backend(self.device, self.loop, log=self.logs.append,
+                               poll_us=poll_us)
         self.server = Server(self.path, self.backend)
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
@@ -72,6 +76,18 @@ class Served:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.connect(self.path)
         return Frontend(s)
+
+    def on_loop(self, fn):  # type: ignore[no-untyped-def]
+        """Run ``fn`` on the backend's loop thread (after what it is doing); its result."""
+        done = threading.Event()
+        out = []
+
+        def run() -> None:
+            out.append(fn())
+            done.set()
+        self.loop.call_soon_threadsafe(run)
+        assert done.wait(5)
+        return out[0]
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Until the backend dropped its frontend."""
@@ -149,6 +165,45 @@ def test_blk_requests_reach_the_host_file_and_the_call_fires(served):
         assert base == VringState(0, 6)                          # six requests taken
     finally:
         fe.close()
+
+
+@pytest.mark.parametrize("poll_us", [0, 1000])
+def test_a_request_made_while_the_backend_polls_is_served_without_a_kick(tmp_path, poll_us):
+    """The driver adds a request while the backend is still on the ring after a batch
+    (here: as the first batch completes, from the backend's own thread, so that it is
+    there before the first look): with polling it is served in the same pass, no kick
+    needed; without, it waits for one."""
+    served = Served(tmp_path, poll_us=poll_us)
+    fe = served.connect()
+    try:
+        ready(fe)
+        d = fe.drivers[0]
+        notify = served.device.queue_notify
+        later: list[tuple[int, int]] = []
+
+        def add_one_more(index: int) -> None:
+            notify(index)
+            if not later:  # the driver's next request, published, not kicked
+                head, outs = d.add([struct.pack("<IIQ", T_IN, 0, 2)], [SECTOR, 1])
+                later.append((head, outs[-1][0]))
+        served.device.queue_notify = add_one_more  # type: ignore[method-assign]
+        first, _outs = d.add([struct.pack("<IIQ", T_IN, 0, 1)], [SECTOR, 1])
+        fe.kick(0)
+        assert fe.wait_call(0)
+        served.on_loop(lambda: None)  # the backend is back on its loop: the pass is over
+        used = [h for h, _len in d.take_used()]
+        d.set_used_event(d.last_used)  # as a driver does: interrupt me for the next one
+        (head, status_addr), = later
+        if poll_us:
+            assert used == [first, head] and fe.memory.read_u8(status_addr) == S_OK
+        else:
+            assert used == [first]
+            fe.kick(0)
+            assert fe.wait_call(0)
+            assert [h for h, _len in d.take_used()] == [head]
+    finally:
+        fe.close()
+        served.close()
 
 
 def test_data_buffers_in_the_other_region_are_translated(served):

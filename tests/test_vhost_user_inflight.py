@@ -19,7 +19,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -76,15 +75,7 @@ class Region:
 
 def on_loop(served: Served, fn):  # type: ignore[no-untyped-def]
     """Run ``fn`` on the backend's loop thread; its result."""
-    done = threading.Event()
-    out = []
-
-    def run() -> None:
-        out.append(fn())
-        done.set()
-    served.loop.call_soon_threadsafe(run)
-    assert done.wait(5)
-    return out[0]
+    return served.on_loop(fn)
 
 
 def start(fe: Frontend, info_fd=None) -> tuple[Inflight, int]:  # type: ignore[no-untyped-def]

@@ -45,6 +45,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -160,14 +161,22 @@ class _CallInterrupts:
         return None
 
 
+#: how long a ring is watched for more requests after a batch (QEMU's iothreads:
+#: poll-max-ns 32768), and the most one kick keeps the loop on one ring
+POLL_US = 32
+POLL_CAP_NS = 1_000_000
+
+
 class Backend:
     """Serves ``device`` to one frontend at a time (see the module's description)."""
 
     def __init__(self, device: VirtioDevice, loop: EventLoop, log: Log = _stderr,
-                 inflight: Optional[bool] = None) -> None:
+                 inflight: Optional[bool] = None, poll_us: int = POLL_US) -> None:
         """``inflight``: offer INFLIGHT_SHMFD (default: for devices in
-        :data:`REPLAYABLE`)."""
+        :data:`REPLAYABLE`); ``poll_us``: how long a ring is watched for new requests
+        after a batch before the backend sleeps on its kick (0: never)."""
         self.device = device
+        self.poll_ns = poll_us * 1000
         self.loop = loop
         self.log = log
         self.features = device.features | TRANSPORT_FEATURES
@@ -611,8 +620,24 @@ class Backend:
             return
         try:
             # nothing new (a ring that just started or was enabled): no spurious call
-            if v.queue.pending(self.memory):
-                self.device.queue_notify(index)
+            q, memory = v.queue, self.memory
+            if not q.pending(memory):
+                return
+            self.device.queue_notify(index)
+            if not self.poll_ns:
+                return
+            # the driver's next requests often come within microseconds: watch the
+            # ring a while (QEMU's iothreads poll 32 us) rather than sleep and be
+            # woken by a kick; never longer than POLL_CAP_NS in a row, so other rings
+            # and the frontend's messages are served
+            now = time.perf_counter_ns
+            start = last = now()
+            while last - start < POLL_CAP_NS:
+                if q.pending(memory):
+                    self.device.queue_notify(index)
+                    last = now()
+                elif now() - last > self.poll_ns:
+                    return
         except (VirtioError, GuestMemoryError) as e:
             self.log(f"ring {index} stopped, the driver broke it: {e}")
             self._stop(index)

@@ -9,19 +9,21 @@ from typing import Optional
 
 from pyhv.engine.eventloop import EventLoop
 from pyhv.engine.signals import signal_pipe
-from pyhv.engine.vhost_user.backend import Backend, Server
+from pyhv.engine.vhost_user.backend import POLL_US, Backend, Server
 from pyhv.engine.virtio.device import VirtioDevice
 
 
-def serve(socket_path: str, device: VirtioDevice, *, quiet: bool = False) -> int:
-    """Serve ``device`` at ``socket_path`` until SIGTERM/SIGINT; the exit status."""
+def serve(socket_path: str, device: VirtioDevice, *, quiet: bool = False,
+          poll_us: int = POLL_US) -> int:
+    """Serve ``device`` at ``socket_path`` until SIGTERM/SIGINT; the exit status
+    (``poll_us``: how long a ring is watched after a batch, see :class:`Backend`)."""
     with signal_pipe(signal.SIGTERM, signal.SIGINT) as sig:
         loop = EventLoop()
         server: Optional[Server] = None
         try:
             if hasattr(device, "schedule"):  # timers (virtio-rng's rate limit) on the loop
                 device.schedule = lambda delay, work: loop.call_later(delay, work)
-            backend = Backend(device, loop)
+            backend = Backend(device, loop, poll_us=poll_us)
             server = Server(socket_path, backend)
             start = getattr(device, "start", None)
             if start is not None:  # host ends the device reads (a tap) on the loop
