@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import mmap
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pyhv.engine.boot import (
 )
 from pyhv.engine.bus import Bus, Sink
 from pyhv.engine.chardev import HostEnd
+from pyhv.engine.coalesced import PAGE_SIZE, CoalescedPio
 from pyhv.engine.console import HostSerial
 from pyhv.engine.cpuid import (
     BOOT_MSRS,
@@ -225,6 +227,8 @@ class Platform:
     closers: list[Callable[[], None]] = field(default_factory=list)
     #: what each virtio function (by id) put on the lists above
     attached: dict[str, "Attached"] = field(default_factory=dict)
+    #: the coalesced port-I/O ring (None: this KVM has none)
+    coalesced: Optional[CoalescedPio] = None
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -588,6 +592,47 @@ def attach_vcpus(kvm: Kvm, vm: VmFd, cfg: VmConfig, topo: Topology,
     return vcpus
 
 
+def attach_coalesced(vm: VmFd, vcpus: list[Vcpu], pio: Bus, serial: Serial16550,
+                     closers: list[Callable[[], None]]) -> Optional[CoalescedPio]:
+    """Coalesced port writes where nobody waits for them (see
+    :mod:`pyhv.engine.coalesced`): the POST port always, COM1's data register while
+    the UART has no interrupt enabled.  None where this KVM cannot."""
+    if not vcpus or not vm.check_extension(abi.CAP_COALESCED_PIO):
+        return None
+    try:
+        page = mmap.mmap(vcpus[0].fd.fd, PAGE_SIZE, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=abi.COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE)
+    except (OSError, ValueError):
+        return None
+    co = CoalescedPio(memoryview(page), pio)
+
+    def close() -> None:
+        co.ring.release()
+        page.close()
+    closers.append(close)
+    try:
+        vm.coalesced_pio(layout.POST_PORT, 1)
+    except KvmError:
+        return None
+    co.ports.add(layout.POST_PORT)
+
+    def on_ier(ier: int) -> None:  # a vCPU wrote IER (the queued bytes went first)
+        want, have = ier == 0, layout.COM1_PORT in co.ports
+        if want == have:
+            return
+        try:
+            vm.coalesced_pio(layout.COM1_PORT, 1, register=want)
+        except KvmError:
+            return  # the port keeps exiting: slower, still right
+        (co.ports.add if want else co.ports.discard)(layout.COM1_PORT)
+    serial.on_ier = on_ier
+    on_ier(0)  # interrupts are off after a reset
+    for v in vcpus:
+        v.coalesced = co
+    return co
+
+
 def set_boot_msrs(fd: object, msrs: Optional[dict[int, int]] = None) -> None:
     """Write :data:`BOOT_MSRS` (or ``msrs``), skipping any this KVM refuses."""
     pending = dict(BOOT_MSRS if msrs is None else msrs)
@@ -645,6 +690,7 @@ def create_platform(kvm: Kvm, memory: GuestMemory, host_addrs: list[int], cfg: V
         attach_virtio(plat, hooks)
         topo = guest_topology(cfg)
         plat.vcpus = attach_vcpus(kvm, vm, cfg, topo, pio, mmio, hooks, cpu)
+        plat.coalesced = attach_coalesced(vm, plat.vcpus, pio, serial, plat.closers)
         plat.cpuid0 = cpu.table(0, topo)
         plat.cpu_filtered = cpu.filtered
         return plat

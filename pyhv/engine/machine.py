@@ -224,6 +224,24 @@ class Machine:
             rtc.schedule = functools.partial(_schedule_from_any_thread, loop)
         for dev in self.platform.served:
             dev.start(loop)  # type: ignore
+        self._flush_coalesced(loop, self.platform)
+
+    def _flush_coalesced(self, loop: EventLoop, plat: Platform) -> None:
+        """Queued port writes reach their devices even while every vCPU idles (a
+        vCPU applies them before each exit; this timer between exits)."""
+        from pyhv.engine.coalesced import FLUSH_INTERVAL
+
+        co = plat.coalesced
+        if co is None:
+            return
+
+        def flush() -> None:
+            if self.platform is not plat or self._loop is not loop:
+                return  # the platform or the loop is gone: so is the timer
+            if co.pending():
+                co.drain()
+            loop.call_later(FLUSH_INTERVAL, flush, "coalesced port writes")
+        loop.call_later(FLUSH_INTERVAL, flush, "coalesced port writes")
 
     def _unwatch(self) -> None:
         rtc = self.rtc()

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from pyhv.engine.boot import EntryState, Segment
 from pyhv.engine.bus import Bus
+from pyhv.engine.coalesced import CoalescedPio
 from pyhv.engine.kvm import KvmError, VcpuFd, abi
 from pyhv.engine.kvm._ffi import ffi
 from pyhv.engine.kvm.exits import (
@@ -147,6 +148,8 @@ class Vcpu:
         #: the placement the thread had when it ended (whoever set it: a successor
         #: thread after a reset gets the same)
         self.final_placement: Optional[ThreadPlacement] = None
+        #: the VM's coalesced port-I/O ring (queued writes applied before each exit)
+        self.coalesced: Optional[CoalescedPio] = None
 
     @property
     def thread_id(self) -> int:
@@ -254,6 +257,7 @@ class Vcpu:
 
     def _loop(self) -> None:
         pio, mmio, fd = self.pio, self.mmio, self.fd
+        co = self.coalesced
         if not self._checkpoint():
             return
         while True:
@@ -267,6 +271,8 @@ class Vcpu:
             except KvmError as e:
                 self._report("kvm-error", str(e))
                 return
+            if co is not None and co.pending():  # earlier writes before this exit
+                co.drain()
             if isinstance(ex, IoOut):
                 size, data = ex.size, ex.data
                 if ex.count == 1:  # ``out`` (not ``outs``): no item loop

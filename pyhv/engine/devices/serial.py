@@ -107,6 +107,8 @@ class Serial16550:
         self.irq = irq
         self.out = out
         self.on_input_space = on_input_space
+        #: the interrupt enable register changed (its new value; under the lock)
+        self.on_ier: Callable[[int], None] | None = None
         self.input_capacity = input_capacity
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
@@ -245,6 +247,8 @@ class Serial16550:
         if self._ier & IER_THRE and not old & IER_THRE:
             # enabling ETBEI while THR is empty raises the THRE interrupt
             self._thr_pending = True
+        if self._ier != old and self.on_ier is not None:
+            self.on_ier(self._ier)
 
     def _write_fcr(self, value: int) -> bool:
         """Apply an FCR write; returns whether receive space was freed."""

@@ -209,6 +209,12 @@ CAP_X2APIC_API = 129
 CAP_IMMEDIATE_EXIT = 136
 CAP_GET_MSR_FEATURES = 153
 CAP_PMU_CAPABILITY = 212
+CAP_COALESCED_PIO = 162
+#: ``KVM_(UN)REGISTER_COALESCED_MMIO``: struct kvm_coalesced_mmio_zone (addr u64,
+#: size u32, pio u32) is 16 bytes; the ring's page in a vCPU's mapping (x86)
+REGISTER_COALESCED_MMIO = iow(0x67, 16)
+UNREGISTER_COALESCED_MMIO = iow(0x68, 16)
+COALESCED_MMIO_PAGE_OFFSET = 2
 
 #: KVM_CAP_PMU_CAPABILITY's argument: no virtual PMU for the VM's vCPUs
 PMU_CAP_DISABLE = 1 << 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from typing import Iterable, Optional
 
 from pyhv.engine.kvm import abi
 from pyhv.engine.kvm._ffi import ffi
-from pyhv.engine.kvm.ioctl import ioctl
+from pyhv.engine.kvm.ioctl import KvmError, ioctl
 from pyhv.engine.kvm.vcpu import VcpuFd
 
 
@@ -121,6 +123,15 @@ class VmFd:
     def enable_cap(self, cap: int, *args: int) -> None:
         ioctl(self.fd, "KVM_ENABLE_CAP", ffi.new("struct kvm_enable_cap *", {
             "cap": cap, "args": list(args) + [0] * (4 - len(args))}))
+
+    def coalesced_pio(self, port: int, size: int, register: bool = True) -> None:
+        """Queue guest writes to ``[port, port+size)`` in the coalesced ring instead
+        of exiting (``register`` False: exit again)."""
+        request = abi.REGISTER_COALESCED_MMIO if register else abi.UNREGISTER_COALESCED_MMIO
+        try:
+            fcntl.ioctl(self.fd, request, struct.pack("=QII", port, size, 1))
+        except OSError as e:
+            raise KvmError("KVM_(UN)REGISTER_COALESCED_MMIO", e.errno or 0) from None
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id)
