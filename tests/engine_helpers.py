@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -62,3 +63,20 @@ def wait_for_output(machine: Machine, path: Path, needle: str, timeout: float = 
         machine.process_events()
         if machine.finished:
             raise AssertionError(f"machine ended before {needle!r}: {machine.last_event}")
+
+
+def unix_client(path: str, deadline: float) -> socket.socket:
+    """A connection to the unix socket a VMM is about to listen on (QMP), tried until
+    ``deadline`` (time.monotonic())."""
+    import time
+
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from engine_helpers import unix_client
 from guests.report import Report, StepValue, parse_report
 
 from pyhv.config import (
@@ -247,16 +248,7 @@ class Qmp:
     (with its data) while ``command`` waits for its own reply."""
 
     def __init__(self, path: str, deadline: float) -> None:
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = unix_client(path, deadline)
         self.rfile = self.sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
         self.replies: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from engine_helpers import unix_client
 from guests.report import Report, StepValue, VirtioFunction, parse_report
 from test_virtio_guest import (
     ASKED_QUEUE_SIZE,
@@ -389,16 +390,7 @@ class Qmp:
     its answer; events are kept."""
 
     def __init__(self, path: str, deadline: float) -> None:
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = unix_client(path, deadline)
         self.sock.settimeout(HOST_TIMEOUT)
         self.file = self.sock.makefile("rwb")
         self.events: list[str] = []

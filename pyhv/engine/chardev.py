@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 from pyhv.config import SerialConfig
 from pyhv.engine.console import ConsoleError, open_output_file, open_pty
+from pyhv.engine.fds import close_fds
 
 if TYPE_CHECKING:
     from pyhv.engine.eventloop import EventLoop
@@ -186,11 +187,7 @@ class FdEnd(HostEnd):
 
     def close(self) -> None:
         super().close()
-        for fd in self._owned:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._owned)
         self._owned = ()
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from pyhv.config import SerialConfig
 from pyhv.engine.errors import EngineError
+from pyhv.engine.fds import close_fds
 
 if TYPE_CHECKING:
     from pyhv.engine.eventloop import EventLoop
@@ -90,11 +91,7 @@ class HostSerial:
         self._owned = owned
 
     def close(self) -> None:
-        for fd in self._owned:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._owned)
         self._owned = ()
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from pyhv.config import DiskConfig, NetConfig, SerialConfig, VmConfig
 from pyhv.engine.chardev import HostEnd, open_end
+from pyhv.engine.fds import close_fds
 from pyhv.engine.net.tap import Tap, TapError
 
 
@@ -94,11 +95,7 @@ class HostResources:
             elif n.vhost or (n.vhost is None and os.path.exists(DEVICE)):
                 self.vhost_net[n.id] = VhostNetBackend.open(len(tap.fds), what)
         except VhostNetError as e:
-            for fd in n.vhost_fds:  # inherited, and not used
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(n.vhost_fds)  # inherited, and not used
             if n.vhost is not None or n.vhost_fds:  # asked for: say why it is not used
                 print(f"pyhv: {e}; using pyhv's userspace virtio-net data path",
                       file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ from pyhv.engine.chardev import PtyEnd
 from pyhv.engine.console import HostSerial, SerialInputPump, open_serial
 from pyhv.engine.errors import EngineError
 from pyhv.engine.eventloop import EventLoop
+from pyhv.engine.fds import close_fds
 from pyhv.engine.host import HostResources
 from pyhv.engine.kvm import Kvm
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
@@ -432,11 +433,7 @@ class Machine:
             else:
                 self.host.open_nic(placed)
         except BaseException:
-            for fd in given:  # nothing took them
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(given)  # nothing took them
             raise
         try:
             if isinstance(placed, DiskConfig):

@@ -14,10 +14,10 @@ QEMU would run ``-machine none`` paused).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Optional, Protocol, Sequence
 
+from pyhv.engine.fds import close_fds
 from pyhv.shim import registry as default_registry
 from pyhv.shim import schema as qapi
 from pyhv.shim.qmp import (
@@ -897,10 +897,7 @@ class Commands:
 
 
 def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    close_fds((fd,))
 
 
 def _cpu_props(v: VcpuInfo) -> dict[str, int]:

@@ -54,6 +54,7 @@ from pyhv.config import (
 )
 from pyhv.config import PciAddress as ConfigPciAddress
 from pyhv.cpumodel import CpuModelError, cpu_map, parse_cpu_option
+from pyhv.engine.fds import close_fds
 from pyhv.placement import place
 from pyhv.shim import registry
 from pyhv.shim.argv import (
@@ -403,10 +404,7 @@ HOT_DRIVERS = ("virtio-blk-pci", "virtio-blk-pci-non-transitional", "virtio-net-
 
 
 def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    close_fds((fd,))
 
 
 def _fd_number(value: object, what: str, where: str) -> int:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pyhv.engine.errors import EngineError
 from pyhv.engine.eventloop import EventLoop
+from pyhv.engine.fds import close_fds
 from pyhv.placement import place
 from pyhv.shim.commands import (
     BlockDevice,
@@ -412,11 +413,7 @@ class ShimMachine:
         if not gone:
             what = f"fdset-id={fdset}" + (f" fd={fd}" if fd is not None else "")
             raise QmpError(f"File descriptor named '{what}' not found")
-        for e in gone:
-            try:
-                os.close(e.fd)
-            except OSError:
-                pass
+        close_fds(e.fd for e in gone)
         left = tuple(e for e in entries if e not in gone)
         if left:
             sets[fdset] = left

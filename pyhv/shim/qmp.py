@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Optional, Union
 
 from pyhv import __version__
+from pyhv.engine.fds import close_fds
 
 #: (major, minor, micro) of the QEMU release pyhv-qemu presents itself as
 QEMU_VERSION: Final = (7, 2, 0)
@@ -273,11 +273,7 @@ class QmpConnection:
 
     def drop_fds(self) -> None:
         """Close the descriptors no command took."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds)
         self.fds = []
 
     @property

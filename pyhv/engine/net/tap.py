@@ -23,6 +23,7 @@ import struct
 from typing import Optional
 
 from pyhv.engine.errors import EngineError
+from pyhv.engine.fds import close_fds
 
 TUN_PATH = "/dev/net/tun"
 
@@ -188,11 +189,7 @@ class Tap:
 
     def close(self) -> None:
         if self._owned:
-            for fd in self.fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(self.fds)
         self.fds = []
 
 

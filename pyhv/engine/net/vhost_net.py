@@ -23,6 +23,7 @@ import struct
 from typing import Sequence
 
 from pyhv.engine.errors import EngineError
+from pyhv.engine.fds import close_fds
 
 DEVICE = "/dev/vhost-net"
 
@@ -97,12 +98,10 @@ class VhostNetBackend:
                 fds.append(os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC))
             return cls(fds, what)
         except OSError as e:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise VhostNetError(f"{what}: {DEVICE}: {e.strerror}") from None
         except VhostNetError:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise
 
     # ---- requests -----------------------------------------------------------------
@@ -148,11 +147,7 @@ class VhostNetBackend:
         return VRING_STATE.unpack(out)[1]
 
     def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds)
         self.fds = []
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pyhv.engine.eventloop import EventLoop
+from pyhv.engine.fds import close_fds
 from pyhv.engine.memory import GuestMemory, GuestMemoryError
 from pyhv.engine.vhost_user.connection import Connection, Disconnected
 from pyhv.engine.vhost_user.inflight import MAX_QUEUE_SIZE, InflightRegion, TrackedQueue
@@ -109,11 +110,7 @@ def _stderr(message: str) -> None:
 
 
 def _close(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_fds((fd,))
 
 
 class _Unsupported(RequestError):

@@ -50,6 +50,7 @@ from pyhv.engine.vhost_user.message import (
     decode_reply,
     encode,
 )
+from pyhv.engine.virtio.calls import CallFds
 from pyhv.engine.virtio.device import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -264,7 +265,8 @@ class VhostUserDevice(VirtioDevice):
         self.protocol = 0
         #: set by the engine: the transport's notify eventfds (the rings' kicks)
         self.kick_fds: Sequence[int] = ()
-        self.call_fds: list[int] = []
+        #: the backend's used-buffer signals (one eventfd per queue)
+        self.calls = CallFds(kind)
         self._started: list[int] = []
         self._loop: Any = None
         self.broken: Optional[str] = None
@@ -394,13 +396,13 @@ class VhostUserDevice(VirtioDevice):
     def queue_notify(self, index: int) -> None:
         return None  # the backend reads the kick eventfd itself
 
+    @property
+    def call_fds(self) -> list[int]:
+        return self.calls.fds
+
     def reset(self) -> None:
         self._stop_rings()
-        for fd in self.call_fds:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+        self.calls.drain()
         super().reset()
         c = self.client
         if c is not None and not c.connected and self.reconnect is not None:
@@ -423,13 +425,11 @@ class VhostUserDevice(VirtioDevice):
 
     # ---- the engine's loop: interrupts, hang-ups, reconnection ---------------------------
     def open_calls(self) -> None:
-        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                         for _ in self.queue_sizes]
+        self.calls.open(len(self.queue_sizes))
 
     def start(self, loop: Any) -> None:
         self._loop = loop
-        for i, fd in enumerate(self.call_fds):
-            loop.add_reader(fd, lambda _fd, i=i: self._call(i), f"{self.kind} call {i}")
+        self.calls.start(loop, self._call)
         self._tick()
 
     def _tick(self) -> None:
@@ -452,29 +452,20 @@ class VhostUserDevice(VirtioDevice):
         self._loop.call_later(1.0, self._tick, f"{self.kind} backend check")
 
     def _call(self, index: int) -> None:
-        try:
-            os.eventfd_read(self.call_fds[index])
-        except BlockingIOError:
-            return
-        if self.interrupts is not None:
-            interrupts = self.interrupts
+        interrupts = self.interrupts
+        if interrupts is not None:
             self.guard(lambda: interrupts.queue(index))
 
     def stop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        for fd in self.call_fds:
-            loop.remove_reader(fd)
+        self._loop = None
+        self.calls.stop()
 
     def close(self) -> None:
         """The device model ends (the machine ends or a reset rebuilds it): its
         rings stop; the connection is the machine's (HostResources) and stays."""
         self.stop()
         self._stop_rings()
-        for fd in self.call_fds:
-            os.close(fd)
-        self.call_fds = []
+        self.calls.close()
 
 
 #: virtio-blk's device-specific feature bits (0-23) and configuration size

@@ -24,13 +24,13 @@ are pure functions here as well (:func:`check_regions`, :func:`user_to_guest`).
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional, Sequence, Union
 
 from pyhv.engine.errors import EngineError
+from pyhv.engine.fds import close_fds
 
 
 class VhostUserError(EngineError):
@@ -247,11 +247,7 @@ class Message:
     def close_fds(self) -> None:
         """Close the descriptors nobody took."""
         fds, self.fds = self.fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(fds)
 
 
 # ---- what each known request carries -----------------------------------------------------------
@@ -452,11 +448,7 @@ class Decoder:
             fds.extend(m.fds)
             m.fds = []
         self._ready = []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(fds)
 
 
 # ---- encoding -----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from pyhv.engine.net.tap import (
     TapError,
 )
 from pyhv.engine.net.vhost_net import VhostNetBackend, VhostNetError
+from pyhv.engine.virtio.calls import CallFds
 from pyhv.engine.virtio.device import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -654,33 +655,30 @@ class VhostNet(VirtioNet):
         self.offer_mask = ~(_KERNEL_RING_FEATURES & ~vhost.features)
         #: set by the engine: the transport's notify eventfds (the kernel reads them)
         self.kick_fds: Sequence[int] = ()
-        self.call_fds: list[int] = []
+        #: the kernel's used-buffer signals (one eventfd per queue)
+        self.calls = CallFds(self.kind)
         self.local_queues = frozenset({2 * pairs})
         #: pairs whose rings the kernel was given, and those with their tap attached
         self._rings: set[int] = set()
         self._attached: set[int] = set()
 
     # ---- the engine: call eventfds on the loop -------------------------------------------
+    @property
+    def call_fds(self) -> list[int]:
+        return self.calls.fds
+
     def open_calls(self) -> None:
-        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                         for _ in self.queue_sizes]
+        self.calls.open(len(self.queue_sizes))
 
     def start(self, loop: "EventLoop") -> None:
         self._loop = loop
-        for i, fd in enumerate(self.call_fds[:2 * self.pairs]):
-            loop.add_reader(fd, functools.partial(self._call, i), f"{self.kind} call {i}")
+        self.calls.start(loop, self._call, 2 * self.pairs)  # the control queue is ours
 
     def stop(self) -> None:
-        if self._loop is not None:
-            for fd in self.call_fds:
-                self._loop.remove_reader(fd)
+        self.calls.stop()
         self._loop = None
 
-    def _call(self, index: int, _fd: int) -> None:
-        try:
-            os.eventfd_read(self.call_fds[index])
-        except BlockingIOError:
-            return
+    def _call(self, index: int) -> None:
         interrupts = self.interrupts
         if interrupts is not None:
             self.guard(lambda: interrupts.queue(index))
@@ -739,11 +737,7 @@ class VhostNet(VirtioNet):
 
     def reset(self) -> None:
         self._stop_rings()
-        for fd in self.call_fds:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+        self.calls.drain()
         super().reset()
 
     def _link_changed(self) -> None:
@@ -766,6 +760,4 @@ class VhostNet(VirtioNet):
         and the taps are the machine's)."""
         self.stop()
         self._stop_rings()
-        for fd in self.call_fds:
-            os.close(fd)
-        self.call_fds = []
+        self.calls.close()
