@@ -2780,6 +2780,11 @@ static void vblk_requests(void)
 	vblk_request("flush", VB_FLUSH, 0, 0, 0, 0);
 	vblk_done();
 
+	/* pyhv.blk-pause: wait for a line on COM1 here (the host restarts the disk's
+	 * backend meanwhile); the read below then checks what the write left */
+	if (has_switch("pyhv.blk-pause"))
+		echo_line();
+
 	vblk_read("read", 1);
 	kv_dec("diff", vblk_diff(0));
 	vblk_done();

@@ -12,11 +12,16 @@ into the queue's interrupt) and enables the rings.  A reset stops the rings
 (GET_VRING_BASE).  pyhv never touches the rings itself: the engine does not
 watch the notify eventfds of these devices.
 
-When the backend goes away the device reports NEEDS_RESET (the guest's driver
-resets it); with ``reconnect`` seconds (libvirt's ``<reconnect enabled='yes'
-timeout='N'/>``) pyhv tries the socket again on every reset and every N seconds,
-and the next DRIVER_OK runs on the new backend.  Inflight tracking (resuming
-requests a dead backend held) is not built: those requests are lost with it.
+A vhost-user-blk backend that offers INFLIGHT_SHMFD gets an inflight region at
+DRIVER_OK (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), in which it marks the requests
+it took until it completes them.  When the backend goes away, with ``reconnect``
+seconds (libvirt's ``<reconnect enabled='yes' timeout='N'/>``) and such a region,
+the rings are suspended, not failed: pyhv tries the socket every N seconds and
+resumes a running device on the backend that answers (the region handed back,
+each ring at its used index, kicked once), which runs again what the dead one
+held; the guest sees a pause.  Otherwise the device reports NEEDS_RESET (the
+guest's driver resets it), pyhv tries the socket again on every reset and every
+N seconds, and the next DRIVER_OK runs on the new backend.
 """
 
 from __future__ import annotations
@@ -29,19 +34,23 @@ import time
 from typing import Any, Optional, Sequence
 
 from pyhv.engine.errors import EngineError
+from pyhv.engine.fds import close_fds
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.vhost_user.message import (
     F_PROTOCOL_FEATURES,
     HEADER,
+    INFLIGHT,
     MAX_CONFIG_SIZE,
     MAX_PAYLOAD,
     PF_CONFIG,
+    PF_INFLIGHT_SHMFD,
     PF_MQ,
     PF_REPLY_ACK,
     U64,
     VRING_STATE,
     Body,
     ConfigSpace,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Request,
@@ -61,7 +70,7 @@ from pyhv.engine.virtio.device import (
 from pyhv.engine.virtio.queue import SplitQueue, VirtioError
 
 #: protocol features pyhv's frontend uses
-OUR_PROTOCOL = PF_MQ | PF_REPLY_ACK | PF_CONFIG
+OUR_PROTOCOL = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD
 #: a reply slower than this means the backend is stuck
 REPLY_TIMEOUT = 10.0
 #: user addresses pyhv gives the backend: guest address + this (any consistent
@@ -212,6 +221,36 @@ class VhostUserClient:
             buf += chunk
         return buf
 
+    def request_fd(self, request: Request, body: Body) -> tuple[bytes, int]:
+        """A request whose reply carries one descriptor (GET_INFLIGHT_FD): the
+        payload and the descriptor, now the caller's."""
+        if self.sock is None:
+            raise VhostUserFrontendError(f"{self.what}: the vhost-user backend is not "
+                                         f"connected")
+        with self.lock:
+            fds: list[int] = []
+            try:
+                self.sock.sendall(encode(request, body))
+                head, fds, _flags, _addr = socket.recv_fds(self.sock, HEADER.size, 4)
+                if not head:
+                    raise EOFError("connection closed")
+                head += self._exactly(HEADER.size - len(head))
+                req, _f, size = HEADER.unpack(head)
+                if size > MAX_PAYLOAD:
+                    raise VhostUserFrontendError(f"{self.what}: reply of {size} bytes to "
+                                                 f"{request.name}")
+                got, _f, payload = decode_reply(head + self._exactly(size))
+                if got != request or len(fds) != 1:
+                    raise VhostUserFrontendError(f"{self.what}: {request.name} reply with "
+                                                 f"{len(fds)} descriptors")
+            except (OSError, EOFError, EngineError) as e:
+                close_fds(fds)
+                self.close_connection()
+                if isinstance(e, VhostUserFrontendError):
+                    raise
+                raise VhostUserFrontendError(f"{self.what}: {request.name}: {e}") from e
+            return payload, fds[0]
+
     def u64(self, request: Request) -> int:
         payload = self.request(request, reply=True)
         if len(payload) != 8:
@@ -271,6 +310,14 @@ class VhostUserDevice(VirtioDevice):
         self._loop: Any = None
         self.broken: Optional[str] = None
         self._last_try = 0.0
+        #: requests the backend held can be resumed by the next one (virtio-blk: a
+        #: request runs again; a NIC's frames may not be sent twice)
+        self.inflight_ok = device_type == 2
+        #: the inflight region the backend keeps the requests it took in (a
+        #: vhost-user-blk backend that offers it): (its description, the memfd)
+        self._inflight: Optional[tuple[Inflight, int]] = None
+        #: the backend went away while the rings ran; they resume on the next one
+        self.suspended = False
         if client is not None and client.connected:
             self._handshake()
 
@@ -331,6 +378,17 @@ class VhostUserDevice(VirtioDevice):
             return False
         return True
 
+    def _resume(self) -> None:
+        """The rings of a running device on the backend that came back (the loop)."""
+        c, memory = self.client, self.memory
+        self.suspended = False
+        if c is None or memory is None:
+            return
+        try:
+            self._start_rings(c, memory, self.queues, self.acked_features, resume=True)
+        except VhostUserFrontendError as e:
+            self._lost(str(e))
+
     def _lost(self, why: str) -> None:
         if self.client is not None:
             self.client.close_connection()
@@ -362,26 +420,45 @@ class VhostUserDevice(VirtioDevice):
                 raise VirtioError(self.broken or "the vhost-user backend is not connected")
         assert c is not None
         try:
-            extra = F_PROTOCOL_FEATURES if self.backend_features & F_PROTOCOL_FEATURES else 0
-            # the backend gets the features it offered (not those pyhv itself serves)
-            c.request(Request.SET_FEATURES, (features & self.backend_features) | extra)
-            c.request(Request.SET_MEM_TABLE, MemoryTable(tuple(self._regions(memory))),
-                      fds=[r.fd for r in memory.regions], ack=bool(self.protocol & PF_REPLY_ACK))
-            for i, q in enumerate(queues):
-                if not q.ready or i in self.local_queues:
-                    continue
-                c.request(Request.SET_VRING_NUM, VringState(i, q.size))
-                c.request(Request.SET_VRING_BASE, VringState(i, 0))
-                c.request(Request.SET_VRING_ADDR, VringAddr(
-                    i, 0, USER_BASE + q.desc_addr, USER_BASE + q.used_addr,
-                    USER_BASE + q.avail_addr))
-                c.request(Request.SET_VRING_KICK, i, fds=[self.kick_fds[i]])
-                c.request(Request.SET_VRING_CALL, i, fds=[self.call_fds[i]])
-                if extra:
-                    c.request(Request.SET_VRING_ENABLE, VringState(i, 1))
-                self._started.append(i)
+            self._start_rings(c, memory, queues, features, resume=False)
         except VhostUserFrontendError as e:
             self._lost(str(e))
+
+    def _start_rings(self, c: VhostUserClient, memory: GuestMemory,
+                     queues: list[SplitQueue], features: int, resume: bool) -> None:
+        """Features, memory, inflight region and each ready ring to the backend; on
+        ``resume`` (a new backend after one went away) each ring starts at the used
+        index, the inflight region tells the backend what the last one held, and
+        every ring is kicked once (requests made meanwhile)."""
+        extra = F_PROTOCOL_FEATURES if self.backend_features & F_PROTOCOL_FEATURES else 0
+        # the backend gets the features it offered (not those pyhv itself serves)
+        c.request(Request.SET_FEATURES, (features & self.backend_features) | extra)
+        c.request(Request.SET_MEM_TABLE, MemoryTable(tuple(self._regions(memory))),
+                  fds=[r.fd for r in memory.regions], ack=bool(self.protocol & PF_REPLY_ACK))
+        if self.inflight_ok and self.protocol & PF_INFLIGHT_SHMFD:
+            if self._inflight is None:
+                payload, fd = c.request_fd(Request.GET_INFLIGHT_FD, Inflight(
+                    0, 0, len(self.queue_sizes), self.queue_size))
+                info = Inflight(*INFLIGHT.unpack(payload[:INFLIGHT.size]))
+                self._inflight = (info, fd)
+            info, fd = self._inflight
+            c.request(Request.SET_INFLIGHT_FD, info, fds=[fd])
+        for i, q in enumerate(queues):
+            if not q.ready or i in self.local_queues:
+                continue
+            base = memory.read_u16(q.used_addr + 2) if resume else 0
+            c.request(Request.SET_VRING_NUM, VringState(i, q.size))
+            c.request(Request.SET_VRING_BASE, VringState(i, base))
+            c.request(Request.SET_VRING_ADDR, VringAddr(
+                i, 0, USER_BASE + q.desc_addr, USER_BASE + q.used_addr,
+                USER_BASE + q.avail_addr))
+            c.request(Request.SET_VRING_KICK, i, fds=[self.kick_fds[i]])
+            c.request(Request.SET_VRING_CALL, i, fds=[self.call_fds[i]])
+            if extra:
+                c.request(Request.SET_VRING_ENABLE, VringState(i, 1))
+            self._started.append(i)
+            if resume:
+                os.eventfd_write(self.kick_fds[i], 1)
 
     def _regions(self, memory: GuestMemory) -> list[MemoryRegion]:
         out = []
@@ -403,6 +480,8 @@ class VhostUserDevice(VirtioDevice):
     def reset(self) -> None:
         self._stop_rings()
         self.calls.drain()
+        self._drop_inflight()  # the guest's requests went with the reset
+        self.suspended = False
         super().reset()
         c = self.client
         if c is not None and not c.connected and self.reconnect is not None:
@@ -441,14 +520,23 @@ class VhostUserDevice(VirtioDevice):
         c = self.client
         if c is not None and c.connected and c.hung_up():
             why = f"{self.kind}: the vhost-user backend at {c.path} went away"
-            self.broken = why
+            if self.reconnect and self._inflight is not None and self._started:
+                # what it held is in the inflight region: the next backend resumes
+                # the rings where this one left them, and the guest sees nothing
+                c.close_connection()
+                self._started = []
+                self.suspended = True
+                self.broken = why
+            else:
+                self.broken = why
 
-            def fail() -> None:
-                raise VirtioError(why)
-            self.guard(fail)
+                def fail() -> None:
+                    raise VirtioError(why)
+                self.guard(fail)
         elif c is not None and not c.connected and self.reconnect and \
                 time.monotonic() - self._last_try >= self.reconnect:
-            self.try_reconnect()
+            if self.try_reconnect() and self.suspended:
+                self.guard(self._resume)
         self._loop.call_later(1.0, self._tick, f"{self.kind} backend check")
 
     def _call(self, index: int) -> None:
@@ -466,6 +554,12 @@ class VhostUserDevice(VirtioDevice):
         self.stop()
         self._stop_rings()
         self.calls.close()
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        if self._inflight is not None:
+            close_fds((self._inflight[1],))
+            self._inflight = None
 
 
 #: virtio-blk's device-specific feature bits (0-23) and configuration size
