@@ -582,6 +582,15 @@ class Qcow2Backend(CheckedBackend):
     def _read(self, offset: int, views: list[memoryview], total: int) -> None:
         cb, cs = self.cluster_bits, self.cluster_size
         mask = self.l2_entries - 1
+        within = offset & (cs - 1)
+        if within + total <= cs:
+            # the common request: inside one allocated cluster, read in one go
+            vc = offset >> cb
+            table = self._table(vc >> self.l2_bits)
+            entry = table[vc & mask] if table is not None else 0
+            if entry & OFFSET_MASK and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
+                self.file.read_views(self._host(entry) + within, views, total)
+                return
         pos = 0
         while pos < total:
             off = offset + pos

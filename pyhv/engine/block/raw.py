@@ -323,10 +323,16 @@ class RawBackend(CheckedBackend):
         views = _bytes_views(buffers)
         total = sum(len(v) for v in views)
         self._check_range(offset, total, "read")
+        self.read_views(offset, views, total)
+
+    def read_views(self, offset: int, views: list[memoryview], total: int) -> None:
+        """:meth:`read_into` for a format driver stacked on this file (qcow2's data
+        clusters): ``views`` are already byte views of ``total`` bytes and the range
+        was checked against the format's own layout."""
         if self.direct:
             self._direct(offset, views, total, write=False)
         else:
-            self._preadv(self.fd, offset, views)
+            self._preadv(self.fd, offset, views, total)
 
     def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self._check_writable()
@@ -437,18 +443,23 @@ class RawBackend(CheckedBackend):
                 raise BlockError(f"{self.path}: flush failed: {e.strerror}") from e
 
     # ---- plain vectored I/O -------------------------------------------------------------
-    def _preadv(self, fd: int, offset: int, views: list[memoryview]) -> None:
+    def _preadv(self, fd: int, offset: int, views: list[memoryview],
+                total: Optional[int] = None) -> None:
         pos = offset
+        left = sum(len(v) for v in views) if total is None else total
         while views:
             try:
-                n = os.preadv(fd, views[:_IOV_MAX], pos)
+                n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], pos)
             except OSError as e:
                 raise BlockError(f"{self.path}: read at {pos} failed: {e.strerror}") from e
+            if n == left:  # all of it (the usual case)
+                return
             if n == 0:  # the file shrank under us: what is not there reads as zeroes
                 for v in views:
                     v[:] = bytes(len(v))
                 return
             pos += n
+            left -= n
             views = _advance(views, n)
 
     def _pwritev(self, fd: int, offset: int, views: list[memoryview]) -> None:
