@@ -346,6 +346,19 @@ def test_harmless_elements_accepted() -> None:
     assert unsupported(m.config) == []
 
 
+
+def test_root_port_hotplug_off_round_trips() -> None:
+    """``<target hotplug='off'/>`` on a pcie-root-port gives a plain slot."""
+    xml = dom(devices="<controller type='pci' model='pcie-root'/>"
+                      "<controller type='pci' index='1' model='pcie-root-port'>"
+                      "<target chassis='1' port='0x10' hotplug='off'/></controller>"
+                      "<controller type='pci' index='2' model='pcie-root-port'/>")
+    xml = xml.replace("<type arch='x86_64'>", "<type arch='x86_64' machine='q35'>")
+    cfg = map_domain(xml.encode()).config
+    off, on = (c for c in cfg.controllers if c.type == "pci")
+    assert (off.hotplug, on.hotplug) == (False, True)
+    assert parse_domain(to_xml(cfg).encode()) == cfg
+
 def test_serial_log_element() -> None:
     """``<log file= append=>`` (what OpenStack Nova writes for console.log) is mapped."""
     xml = dom(devices="<serial type='pty'><log file='/var/log/nova/console.log' "

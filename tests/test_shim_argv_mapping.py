@@ -557,6 +557,15 @@ def test_pci_address_errors() -> None:
         ["-kernel", "/k", "-device", "pcie-root-port,id=pci.1,chassis=1"])
 
 
+
+def test_root_port_hotplug_option() -> None:
+    plan = build(["-kernel", "/k", "-machine", "q35",
+                  "-device", "pcie-root-port,id=pci.1,chassis=1,bus=pcie.0,addr=0x2",
+                  "-device", '{"driver":"pcie-root-port","id":"pci.2","chassis":2,'
+                             '"bus":"pcie.0","addr":"0x3","hotplug":false}'])
+    assert plan.config is not None
+    assert [c.hotplug for c in plan.config.controllers if c.type == "pci"] == [True, False]
+
 def test_graphics_refused() -> None:
     assert "graphics (VNC)" in fails(head() + ["-vnc", "127.0.0.1:0"])
     assert "displays are not supported" in fails(["-display", "gtk", "-kernel", "/k"])
