@@ -24,6 +24,7 @@ from pyhv.config import (
     SerialConfig,
     VmConfig,
 )
+from pyhv.engine.devices import RecordingLine
 from pyhv.engine.errors import EngineError
 from pyhv.engine.machine import Machine, MachineEvent
 from pyhv.engine.pci.config import STATUS, STATUS_INTERRUPT
@@ -54,19 +55,6 @@ from pyhv.engine.pci.rootport import (
 
 MiB = 1 << 20
 PIC_ON, PIC_OFF = 1 << 8, 3 << 8
-
-
-class Level:
-    """An interrupt line that remembers its level (what the port drives)."""
-
-    def __init__(self) -> None:
-        self.level = False
-
-    def set_level(self, asserted: bool) -> None:
-        self.level = asserted
-
-    def pulse(self) -> None:
-        raise AssertionError("a root port's INTx is level-triggered")
 
 
 def _reg(port: RootPort, reg: int) -> int:
@@ -103,7 +91,7 @@ def test_hotplug_off_leaves_a_plain_slot() -> None:
 
 def test_plug_power_on_and_the_interrupt_follow_the_spec() -> None:
     port = pcie_root_port("pci.1", 0x10, 0)
-    line = Level()
+    line = RecordingLine()
     port.set_intx(line, 16)
     _write(port, SLOT_CONTROL, _reg(port, SLOT_CONTROL) | SLTCTL_HPIE | SLTCTL_PDCE |
            SLTCTL_ABPE | SLTCTL_DLLSCE)
@@ -147,6 +135,7 @@ def test_plug_power_on_and_the_interrupt_follow_the_spec() -> None:
     assert [f.name for f in port.unplug()] == ["card"]
     sta = _reg(port, SLOT_STATUS)
     assert not sta & SLTSTA_PDS and sta & SLTSTA_PDC
+    assert "pulse" not in line.events  # a root port's INTx is level-triggered
 
 
 def test_a_slot_takes_one_card() -> None:

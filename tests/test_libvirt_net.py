@@ -62,6 +62,16 @@ def domain(name: str, kernel: Path, cmdline: str, interface: str) -> str:
 </domain>"""
 
 
+def tap_on_the_bridge(daemon: LibvirtDaemon, name: str) -> str:
+    """The tap ``virsh domiflist`` shows for the NIC on the network, checked to be
+    on the network's bridge."""
+    out = virsh(daemon, "domiflist", name).stdout
+    m = re.search(rf"(vnet\d+)\s+network\s+{NETWORK}\s+virtio\s+{MAC}", out)
+    assert m, out
+    links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", BRIDGE)
+    assert m.group(1) in links.stdout, links.stdout + links.stderr
+    return m.group(1)
+
 def test_network_interface_link_and_stats(daemon, guests, tmp_path):
     """<interface type='network'>: libvirt makes the tap, puts it on the network's
     bridge and passes it; domiflist, domif-setlink/getlink (QMP set_link) and
@@ -74,12 +84,7 @@ def test_network_interface_link_and_stats(daemon, guests, tmp_path):
     try:
         virsh(daemon, "start", name)
         assert state(daemon, name) == "running (booted)", log_tail(daemon, (name,))
-        out = virsh(daemon, "domiflist", name).stdout
-        m = re.search(rf"(vnet\d+)\s+network\s+{NETWORK}\s+virtio\s+{MAC}", out)
-        assert m, out
-        tap = m.group(1)
-        links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", BRIDGE)
-        assert tap in links.stdout, links.stdout + links.stderr
+        tap = tap_on_the_bridge(daemon, name)
         assert virsh(daemon, "domif-getlink", name, tap).stdout.strip().endswith("up")
         virsh(daemon, "domif-setlink", name, tap, "down")
         assert virsh(daemon, "domif-getlink", name, tap).stdout.strip().endswith("down")
@@ -113,12 +118,7 @@ def test_interface_hotplug(daemon, guests, tmp_path):
         con.read_until("@hotplug step=ready")
         virsh(daemon, "attach-interface", name, "network", NETWORK, "--model", "virtio",
               "--mac", MAC, "--live")
-        out = virsh(daemon, "domiflist", name).stdout
-        m = re.search(rf"(vnet\d+)\s+network\s+{NETWORK}\s+virtio\s+{MAC}", out)
-        assert m, out
-        tap = m.group(1)
-        links = daemon.in_net_namespace("ip", "-o", "link", "show", "master", BRIDGE)
-        assert tap in links.stdout, links.stdout + links.stderr
+        tap = tap_on_the_bridge(daemon, name)
         filters = virsh(daemon, "qemu-monitor-command", name,
                         '{"execute":"query-rx-filter"}').stdout
         assert MAC in filters, filters

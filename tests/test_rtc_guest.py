@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from engine_helpers import MiB
+from engine_helpers import MiB, run_config
 from guests.report import Report, parse_report
 from test_shim_process import Qmp, start, wait_serial
 
@@ -123,13 +123,7 @@ def test_localtime_offset_seen_by_the_guest(guests, tmp_path: Path) -> None:
     cfg = VmConfig(KernelBoot(str(guests.pvh_elf), None, "plain"), memory=64 * MiB,
                    serial=SerialConfig("file", str(tmp_path / "out.txt")),
                    clock=ClockConfig("variable", -3 * 86400))
-    m = Machine(cfg)
-    try:
-        m.start()
-        m.run(timeout=120)
-    finally:
-        m.close()
-    r = parse_report((tmp_path / "out.txt").read_text(errors="replace"))
+    r = run_config(cfg, tmp_path / "out.txt", timeout=120).report
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     assert r.rtc is not None
     assert abs((now - r.rtc).total_seconds() - 3 * 86400) < 60
@@ -181,13 +175,7 @@ def test_guest_report_shows_numa_cells(guests, tmp_path: Path) -> None:
     cells = (NumaCell(0, (0,), 32 * MiB, ((1, 21),)), NumaCell(1, (1,), 32 * MiB, ((0, 21),)))
     cfg = VmConfig(KernelBoot(str(guests.pvh_elf), None, "plain"), memory=64 * MiB, vcpus=2,
                    serial=SerialConfig("file", str(out)), numa=cells)
-    m = Machine(cfg)
-    try:
-        m.start()
-        m.run(timeout=120)
-    finally:
-        m.close()
-    r = parse_report(out.read_text(errors="replace"))
+    r = run_config(cfg, out, timeout=120).report
     assert r.complete and not r.errors
     assert {"SRAT", "SLIT"} <= {t.sig for t in r.acpi_tables}
     assert all(t.checksum_ok for t in r.acpi_tables)

@@ -7,27 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Callable, Optional
 
 import pytest
+from test_dev_rtc import T0, Clock
 
 from pyhv.config import ClockConfig, ConfigError
 from pyhv.engine.devices import RecordingLine
 from pyhv.engine.devices.rtc import CmosRtc, base_offset, periodic_hz
-
-T0 = datetime(2024, 2, 29, 13, 45, 56, 250_000, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, t: datetime = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += timedelta(seconds=seconds)
 
 
 class Timer:

@@ -44,7 +44,7 @@ LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev
 
 #: the init's first steps: the filesystems, the virtio modules, then /dev/vda
 PREAMBLE = """#!/bin/busybox sh
-export PATH=/bin
+export PATH=/bin:/sbin
 busybox mount -t proc proc /proc
 busybox mount -t sysfs sys /sys
 busybox mount -t devtmpfs dev /dev
@@ -163,13 +163,7 @@ def test_linux_virtio_blk_driver_on_pyhv_vhost_user_blk(tmp_path, fmt):
 
 # ---- ext4, fstrim, two queues and a read-only export --------------------------------------
 
-EXT4_INIT = """#!/bin/busybox sh
-export PATH=/bin:/sbin
-busybox mount -t proc proc /proc
-busybox mount -t sysfs sys /sys
-busybox mount -t devtmpfs dev /dev
-for m in {load}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
-i=0
+EXT4_INIT = PREAMBLE + """i=0
 while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do busybox sleep 0.1; i=$((i+1)); done
 echo NQUEUES $(busybox ls /sys/block/vda/mq | busybox wc -l)
 /sbin/mke2fs -q -F -t ext4 -E nodiscard /dev/vda && echo MKFS-OK

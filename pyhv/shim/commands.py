@@ -863,7 +863,7 @@ class Commands:
             raise QmpError("No file descriptor supplied via SCM_RIGHTS")
         old = self.named_fds.pop(name, None)
         if old is not None:
-            _close(old)
+            close_fds((old,))
         self.named_fds[name] = fd
 
     def cmd_add_fd(self, args: dict[str, Any], conn: QmpConnection) -> Any:
@@ -872,7 +872,7 @@ class Commands:
         if fd is None:
             raise QmpError("No file descriptor supplied via SCM_RIGHTS")
         if self.machine is None:
-            _close(fd)
+            close_fds((fd,))
             raise QmpError("add-fd: there is no machine (-machine none)")
         fdset = self.machine.add_fd(args.get("fdset-id"), fd, args.get("opaque"))
         return {"fdset-id": fdset, "fd": fd}
@@ -886,7 +886,7 @@ class Commands:
         fd = self.named_fds.pop(args["fdname"], None)
         if fd is None:
             raise QmpError(f"File descriptor named '{args['fdname']}' not found")
-        _close(fd)
+        close_fds((fd,))
 
     def _take_fd(self, name: str) -> int:
         """A named descriptor, handed over (the name is free again)."""
@@ -895,9 +895,6 @@ class Commands:
             raise QmpError(f"File descriptor named '{name}' has not been found")
         return fd
 
-
-def _close(fd: int) -> None:
-    close_fds((fd,))
 
 
 def _cpu_props(v: VcpuInfo) -> dict[str, int]:

@@ -403,9 +403,6 @@ HOT_DRIVERS = ("virtio-blk-pci", "virtio-blk-pci-non-transitional", "virtio-net-
                "virtio-net-pci-non-transitional")
 
 
-def _close(fd: int) -> None:
-    close_fds((fd,))
-
 
 def _fd_number(value: object, what: str, where: str) -> int:
     fd = parse_int(value, what, where)
@@ -2033,7 +2030,7 @@ class _Builder:
             self.netdev(Opts(values, json=True, where="netdev_add"))
         except BaseException:
             for fd in taken:
-                _close(fd)
+                close_fds((fd,))
             raise
         self.hot_fds[str(values["id"])] = taken
 
@@ -2044,7 +2041,7 @@ class _Builder:
         del self.netdevs[nid]
         self.used_netdevs.pop(nid, None)
         for fd in self.hot_fds.pop(nid, []):
-            _close(fd)
+            close_fds((fd,))
 
     def hot_blockdev(self, values: dict[str, JsonValue]) -> None:
         """``blockdev-add``: a node a later ``device_add`` uses (checked now, as QEMU

@@ -1318,16 +1318,27 @@ static void wr64lh(u64 a, u64 v)
 	wr32(a + 4, (u32)(v >> 32));
 }
 
-static void cfg_wr8(u32 bdf, u32 reg, u8 v)
+/* a byte or 16-bit configuration write (ECAM, or mechanism #1's data window) */
+static void cfg_wr_sub(u32 bdf, u32 reg, u16 v, int wide)
 {
 	pci.writes++;
 	if (pci.ecam) {
-		wr8(pci.ecam + ((u64)bdf << 12) + reg, v);
+		u64 a = pci.ecam + ((u64)bdf << 12) + reg;
+		if (wide)
+			wr16(a, v);
+		else
+			wr8(a, (u8)v);
 		return;
 	}
 	outl(0xcf8, 0x80000000u | bdf << 8 | (reg & ~3u));
-	outb((u16)(0xcfc + (reg & 3)), v);
+	if (wide)
+		outw((u16)(0xcfc + (reg & 2)), v);
+	else
+		outb((u16)(0xcfc + (reg & 3)), (u8)v);
 }
+
+static void cfg_wr8(u32 bdf, u32 reg, u8 v) { cfg_wr_sub(bdf, reg, v, 0); }
+static void cfg_wr16(u32 bdf, u32 reg, u16 v) { cfg_wr_sub(bdf, reg, v, 1); }
 
 static u32 usb_hc;
 
@@ -4277,16 +4288,6 @@ static u64 hp_clock(void)
 		_n++;								\
 	(done) ? _n : HPOLL_FAIL; })
 
-static void cfg_wr16(u32 bdf, u32 reg, u16 v)
-{
-	pci.writes++;
-	if (pci.ecam) {
-		wr16(pci.ecam + ((u64)bdf << 12) + reg, v);
-		return;
-	}
-	outl(0xcf8, 0x80000000u | bdf << 8 | (reg & ~3u));
-	outw((u16)(0xcfc + (reg & 2)), v);
-}
 
 /* the offset of capability `id` of a function, 0: none */
 static u32 pci_cap(u32 bdf, u32 id)

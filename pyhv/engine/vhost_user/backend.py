@@ -109,9 +109,6 @@ def _stderr(message: str) -> None:
     print(f"pyhv: vhost-user: {message}", file=sys.stderr)
 
 
-def _close(fd: Optional[int]) -> None:
-    close_fds((fd,))
-
 
 class _Unsupported(RequestError):
     """A request pyhv does not serve (unknown, or a feature it did not offer)."""
@@ -132,7 +129,7 @@ class Vring:
 
     def close_fds(self) -> None:
         for name in ("kick", "call", "err"):
-            _close(getattr(self, name))
+            close_fds((getattr(self, name),))
             setattr(self, name, None)
 
 
@@ -460,7 +457,7 @@ class Backend:
         index = msg.body.index
         v = self._vring(index)
         self._stop(index)
-        _close(v.kick)
+        close_fds((v.kick,))
         v.kick = None
         return VringState(index, v.queue.next_avail)
 
@@ -499,7 +496,7 @@ class Backend:
             raise RequestError(f"ring {index}: polling (no kick descriptor) is not supported")
         if v.started and v.kick is not None:
             self.loop.remove_reader(v.kick)
-        _close(v.kick)
+        close_fds((v.kick,))
         v.kick = fd
         if v.started:
             self.loop.add_reader(fd, self._kicked(index), f"vhost-user ring {index} kick")
@@ -509,13 +506,13 @@ class Backend:
 
     def _set_vring_call(self, msg: Message) -> Body:
         _index, v, fd = self._vring_fd(msg)
-        _close(v.call)
+        close_fds((v.call,))
         v.call = fd
         return None
 
     def _set_vring_err(self, msg: Message) -> Body:
         _index, v, fd = self._vring_fd(msg)
-        _close(v.err)
+        close_fds((v.err,))
         v.err = fd
         return None
 
