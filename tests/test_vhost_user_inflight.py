@@ -309,6 +309,39 @@ def test_resubmission_runs_in_counter_order_before_new_requests(tmp_path):
         ses.close()
 
 
+@pytest.mark.parametrize("published", [False, True])
+def test_a_batch_completed_at_once_is_recovered_as_a_whole(published: bool) -> None:
+    """A device completes a batch with one used-index store: the heads are linked
+    from last_batch_head first, so a backend that dies before the store resubmits
+    all of them, and one that dies after it (before clearing their marks) none."""
+    from virtio_driver import Driver, memory
+
+    from pyhv.engine.vhost_user.inflight import InflightRegion, TrackedQueue
+    from pyhv.engine.virtio.queue import SplitQueue
+
+    mem = memory()
+    drv = Driver(mem, size=QSIZE)
+    q = TrackedQueue(QSIZE)
+    q.size, q.desc_addr, q.avail_addr, q.used_addr = QSIZE, drv.desc, drv.avail, drv.used
+    q.ready = True
+    region = InflightRegion.create(1, QSIZE)
+    try:
+        q.track = region.queue(0)
+        assert q.track.resume(QSIZE, 0) == []
+        heads = [drv.add([b"x"], [1])[0] for _ in range(3)]
+        assert q.take(mem) == heads
+        for h in heads:
+            q.fill(mem, h, 1)
+        if published:
+            SplitQueue.flush(q, mem)  # the index is out; the backend dies right after
+        assert drv.take_used() == ([(h, 1) for h in heads] if published else [])
+        again = region.queue(0).resume(QSIZE, q.next_used)
+        assert again == ([] if published else heads)
+        assert region.queue(0).used_idx == (3 if published else 0)
+    finally:
+        region.close()
+
+
 def test_a_ring_larger_than_the_inflight_region_is_refused(tmp_path):
     served = Served(tmp_path)
     fe = served.connect()

@@ -702,6 +702,101 @@ def test_parse_request_is_pure(tmp_path: Path) -> None:
     assert small.status == S_IOERR and "beyond" in small.reason
 
 
+def _three(ring: Driver, rtype: int, sector: int, data: int | bytes, into: bool,
+           hdr_len: int, status_len: int, data_addr: Optional[int]) -> tuple[int, int]:
+    """Publish a header / data / status chain of three direct descriptors (the shape
+    VirtioBlk serves without walking it); (head, status address)."""
+    h, _ = ring.alloc(hdr(rtype, sector).ljust(hdr_len, b"\0")[:hdr_len])
+    d, n = ring.alloc(data)
+    if data_addr is not None:
+        d = data_addr
+    st, _ = ring.alloc(status_len)
+    ids = [ring.free.pop(0) for _ in range(3)]
+    ring.write_desc(ring.desc, ids[0], h, hdr_len, 1, ids[1])
+    ring.write_desc(ring.desc, ids[1], d, n, 1 | (2 if into else 0), ids[2])
+    ring.write_desc(ring.desc, ids[2], st, status_len, 2)
+    ring.publish(ids[0])
+    return ids[0], st
+
+
+@pytest.mark.parametrize("readonly,detect", [(False, "off"), (True, "off"), (False, "on")])
+def test_plain_chains_served_inline_as_the_general_path_serves_them(
+        env, readonly: bool, detect: str) -> None:
+    """Chains of the plain shape are served from the descriptor table without
+    walking them; a device serving them so and the general path (``handle`` on the
+    walked chain) must leave the same status, used length, guest memory and image."""
+    import random
+    rng = random.Random(7)
+    fill = pattern(SECTOR, 3)
+    a = env(size=64 * SECTOR, fill=fill, readonly=readonly, detect_zeroes=detect,
+            ring_size=64)
+    b = env(size=64 * SECTOR, fill=fill, readonly=readonly, detect_zeroes=detect,
+            ring_size=64)
+    general = b.rings[0].queue()   # the same ring, walked here instead of by b's device
+    ring_area = b.rings[0].desc
+    errors: tuple[list[BlkIoError], list[BlkIoError]] = ([], [])
+    a.dev.on_io_error, b.dev.on_io_error = errors[0].append, errors[1].append
+    for _ in range(300):
+        rtype = rng.choice([T_IN, T_IN, T_OUT, T_OUT, T_FLUSH, T_GET_ID, 99])
+        sectors = rng.choice([1, 2, 8])
+        data: int | bytes = rng.choice([
+            sectors * SECTOR, SECTOR - 1, bytes(sectors * SECTOR),
+            pattern(sectors * SECTOR, rng.randrange(256))])
+        args = (rtype, rng.choice([0, 5, 63, 64, 60, 1 << 40]), data, rng.random() < 0.5,
+                rng.choice([16, 16, 16, 20]), rng.choice([1, 1, 1, 2]),
+                rng.choice([None] * 8 + [1 << 40, 8 * MiB * 2 - 8]))
+        for ring in (a.rings[0], b.rings[0]):
+            ring.free = list(range(ring.size))
+        head, st = _three(a.rings[0], *args)
+        assert _three(b.rings[0], *args) == (head, st)
+        a.drv.kick(0)
+        got = a.rings[0].take_used()
+        chain = general.pop(b.mem)
+        assert chain is not None and chain.head == head
+        want = [(head, b.dev.handle(chain))]
+        general.add_used(b.mem, head, want[0][1])
+        assert general.pop(b.mem) is None   # caught up, as a's device is (avail_event)
+        assert got == want, args
+        for start, n in ((ring_area, 0x1000), (8 * MiB, 0x10000)):  # rings, buffers
+            assert a.mem.read(start, n) == b.mem.read(start, n), args
+        assert a.host(0, 64 * SECTOR) == b.host(0, 64 * SECTOR), args
+        assert errors[0] == errors[1], args
+        a.rings[0].heap = b.rings[0].heap = 8 * MiB   # buffers reused
+    counts = ("rd_bytes", "wr_bytes", "rd_operations", "wr_operations", "flush_operations",
+              "wr_highest_offset")
+    assert [getattr(a.dev.stats, k) for k in counts] == \
+        [getattr(b.dev.stats, k) for k in counts]
+    assert a.dev.stats.rd_operations and (readonly or a.dev.stats.wr_operations)
+
+
+def test_a_request_held_mid_batch_holds_the_ones_after_it(env, monkeypatch) -> None:
+    e, seen = policy_env(env, werror="stop")
+    armed = failing(monkeypatch, "pwritev", errno.EIO)
+    ring = e.rings[0]
+    h1, o1 = ring.add([hdr(T_IN, 0)], [SECTOR, 1])
+    h2, o2 = ring.add([hdr(T_OUT, 8), pattern(SECTOR)], [1])
+    h3, o3 = ring.add([hdr(T_IN, 8)], [SECTOR, 1])
+    e.drv.kick(0)                  # one notification, three requests: the second stops
+    assert ring.take_used() == [(h1, SECTOR + 1)] and e.dev.stopped
+    armed.clear()
+    e.dev.retry()
+    assert ring.take_used() == [(h2, 1), (h3, SECTOR + 1)]
+    assert e.mem.read(o3[0][0], SECTOR) == pattern(SECTOR)
+    assert [e.status(o) for o in (o1, o2, o3)] == [S_OK] * 3 and len(seen) == 1
+
+
+def test_event_idx_driver_told_once_the_device_caught_up(env) -> None:
+    e = env(want=ALL)
+    ring = e.rings[0]
+    assert ring.event_idx
+    for _ in range(3):
+        ring.add([hdr(T_IN, 0)], [SECTOR, 1])
+    e.drv.kick(0)
+    assert len(ring.take_used()) == 3
+    # avail_event (after the used ring's elements) names the next index to come
+    assert e.mem.read_u16(ring.used + 4 + 8 * ring.size) == ring.avail_idx
+
+
 # ---- the raw backend: cache modes, O_DIRECT -------------------------------------------
 @pytest.mark.parametrize("cache,direct,dsync", [
     ("writeback", False, False), ("default", False, False), ("none", True, False),

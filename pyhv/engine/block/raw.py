@@ -164,11 +164,10 @@ def _round_up(n: int, a: int) -> int:
 def _bytes_views(buffers: Sequence[memoryview]) -> list[memoryview]:
     out = []
     for b in buffers:
-        v = memoryview(b)
-        if v.format != "B" or v.ndim != 1:
-            v = v.cast("B")
-        if len(v):
-            out.append(v)
+        if type(b) is not memoryview or b.format != "B" or b.ndim != 1:
+            b = memoryview(b).cast("B")
+        if len(b):
+            out.append(b)
     return out
 
 
@@ -321,9 +320,12 @@ class RawBackend(CheckedBackend):
 
     def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = _bytes_views(buffers)
-        total = sum(len(v) for v in views)
+        total = sum(map(len, views))
         self._check_range(offset, total, "read")
-        self.read_views(offset, views, total)
+        if self.direct:
+            self._direct(offset, views, total, write=False)
+        else:
+            self._preadv(self.fd, offset, views, total)
 
     def read_views(self, offset: int, views: list[memoryview], total: int) -> None:
         """:meth:`read_into` for a format driver stacked on this file (qcow2's data
@@ -337,7 +339,7 @@ class RawBackend(CheckedBackend):
     def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self._check_writable()
         views = _bytes_views(buffers)
-        total = sum(len(v) for v in views)
+        total = sum(map(len, views))
         self._check_range(offset, total, "write")
         if self.direct:
             self._direct(offset, views, total, write=True)

@@ -5,9 +5,10 @@ SET_INFLIGHT_FD), one region per queue: a 16-byte header (features u64, version
 u16, desc_num u16, last_batch_head u16, used_idx u16) and ``desc_num`` 16-byte
 descriptor states (inflight u8, 5 bytes of padding, next u16, counter u64), the
 region rounded up to 64 bytes.  A head is marked inflight, with an increasing
-counter, when the backend takes it from the available ring; when it is completed
-it becomes the last batch's head, the used ring's index is published, its mark is
-cleared and ``used_idx`` records the index.  The frontend keeps the memory when
+counter, when the backend takes it from the available ring.  A batch of completed
+heads is linked, each to the one before, from ``last_batch_head``; then the used
+ring's index is published (once for the batch), their marks are cleared and
+``used_idx`` records the index.  The frontend keeps the memory when
 the backend dies and hands it to the next one, which resubmits what is still
 marked (in counter order) before new requests.
 
@@ -28,7 +29,7 @@ from typing import Optional
 
 from pyhv.engine.memory import GuestMemory
 from pyhv.engine.vhost_user.message import RequestError
-from pyhv.engine.virtio.queue import ChainError, DescriptorChain, SplitQueue
+from pyhv.engine.virtio.queue import SplitQueue
 
 HEADER = struct.Struct("=QHHHH")
 DESC_STATE = struct.Struct("=B5xHQ")
@@ -159,14 +160,19 @@ class QueueState:
         self.mem[d] = 1
 
     def before_used(self, head: int) -> None:
-        """The head becomes the last batch (of one) before its used entry is
-        published."""
+        """The head joins the batch being completed, before its used entry is
+        published: the batch's heads are linked from ``last_batch_head`` through their
+        ``next`` fields, so a backend that finds the used index ahead of ``used_idx``
+        knows which heads it covers."""
         at = self._desc(head) + 6
         self.mem[at:at + 2] = _H.pack(self._u16(_LAST_BATCH_HEAD))
         self._set_u16(_LAST_BATCH_HEAD, head)
 
-    def after_used(self, head: int, used_idx: int) -> None:
-        self.mem[self._desc(head)] = 0
+    def after_used(self, heads: list[int], used_idx: int) -> None:
+        """The batch ``heads`` was published with the used index ``used_idx``."""
+        mem = self.mem
+        for head in heads:
+            mem[self._desc(head)] = 0
         self._set_u16(_USED_IDX, used_idx)
 
     # ---- a ring starts ----------------------------------------------------------------
@@ -227,36 +233,35 @@ class TrackedQueue(SplitQueue):
         super().reset()
         self.track: Optional[QueueState] = None
         self.resubmit: list[int] = []
+        #: heads filled into the used ring and not yet published
+        self._completing: list[int] = []
 
     def pending(self, memory: GuestMemory) -> int:
         return len(self.resubmit) + super().pending(memory)
 
-    def pop(self, memory: GuestMemory) -> Optional[DescriptorChain]:
+    def take(self, memory: GuestMemory, limit: Optional[int] = None) -> list[int]:
         if self.resubmit and self.ready:
-            head = self.resubmit.pop(0)
-            try:
-                return DescriptorChain(memory, head, self._walk(memory, head))
-            except ChainError as e:
-                e.head = head
-                raise
+            n = len(self.resubmit) if limit is None else limit
+            heads = self.resubmit[:n]
+            del self.resubmit[:n]
+            return heads  # still marked from the backend that took them first
+        heads = super().take(memory, limit)
         track = self.track
-        if track is None:
-            return super().pop(memory)
-        try:
-            chain = super().pop(memory)
-        except ChainError as e:
-            if e.head is not None:
-                track.take(e.head)  # completed (empty) right away by pop_valid
-            raise
-        if chain is not None:
-            track.take(chain.head)
-        return chain
+        if track is not None:
+            for head in heads:
+                track.take(head)
+        return heads
 
-    def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
+    def fill(self, memory: GuestMemory, head: int, length: int) -> None:
         track = self.track
-        if track is None or head >= track.capacity:
-            super().add_used(memory, head, length)
-            return
-        track.before_used(head)
-        super().add_used(memory, head, length)
-        track.after_used(head, self.next_used)
+        if track is not None and head < track.capacity:
+            track.before_used(head)  # linked into the batch before it can be published
+            self._completing.append(head)
+        super().fill(memory, head, length)
+
+    def flush(self, memory: GuestMemory) -> None:
+        super().flush(memory)
+        done, track = self._completing, self.track
+        if done and track is not None:
+            track.after_used(done, self.next_used)
+        done.clear()

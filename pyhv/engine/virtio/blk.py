@@ -30,7 +30,10 @@ again when the machine resumes.  ``enospc`` stops on ENOSPC and reports
 anything else (QEMU's default for writes; reads default to ``report``).  Each
 failure is told to ``on_io_error`` (QMP's BLOCK_IO_ERROR).
 Requests are served on the thread that calls :meth:`VirtioBlk.queue_notify`
-(the engine's loop), synchronously.
+(the engine's loop), synchronously, a batch at a time: every chain available is
+taken in one read of the ring, and their used elements are published with one
+index store.  Plain reads and writes (header, one data buffer, status byte) are
+read straight from the descriptor table; everything else is walked and parsed.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
 from pyhv.engine.block import SECTOR_SIZE, BlockBackend, BlockError, open_disk
 from pyhv.engine.memory import GuestMemoryError
 from pyhv.engine.virtio.device import TYPE_BLOCK, Interrupts, VirtioDevice
-from pyhv.engine.virtio.queue import Descriptor, DescriptorChain, SplitQueue
+from pyhv.engine.virtio.queue import (
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESCRIPTOR,
+    ChainError,
+    Descriptor,
+    DescriptorChain,
+    SplitQueue,
+)
 
 if TYPE_CHECKING:
     from pyhv.config import DiskConfig
@@ -349,7 +360,8 @@ class VirtioBlk(VirtioDevice):
         self.on_io_error: Callable[[BlkIoError], None] = lambda err: None
         #: QMP's io-status: "ok", "failed" or "nospace" (the last stop's cause)
         self.io_status = "ok"
-        self._held: Optional[tuple[int, DescriptorChain]] = None
+        #: the request held by the error policy: (queue, its chain, heads taken after it)
+        self._held: Optional[tuple[int, DescriptorChain, list[int]]] = None
         #: QMP block-set-write-threshold: the first write reaching past this byte
         #: offset is told to ``on_threshold`` (bytes past it, the threshold), and the
         #: threshold is disarmed; 0: off
@@ -436,17 +448,104 @@ class VirtioBlk(VirtioDevice):
         if index >= len(self.queues) or self._held is not None:
             return  # stopped on an error: nothing moves until retry()
         q = self.queues[index]
-        memory, interrupts = self.memory, self.interrupts
+        memory = self.memory
+        assert memory is not None
+        while heads := q.take(memory):
+            if not self._serve(index, q, memory, heads):
+                break  # held on an error
+        self._complete(index)
+
+    def _complete(self, index: int) -> None:
+        """Publish what was served (the batch at once) and interrupt the driver if it
+        asked to be."""
+        q, memory, interrupts = self.queues[index], self.memory, self.interrupts
         assert memory is not None and interrupts is not None
-        while (chain := q.pop_valid(memory)) is not None:
+        q.flush(memory)
+        if q.needs_notification(memory):
+            interrupts.queue(index)
+
+    def _serve(self, index: int, q: SplitQueue, memory: "GuestMemory",
+               heads: list[int]) -> bool:
+        """Serve the chains ``heads`` (taken from queue ``index``) and fill their used
+        elements; False when one was held by the error policy (it and the heads after
+        it wait for :meth:`retry`).
+
+        The layout Linux, QEMU and the firmware use for reads and writes (a 16-byte
+        header, one data buffer, a 1-byte status, three direct descriptors) is read
+        here straight from the descriptor table: such a chain passes every check of
+        the queue's walk by its shape, and what :func:`parse_request` checks of a
+        read or write is checked inline.  Anything else, and any buffer outside
+        RAM, takes the general path (:meth:`handle`), which decides the outcome;
+        both paths give the same result for the same chain."""
+        table = q.table(memory)
+        size = q.size
+        unpack, view = DESCRIPTOR.unpack_from, memory.view
+        header = HEADER.unpack_from
+        backend, stats = self.backend, self.stats
+        capacity = self.limits.capacity
+        plain_out = (not self.limits.readonly and self.detect_zeroes == "off"
+                     and not self.writethrough)
+        now = time.perf_counter_ns
+        for i, head in enumerate(heads):
+            addr, length, flags, nxt = unpack(table, 16 * head)
+            if flags == DESC_F_NEXT and length == HEADER.size and nxt < size:
+                data_addr, data_len, data_flags, nxt = unpack(table, 16 * nxt)
+                if data_flags & ~DESC_F_WRITE == DESC_F_NEXT and data_len and nxt < size:
+                    status_addr, status_len, status_flags, _ = unpack(table, 16 * nxt)
+                    rtype = -1
+                    if status_flags == DESC_F_WRITE and status_len == 1:
+                        try:
+                            rtype, _reserved, sector = header(view(addr, length))
+                            status = view(status_addr, 1)
+                            data = view(data_addr, data_len)
+                        except GuestMemoryError:
+                            rtype = -1
+                    into = data_flags & DESC_F_WRITE
+                    if (rtype == T_IN and into or rtype == T_OUT and plain_out and not into) \
+                            and not data_len % SECTOR_SIZE and sector <= capacity \
+                            and data_len // SECTOR_SIZE <= capacity - sector:
+                        offset = sector * SECTOR_SIZE
+                        start = now()
+                        try:
+                            if rtype == T_IN:
+                                backend.read_into(offset, (data,))
+                            else:
+                                if self.write_threshold:
+                                    self._check_threshold(offset + data_len)
+                                backend.write_from(offset, (data,))
+                        except BlockError as e:
+                            try:
+                                result, written = self._failed(rtype, e)
+                            except _Held:
+                                self._hold(index, q, memory, head, heads[i + 1:])
+                                return False
+                        else:
+                            result, written = S_OK, data_len if rtype == T_IN else 0
+                            stats.count(rtype, data_len, offset, now() - start)
+                        status[0] = result
+                        q.fill(memory, head, written + 1)
+                        continue
+            try:
+                chain = q.chain(memory, head)
+            except ChainError:
+                q.fill(memory, head, 0)  # cannot be answered: back with nothing written
+                continue
             try:
                 used = self.handle(chain)
             except _Held:
-                self._held = (index, chain)
-                break
-            q.add_used(memory, chain.head, used)
-        if q.needs_notification(memory):
-            interrupts.queue(index)
+                self._held = (index, chain, heads[i + 1:])
+                return False
+            q.fill(memory, head, used)
+        return True
+
+    def _hold(self, index: int, q: SplitQueue, memory: "GuestMemory", head: int,
+              rest: list[int]) -> None:
+        try:
+            self._held = (index, q.chain(memory, head), rest)
+        except ChainError:  # the driver rewrote it meanwhile: it cannot be retried
+            q.fill(memory, head, 0)
+            self._held = None
+            self.retry_rest(index, rest)
 
     @property
     def stopped(self) -> bool:
@@ -459,14 +558,22 @@ class VirtioBlk(VirtioDevice):
         held, self._held = self._held, None
         if held is None or self.memory is None:
             return
-        index, chain = held
+        index, chain, rest = held
         self.io_status = "ok"
         try:
             used = self.handle(chain)
         except _Held:
             self._held = held
             return
-        self.queues[index].add_used(self.memory, chain.head, used)
+        self.queues[index].fill(self.memory, chain.head, used)
+        self.retry_rest(index, rest)
+
+    def retry_rest(self, index: int, rest: list[int]) -> None:
+        """Serve the heads taken after a held one, then every queue."""
+        assert self.memory is not None
+        if rest and not self._serve(index, self.queues[index], self.memory, rest):
+            self._complete(index)
+            return
         for i in range(len(self.queues)):
             self.queue_notify(i)
 
@@ -487,33 +594,40 @@ class VirtioBlk(VirtioDevice):
         raises :class:`_Held` when the error policy stops on its failure."""
         start = time.perf_counter_ns()
         if self.write_threshold and req.type in (T_OUT, T_WRITE_ZEROES, T_DISCARD):
-            self._check_threshold(req)
+            self._check_threshold(self._request_end(req))
         try:
             status, written = self._run(req)
         except BlockError as e:
-            read = req.type == T_IN
-            policy = self.rerror if read else self.werror
-            nospace = e.errno == errno.ENOSPC
-            action = ("stop" if nospace else "report") if policy == "enospc" else policy
-            if action == "stop":
-                self.io_status = "nospace" if nospace else "failed"
-            reason = os.strerror(e.errno) if e.errno else str(e)
-            self.on_io_error(BlkIoError("read" if read else "write", action, nospace, reason))
-            if action == "stop":
-                raise _Held() from e
-            # failures are not counted in the statistics, ignored or not
-            return (S_OK, 0) if action == "ignore" else (S_IOERR, 0)
+            return self._failed(req.type, e)
         if status == S_OK:
             self.stats.count(req.type, req.data_len, req.sector * SECTOR_SIZE,
                              time.perf_counter_ns() - start)
         return status, written
 
-    def _check_threshold(self, req: BlkRequest) -> None:
-        """As QEMU: checked before the write is made (whether it then succeeds or not)."""
+    def _failed(self, rtype: int, e: BlockError) -> tuple[int, int]:
+        """(status, bytes written) of a request the host failed, by the error policy;
+        raises :class:`_Held` when the policy stops on it."""
+        read = rtype == T_IN
+        policy = self.rerror if read else self.werror
+        nospace = e.errno == errno.ENOSPC
+        action = ("stop" if nospace else "report") if policy == "enospc" else policy
+        if action == "stop":
+            self.io_status = "nospace" if nospace else "failed"
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        self.on_io_error(BlkIoError("read" if read else "write", action, nospace, reason))
+        if action == "stop":
+            raise _Held() from e
+        # failures are not counted in the statistics, ignored or not
+        return (S_OK, 0) if action == "ignore" else (S_IOERR, 0)
+
+    def _request_end(self, req: BlkRequest) -> int:
         if req.type == T_OUT:
-            end = req.sector * SECTOR_SIZE + req.data_len
-        else:
-            end = max(((s + n) * SECTOR_SIZE for s, n, _u in req.ranges), default=0)
+            return req.sector * SECTOR_SIZE + req.data_len
+        return max(((s + n) * SECTOR_SIZE for s, n, _u in req.ranges), default=0)
+
+    def _check_threshold(self, end: int) -> None:
+        """As QEMU: checked before the write is made (whether it then succeeds or not);
+        ``end`` is one past the last byte the write reaches."""
         threshold = self.write_threshold
         if end > threshold:
             self.write_threshold = 0

@@ -3,7 +3,12 @@
 A :class:`SplitQueue` knows where the driver put the descriptor table and the
 two rings, and nothing about notifications' transport: the device pops the
 next available chain, serves it and puts its head on the used ring, and asks
-:meth:`SplitQueue.needs_notification` whether to interrupt the driver.
+:meth:`SplitQueue.needs_notification` whether to interrupt the driver.  A device
+serving batches takes every available head at once (:meth:`SplitQueue.take`),
+fills each used element and publishes them with one index store
+(:meth:`SplitQueue.flush`).  The available ring's index is read when the device
+has taken everything it knew of; with event idx, the driver is told the device
+caught up just before that read, so it kicks only for chains published after.
 
 Everything the driver wrote is untrusted.  A chain is walked with a
 time-to-live of queue-size steps (a loop ends the walk with an error), indirect
@@ -28,7 +33,8 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
-_DESC = struct.Struct("<QIHH")
+#: one descriptor: address, length, flags, next
+DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 #: the longest indirect table accepted (the spec bounds it by the queue size)
 MAX_QUEUE_SIZE = 32768
@@ -167,10 +173,24 @@ class SplitQueue:
         self.indirect = False
         self.next_avail = 0
         self.next_used = 0
+        #: used elements written by :meth:`fill` and not yet published by :meth:`flush`
+        self._filled = 0
         #: the used index when the driver was last notified (event-idx suppression)
         self._signalled_used: Optional[int] = None
         #: something was used since the last :meth:`needs_notification`
         self._used_since = False
+
+    @property
+    def next_avail(self) -> int:
+        """The available ring's index of the next chain the device takes."""
+        return self._next_avail
+
+    @next_avail.setter
+    def next_avail(self, value: int) -> None:
+        self._next_avail = value & 0xFFFF
+        #: chains known to be available past ``next_avail`` (read from the ring's
+        #: index once, then taken without reading it again)
+        self._known = 0
 
     # ---- checks when the driver enables the queue -------------------------------
     def validate(self, memory: GuestMemory) -> None:
@@ -196,34 +216,68 @@ class SplitQueue:
 
     def pending(self, memory: GuestMemory) -> int:
         """How many chains the driver made available and the device has not taken."""
-        ahead = (self._avail_idx(memory) - self.next_avail) & 0xFFFF
+        ahead = (self._avail_idx(memory) - self._next_avail) & 0xFFFF
         if ahead > self.size:
             raise QueueError(f"available index is {ahead} ahead of the device, more than "
                              f"the queue size {self.size}")
+        self._known = ahead
         return ahead
 
-    def pop(self, memory: GuestMemory) -> Optional[DescriptorChain]:
-        """The next available chain (``None``: nothing new).  A malformed chain raises
-        :class:`ChainError` after the device took it: complete it with
-        :meth:`add_used` (length 0) and go on."""
-        if not self.ready or not self.pending(memory):
-            return None
-        slot = self.avail_addr + 4 + 2 * (self.next_avail % self.size)
+    def _caught_up(self, memory: GuestMemory) -> bool:
+        """Nothing is known to be available: read the ring's index again.  With event
+        idx, the device tells the driver first that it has seen everything up to
+        here (so a chain published after this read is kicked), then reads; while a
+        batch is taken the driver is not asked to kick."""
+        if self.event_idx:
+            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self._next_avail)
+        return not self.pending(memory)
+
+    def take(self, memory: GuestMemory, limit: Optional[int] = None) -> list[int]:
+        """The heads of the chains the driver made available (at most ``limit``),
+        taken off the ring in one read (empty: the device has caught up).  Walk each with
+        :meth:`chain`, and complete each with :meth:`fill` or :meth:`add_used`."""
+        if not self.ready or not self._known and self._caught_up(memory):
+            return []
+        n = self._known if limit is None else min(self._known, limit)
+        nxt, size = self._next_avail, self.size
+        start = nxt % size
+        first = min(n, size - start)
         try:
-            head = memory.read_u16(slot)
+            ring = memory.view(self.avail_addr + 4, 2 * size)
         except GuestMemoryError as e:
             raise QueueError("the available ring is not guest RAM") from e
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        if self.event_idx:  # tell the driver we have seen everything up to here
-            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self.next_avail)
-        if head >= self.size:
-            raise QueueError(f"available ring names descriptor {head} of a queue of "
-                             f"{self.size}")
+        heads = list(struct.unpack_from(f"<{first}H", ring, 2 * start))
+        if first < n:  # the ring wraps
+            heads += struct.unpack_from(f"<{n - first}H", ring, 0)
+        self._next_avail = (nxt + n) & 0xFFFF
+        self._known -= n
+        top = max(heads)
+        if top >= size:
+            raise QueueError(f"available ring names descriptor {top} of a queue of {size}")
+        return heads
+
+    def chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
+        """The chain from ``head`` (one :meth:`take` returned), walked and checked;
+        :class:`ChainError` (with its head) if it is malformed."""
         try:
             return DescriptorChain(memory, head, self._walk(memory, head))
         except ChainError as e:
             e.head = head
             raise
+
+    def table(self, memory: GuestMemory) -> memoryview:
+        """The descriptor table (a device reading plain chains itself)."""
+        try:
+            return memory.view(self.desc_addr, DESC_SIZE * self.size)
+        except GuestMemoryError as e:
+            raise QueueError("the descriptor table is not guest RAM") from e
+
+    def pop(self, memory: GuestMemory) -> Optional[DescriptorChain]:
+        """The next available chain (``None``: nothing new).  A malformed chain raises
+        :class:`ChainError` after the device took it: complete it with
+        :meth:`add_used` (length 0) and go on."""
+        heads = self.take(memory, 1)
+        return self.chain(memory, heads[0]) if heads else None
 
     def pop_valid(self, memory: GuestMemory) -> Optional[DescriptorChain]:
         """The next chain that can be walked (``None``: nothing new); chains that
@@ -239,24 +293,26 @@ class SplitQueue:
     def rewind(self, memory: GuestMemory, count: int) -> None:
         """Give back the last ``count`` chains popped and not used: they are popped
         again next time (a device that found it cannot serve them yet)."""
-        self.next_avail = (self.next_avail - count) & 0xFFFF
+        self.next_avail = self._next_avail - count
         if self.event_idx:
-            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self.next_avail)
+            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self._next_avail)
 
     def _walk(self, memory: GuestMemory, head: int) -> list[Descriptor]:
         out: list[Descriptor] = []
-        table, table_size, index = self.desc_addr, self.size, head
-        ttl = self.size
+        table_size, index = self.size, head
+        try:
+            table = memory.view(self.desc_addr, DESC_SIZE * table_size)
+        except GuestMemoryError as e:
+            raise QueueError("the descriptor table is not guest RAM") from e
+        unpack = DESCRIPTOR.unpack_from
+        ttl = table_size
         in_indirect = False
         while True:
             if ttl <= 0:
                 raise ChainError(f"descriptor chain from {head} loops or is longer than "
                                  f"the queue")
             ttl -= 1
-            try:
-                addr, length, flags, nxt = memory.read_struct(_DESC, table + DESC_SIZE * index)
-            except GuestMemoryError as e:
-                raise ChainError(f"descriptor {index} is not in guest RAM") from e
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
                     raise ChainError("an indirect table names another indirect table")
@@ -266,9 +322,12 @@ class SplitQueue:
                     raise ChainError("an indirect descriptor must be a chain's only one")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table of {length} bytes")
-                if not memory.contains(addr, length):
-                    raise ChainError(f"indirect table {addr:#x}+{length:#x} is not guest RAM")
-                table, table_size, index = addr, length // DESC_SIZE, 0
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(f"indirect table {addr:#x}+{length:#x} is not guest "
+                                     f"RAM") from e
+                table_size, index = length // DESC_SIZE, 0
                 ttl = table_size
                 in_indirect = True
                 continue
@@ -286,19 +345,34 @@ class SplitQueue:
 
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` to the driver with ``length`` bytes written."""
-        elem = self.used_addr + 4 + 8 * (self.next_used % self.size)
+        self.fill(memory, head, length)
+        self.flush(memory)
+
+    def fill(self, memory: GuestMemory, head: int, length: int) -> None:
+        """Write chain ``head``'s used element, not yet published: a device that
+        completes a batch fills each element, then calls :meth:`flush` once (the
+        driver sees the whole batch with one index store)."""
+        elem = self.used_addr + 4 + 8 * ((self.next_used + self._filled) % self.size)
         try:
-            memory.write(elem, _USED_ELEM.pack(head, length))
+            memory.view(elem, 8)[:] = _USED_ELEM.pack(head, length)
         except GuestMemoryError as e:
             raise QueueError("the used ring is not guest RAM") from e
-        self.next_used = (self.next_used + 1) & 0xFFFF
+        self._filled += 1
+
+    def flush(self, memory: GuestMemory) -> None:
+        """Publish the filled elements: the used index moves past them."""
+        if not self._filled:
+            return
+        self.next_used = (self.next_used + self._filled) & 0xFFFF
+        self._filled = 0
         self._used_since = True
-        # the element is written before the index that publishes it
+        # the elements are written before the index that publishes them
         self._write_u16(memory, self.used_addr + 2, self.next_used)
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last
         one (the used-event index, or the NO_INTERRUPT flag without event idx)."""
+        self.flush(memory)
         if not self._used_since:
             return False  # nothing used since the last check: nothing to tell
         self._used_since = False
