@@ -92,7 +92,10 @@ Log = Callable[[str], None]
 
 #: what the backend offers on top of the device's own features
 TRANSPORT_FEATURES = F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_PROTOCOL_FEATURES
-PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_RESET_DEVICE
+PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_RESET_DEVICE
+#: devices whose configuration space the frontend reads from the backend (GET_CONFIG):
+#: net and rng fronts have none of the backend's (QEMU's warn when it is offered)
+CONFIG_IN_BACKEND = frozenset({"virtio-blk", "virtio-serial"})
 #: devices whose requests may run again after a backend restart (inflight tracking)
 REPLAYABLE = frozenset({"virtio-blk"})
 
@@ -176,7 +179,8 @@ class Backend:
         self.features = device.features | TRANSPORT_FEATURES
         if inflight is None:
             inflight = device.kind in REPLAYABLE
-        self.protocol_features = PROTOCOL_FEATURES | (PF_INFLIGHT_SHMFD if inflight else 0)
+        self.protocol_features = PROTOCOL_FEATURES | (PF_INFLIGHT_SHMFD if inflight else 0) \
+            | (PF_CONFIG if device.kind in CONFIG_IN_BACKEND else 0)
         self.vrings = [Vring(TrackedQueue(n)) for n in device.queue_sizes]
         self.conn: Optional[Connection] = None
         self.inflight: Optional[InflightRegion] = None
