@@ -30,6 +30,22 @@ def hwvirt() -> bool:
     return any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
 
 
+#: the newer QEMU scripts/setup unpacks from Debian's backports (not installed)
+NEW_QEMU = Path("/var/lib/pyhv/qemu")
+
+
+def new_qemu() -> tuple[list[str], dict[str, str]]:
+    """The backports QEMU as (argv prefix, environment), or skip the test: Debian
+    12's QEMU 7.2 has no generic vhost-user front and its TCG dies when a
+    vhost-user netdev starts."""
+    binary = NEW_QEMU / "usr/bin/qemu-system-x86_64"
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"no QEMU from Debian's backports in {NEW_QEMU} (scripts/setup "
+                    f"unpacks it when the archive is reachable)")
+    env = dict(os.environ, QEMU_MODULE_DIR=str(NEW_QEMU / "usr/lib/x86_64-linux-gnu/qemu"))
+    return [str(binary), "-L", str(NEW_QEMU / "usr/share/qemu")], env
+
+
 def cloud_kernel() -> str | None:
     found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
     return found[-1] if found else None
