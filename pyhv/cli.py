@@ -154,6 +154,18 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                      help="the tap to open (created if missing, brought up)")
     vun.add_argument("--queues", type=int, default=1, help="queue pairs (1 to 16)")
 
+    vuc = sub.add_parser("vhost-user-console",
+                         help="serve virtio consoles to another VMM (QEMU's "
+                              "vhost-user-device-pci,virtio-id=3) over vhost-user")
+    vuc.add_argument("--socket", required=True, metavar="PATH",
+                     help="the unix socket to listen on (one frontend at a time)")
+    vuc.add_argument("--console", default="stdio", metavar="END",
+                     help="port 0, the guest's hvc0: stdio (default), file:PATH, "
+                          "unix:PATH (listened on), pty or null")
+    vuc.add_argument("--port", action="append", default=[], metavar="NAME=END",
+                     help="a named port from port 1 on, the guest's "
+                          "/dev/virtio-ports/NAME (repeatable)")
+
     vur = sub.add_parser("vhost-user-rng", help="serve entropy to another VMM (QEMU's "
                                                 "vhost-user-rng-pci) over vhost-user")
     vur.add_argument("--socket", required=True, metavar="PATH",
@@ -350,6 +362,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from pyhv.engine.vhost_user import net as vunet
 
             return vunet.run(args.socket, args.tap, args.queues)
+        if args.command == "vhost-user-console":
+            from pyhv.engine.vhost_user import console as vucons
+
+            return vucons.run(args.socket, args.console, tuple(args.port))
         if args.command == "vhost-user-rng":
             from pyhv.engine.vhost_user import rng as vurng
 
