@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from benchstats import percentile  # noqa: E402
 from vhost_user_frontend import REGION1_GUEST, Frontend  # noqa: E402
 
+from pyhv.engine.memory import memory_fence  # noqa: E402
 from pyhv.engine.vhost_user.connection import Connection, Disconnected  # noqa: E402
 from pyhv.engine.vhost_user.message import (  # noqa: E402
     F_PROTOCOL_FEATURES,
@@ -198,6 +199,7 @@ class Driver:
         used_event = avail + 4 + 2 * QUEUE
         pack_hdr, unpack32 = HDR.pack_into, U32.unpack_from
         pack16 = _store16
+        fence = memory_fence
         kick, poll, call = self.kick, self.poller.poll, self.call
         n_off = len(offsets)
         free = list(range(case.depth))
@@ -224,6 +226,7 @@ class Driver:
                 free = []
                 pack16(mv, avail + 2, avail_idx)
                 pack16(mv, used_event, last_used)
+                fence()  # used_event stored before the used index is loaded below
                 os.eventfd_write(kick, 1)
             if inflight == 0:
                 break
@@ -231,6 +234,7 @@ class Driver:
             if idx == last_used and not submitting:
                 # draining: ask for a call at the next completion, then look again
                 pack16(mv, used_event, last_used)
+                fence()
                 idx = U16.unpack_from(mv, used + 2)[0]
             waited = 0
             while idx == last_used:

@@ -16,6 +16,7 @@ import mmap
 import os
 import resource
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
@@ -30,6 +31,22 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+_FENCE = threading.Lock()
+
+
+def memory_fence() -> None:
+    """A full memory barrier: this thread's earlier stores to memory another CPU
+    reads (a guest's, another process's) are visible before its later loads.  x86
+    lets a load pass an earlier store to another address, so a device that
+    publishes a ring index and then reads the driver's event index needs this, as
+    the driver needs its own between the same two accesses the other way round
+    (Linux's virtio_mb): without both, each side can miss the other's update and
+    the driver waits for an interrupt that never comes.  An uncontended lock's
+    acquire and release are locked instructions, which order both on x86."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class GuestMemoryError(EngineError):

@@ -25,7 +25,7 @@ import struct
 from typing import Iterator, NamedTuple, Optional
 
 from pyhv.engine.errors import EngineError
-from pyhv.engine.memory import GuestMemory, GuestMemoryError
+from pyhv.engine.memory import GuestMemory, GuestMemoryError, memory_fence
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -230,6 +230,7 @@ class SplitQueue:
         batch is taken the driver is not asked to kick."""
         if self.event_idx:
             self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self._next_avail)
+            memory_fence()  # the store above before the index's load below
         return not self.pending(memory)
 
     def take(self, memory: GuestMemory, limit: Optional[int] = None) -> list[int]:
@@ -376,6 +377,7 @@ class SplitQueue:
         if not self._used_since:
             return False  # nothing used since the last check: nothing to tell
         self._used_since = False
+        memory_fence()  # the used index published before the driver's wishes are read
         new = self.next_used
         old = self._signalled_used
         self._signalled_used = new
