@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from conftest import cloud_kernel
@@ -78,7 +79,8 @@ def newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     return bytes(out)
 
 
-def initramfs(tmp: Path, kernel: str) -> Path:
+def initramfs(tmp: Path, kernel: str, init: Optional[str] = None) -> Path:
+    """Busybox, the virtio modules and ``init`` (default :data:`INIT`) as /init."""
     version = re.sub(r"^.*vmlinuz-", "", kernel)
     moddir = Path("/lib/modules") / version
     entries: list[tuple[str, int, bytes, int]] = [
@@ -90,7 +92,8 @@ def initramfs(tmp: Path, kernel: str) -> Path:
         if not path.exists():
             pytest.skip(f"{path} is missing")
         entries.append((f"lib/{path.name}", 0o100644, path.read_bytes(), 0))
-    entries.append(("init", 0o100755, INIT.format(load=" ".join(LOAD)).encode(), 0))
+    entries.append(("init", 0o100755,
+                    (INIT if init is None else init).format(load=" ".join(LOAD)).encode(), 0))
     image = tmp / "initramfs.cpio"
     image.write_bytes(newc(entries))
     return image
@@ -299,3 +302,94 @@ def test_linux_ext4_fstrim_two_queues_and_a_readonly_export(tmp_path):
     assert rc and rc.group(1) != "0", out[-3000:]
     assert hashlib.sha256(ro_data[:512]).hexdigest() in out
     assert ro.read_bytes() == ro_data
+
+
+# ---- a frontend killed mid-I/O -----------------------------------------------------------
+
+WRITER_INIT = PREAMBLE + """busybox mount -t ext4 /dev/vda /mnt && echo MOUNT-OK
+i=0
+while true; do
+  busybox dd if=/dev/urandom of=/mnt/f$i bs=65536 count=8 conv=fsync 2>/dev/null
+  echo WROTE $i
+  i=$((i+1))
+done
+"""
+
+CHECKER_INIT = PREAMBLE + """busybox mount -t ext4 /dev/vda /mnt && echo MOUNT-OK
+echo FILES $(busybox ls /mnt | busybox grep -c '^f')
+busybox dd if=/dev/urandom of=/mnt/after bs=65536 count=4 conv=fsync 2>/dev/null && echo WRITE-OK
+busybox umount /mnt && echo UMOUNT-OK
+echo GUEST-DONE
+busybox poweroff -f
+"""
+
+
+def _qemu_argv(kernel: str, initrd: Path, sock: Path, serial: str) -> list[str]:
+    return ["qemu-system-x86_64", "-accel", "tcg", "-m", "256",
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", serial, "-no-reboot",
+            "-kernel", kernel, "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 quiet",
+            "-chardev", f"socket,id=c,path={sock}", "-device", "vhost-user-blk-pci,chardev=c"]
+
+
+def test_qemu_killed_mid_io_the_backend_serves_the_next_and_ext4_is_consistent(tmp_path):
+    """QEMU is SIGKILLed while its guest writes files on ext4 (each dd fsync'd):
+    ``pyhv vhost-user-blk`` stays up, the next QEMU's guest mounts the filesystem
+    (the journal replays), writes, unmounts and powers off, and the host's
+    ``e2fsck -fn`` finds nothing wrong."""
+    kernel = cloud_kernel()
+    assert kernel is not None
+    if not os.path.exists("/bin/busybox") or not shutil.which("e2fsck") or \
+            not shutil.which("mke2fs"):
+        pytest.skip("busybox-static and e2fsprogs are needed")
+    disk = tmp_path / "ext4.img"
+    with disk.open("wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "nodiscard", str(disk)],
+                   check=True)
+    for d in ("w", "c"):
+        (tmp_path / d).mkdir()
+    writer = initramfs(tmp_path / "w", kernel, WRITER_INIT)
+    checker = initramfs(tmp_path / "c", kernel, CHECKER_INIT)
+    sock = tmp_path / "blk.sock"
+    log_path = tmp_path / "backend.log"
+    console = tmp_path / "console1.txt"
+    console.touch()
+    with log_path.open("w") as log:
+        backend = subprocess.Popen([sys.executable, "-m", "pyhv", "vhost-user-blk",
+                                    "--socket", str(sock), "--disk", str(disk)], stderr=log)
+        try:
+            wait_for_socket(sock, backend)
+            first = subprocess.Popen(_qemu_argv(kernel, writer, sock, f"file:{console}"),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+            try:
+                end = time.monotonic() + 120
+                while "WROTE 3" not in console.read_text(errors="replace"):
+                    assert first.poll() is None, console.read_text(errors="replace")[-3000:]
+                    assert time.monotonic() < end, "the guest never wrote its fourth file"
+                    time.sleep(0.02)
+                time.sleep(0.05)  # into the next file's writes
+            finally:
+                first.kill()
+                first.wait()
+            assert backend.poll() is None, log_path.read_text()
+            done = subprocess.run(_qemu_argv(kernel, checker, sock, "stdio"),
+                                  timeout=240, check=False, capture_output=True, text=True)
+            assert backend.poll() is None, log_path.read_text()
+            backend.terminate()
+            assert backend.wait(10) == 0
+        finally:
+            if backend.poll() is None:
+                backend.kill()
+                backend.wait()
+    out = done.stdout
+    assert "GUEST-DONE" in out, out[-3000:] + done.stderr[-2000:]
+    for marker in ("MOUNT-OK", "WRITE-OK", "UMOUNT-OK"):
+        assert marker in out, out[-3000:]
+    files = re.search(r"FILES (\d+)", out)
+    assert files and int(files.group(1)) >= 4, out[-3000:]
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
