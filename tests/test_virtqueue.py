@@ -246,3 +246,25 @@ def test_event_idx() -> None:
     drv.add([b"c"], [1])
     echo(q, mem)                            # used is 5: past it
     assert q.needs_notification(mem)
+
+
+def test_event_idx_a_device_that_finds_the_ring_empty_asks_for_a_kick() -> None:
+    """A receive queue looks (pending) before each frame and pops only what it knew
+    of; once it finds the ring empty, avail_event names the next index, so the
+    driver kicks when it adds buffers (else the device would wait forever)."""
+    mem = memory()
+    drv = Driver(mem, event_idx=True)
+    q = drv.queue()
+    avail_event = drv.used + 4 + 8 * drv.size
+    for _ in range(3):
+        drv.add([b"x"], [1])
+    assert q.pending(mem) == 3
+    for _ in range(3):
+        chain = q.pop(mem)
+        assert chain is not None
+        q.add_used(mem, chain.head, 1)
+    assert mem.read_u16(avail_event) == 0   # not told while it served what it knew of
+    assert q.pending(mem) == 0
+    assert mem.read_u16(avail_event) == 3
+    drv.add([b"y"], [1])                    # published after: the device sees it
+    assert q.pending(mem) == 1

@@ -7,8 +7,10 @@ next available chain, serves it and puts its head on the used ring, and asks
 serving batches takes every available head at once (:meth:`SplitQueue.take`),
 fills each used element and publishes them with one index store
 (:meth:`SplitQueue.flush`).  The available ring's index is read when the device
-has taken everything it knew of; with event idx, the driver is told the device
-caught up just before that read, so it kicks only for chains published after.
+has taken everything it knew of; when it finds nothing more, with event idx, the
+driver is told the device caught up and the index is read once more, so the
+driver kicks for what it publishes next (and not for chains published while a
+batch was being served).
 
 Everything the driver wrote is untrusted.  A chain is walked with a
 time-to-live of queue-size steps (a loop ends the walk with an error), indirect
@@ -215,7 +217,18 @@ class SplitQueue:
             raise QueueError("the available ring is not guest RAM") from e
 
     def pending(self, memory: GuestMemory) -> int:
-        """How many chains the driver made available and the device has not taken."""
+        """How many chains the driver made available and the device has not taken.
+        None (the device caught up): with event idx the driver is first told that
+        the device has seen everything up to here, so that it kicks for the next
+        chain it publishes, and the index is read once more after that."""
+        ahead = self._ahead(memory)
+        if not ahead and self.event_idx:
+            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self._next_avail)
+            memory_fence()  # the store above before the index's load below
+            ahead = self._ahead(memory)
+        return ahead
+
+    def _ahead(self, memory: GuestMemory) -> int:
         ahead = (self._avail_idx(memory) - self._next_avail) & 0xFFFF
         if ahead > self.size:
             raise QueueError(f"available index is {ahead} ahead of the device, more than "
@@ -223,21 +236,11 @@ class SplitQueue:
         self._known = ahead
         return ahead
 
-    def _caught_up(self, memory: GuestMemory) -> bool:
-        """Nothing is known to be available: read the ring's index again.  With event
-        idx, the device tells the driver first that it has seen everything up to
-        here (so a chain published after this read is kicked), then reads; while a
-        batch is taken the driver is not asked to kick."""
-        if self.event_idx:
-            self._write_u16(memory, self.used_addr + 4 + 8 * self.size, self._next_avail)
-            memory_fence()  # the store above before the index's load below
-        return not self.pending(memory)
-
     def take(self, memory: GuestMemory, limit: Optional[int] = None) -> list[int]:
         """The heads of the chains the driver made available (at most ``limit``),
         taken off the ring in one read (empty: the device has caught up).  Walk each with
         :meth:`chain`, and complete each with :meth:`fill` or :meth:`add_used`."""
-        if not self.ready or not self._known and self._caught_up(memory):
+        if not self.ready or not self._known and not self.pending(memory):
             return []
         n = self._known if limit is None else min(self._known, limit)
         nxt, size = self._next_avail, self.size
