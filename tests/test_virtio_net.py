@@ -242,6 +242,45 @@ def test_a_full_tap_holds_the_frame_until_it_drains() -> None:
         nic.close()
 
 
+def test_frames_queued_behind_a_full_tap_go_out_in_order() -> None:
+    """A batch whose first frame finds the tap full is served, in ring order, once
+    it drains: nothing is sent twice, skipped or reordered."""
+    nic = Nic()
+    loop = EventLoop()
+    try:
+        nic.dev.start(loop)
+        big = HDR + frame(MAC, b"y" * 60000)
+        sent = 0
+        while True:  # fill the socket pair until a frame stays in the ring
+            held = nic.send(big)
+            if not nic.rings[TX].take_used():
+                break
+            sent += 1
+            assert sent < 1000
+        tagged = [HDR + frame(MAC, bytes([0x41 + i]) * 100) for i in range(3)]
+        ring = nic.rings[TX]
+        heads = []
+        for data in tagged:  # published together, one notification
+            head, _ = ring.add([data], [])
+            heads.append(head)
+        nic.drv.kick(TX)
+        assert ring.take_used() == []
+        frames: list[bytes] = []
+
+        def drain() -> bool:
+            frames.extend(nic.peer_frames())
+            return bool(ring.memory.read_u16(ring.used + 2) == sent + 4)
+        serve(nic, loop, drain)
+        frames.extend(nic.peer_frames())
+        assert ring.take_used() == [(h, 0) for h in [held, *heads]]
+        assert len(frames) == sent + 4
+        assert [f[-1] for f in frames[-3:]] == [0x41, 0x42, 0x43]
+    finally:
+        nic.dev.stop()
+        loop.close()
+        nic.close()
+
+
 # ---- receive -----------------------------------------------------------------------------
 
 def test_receive_one_frame_per_buffer_with_num_buffers() -> None:

@@ -394,33 +394,42 @@ class VirtioNet(NetControl, VirtioDevice):
         if pair >= self.active_pairs or self.memory is None:
             return
         q = self.queues[2 * pair + 1]
+        memory = self.memory
         fd = self.tap.fds[pair]
         used = 0
-        while used < BATCH:
-            chain = q.pop_valid(self.memory)
-            if chain is None:
-                break
-            status = self._send(fd, chain)
-            if status is None:  # the tap is full: serve this chain when it drains
-                q.rewind(self.memory, 1)
-                self._wait_writable(pair)
-                break
-            q.add_used(self.memory, chain.head, 0)
-            used += 1
-        self._notify(2 * pair + 1)
+        full = False
+        while used < BATCH and not full and (heads := q.take(memory, BATCH - used)):
+            for i, head in enumerate(heads):
+                try:
+                    chain = q.chain(memory, head)
+                except ChainError:
+                    q.fill(memory, head, 0)  # cannot be walked: back, nothing sent
+                    used += 1
+                    continue
+                if self._send(fd, chain) is None:
+                    # the tap is full: this chain and the rest are served when it drains
+                    q.rewind(memory, len(heads) - i)
+                    self._wait_writable(pair)
+                    full = True
+                    break
+                q.fill(memory, head, 0)
+                used += 1
+        self._notify(2 * pair + 1)  # the batch is published at once
         if used == BATCH and self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self.guard(lambda: self._tx(pair)))
 
     def _send(self, fd: int, chain: DescriptorChain) -> Optional[bool]:
         """One frame to the tap: True sent, False dropped, None the tap is full."""
-        r = chain.reader()
-        total = r.available
+        # the device-readable buffers, which the walk put first
+        out = [(d.addr, d.length) for d in chain.descriptors if not d.writable and d.length]
+        total = sum(n for _a, n in out)
         if total < VNET_HDR_SIZE + 14 or total > MAX_FRAME or not self.link_up:
             self.stats["tx_dropped"] += 1
             return False
+        view = chain.memory.view
         try:
-            views = list(r.views(total))
-        except ChainError:
+            views = [view(a, n) for a, n in out]
+        except GuestMemoryError:
             self.stats["tx_dropped"] += 1
             return False
         if not self.tap.vnet_hdr:
@@ -460,7 +469,7 @@ class VirtioNet(NetControl, VirtioDevice):
         fd = self.tap.fds[pair]
         starved = False
         for _ in range(BATCH):  # the reader is level-triggered: the rest comes next
-            if not q.pending(self.memory):
+            if not q.has_available(self.memory):
                 starved = True
                 break
             try:
@@ -505,43 +514,54 @@ class VirtioNet(NetControl, VirtioDevice):
 
     def _deliver(self, q: SplitQueue, frame: memoryview) -> bool:
         """Copy one frame (header included) into the guest's buffers."""
-        assert self.memory is not None
+        memory = self.memory
+        assert memory is not None
         merge = bool(self.acked_features & F_MRG_RXBUF)
         chains: list[tuple[DescriptorChain, int]] = []
         offset = 0
-        while offset < len(frame):
-            chain = q.pop_valid(self.memory)
+        size = len(frame)
+        while offset < size:
+            chain = q.pop_valid(memory)
             if chain is None:
                 break
-            w = chain.writer()
-            take = min(w.available, len(frame) - offset)
-            if not merge and take < len(frame):
-                q.add_used(self.memory, chain.head, 0)  # too small: the frame is dropped
+            # the device-writable buffers, which the walk put last
+            into = [(d.addr, d.length) for d in chain.descriptors if d.writable and d.length]
+            room = sum(n for _a, n in into)
+            take = min(room, size - offset)
+            if not merge and take < size:
+                q.fill(memory, chain.head, 0)  # too small: the frame is dropped
                 return False
             try:
-                w.write(frame[offset:offset + take])
-            except ChainError:
-                q.add_used(self.memory, chain.head, 0)
+                pos = offset
+                for addr, n in into:
+                    part = min(n, offset + take - pos)
+                    if part <= 0:
+                        break
+                    memory.view(addr, part)[:] = frame[pos:pos + part]
+                    pos += part
+            except GuestMemoryError:
+                q.fill(memory, chain.head, 0)
                 for c, _n in chains:
-                    q.add_used(self.memory, c.head, 0)
+                    q.fill(memory, c.head, 0)
                 return False
             chains.append((chain, take))
             offset += take
             if not merge:
                 break
-        if offset < len(frame):
+        if offset < size:
             # not enough buffers for the rest: put them back, drop the frame
-            q.rewind(self.memory, len(chains))
+            q.rewind(memory, len(chains))
             return False
         if len(chains) > 1 or merge:
-            # num_buffers in the first chain's header
+            # num_buffers in the first chain's header (its first buffer holds the
+            # header: a driver's buffer is at least a header long)
             head = bytearray(frame[:VNET_HDR_SIZE])
             struct.pack_into("<H", head, 10, len(chains))
             chains[0][0].writer().write(bytes(head))
         for chain, n in chains:
-            q.add_used(self.memory, chain.head, n)
+            q.fill(memory, chain.head, n)
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += len(frame) - VNET_HDR_SIZE
+        self.stats["rx_bytes"] += size - VNET_HDR_SIZE
         return True
 
     # ---- control (the shared part: NetControl) ------------------------------------------------

@@ -228,6 +228,11 @@ class SplitQueue:
             ahead = self._ahead(memory)
         return ahead
 
+    def has_available(self, memory: GuestMemory) -> bool:
+        """Whether a chain is available: one taken from the last look counts without
+        reading the ring again (:meth:`pending` otherwise)."""
+        return bool(self._known) or bool(self.pending(memory))
+
     def _ahead(self, memory: GuestMemory) -> int:
         ahead = (self._avail_idx(memory) - self._next_avail) & 0xFFFF
         if ahead > self.size:
