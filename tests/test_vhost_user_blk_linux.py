@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 from conftest import cloud_kernel
@@ -35,22 +35,27 @@ pytestmark = [pytest.mark.linux,
 
 MiB = 1 << 20
 DISK = 16 * MiB
-MODULES = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
-           "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-           "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-           "kernel/drivers/virtio/virtio_pci.ko", "kernel/drivers/block/virtio_blk.ko")
-#: the load order (virtio_ring before virtio's users)
-LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-        "virtio_pci", "virtio_blk")
+#: the cloud kernel's virtio-pci transport, as modules, and their load order
+#: (virtio_ring before virtio's users); a device's driver comes after them
+VIRTIO_PCI = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
+              "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+              "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+              "kernel/drivers/virtio/virtio_pci.ko")
+VIRTIO_PCI_LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+                   "virtio_pci")
+MODULES = VIRTIO_PCI + ("kernel/drivers/block/virtio_blk.ko",)
+LOAD = VIRTIO_PCI_LOAD + ("virtio_blk",)
 
-#: the init's first steps: the filesystems, the virtio modules, then /dev/vda
-PREAMBLE = """#!/bin/busybox sh
+#: an init's first steps: the filesystems, then the modules (``{load}``, in order)
+BASE = """#!/bin/busybox sh
 export PATH=/bin:/sbin
 busybox mount -t proc proc /proc
 busybox mount -t sysfs sys /sys
 busybox mount -t devtmpfs dev /dev
 for m in {load}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
-i=0
+"""
+#: ... and then /dev/vda
+PREAMBLE = BASE + """i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do busybox sleep 0.1; i=$((i+1)); done
 """
 
@@ -79,24 +84,40 @@ def newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     return bytes(out)
 
 
-def initramfs(tmp: Path, kernel: str, init: Optional[str] = None) -> Path:
-    """Busybox, the virtio modules and ``init`` (default :data:`INIT`) as /init."""
+def initramfs(tmp: Path, kernel: str, init: Optional[str] = None,
+              modules: tuple[str, ...] = MODULES, load: tuple[str, ...] = LOAD) -> Path:
+    """Busybox, the kernel's ``modules`` (paths under its /lib/modules) and ``init``
+    (default :data:`INIT`; ``{load}`` in it becomes ``load``) as /init; the test
+    skips when a module is missing."""
     version = re.sub(r"^.*vmlinuz-", "", kernel)
     moddir = Path("/lib/modules") / version
     entries: list[tuple[str, int, bytes, int]] = [
         (d, 0o040755, b"", 0) for d in ("bin", "dev", "proc", "sys", "lib", "mnt")]
     entries.append(("dev/console", 0o020600, b"", (5 << 8) | 1))
     entries.append(("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes(), 0))
-    for rel in MODULES:
+    for rel in modules:
         path = moddir / rel
         if not path.exists():
             pytest.skip(f"{path} is missing")
         entries.append((f"lib/{path.name}", 0o100644, path.read_bytes(), 0))
     entries.append(("init", 0o100755,
-                    (INIT if init is None else init).format(load=" ".join(LOAD)).encode(), 0))
+                    (INIT if init is None else init).format(load=" ".join(load)).encode(), 0))
     image = tmp / "initramfs.cpio"
     image.write_bytes(newc(entries))
     return image
+
+
+def tcg_argv(kernel: str, initrd: Path, *devices: str, serial: str = "stdio",
+             qemu: Sequence[str] = ("qemu-system-x86_64",), smp: int = 1) -> list[str]:
+    """QEMU under TCG booting ``kernel`` with ``initrd``, 256 MiB of guest RAM on a
+    shared memfd (what a vhost-user backend maps), the console on COM1 to
+    ``serial``, no reboot, and ``devices`` (its ``-chardev``/``-device`` options)."""
+    return [*qemu, "-accel", "tcg", "-m", "256", "-smp", str(smp),
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", serial, "-no-reboot",
+            "-kernel", kernel, "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 quiet", *devices]
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -126,14 +147,8 @@ def test_linux_virtio_blk_driver_on_pyhv_vhost_user_blk(tmp_path, fmt):
         wait_for_socket(sock, backend)
         start = time.monotonic()
         done = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256",
-             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-             "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
-             "-display", "none", "-serial", "stdio", "-no-reboot",
-             "-kernel", kernel, "-initrd", str(initrd),
-             "-append", "console=ttyS0 panic=-1 quiet",
-             "-chardev", f"socket,id=c,path={sock}",
-             "-device", "vhost-user-blk-pci,chardev=c"],
+            tcg_argv(kernel, initrd, "-chardev", f"socket,id=c,path={sock}",
+                     "-device", "vhost-user-blk-pci,chardev=c"),
             timeout=240, check=False, capture_output=True, text=True)
         seconds = time.monotonic() - start
         backend.terminate()
@@ -258,16 +273,11 @@ def test_linux_ext4_fstrim_two_queues_and_a_readonly_export(tmp_path):
             wait_for_socket(sock, backends[-1])
         # two vCPUs: Linux's virtio_blk uses at most one request queue per CPU
         done = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "2",
-             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-             "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
-             "-display", "none", "-serial", "stdio", "-no-reboot",
-             "-kernel", kernel, "-initrd", str(initrd),
-             "-append", "console=ttyS0 panic=-1 quiet",
-             "-chardev", f"socket,id=c0,path={socks[0]}",
-             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=2",
-             "-chardev", f"socket,id=c1,path={socks[1]}",
-             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            tcg_argv(kernel, initrd,
+                     "-chardev", f"socket,id=c0,path={socks[0]}",
+                     "-device", "vhost-user-blk-pci,chardev=c0,num-queues=2",
+                     "-chardev", f"socket,id=c1,path={socks[1]}",
+                     "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1", smp=2),
             timeout=300, check=False, capture_output=True, text=True)
         for b in backends:
             b.terminate()
@@ -324,16 +334,6 @@ busybox poweroff -f
 """
 
 
-def _qemu_argv(kernel: str, initrd: Path, sock: Path, serial: str) -> list[str]:
-    return ["qemu-system-x86_64", "-accel", "tcg", "-m", "256",
-            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
-            "-display", "none", "-serial", serial, "-no-reboot",
-            "-kernel", kernel, "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet",
-            "-chardev", f"socket,id=c,path={sock}", "-device", "vhost-user-blk-pci,chardev=c"]
-
-
 def test_qemu_killed_mid_io_the_backend_serves_the_next_and_ext4_is_consistent(tmp_path):
     """QEMU is SIGKILLed while its guest writes files on ext4 (each dd fsync'd):
     ``pyhv vhost-user-blk`` stays up, the next QEMU's guest mounts the filesystem
@@ -362,7 +362,9 @@ def test_qemu_killed_mid_io_the_backend_serves_the_next_and_ext4_is_consistent(t
                                     "--socket", str(sock), "--disk", str(disk)], stderr=log)
         try:
             wait_for_socket(sock, backend)
-            first = subprocess.Popen(_qemu_argv(kernel, writer, sock, f"file:{console}"),
+            blk = ("-chardev", f"socket,id=c,path={sock}",
+                   "-device", "vhost-user-blk-pci,chardev=c")
+            first = subprocess.Popen(tcg_argv(kernel, writer, *blk, serial=f"file:{console}"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
             try:
@@ -376,7 +378,7 @@ def test_qemu_killed_mid_io_the_backend_serves_the_next_and_ext4_is_consistent(t
                 first.kill()
                 first.wait()
             assert backend.poll() is None, log_path.read_text()
-            done = subprocess.run(_qemu_argv(kernel, checker, sock, "stdio"),
+            done = subprocess.run(tcg_argv(kernel, checker, *blk),
                                   timeout=240, check=False, capture_output=True, text=True)
             assert backend.poll() is None, log_path.read_text()
             backend.terminate()

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import cloud_kernel, new_qemu
-from test_vhost_user_blk_linux import newc
+from test_vhost_user_blk_linux import BASE, VIRTIO_PCI, VIRTIO_PCI_LOAD, initramfs, tcg_argv
 from test_vhost_user_blk_qemu import wait_for_socket
 
 pytestmark = pytest.mark.linux
@@ -39,21 +39,11 @@ HOST, GUEST = "10.9.0.1", "10.9.0.2"
 MAC = "52:54:00:ab:cd:01"
 TX_PORT, RX_PORT = 5555, 5556
 TRANSFER = 2 << 20
-MODULES = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
-           "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-           "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-           "kernel/drivers/virtio/virtio_pci.ko", "kernel/net/core/failover.ko",
-           "kernel/drivers/net/net_failover.ko", "kernel/drivers/net/virtio_net.ko")
-LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-        "virtio_pci", "failover", "net_failover", "virtio_net")
+MODULES = VIRTIO_PCI + ("kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
+                       "kernel/drivers/net/virtio_net.ko")
+LOAD = VIRTIO_PCI_LOAD + ("failover", "net_failover", "virtio_net")
 
-INIT = f"""#!/bin/busybox sh
-export PATH=/bin:/sbin
-busybox mount -t proc proc /proc
-busybox mount -t sysfs sys /sys
-busybox mount -t devtmpfs dev /dev
-for m in {" ".join(LOAD)}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
-busybox ip link set lo up
+INIT = BASE + f"""busybox ip link set lo up
 busybox ip link set eth0 up && echo LINK-UP
 busybox ip addr add {GUEST}/24 dev eth0
 echo MAC $(busybox cat /sys/class/net/eth0/address)
@@ -68,23 +58,6 @@ echo RX-SUM $(busybox sha256sum /rx)
 echo GUEST-DONE
 busybox poweroff -f
 """
-
-
-def initramfs(tmp: Path, kernel: str) -> Path:
-    moddir = Path("/lib/modules") / re.sub(r"^.*vmlinuz-", "", kernel)
-    entries: list[tuple[str, int, bytes, int]] = [
-        (d, 0o040755, b"", 0) for d in ("bin", "dev", "proc", "sys", "lib")]
-    entries.append(("dev/console", 0o020600, b"", (5 << 8) | 1))
-    entries.append(("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes(), 0))
-    for rel in MODULES:
-        path = moddir / rel
-        if not path.exists():
-            pytest.skip(f"{path} is missing")
-        entries.append((f"lib/{path.name}", 0o100644, path.read_bytes(), 0))
-    entries.append(("init", 0o100755, INIT.encode(), 0))
-    image = tmp / "initramfs.cpio"
-    image.write_bytes(newc(entries))
-    return image
 
 
 # ---- inside the namespace (run as a script: ``unshare -n python -c ...``) -----------------
@@ -136,15 +109,9 @@ def namespace_main(argv: list[str]) -> None:
         servers = [_serve_tcp(TX_PORT, b"", result), _serve_tcp(RX_PORT, payload, result)]
         start = time.monotonic()
         done = subprocess.run(
-            [*args["qemu"], "-accel", "tcg", "-m", "256",
-             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-             "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
-             "-display", "none", "-serial", "stdio", "-no-reboot",
-             "-kernel", args["kernel"], "-initrd", args["initrd"],
-             "-append", "console=ttyS0 panic=-1 quiet",
-             "-chardev", f"socket,id=c,path={sock}",
-             "-netdev", "vhost-user,id=n0,chardev=c",
-             "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"],
+            tcg_argv(args["kernel"], args["initrd"], "-chardev", f"socket,id=c,path={sock}",
+                     "-netdev", "vhost-user,id=n0,chardev=c",
+                     "-device", f"virtio-net-pci,netdev=n0,mac={MAC}", qemu=args["qemu"]),
             env=args["env"], timeout=240, check=False, capture_output=True, text=True)
         result.update(seconds=time.monotonic() - start, out=done.stdout,
                       qemu_stderr=done.stderr[-2000:], qemu_rc=done.returncode)
@@ -170,7 +137,7 @@ def test_linux_virtio_net_driver_on_pyhv_vhost_user_net(tmp_path):
         pytest.skip("busybox-static is not installed")
     if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
         pytest.skip("a tap in a network namespace needs root and /dev/net/tun")
-    initrd = initramfs(tmp_path, kernel)
+    initrd = initramfs(tmp_path, kernel, INIT, MODULES, LOAD)
     short = Path(tmp_path / "s")
     short.mkdir()
     args = {"qemu": qemu, "env": env, "kernel": kernel, "initrd": str(initrd),

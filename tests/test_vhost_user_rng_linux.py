@@ -14,25 +14,15 @@ from pathlib import Path
 
 import pytest
 from conftest import cloud_kernel
-from test_vhost_user_blk_linux import newc
+from test_vhost_user_blk_linux import BASE, VIRTIO_PCI, VIRTIO_PCI_LOAD, initramfs, tcg_argv
 from test_vhost_user_blk_qemu import wait_for_socket
 
 pytestmark = pytest.mark.linux
 
-MODULES = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
-           "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-           "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-           "kernel/drivers/virtio/virtio_pci.ko", "kernel/drivers/char/hw_random/virtio-rng.ko")
-LOAD = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-        "virtio_pci", "virtio-rng")
+MODULES = VIRTIO_PCI + ("kernel/drivers/char/hw_random/virtio-rng.ko",)
+LOAD = VIRTIO_PCI_LOAD + ("virtio-rng",)
 
-INIT = f"""#!/bin/busybox sh
-export PATH=/bin:/sbin
-busybox mount -t proc proc /proc
-busybox mount -t sysfs sys /sys
-busybox mount -t devtmpfs dev /dev
-for m in {" ".join(LOAD)}; do busybox insmod /lib/$m.ko || echo INSMOD-FAILED $m; done
-echo RNG-CURRENT $(busybox cat /sys/class/misc/hw_random/rng_current)
+INIT = BASE + """echo RNG-CURRENT $(busybox cat /sys/class/misc/hw_random/rng_current)
 for i in 1 2; do
   echo RNG-HEX $(busybox dd if=/dev/hwrng bs=4096 count=1 2>/dev/null | busybox od -An -v -tx1)
 done
@@ -46,18 +36,7 @@ def test_linux_virtio_rng_driver_on_pyhv_vhost_user_rng(tmp_path):
     assert kernel is not None
     if not Path("/bin/busybox").exists():
         pytest.skip("busybox-static is not installed")
-    moddir = Path("/lib/modules") / re.sub(r"^.*vmlinuz-", "", kernel)
-    entries: list[tuple[str, int, bytes, int]] = [
-        (d, 0o040755, b"", 0) for d in ("bin", "dev", "proc", "sys", "lib")]
-    entries.append(("dev/console", 0o020600, b"", (5 << 8) | 1))
-    entries.append(("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes(), 0))
-    for rel in MODULES:
-        if not (moddir / rel).exists():
-            pytest.skip(f"{moddir / rel} is missing")
-        entries.append((f"lib/{Path(rel).name}", 0o100644, (moddir / rel).read_bytes(), 0))
-    entries.append(("init", 0o100755, INIT.encode(), 0))
-    initrd = tmp_path / "initramfs.cpio"
-    initrd.write_bytes(newc(entries))
+    initrd = initramfs(tmp_path, kernel, INIT, MODULES, LOAD)
     sock = tmp_path / "rng.sock"
     backend = subprocess.Popen([sys.executable, "-m", "pyhv", "vhost-user-rng", "--socket",
                                 str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -65,14 +44,8 @@ def test_linux_virtio_rng_driver_on_pyhv_vhost_user_rng(tmp_path):
     try:
         wait_for_socket(sock, backend)
         done = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", "256",
-             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-             "-machine", "pc,memory-backend=mem", "-nodefaults", "-no-user-config",
-             "-display", "none", "-serial", "stdio", "-no-reboot",
-             "-kernel", kernel, "-initrd", str(initrd),
-             "-append", "console=ttyS0 panic=-1 quiet",
-             "-chardev", f"socket,id=c,path={sock}",
-             "-device", "vhost-user-rng-pci,chardev=c"],
+            tcg_argv(kernel, initrd, "-chardev", f"socket,id=c,path={sock}",
+                     "-device", "vhost-user-rng-pci,chardev=c"),
             timeout=240, check=False, capture_output=True, text=True)
     finally:
         backend.send_signal(signal.SIGTERM)

@@ -213,19 +213,25 @@ def test_a_descriptor_loop_fails_alone() -> None:
         nic.close()
 
 
+def fill_the_tap(nic: Nic) -> tuple[int, int]:
+    """Send 60 kB frames until one stays in the ring (the tap's socket is full): its
+    head, and how many went out before it."""
+    big = HDR + frame(MAC, b"y" * 60000)
+    sent = 0
+    while True:
+        head = nic.send(big)
+        if not nic.rings[TX].take_used():
+            return head, sent
+        sent += 1
+        assert sent < 1000
+
+
 def test_a_full_tap_holds_the_frame_until_it_drains() -> None:
     nic = Nic()
     loop = EventLoop()
     try:
         nic.dev.start(loop)
-        big = HDR + frame(MAC, b"y" * 60000)
-        sent = 0
-        while True:  # fill the socket pair until a frame stays in the ring
-            head = nic.send(big)
-            if not nic.rings[TX].take_used():
-                break
-            sent += 1
-            assert sent < 1000
+        head, sent = fill_the_tap(nic)
         got = 0
 
         def drain() -> bool:
@@ -249,14 +255,7 @@ def test_frames_queued_behind_a_full_tap_go_out_in_order() -> None:
     loop = EventLoop()
     try:
         nic.dev.start(loop)
-        big = HDR + frame(MAC, b"y" * 60000)
-        sent = 0
-        while True:  # fill the socket pair until a frame stays in the ring
-            held = nic.send(big)
-            if not nic.rings[TX].take_used():
-                break
-            sent += 1
-            assert sent < 1000
+        held, sent = fill_the_tap(nic)
         tagged = [HDR + frame(MAC, bytes([0x41 + i]) * 100) for i in range(3)]
         ring = nic.rings[TX]
         heads = []
