@@ -785,6 +785,37 @@ def test_a_request_held_mid_batch_holds_the_ones_after_it(env, monkeypatch) -> N
     assert [e.status(o) for o in (o1, o2, o3)] == [S_OK] * 3 and len(seen) == 1
 
 
+def test_a_request_the_driver_rewrote_before_it_could_be_held_is_answered_empty(
+        env, monkeypatch) -> None:
+    """The stop policy holds a failed plain write by walking its chain; if the driver
+    broke the chain meanwhile (here: while the write was failing), the request goes
+    back empty, nothing is held and the requests after it are served."""
+    e, seen = policy_env(env, werror="stop")
+    ring = e.rings[0]
+    h1, _o1 = ring.add([hdr(T_OUT, 8), pattern(SECTOR)], [1])
+    h2, o2 = ring.add([hdr(T_IN, 0)], [SECTOR, 1])
+    real = os.pwritev
+
+    def rewrite_and_fail(fd, views, pos):  # type: ignore[no-untyped-def]
+        ring.write_desc(ring.desc, h1, 0, 16, 1, h1)  # h1 now links to itself
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pwritev", rewrite_and_fail)
+    e.drv.kick(0)
+    monkeypatch.setattr(os, "pwritev", real)
+    assert ring.take_used() == [(h1, 0), (h2, SECTOR + 1)]
+    assert not e.dev.stopped and e.status(o2) == S_OK
+    assert [s.action for s in seen] == ["stop"]
+
+
+def test_take_with_no_room_takes_nothing() -> None:
+    mem = memory()
+    drv = Driver(mem)
+    q = drv.queue()
+    drv.add([b"x"], [1])
+    assert q.take(mem, 0) == [] and q.pending(mem) == 1
+
+
 def test_event_idx_driver_told_once_the_device_caught_up(env) -> None:
     e = env(want=ALL)
     ring = e.rings[0]

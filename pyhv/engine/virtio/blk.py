@@ -517,8 +517,9 @@ class VirtioBlk(VirtioDevice):
                             try:
                                 result, written = self._failed(rtype, e)
                             except _Held:
-                                self._hold(index, q, memory, head, heads[i + 1:])
-                                return False
+                                if self._hold(index, q, memory, head, heads[i + 1:]):
+                                    return False
+                                continue  # it could not be held: answered empty
                         else:
                             result, written = S_OK, data_len if rtype == T_IN else 0
                             stats.count(rtype, data_len, offset, now() - start)
@@ -539,13 +540,16 @@ class VirtioBlk(VirtioDevice):
         return True
 
     def _hold(self, index: int, q: SplitQueue, memory: "GuestMemory", head: int,
-              rest: list[int]) -> None:
+              rest: list[int]) -> bool:
+        """Hold request ``head`` (served inline) and the heads after it for
+        :meth:`retry`; False when its chain cannot be walked any more (the driver
+        rewrote it meanwhile): it is answered empty instead."""
         try:
             self._held = (index, q.chain(memory, head), rest)
-        except ChainError:  # the driver rewrote it meanwhile: it cannot be retried
+        except ChainError:
             q.fill(memory, head, 0)
-            self._held = None
-            self.retry_rest(index, rest)
+            return False
+        return True
 
     @property
     def stopped(self) -> bool:

@@ -248,6 +248,8 @@ class SplitQueue:
         if not self.ready or not self._known and not self.pending(memory):
             return []
         n = self._known if limit is None else min(self._known, limit)
+        if n <= 0:
+            return []
         nxt, size = self._next_avail, self.size
         start = nxt % size
         first = min(n, size - start)
