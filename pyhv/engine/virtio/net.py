@@ -420,16 +420,14 @@ class VirtioNet(NetControl, VirtioDevice):
 
     def _send(self, fd: int, chain: DescriptorChain) -> Optional[bool]:
         """One frame to the tap: True sent, False dropped, None the tap is full."""
-        # the device-readable buffers, which the walk put first
-        out = [(d.addr, d.length) for d in chain.descriptors if not d.writable and d.length]
-        total = sum(n for _a, n in out)
+        r = chain.reader()
+        total = r.available
         if total < VNET_HDR_SIZE + 14 or total > MAX_FRAME or not self.link_up:
             self.stats["tx_dropped"] += 1
             return False
-        view = chain.memory.view
         try:
-            views = [view(a, n) for a, n in out]
-        except GuestMemoryError:
+            views = list(r.views(total))
+        except ChainError:
             self.stats["tx_dropped"] += 1
             return False
         if not self.tap.vnet_hdr:
@@ -524,22 +522,14 @@ class VirtioNet(NetControl, VirtioDevice):
             chain = q.pop_valid(memory)
             if chain is None:
                 break
-            # the device-writable buffers, which the walk put last
-            into = [(d.addr, d.length) for d in chain.descriptors if d.writable and d.length]
-            room = sum(n for _a, n in into)
-            take = min(room, size - offset)
+            w = chain.writer()
+            take = min(w.available, size - offset)
             if not merge and take < size:
                 q.fill(memory, chain.head, 0)  # too small: the frame is dropped
                 return False
             try:
-                pos = offset
-                for addr, n in into:
-                    part = min(n, offset + take - pos)
-                    if part <= 0:
-                        break
-                    memory.view(addr, part)[:] = frame[pos:pos + part]
-                    pos += part
-            except GuestMemoryError:
+                w.write(frame[offset:offset + take])
+            except ChainError:
                 q.fill(memory, chain.head, 0)
                 for c, _n in chains:
                     q.fill(memory, c.head, 0)
@@ -553,8 +543,7 @@ class VirtioNet(NetControl, VirtioDevice):
             q.rewind(memory, len(chains))
             return False
         if len(chains) > 1 or merge:
-            # num_buffers in the first chain's header (its first buffer holds the
-            # header: a driver's buffer is at least a header long)
+            # num_buffers in the first chain's header
             head = bytearray(frame[:VNET_HDR_SIZE])
             struct.pack_into("<H", head, 10, len(chains))
             chains[0][0].writer().write(bytes(head))

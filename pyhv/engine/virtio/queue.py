@@ -97,7 +97,7 @@ class ChainReader:
         self.buffers = buffers
         self._i = 0
         self._off = 0
-        self.available = sum(d.length for d in buffers)
+        self.available = sum([d.length for d in buffers])
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or :class:`ChainError` if the chain is shorter."""
@@ -131,7 +131,7 @@ class ChainWriter:
         self.buffers = buffers
         self._i = 0
         self._off = 0
-        self.available = sum(d.length for d in buffers)
+        self.available = sum([d.length for d in buffers])
         self.written = 0
 
     def write(self, data: bytes | memoryview) -> None:
