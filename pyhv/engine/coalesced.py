@@ -44,7 +44,7 @@ class CoalescedPio:
         self.ring = ring
         self.pio = pio
         self.lock = threading.Lock()
-        #: ports registered now (nothing to drain while empty)
+        #: ports registered now (the UART's IER hook changes only what it must)
         self.ports: set[int] = set()
 
     def drain(self) -> None:
