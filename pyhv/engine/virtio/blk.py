@@ -51,6 +51,7 @@ from pyhv.engine.virtio.device import TYPE_BLOCK, Interrupts, VirtioDevice
 from pyhv.engine.virtio.queue import (
     DESC_F_NEXT,
     DESC_F_WRITE,
+    DESC_SIZE,
     DESCRIPTOR,
     ChainError,
     Descriptor,
@@ -478,54 +479,35 @@ class VirtioBlk(VirtioDevice):
         RAM, takes the general path (:meth:`handle`), which decides the outcome;
         both paths give the same result for the same chain."""
         table = q.table(memory)
-        size = q.size
-        unpack, view = DESCRIPTOR.unpack_from, memory.view
-        header = HEADER.unpack_from
         backend, stats = self.backend, self.stats
-        capacity = self.limits.capacity
         plain_out = (not self.limits.readonly and self.detect_zeroes == "off"
                      and not self.writethrough)
         now = time.perf_counter_ns
         for i, head in enumerate(heads):
-            addr, length, flags, nxt = unpack(table, 16 * head)
-            if flags == DESC_F_NEXT and length == HEADER.size and nxt < size:
-                data_addr, data_len, data_flags, nxt = unpack(table, 16 * nxt)
-                if data_flags & ~DESC_F_WRITE == DESC_F_NEXT and data_len and nxt < size:
-                    status_addr, status_len, status_flags, _ = unpack(table, 16 * nxt)
-                    rtype = -1
-                    if status_flags == DESC_F_WRITE and status_len == 1:
-                        try:
-                            rtype, _reserved, sector = header(view(addr, length))
-                            status = view(status_addr, 1)
-                            data = view(data_addr, data_len)
-                        except GuestMemoryError:
-                            rtype = -1
-                    into = data_flags & DESC_F_WRITE
-                    if (rtype == T_IN and into or rtype == T_OUT and plain_out and not into) \
-                            and not data_len % SECTOR_SIZE and sector <= capacity \
-                            and data_len // SECTOR_SIZE <= capacity - sector:
-                        offset = sector * SECTOR_SIZE
-                        start = now()
-                        try:
-                            if rtype == T_IN:
-                                backend.read_into(offset, (data,))
-                            else:
-                                if self.write_threshold:
-                                    self._check_threshold(offset + data_len)
-                                backend.write_from(offset, (data,))
-                        except BlockError as e:
-                            try:
-                                result, written = self._failed(rtype, e)
-                            except _Held:
-                                if self._hold(index, q, memory, head, heads[i + 1:]):
-                                    return False
-                                continue  # it could not be held: answered empty
-                        else:
-                            result, written = S_OK, data_len if rtype == T_IN else 0
-                            stats.count(rtype, data_len, offset, now() - start)
-                        status[0] = result
-                        q.fill(memory, head, written + 1)
-                        continue
+            plain = self._plain(table, q.size, memory, head, plain_out)
+            if plain is not None:
+                rtype, offset, data, status = plain
+                start = now()
+                try:
+                    if rtype == T_IN:
+                        backend.read_into(offset, (data,))
+                    else:
+                        if self.write_threshold:
+                            self._check_threshold(offset + len(data))
+                        backend.write_from(offset, (data,))
+                except BlockError as e:
+                    try:
+                        result, written = self._failed(rtype, e)
+                    except _Held:
+                        if self._hold(index, q, memory, head, heads[i + 1:]):
+                            return False
+                        continue  # it could not be held: answered empty
+                else:
+                    result, written = S_OK, len(data) if rtype == T_IN else 0
+                    stats.count(rtype, len(data), offset, now() - start)
+                status[0] = result
+                q.fill(memory, head, written + 1)
+                continue
             try:
                 chain = q.chain(memory, head)
             except ChainError:
@@ -538,6 +520,35 @@ class VirtioBlk(VirtioDevice):
                 return False
             q.fill(memory, head, used)
         return True
+
+    def _plain(self, table: memoryview, size: int, memory: "GuestMemory", head: int,
+               plain_out: bool) -> Optional[tuple[int, int, memoryview, memoryview]]:
+        """(type, byte offset, data view, status view) of chain ``head`` when it is
+        a plain read or write that passes every check (``plain_out``: writes may be
+        served so); None sends it down the general path."""
+        unpack = DESCRIPTOR.unpack_from
+        addr, length, flags, nxt = unpack(table, DESC_SIZE * head)
+        if flags != DESC_F_NEXT or length != HEADER.size or nxt >= size:
+            return None
+        data_addr, data_len, data_flags, nxt = unpack(table, DESC_SIZE * nxt)
+        if data_flags & ~DESC_F_WRITE != DESC_F_NEXT or not data_len or nxt >= size:
+            return None
+        status_addr, status_len, status_flags, _ = unpack(table, DESC_SIZE * nxt)
+        if status_flags != DESC_F_WRITE or status_len != 1:
+            return None
+        try:
+            rtype, _reserved, sector = HEADER.unpack_from(memory.view(addr, length))
+            status = memory.view(status_addr, 1)
+            data = memory.view(data_addr, data_len)
+        except GuestMemoryError:
+            return None  # the general path answers it
+        into = data_flags & DESC_F_WRITE
+        if not (rtype == T_IN and into or rtype == T_OUT and plain_out and not into):
+            return None
+        if data_len % SECTOR_SIZE or \
+                not _in_range(sector, data_len // SECTOR_SIZE, self.limits.capacity):
+            return None
+        return rtype, sector * SECTOR_SIZE, data, status
 
     def _hold(self, index: int, q: SplitQueue, memory: "GuestMemory", head: int,
               rest: list[int]) -> bool:
