@@ -322,10 +322,7 @@ class RawBackend(CheckedBackend):
         views = _bytes_views(buffers)
         total = sum(map(len, views))
         self._check_range(offset, total, "read")
-        if self.direct:
-            self._direct(offset, views, total, write=False)
-        else:
-            self._preadv(self.fd, offset, views, total)
+        self.read_views(offset, views, total)
 
     def read_views(self, offset: int, views: list[memoryview], total: int) -> None:
         """:meth:`read_into` for a format driver stacked on this file (qcow2's data
