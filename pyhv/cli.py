@@ -178,13 +178,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def _serial_config(spec: str) -> "object":
-    from pyhv.config import ConfigError, SerialConfig
+    from pyhv.config import parse_host_end
 
-    if spec in ("stdio", "pty", "null"):
-        return SerialConfig(spec)  # type: ignore[arg-type]
-    if spec.startswith("file:") and len(spec) > 5:
-        return SerialConfig("file", spec[5:])
-    raise ConfigError(f"--serial {spec}: expected stdio, file:PATH, pty or null")
+    return parse_host_end(spec, "--serial")
 
 
 def config_from_args(args: argparse.Namespace) -> "object":

@@ -85,6 +85,22 @@ class SerialConfig:
         return self.kind
 
 
+def parse_host_end(spec: str, what: str, unix: bool = False) -> SerialConfig:
+    """A host end as the command line names it: ``stdio``, ``file:PATH``, ``pty``,
+    ``null`` and, with ``unix``, ``unix:PATH`` (listened on); :class:`ConfigError`
+    naming ``what`` otherwise."""
+    if spec in ("stdio", "pty", "null"):
+        return SerialConfig(spec)  # type: ignore[arg-type]
+    kind, _, path = spec.partition(":")
+    if kind == "file" and path:
+        return SerialConfig("file", path)
+    if unix and kind == "unix" and path:
+        return SerialConfig("unix", path, server=True)
+    kinds = "stdio, file:PATH, unix:PATH, pty or null" if unix else \
+        "stdio, file:PATH, pty or null"
+    raise ConfigError(f"{what} {spec}: expected {kinds}")
+
+
 @dataclass(frozen=True)
 class PciAddress:
     """Where a PCI function sits, as libvirt writes it: ``bus`` is the index of the

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from pyhv.config import ConfigError, SerialConfig
+from pyhv.config import ConfigError, SerialConfig, parse_host_end
 from pyhv.engine.chardev import ConsoleError, HostEnd, open_end
 from pyhv.engine.vhost_user.serve import serve
 from pyhv.engine.virtio.console import Port, VirtioConsole
@@ -26,25 +26,13 @@ MAX_NAMED = 30
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def end_config(spec: str, what: str) -> SerialConfig:
-    """The host end ``spec`` names; :class:`ConfigError` (one line) when it names none."""
-    if spec in ("stdio", "pty", "null"):
-        return SerialConfig(spec)  # type: ignore[arg-type]
-    kind, _, path = spec.partition(":")
-    if kind == "file" and path:
-        return SerialConfig("file", path)
-    if kind == "unix" and path:
-        return SerialConfig("unix", path, server=True)
-    raise ConfigError(f"{what} {spec}: expected stdio, file:PATH, unix:PATH, pty or null")
-
-
 def port_spec(spec: str) -> tuple[str, SerialConfig]:
     """``NAME=END`` of ``--port``."""
     name, eq, end = spec.partition("=")
     if not eq or not _NAME.fullmatch(name):
         raise ConfigError(f"--port {spec}: expected NAME=END, NAME of letters, digits "
                           f"and _.:- (as org.qemu.guest_agent.0)")
-    return name, end_config(end, f"--port {name}=")
+    return name, parse_host_end(end, f"--port {name}=", unix=True)
 
 
 def make_device(console: str = "stdio", ports: tuple[str, ...] = ()) -> VirtioConsole:
@@ -58,7 +46,7 @@ def make_device(console: str = "stdio", ports: tuple[str, ...] = ()) -> VirtioCo
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ConfigError("vhost-user-console: a --port name is given twice")
-    specs = [("console", end_config(console, "--console"))] + named
+    specs = [("console", parse_host_end(console, "--console", unix=True))] + named
     ends: list[HostEnd] = []
     try:
         for what, cfg in specs:
