@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import pytest
 from conftest import cloud_kernel
-from test_vhost_user_blk_qemu import wait_for_socket
+from test_vhost_user_blk_qemu import reap, wait_for_socket
 
 pytestmark = [pytest.mark.linux,
               pytest.mark.skipif(not shutil.which("qemu-system-x86_64"),
@@ -154,9 +154,7 @@ def test_linux_virtio_blk_driver_on_pyhv_vhost_user_blk(tmp_path, fmt):
         backend.terminate()
         assert backend.wait(10) == 0
     finally:
-        if backend.poll() is None:
-            backend.kill()
-            backend.wait()
+        reap(backend)
         log.close()
     out = done.stdout
     assert "GUEST-DONE" in out, out[-3000:] + done.stderr[-2000:]
@@ -283,10 +281,7 @@ def test_linux_ext4_fstrim_two_queues_and_a_readonly_export(tmp_path):
             b.terminate()
             assert b.wait(10) == 0
     finally:
-        for b in backends:
-            if b.poll() is None:
-                b.kill()
-                b.wait()
+        reap(*backends)
         for log in logs:
             log.close()
     out = done.stdout
@@ -384,9 +379,7 @@ def test_qemu_killed_mid_io_the_backend_serves_the_next_and_ext4_is_consistent(t
             backend.terminate()
             assert backend.wait(10) == 0
         finally:
-            if backend.poll() is None:
-                backend.kill()
-                backend.wait()
+            reap(backend)
     out = done.stdout
     assert "GUEST-DONE" in out, out[-3000:] + done.stderr[-2000:]
     for marker in ("MOUNT-OK", "WRITE-OK", "UMOUNT-OK"):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from guests.report import parse_report
@@ -40,6 +41,14 @@ pytestmark = pytest.mark.qemu
 
 MODE = "msix"
 MEMORY_MIB = 64
+
+
+def reap(*procs: Optional[subprocess.Popen]) -> None:
+    """Kill and wait for each process that still runs (a test's cleanup)."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -25,7 +25,7 @@ import pytest
 import test_vhost_user_blk_linux as lin
 from conftest import cloud_kernel
 from test_vhost_user_backend import SECTOR, Served, pattern
-from test_vhost_user_blk_qemu import wait_for_socket
+from test_vhost_user_blk_qemu import reap, wait_for_socket
 from vhost_user_frontend import T_OUT, Frontend
 
 from pyhv.engine.eventloop import EventLoop
@@ -454,10 +454,7 @@ def test_qemu_reconnects_to_a_restarted_backend_and_the_guest_writes_go_on(tmp_p
         backends[-1].terminate()
         assert backends[-1].wait(10) == 0
     finally:
-        for p in [qemu, *backends]:
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        reap(qemu, *backends)
         for f in logs:
             f.close()
     out = console.read_text(errors="replace")
