@@ -22,6 +22,7 @@ import pytest
 from test_vhost_user_blk_qemu import wait_for_socket
 from vhost_user_frontend import REGION1_GUEST, Frontend
 
+from pyhv.engine.memory import memory_fence
 from pyhv.engine.vhost_user.message import ConfigSpace, Request
 from pyhv.engine.virtio.console import (
     CONSOLE_PORT,
@@ -75,13 +76,22 @@ class Guest:
         self.fe.kick(ring)
 
     def received(self, ring: int, timeout: float = 5.0) -> list[bytes]:
-        """What the device put in ``ring``'s buffers since the last look (waits for
-        its call)."""
-        assert self.fe.wait_call(ring, timeout), f"no call on ring {ring}"
-        got = []
+        """What the device put in ``ring``'s buffers since the last look, waiting for
+        its call when there is nothing yet.  As a driver does, the used ring is read
+        again after asking for the next interrupt (used_event, then a fence): what
+        the device published before it could see the request raises no call."""
         d = self.rings[ring]
-        used = d.take_used()
-        d.set_used_event(d.last_used)  # as a driver does: interrupt me for the next one
+        deadline = time.monotonic() + timeout
+        while True:
+            used = d.take_used()
+            d.set_used_event(d.last_used)
+            memory_fence()
+            used += d.take_used()
+            if used:
+                break
+            left = deadline - time.monotonic()
+            assert left > 0 and self.fe.wait_call(ring, left), f"no call on ring {ring}"
+        got = []
         for head, length in used:
             addr, _size = self.buffers.pop((ring, head))
             got.append(self.fe.memory.read(addr, length))
@@ -89,7 +99,7 @@ class Guest:
         return got
 
     def control(self, count: int, timeout: float = 5.0) -> list[tuple[int, int, int, bytes]]:
-        """The next ``count`` control messages (each is its own interrupt's worth)."""
+        """The next ``count`` control messages (the device sends them one by one)."""
         got: list[tuple[int, int, int, bytes]] = []
         deadline = time.monotonic() + timeout
         while len(got) < count:
